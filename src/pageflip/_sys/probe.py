@@ -1,0 +1,369 @@
+"""Check each kernel feature pageflip uses, once, by really using it.
+
+Each check returns a short detail when it works and raises OSError when it does not; the
+errno then says why in words (kernel too old, no permission, feature off).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from . import fds as _fds
+from . import io as _io
+from . import mm as _mm
+from . import pagemap as _pagemap
+from . import uffd as _uffd
+from .flags import (
+    Madv,
+    Map,
+    PageCategory,
+    PmScan,
+    Prot,
+    Seal,
+    Splice,
+    UffdFeature,
+    UffdRegister,
+    UffdWpMode,
+)
+from .procfs import sysctl
+
+PAGE = _mm.PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One kernel feature: whether it works here, and what was found (or why not)."""
+
+    name: str
+    available: bool
+    detail: str
+    #: What pageflip uses it for.
+    purpose: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def explain(err: OSError) -> str:
+    """Why a feature is missing, in words, from the errno its check raised."""
+    code = err.errno or 0
+    if code == errno.ENOSYS:
+        why = "kernel too old (syscall not implemented)"
+    elif code in (errno.EPERM, errno.EACCES):
+        why = "no permission"
+    elif code in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
+        why = "kernel too old or feature off"
+    elif code == errno.ENOENT:
+        why = "not present on this system"
+    else:
+        why = "failed"
+    return f"{why}: {err.strerror or err}"
+
+
+class _Scratch:
+    """Anonymous pages for a check, unmapped afterwards whatever happens."""
+
+    def __init__(self, pages: int = 2) -> None:
+        self.size = pages * PAGE
+        self.addr = _mm.mmap(None, self.size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS)
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _mm.munmap(self.addr, self.size)
+
+    def poke(self, offset: int = 0, value: int = 0x5A) -> None:
+        ctypes.c_ubyte.from_address(self.addr + offset).value = value
+
+    def peek(self, offset: int = 0) -> int:
+        return ctypes.c_ubyte.from_address(self.addr + offset).value
+
+
+def _check_memfd() -> str:
+    fd = _mm.memfd_create("pageflip-probe")
+    try:
+        _mm.ftruncate(fd, PAGE)
+        _mm.add_seals(fd, Seal.SHRINK | Seal.GROW)
+        seals = _mm.get_seals(fd)
+        if not seals & Seal.SHRINK:
+            raise OSError(errno.EINVAL, "F_SEAL_SHRINK did not stick")
+        return f"seals {seals!r}"
+    finally:
+        os.close(fd)
+
+
+def _check_mmap_fixed() -> str:
+    fd = _mm.memfd_create("pageflip-probe")
+    base = _mm.reserve(2 * PAGE)
+    try:
+        _mm.ftruncate(fd, PAGE)
+        _mm.mmap(base + PAGE, PAGE, Prot.READ | Prot.WRITE, Map.SHARED | Map.FIXED, fd)
+        ctypes.c_ubyte.from_address(base + PAGE).value = 7
+        if os.pread(fd, 1, 0) != b"\x07":
+            raise OSError(errno.EIO, "MAP_FIXED mapping does not show the memfd")
+        return "memfd mapped over a reserved range"
+    finally:
+        _mm.munmap(base, 2 * PAGE)
+        os.close(fd)
+
+
+def _check_scm_rights() -> str:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    got: list[int] = []
+    try:
+        _fds.sendmsg(a, b"x", [r])
+        _, got = _fds.recvmsg_into(b, memoryview(bytearray(1)))
+        if len(got) != 1:
+            raise OSError(errno.EIO, "no fd arrived")
+        return "fds pass over Unix sockets"
+    finally:
+        _fds.close_all(got)
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def _check_vmsplice() -> str:
+    r, w = _io.pipe()
+    try:
+        with _Scratch(1) as s:
+            s.poke(0, 42)
+            n = _io.vmsplice(w, _io.iovecs([(s.addr, PAGE)]), Splice.GIFT | Splice.MOVE)
+            dest = bytearray(PAGE)
+            got = os.readv(r, [dest])
+            if n != PAGE or got != PAGE or dest[0] != 42:
+                raise OSError(errno.EIO, "vmsplice gift did not deliver the page")
+        return "gift into a pipe, readv out (1 copy)"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _check_splice() -> str:
+    r1, w1 = _io.pipe()
+    r2, w2 = _io.pipe()
+    try:
+        os.write(w1, b"pageflip")
+        n = _io.splice(r1, w2, 8)
+        if n != 8 or os.read(r2, 8) != b"pageflip":
+            raise OSError(errno.EIO, "splice lost data")
+        return "pipe to pipe"
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def _check_tee() -> str:
+    r1, w1 = _io.pipe()
+    r2, w2 = _io.pipe()
+    try:
+        os.write(w1, b"pageflip")
+        n = _io.tee(r1, w2, 8)
+        if n != 8 or os.read(r2, 8) != b"pageflip" or os.read(r1, 8) != b"pageflip":
+            raise OSError(errno.EIO, "tee lost data")
+        return "pipe duplicated"
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def _ptrace_note() -> str:
+    scope = sysctl("kernel.yama.ptrace_scope")
+    if scope is None:
+        return "no Yama: same-uid peers may read each other"
+    return f"Yama ptrace_scope={scope}" + (
+        " (pageflip sets PR_SET_PTRACER for its peer)" if scope == "1" else ""
+    )
+
+
+def _check_pvm(write: bool) -> Callable[[], str]:
+    def check() -> str:
+        with _Scratch(2) as s:
+            s.poke(0, 9)
+            local = _io.iovecs([(s.addr + PAGE, PAGE)])
+            remote = _io.iovecs([(s.addr, PAGE)])
+            if write:
+                n = _io.process_vm_writev(os.getpid(), remote, local)
+            else:
+                n = _io.process_vm_readv(os.getpid(), local, remote)
+            if n != PAGE or s.peek(PAGE) != 9:
+                raise OSError(errno.EIO, "short or wrong copy")
+        return _ptrace_note()
+
+    return check
+
+
+def _uffd_features() -> UffdFeature:
+    fd = _uffd.userfaultfd()
+    try:
+        features, _ = _uffd.api(fd, UffdFeature.NONE)
+        return features
+    finally:
+        os.close(fd)
+
+
+def _check_userfaultfd() -> str:
+    features = _uffd_features()
+    names = [f.name for f in UffdFeature if f and f in features and f.name]
+    return f"features: {', '.join(names)}"
+
+
+def _need_feature(feature: UffdFeature) -> Callable[[], str]:
+    def check() -> str:
+        if feature not in _uffd_features():
+            raise OSError(errno.EOPNOTSUPP, f"UFFD_FEATURE_{feature.name} not offered")
+        return f"UFFD_FEATURE_{feature.name}"
+
+    return check
+
+
+def _check_uffd_ops() -> str:
+    """Every ioctl pageflip uses, on real pages: REGISTER, COPY, ZEROPAGE, WP, WAKE, ..."""
+    fd = _uffd.userfaultfd()
+    try:
+        _uffd.api(fd, UffdFeature.NONE)
+        with _Scratch(4) as dst, _Scratch(1) as src:
+            src.poke(0, 77)
+            _uffd.register(fd, dst.addr, dst.size, UffdRegister.MISSING | UffdRegister.WP)
+            _uffd.copy(fd, dst.addr, src.addr, PAGE)
+            _uffd.zeropage(fd, dst.addr + PAGE, PAGE)
+            _uffd.writeprotect(fd, dst.addr, PAGE, UffdWpMode.WP)
+            _uffd.writeprotect(fd, dst.addr, PAGE, UffdWpMode.NONE)
+            _uffd.wake(fd, dst.addr, dst.size)
+            _uffd.unregister(fd, dst.addr, dst.size)
+            if dst.peek(0) != 77 or dst.peek(PAGE) != 0:
+                raise OSError(errno.EIO, "UFFDIO_COPY/ZEROPAGE gave wrong contents")
+        return "REGISTER, COPY, ZEROPAGE, WRITEPROTECT, WAKE, UNREGISTER"
+    finally:
+        os.close(fd)
+
+
+def _check_uffd_move() -> str:
+    fd = _uffd.userfaultfd()
+    try:
+        _uffd.api(fd, UffdFeature.MOVE)
+        with _Scratch(1) as dst, _Scratch(1) as src:
+            _mm.madvise(dst.addr, PAGE, Madv.DONTNEED)
+            src.poke(0, 66)
+            _uffd.register(fd, dst.addr, PAGE, UffdRegister.MISSING)
+            _uffd.move(fd, dst.addr, src.addr, PAGE)
+            _uffd.unregister(fd, dst.addr, PAGE)
+            if dst.peek(0) != 66:
+                raise OSError(errno.EIO, "UFFDIO_MOVE gave wrong contents")
+        return "within one address space only"
+    finally:
+        os.close(fd)
+
+
+def _check_pagemap_scan() -> str:
+    fd = _uffd.userfaultfd()
+    pm = _pagemap.open_pagemap()
+    try:
+        _uffd.api(
+            fd, UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED | UffdFeature.WP_HUGETLBFS_SHMEM
+        )
+        with _Scratch(4) as s:
+            _uffd.register(fd, s.addr, s.size, UffdRegister.WP)
+            _uffd.writeprotect(fd, s.addr, s.size, UffdWpMode.WP)
+            s.poke(2 * PAGE)
+            found = _pagemap.scan(
+                pm,
+                s.addr,
+                s.addr + s.size,
+                flags=PmScan.WP_MATCHING | PmScan.CHECK_WPASYNC,
+                category_mask=PageCategory.WRITTEN,
+                return_mask=PageCategory.WRITTEN,
+            )
+            again = _pagemap.scan(
+                pm,
+                s.addr,
+                s.addr + s.size,
+                flags=PmScan.WP_MATCHING | PmScan.CHECK_WPASYNC,
+                category_mask=PageCategory.WRITTEN,
+                return_mask=PageCategory.WRITTEN,
+            )
+            _uffd.unregister(fd, s.addr, s.size)
+            if len(found) != 1 or int(found[0]["start"]) != s.addr + 2 * PAGE or len(again):
+                raise OSError(errno.EIO, f"expected one written page, scan said {found!r}")
+        return "uffd-wp async dirty tracking"
+    finally:
+        os.close(pm)
+        os.close(fd)
+
+
+def _check_pidfd_open() -> str:
+    os.close(_fds.pidfd_open(os.getpid()))
+    return "process handles"
+
+
+def _check_pidfd_getfd() -> str:
+    pidfd = _fds.pidfd_open(os.getpid())
+    try:
+        r, w = os.pipe()
+        try:
+            os.close(_fds.pidfd_getfd(pidfd, r))
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(pidfd)
+    return "fd duplicated from a process"
+
+
+def _check_pfn() -> str:
+    with _Scratch(1) as s:
+        s.poke(0)
+        pfn = int(_pagemap.pfns(s.addr, 1)[0])
+    if pfn == 0:
+        raise OSError(errno.EPERM, "pagemap hides PFNs without CAP_SYS_ADMIN")
+    return "PFNs readable"
+
+
+def _check_thp() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        raise OSError(errno.ENOENT, "no /sys/kernel/mm/transparent_hugepage") from None
+    if mode == "never":
+        raise OSError(errno.EOPNOTSUPP, "transparent hugepages are set to never")
+    return f"anonymous THP: {mode}"
+
+
+CHECKS: dict[str, tuple[Callable[[], str], str]] = {
+    "memfd_seals": (_check_memfd, "movable regions: memfd sealed against shrink and grow"),
+    "mmap_fixed": (_check_mmap_fixed, "the move: map received pages over a chosen range"),
+    "scm_rights": (_check_scm_rights, "the move: hand memfds to the peer"),
+    "vmsplice": (_check_vmsplice, "copy fallback: gift pages into a pipe"),
+    "splice": (_check_splice, "pipe plumbing"),
+    "tee": (_check_tee, "pipe plumbing"),
+    "process_vm_readv": (_check_pvm(write=False), "copy fallback: one copy between processes"),
+    "process_vm_writev": (_check_pvm(write=True), "copy fallback: one copy between processes"),
+    "userfaultfd": (_check_userfaultfd, "dirty tracking and postcopy"),
+    "uffd_ops": (_check_uffd_ops, "postcopy: resolve faults"),
+    "uffd_wp_async": (_need_feature(UffdFeature.WP_ASYNC), "dirty tracking"),
+    "uffd_missing_shmem": (_need_feature(UffdFeature.MISSING_SHMEM), "postcopy on memfds"),
+    "uffd_move": (_check_uffd_move, "moves inside one process"),
+    "pagemap_scan": (_check_pagemap_scan, "dirty tracking: written pages in one ioctl"),
+    "pidfd_open": (_check_pidfd_open, "watch a peer process"),
+    "pidfd_getfd": (_check_pidfd_getfd, "take an fd from a peer"),
+    "pagemap_pfn": (_check_pfn, "proof: physical frame numbers"),
+    "thp": (_check_thp, "faster first touch of copied memory"),
+}
+
+
+def run_check(name: str) -> Feature:
+    check, purpose = CHECKS[name]
+    try:
+        detail = check()
+    except OSError as err:
+        return Feature(name, False, explain(err), purpose)
+    return Feature(name, True, detail, purpose)

@@ -1,0 +1,326 @@
+"""The channel's frames, sans I/O: bytes (and fds) in, frames out; frames in, bytes out.
+
+Every frame is a 12-byte header and a payload::
+
+    magic "PFCH" | version u8 | type u8 | nfds u16 | length u32 | payload (length bytes)
+
+File descriptors travel as SCM_RIGHTS on the frame's first byte; ``nfds`` says how many
+belong to it. Every length is checked against its bound before it is trusted: a peer's
+bad frame is a :class:`RemoteProtocolError` naming the frame and the stream offset; a frame
+we are asked to build wrong is a :class:`LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ._sys.fds import MAX_FDS, close_all
+from .errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC = b"PFCH"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHI")
+#: Largest payload accepted from a peer (an offer of a million spans fits).
+MAX_PAYLOAD = 40 << 20
+MAX_NAME = 255
+#: Longest single span accepted from a peer (1 TiB).
+MAX_SPAN = 1 << 40
+MAX_TEXT = 4096
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    OFFER = 2
+    PULL = 3
+    PIPE = 4
+    DONE = 5
+    REFUSE = 6
+
+
+class PullMethod(enum.IntEnum):
+    """How the receiver asks the sender to push the bytes it cannot read itself."""
+
+    VMSPLICE = 1
+    STREAM = 2
+
+
+class OfferFlags(enum.IntFlag):
+    NONE = 0
+    #: gift(): the writer gives its pages up (send() keeps them).
+    GIFT = 1
+    #: The writer lets the reader read its memory with process_vm_readv.
+    PEER_READ = 2
+
+
+#: One span of an offer: where the bytes are in the writer, and the memfd behind them.
+SPAN_DTYPE = np.dtype(
+    [("addr", "<u8"), ("length", "<u8"), ("fd_index", "<i8"), ("fd_offset", "<u8")]
+)
+
+_HELLO = struct.Struct("<II")
+_OFFER = struct.Struct("<BBHIQ")
+_PULL = struct.Struct("<B")
+_DONE = struct.Struct("<QQQHH")
+_REFUSE = struct.Struct("<H")
+
+
+@dataclass
+class Hello:
+    page_size: int
+    version: int = VERSION
+
+
+@dataclass
+class Offer:
+    flags: OfferFlags
+    nbytes: int
+    name: str
+    spans: npt.NDArray[np.void]
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Pull:
+    method: PullMethod
+
+
+@dataclass
+class Pipe:
+    """The read end of a pipe the writer will vmsplice into."""
+
+    fds: list[int]
+
+
+@dataclass
+class Done:
+    nbytes: int
+    pages_moved: int
+    pages_copied: int
+    method: str
+    reason: str
+
+
+@dataclass
+class Refuse:
+    reason: str
+
+
+Frame = Hello | Offer | Pull | Pipe | Done | Refuse
+
+
+def _text(data: str, what: str, limit: int) -> bytes:
+    raw = data.encode()
+    if len(raw) > limit:
+        raise LocalProtocolError(f"{what} is {len(raw)} bytes, at most {limit}", frame=what)
+    return raw
+
+
+def encode(frame: Frame) -> tuple[bytes, list[int]]:
+    """The bytes of ``frame`` and the fds to attach to its first byte."""
+    fds: list[int] = []
+    if isinstance(frame, Hello):
+        kind, payload = FrameType.HELLO, _HELLO.pack(frame.version, frame.page_size)
+    elif isinstance(frame, Offer):
+        name = _text(frame.name, "offer name", MAX_NAME)
+        spans = np.ascontiguousarray(frame.spans, dtype=SPAN_DTYPE)
+        head = _OFFER.pack(int(frame.flags), 0, len(name), len(spans), frame.nbytes)
+        kind, payload = FrameType.OFFER, head + name + spans.tobytes()
+        fds = frame.fds
+    elif isinstance(frame, Pull):
+        kind, payload = FrameType.PULL, _PULL.pack(int(frame.method))
+    elif isinstance(frame, Pipe):
+        kind, payload = FrameType.PIPE, b""
+        fds = frame.fds
+    elif isinstance(frame, Done):
+        method = _text(frame.method, "method", MAX_TEXT)
+        reason = _text(frame.reason, "reason", MAX_TEXT)
+        head = _DONE.pack(
+            frame.nbytes, frame.pages_moved, frame.pages_copied, len(method), len(reason)
+        )
+        kind, payload = FrameType.DONE, head + method + reason
+    elif isinstance(frame, Refuse):
+        reason = _text(frame.reason, "reason", MAX_TEXT)
+        kind, payload = FrameType.REFUSE, _REFUSE.pack(len(reason)) + reason
+    else:  # pragma: no cover - the union is closed
+        raise LocalProtocolError(f"cannot encode {frame!r}")
+    if len(fds) > MAX_FDS:
+        raise LocalProtocolError(f"{len(fds)} fds in one frame, at most {MAX_FDS}", frame=kind.name)
+    if len(payload) > MAX_PAYLOAD:
+        raise LocalProtocolError(
+            f"{kind.name} payload of {len(payload)} bytes, at most {MAX_PAYLOAD}", frame=kind.name
+        )
+    return HEADER.pack(MAGIC, VERSION, kind, len(fds), len(payload)) + payload, list(fds)
+
+
+class Decoder:
+    """Feed it bytes and fds as they arrive; take frames out with :meth:`next_frame`.
+
+    fds that arrive stay owned by the decoder until a frame takes them; :meth:`close`
+    closes any that no frame took.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+        #: Stream offset of the first byte in the buffer, for error messages.
+        self._offset = 0
+        self._broken: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        self._buf += data
+        if fds:
+            self._fds.extend(fds)
+
+    def take_raw(self, n: int) -> bytes:
+        """Up to ``n`` buffered bytes that are not frames (raw data after a PULL)."""
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._offset += len(out)
+        return out
+
+    def close(self) -> None:
+        fds = list(self._fds)
+        self._fds.clear()
+        close_all(fds)
+
+    def _error(self, message: str, frame: str, at: int = 0) -> RemoteProtocolError:
+        err = RemoteProtocolError(
+            f"bad {frame} frame at stream offset {self._offset + at}: {message}",
+            frame=frame,
+            offset=self._offset + at,
+        )
+        self._broken = err
+        return err
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive."""
+        if self._broken is not None:
+            raise self._broken
+        if len(self._buf) < HEADER.size:
+            return None
+        magic, version, kind, nfds, length = HEADER.unpack_from(self._buf)
+        if magic != MAGIC:
+            raise self._error(f"magic {bytes(magic)!r}, expected {MAGIC!r}", "header")
+        if version != VERSION:
+            raise self._error(f"version {version}, expected {VERSION}", "header", 4)
+        try:
+            ftype = FrameType(kind)
+        except ValueError:
+            raise self._error(f"unknown frame type {kind}", "header", 5) from None
+        if nfds > MAX_FDS:
+            raise self._error(f"{nfds} fds, at most {MAX_FDS}", ftype.name, 6)
+        if length > MAX_PAYLOAD:
+            raise self._error(f"payload of {length} bytes, at most {MAX_PAYLOAD}", ftype.name, 8)
+        if len(self._buf) < HEADER.size + length:
+            return None
+        if len(self._fds) < nfds:
+            raise self._error(f"announces {nfds} fds, {len(self._fds)} arrived", ftype.name, 6)
+        payload = bytes(self._buf[HEADER.size : HEADER.size + length])
+        fds = [self._fds.popleft() for _ in range(nfds)]
+        try:
+            frame = self._parse(ftype, payload, fds)
+        except BaseException:
+            close_all(fds)
+            raise
+        del self._buf[: HEADER.size + length]
+        self._offset += HEADER.size + length
+        return frame
+
+    def _parse(self, ftype: FrameType, payload: bytes, fds: list[int]) -> Frame:
+        name = ftype.name
+        at = HEADER.size
+
+        def need(size: int) -> None:
+            if len(payload) < size:
+                raise self._error(f"payload of {len(payload)} bytes, needs {size}", name, at)
+
+        def exact(size: int) -> None:
+            if len(payload) != size:
+                raise self._error(f"payload of {len(payload)} bytes, expected {size}", name, at)
+
+        def no_fds() -> None:
+            if fds:
+                raise self._error(f"carries {len(fds)} fds, expected none", name, 6)
+
+        if ftype is FrameType.HELLO:
+            exact(_HELLO.size)
+            no_fds()
+            version, page_size = _HELLO.unpack(payload)
+            return Hello(page_size=page_size, version=version)
+        if ftype is FrameType.OFFER:
+            need(_OFFER.size)
+            flags, _, name_len, nspans, nbytes = _OFFER.unpack_from(payload)
+            if flags & ~int(OfferFlags.GIFT | OfferFlags.PEER_READ):
+                raise self._error(f"unknown flags {flags:#x}", name, at)
+            exact(_OFFER.size + name_len + nspans * SPAN_DTYPE.itemsize)
+            try:
+                label = payload[_OFFER.size : _OFFER.size + name_len].decode()
+            except UnicodeDecodeError:
+                raise self._error("name is not UTF-8", name, at + _OFFER.size) from None
+            spans = np.frombuffer(payload, SPAN_DTYPE, nspans, _OFFER.size + name_len).copy()
+            self._check_spans(spans, nbytes, len(fds), at + _OFFER.size + name_len)
+            return Offer(OfferFlags(flags), nbytes, label, spans, fds)
+        if ftype is FrameType.PULL:
+            exact(_PULL.size)
+            no_fds()
+            (method,) = _PULL.unpack(payload)
+            try:
+                return Pull(PullMethod(method))
+            except ValueError:
+                raise self._error(f"unknown method {method}", name, at) from None
+        if ftype is FrameType.PIPE:
+            exact(0)
+            if len(fds) != 1:
+                raise self._error(f"carries {len(fds)} fds, expected 1", name, 6)
+            return Pipe(fds)
+        if ftype is FrameType.DONE:
+            need(_DONE.size)
+            no_fds()
+            nbytes, moved, copied, mlen, rlen = _DONE.unpack_from(payload)
+            exact(_DONE.size + mlen + rlen)
+            if mlen > MAX_TEXT or rlen > MAX_TEXT:
+                raise self._error("method or reason too long", name, at)
+            text = payload[_DONE.size :]
+            try:
+                method, reason = text[:mlen].decode(), text[mlen:].decode()
+            except UnicodeDecodeError:
+                raise self._error("text is not UTF-8", name, at + _DONE.size) from None
+            return Done(nbytes, moved, copied, method, reason)
+        # REFUSE
+        need(_REFUSE.size)
+        no_fds()
+        (rlen,) = _REFUSE.unpack_from(payload)
+        exact(_REFUSE.size + rlen)
+        try:
+            return Refuse(payload[_REFUSE.size :].decode())
+        except UnicodeDecodeError:
+            raise self._error("reason is not UTF-8", name, at + _REFUSE.size) from None
+
+    def _check_spans(self, spans: npt.NDArray[np.void], nbytes: int, nfds: int, at: int) -> None:
+        if len(spans) == 0:
+            raise self._error("offers no spans", "OFFER", at)
+        lengths = spans["length"]
+        if (lengths == 0).any():
+            raise self._error("a span has length 0", "OFFER", at)
+        if (lengths > np.uint64(MAX_SPAN)).any():
+            raise self._error(f"a span longer than {MAX_SPAN} bytes", "OFFER", at)
+        # With at most 2**21 spans of at most 2**40 bytes, the u64 sum cannot overflow.
+        if int(lengths.sum()) != nbytes:
+            raise self._error(f"spans do not add up to {nbytes} bytes", "OFFER", at)
+        index = spans["fd_index"]
+        if ((index < -1) | (index >= nfds)).any():
+            raise self._error(f"an fd index outside 0..{nfds - 1}", "OFFER", at)
+        if nfds and not np.isin(np.arange(nfds), index).all():
+            raise self._error("an fd that no span uses", "OFFER", at)
+        if (spans["addr"] > np.uint64(2**64 - 1) - lengths).any():
+            raise self._error("a span runs past the end of the address space", "OFFER", at)

@@ -1,0 +1,171 @@
+"""Every exception pageflip raises on purpose.
+
+::
+
+    OSError
+     └── PageflipError                 base of all; `except OSError` catches it too
+          ├── ClosedError              you closed (or gave away) this object already
+          ├── BufferInUse              views or arrays still use memory you want to let go
+          │                            (also a BufferError)
+          ├── SpanError                bad offset, length, alignment or buffer
+          │                            (also a ValueError)
+          ├── FeatureUnavailable       a kernel feature this needs is missing here
+          ├── PeerError                about the other side of a channel
+          │    ├── PeerClosed          it went away (also a ConnectionError)
+          │    ├── PeerRefused         it said no; your data is still yours
+          │    ├── PeerTimeout         it did not answer in time (also a TimeoutError)
+          │    └── PeerRejected        we said no to it: wrong uid (also a PermissionError)
+          ├── ProtocolError
+          │    ├── LocalProtocolError  misuse on our side (wrong call for the state)
+          │    └── RemoteProtocolError a bad frame or fd from the peer
+          └── StateError               a call in the wrong phase of a state machine
+
+Every exception keeps its fields as attributes and pickles with them, because exceptions
+cross process boundaries (a worker's error re-raised in its parent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+def _rebuild(cls: type[PageflipError], message: str, fields: dict[str, Any]) -> PageflipError:
+    return cls(message, **fields)
+
+
+class PageflipError(OSError):
+    """Base of every pageflip error. ``str(err)`` is the message; fields are attributes."""
+
+    #: Subclasses name the keyword fields they carry; each becomes an attribute.
+    fields: ClassVar[tuple[str, ...]] = ()
+    #: The errno a subclass stands for, so that OSError-aware code can still switch on it.
+    default_errno: ClassVar[int | None] = None
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        unknown = set(fields) - set(self.fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+        if self.default_errno is None:
+            super().__init__(message)
+        else:
+            super().__init__(self.default_errno, message)
+        self.message = message
+        for name in self.fields:
+            setattr(self, name, fields.get(name))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        values = {name: getattr(self, name, None) for name in self.fields}
+        return (_rebuild, (type(self), self.message, values))
+
+
+class ClosedError(PageflipError):
+    """The region, channel or listener was closed (or its pages were gifted) by you."""
+
+    fields: ClassVar[tuple[str, ...]] = ("what",)
+    what: str | None
+
+
+class BufferInUse(PageflipError, BufferError):
+    """Memory cannot be unmapped or given away while views or arrays still point into it."""
+
+    fields: ClassVar[tuple[str, ...]] = ("region", "offset", "length", "count")
+    region: str | None
+    offset: int | None
+    length: int | None
+    count: int | None
+
+
+class SpanError(PageflipError, ValueError):
+    """An offset, length, alignment or buffer that the call cannot take."""
+
+    fields: ClassVar[tuple[str, ...]] = ("offset", "length")
+    offset: int | None
+    length: int | None
+
+
+class FeatureUnavailable(PageflipError):
+    """A kernel feature is missing here; ``reason`` is what :func:`pageflip.probe` found."""
+
+    fields: ClassVar[tuple[str, ...]] = ("feature", "reason")
+    feature: str | None
+    reason: str | None
+
+
+class PeerError(PageflipError):
+    """Something about the other side of a channel."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase",)
+    phase: str | None
+
+
+class PeerClosed(PeerError, ConnectionError):
+    """The peer went away (closed, crashed or was killed). ``phase`` says where we were."""
+
+    default_errno = 104  # ECONNRESET
+
+
+class PeerRefused(PeerError):
+    """The peer refused a transfer; ``reason`` is its words. The data stayed with you."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "reason")
+    reason: str | None
+
+
+class PeerTimeout(PeerError, TimeoutError):
+    """The peer did not answer within the timeout. ``phase`` says what we waited for."""
+
+    default_errno = 110  # ETIMEDOUT
+
+
+class PeerRejected(PeerError, PermissionError):
+    """We refused a peer: its credentials (uid) are not ones this listener accepts."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "pid", "uid")
+    default_errno = 13  # EACCES
+    pid: int | None
+    uid: int | None
+
+
+class ProtocolError(PageflipError):
+    """A conversation went wrong."""
+
+    fields: ClassVar[tuple[str, ...]] = ("frame", "offset")
+    frame: str | None
+    offset: int | None
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol does not allow now."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent a frame or fd we cannot accept; ``frame`` and ``offset`` say which."""
+
+
+class StateError(PageflipError):
+    """A call in the wrong phase: ``phase`` is where it was, ``needed`` where it had to be."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "needed")
+    phase: str | None
+    needed: str | None
+
+
+__all__ = [
+    "BufferInUse",
+    "ClosedError",
+    "FeatureUnavailable",
+    "LocalProtocolError",
+    "PageflipError",
+    "PeerClosed",
+    "PeerError",
+    "PeerRefused",
+    "PeerRejected",
+    "PeerTimeout",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SpanError",
+    "StateError",
+]

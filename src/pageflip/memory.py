@@ -1,0 +1,615 @@
+"""Regions: page-aligned memory that pageflip can hand to another process.
+
+A *movable* region is a shared mapping of a memfd sealed against shrinking and growing: its
+pages can change owner without a copy. An *anonymous* region is private memory: it can only
+be copied. Both give zero-copy views (:meth:`Region.view`, :meth:`Region.numpy`); the region
+tracks every view it hands out, so that closing or gifting memory that a view or array still
+uses raises :class:`~pageflip.errors.BufferInUse` instead of leaving a dangling pointer.
+
+Internally a region is a list of *extents*: byte ranges of its address range, each backed by
+a range of a memfd (or by anonymous memory), or gone (gifted away). A move into part of a
+region replaces the extents under it; a gift of part of a region marks them gone and makes
+that address range inaccessible.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import functools
+import gc
+import os
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, ParamSpec, SupportsIndex, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from ._sys import mm, pagemap
+from ._sys.flags import Madv, Map, Prot, Seal
+from ._sys.mm import PAGE_SIZE
+from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError
+
+__all__ = ["PAGE_SIZE", "Region", "Span", "physical_frames"]
+
+#: Seals every movable region carries: a receiver's mapping can never be cut short.
+REGION_SEALS = Seal.SHRINK | Seal.GROW
+
+
+class Memfd:
+    """An owned memfd: closed exactly once; ``shared`` once another process has it too."""
+
+    __slots__ = ("__weakref__", "fd", "shared")
+
+    def __init__(self, fd: int, *, shared: bool = False) -> None:
+        self.fd = fd
+        self.shared = shared
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Memfd(fd={self.fd}{', shared' if self.shared else ''})"
+
+
+@dataclass(slots=True)
+class Extent:
+    """``length`` bytes at ``offset`` of a region: backed by ``memfd`` at ``fd_offset``,
+    by anonymous memory (``memfd`` None), or gone (given away)."""
+
+    offset: int
+    length: int
+    memfd: Memfd | None
+    fd_offset: int = 0
+    gone: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def cut(self, start: int, stop: int) -> Extent:
+        """The part of this extent inside ``[start, stop)`` (which must overlap it)."""
+        lo, hi = max(start, self.offset), min(stop, self.end)
+        return Extent(lo, hi - lo, self.memfd, self.fd_offset + (lo - self.offset), self.gone)
+
+
+@functools.lru_cache(maxsize=256)
+def _buffer_type(nbytes: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
+    # A Python subclass of a ctypes array gets a __dict__ and weak references: the region
+    # can then follow each buffer it hands out, and the buffer can keep its region alive.
+    return type(f"RegionBytes{nbytes}", (ctypes.c_ubyte * nbytes,), {})
+
+
+# Live regions by address, so that a buffer handed to receive_into can be recognised as
+# (part of) a region: a numpy array made by Region.numpy(), say.
+_registry_lock = threading.Lock()
+_registry_starts: list[int] = []
+_registry: dict[int, weakref.ReferenceType[Region]] = {}
+
+
+def _register(region: Region) -> None:
+    with _registry_lock:
+        bisect.insort(_registry_starts, region.address)
+        _registry[region.address] = weakref.ref(region)
+
+
+def _unregister(address: int) -> None:
+    with _registry_lock:
+        if _registry.pop(address, None) is not None:
+            _registry_starts.remove(address)
+
+
+def region_at(address: int, length: int) -> tuple[Region, int] | None:
+    """The live region holding ``[address, address+length)`` and the offset there, if any."""
+    with _registry_lock:
+        i = bisect.bisect_right(_registry_starts, address) - 1
+        if i < 0:
+            return None
+        ref = _registry.get(_registry_starts[i])
+    region = ref() if ref else None
+    if region is None or region.closed:
+        return None
+    offset = address - region.address
+    if offset + length > region.size:
+        return None
+    return region, offset
+
+
+_P = ParamSpec("_P")
+
+
+class _MakerOrFlag(Generic[_P]):
+    """``Region.movable(size)`` makes a region; ``region.movable`` says whether it is one.
+
+    A descriptor: on the class it is the constructor, on an instance the flag.
+    """
+
+    def __init__(
+        self,
+        make: Callable[Concatenate[type[Region], _P], Region],
+        flag: Callable[[Region], bool],
+    ) -> None:
+        self._make = make
+        self._flag = flag
+        self.__doc__ = make.__doc__
+
+    @overload
+    def __get__(self, obj: None, cls: type[Region]) -> Callable[_P, Region]: ...
+
+    @overload
+    def __get__(self, obj: Region, cls: type[Region]) -> bool: ...
+
+    def __get__(self, obj: Region | None, cls: type[Region]) -> Callable[_P, Region] | bool:
+        if obj is None:
+            return types.MethodType(self._make, cls)
+        return self._flag(obj)
+
+
+def _page_aligned(n: int) -> bool:
+    return n % PAGE_SIZE == 0
+
+
+class Region:
+    """Page-aligned memory: movable (memfd-backed) or anonymous (private, copy only).
+
+    Make one with :meth:`movable` or :meth:`anonymous`; a :class:`~pageflip.Channel` makes
+    them on receive. ``r[start:stop]`` is a :class:`Span` of page-aligned offsets.
+    """
+
+    def __init__(self, address: int, size: int, extents: list[Extent], name: str) -> None:
+        # Private: use Region.movable(), Region.anonymous() or Channel.receive().
+        self._address = address
+        self._size = size
+        self._extents = extents
+        self._name = name
+        self._closed = False
+        self._exports: list[tuple[weakref.ReferenceType[Any], int, int]] = []
+        _register(self)
+
+    # -- construction -------------------------------------------------------------------
+
+    def _make_movable(  # type: ignore[misc]  # the class, not self: see _MakerOrFlag
+        cls: type[Region], /, size: int, name: str = "region", *, populate: bool = False
+    ) -> Region:
+        """``size`` bytes (rounded up to whole pages) of memfd memory that can be moved.
+
+        The memfd is sealed against shrinking and growing, so a process that maps it can
+        never be hit by SIGBUS. ``populate`` allocates every page now instead of on first
+        touch.
+        """
+        size = _check_size(size)
+        fd = mm.memfd_create(f"pageflip:{name}")
+        memfd = Memfd(fd)
+        try:
+            mm.ftruncate(fd, size)
+            mm.add_seals(fd, REGION_SEALS)
+            flags = Map.SHARED | (Map.POPULATE if populate else Map(0))
+            address = mm.mmap(None, size, Prot.READ | Prot.WRITE, flags, fd)
+        except BaseException:
+            memfd.close()
+            raise
+        return cls(address, size, [Extent(0, size, memfd)], name)
+
+    @classmethod
+    def anonymous(
+        cls, size: int, name: str = "anonymous", *, hugepages: bool = False, populate: bool = False
+    ) -> Region:
+        """``size`` bytes (rounded up to whole pages) of private memory: it can only be copied.
+
+        ``hugepages`` asks for transparent huge pages (much faster first touch); ``populate``
+        allocates every page now.
+        """
+        size = _check_size(size)
+        address = mm.mmap(None, size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS)
+        try:
+            if hugepages:
+                mm.madvise(address, size, Madv.HUGEPAGE)
+            if populate:
+                mm.madvise(address, size, Madv.POPULATE_WRITE)
+        except BaseException:
+            mm.munmap(address, size)
+            raise
+        return cls(address, size, [Extent(0, size, None)], name)
+
+    @classmethod
+    def from_memfds(cls, pieces: Sequence[tuple[Memfd, int, int]], name: str) -> Region:
+        """A region mapping ``(memfd, fd_offset, length)`` pieces one after the other.
+
+        The memfds become the region's; they must be sealed (the caller checks).
+        """
+        size = sum(length for _, _, length in pieces)
+        size = _check_size(size)
+        rw = Prot.READ | Prot.WRITE
+        if len(pieces) == 1:
+            memfd, fd_offset, _ = pieces[0]
+            address = mm.mmap(None, size, rw, Map.SHARED, memfd.fd, fd_offset)
+            return cls(address, size, [Extent(0, size, memfd, fd_offset)], name)
+        address = mm.reserve(size)
+        extents = []
+        offset = 0
+        try:
+            for memfd, fd_offset, length in pieces:
+                mm.mmap(address + offset, length, rw, Map.SHARED | Map.FIXED, memfd.fd, fd_offset)
+                extents.append(Extent(offset, length, memfd, fd_offset))
+                offset += length
+        except BaseException:
+            mm.munmap(address, size)
+            raise
+        return cls(address, size, extents, name)
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def address(self) -> int:
+        """Address of the first byte (page-aligned)."""
+        return self._address
+
+    @property
+    def size(self) -> int:
+        """Size in bytes (a whole number of pages)."""
+        return self._size
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _is_movable(self) -> bool:
+        """True when every page can be moved: all memfd-backed, nothing given away."""
+        return not self._closed and all(e.memfd is not None and not e.gone for e in self._extents)
+
+    #: ``Region.movable(size, name)`` makes a movable region; ``r.movable`` tells if r is one.
+    movable = _MakerOrFlag(_make_movable, _is_movable)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("movable" if self.movable else "copy-only")
+        return f"<Region {self._name!r} {self._size} bytes at {self._address:#x}, {state}>"
+
+    # -- views --------------------------------------------------------------------------
+
+    def view(self, start: int = 0, stop: int | None = None) -> memoryview:
+        """A writable, zero-copy memoryview of bytes ``[start, stop)``."""
+        start, stop = self._bounds(start, stop)
+        return self._export(start, stop)
+
+    def numpy(
+        self,
+        dtype: npt.DTypeLike = np.uint8,
+        shape: int | Sequence[int] | None = None,
+        *,
+        offset: int = 0,
+    ) -> npt.NDArray[Any]:
+        """A zero-copy numpy array over the region from byte ``offset``.
+
+        Without ``shape`` the array is one-dimensional and fills the rest of the region.
+        """
+        dt = np.dtype(dtype)
+        start, _ = self._bounds(offset, None)
+        if shape is None:
+            count = (self._size - start) // dt.itemsize
+            shape_t: tuple[int, ...] = (count,)
+        else:
+            shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+            count = int(np.prod(shape_t, dtype=np.int64))
+        nbytes = count * dt.itemsize
+        if start + nbytes > self._size:
+            raise SpanError(
+                f"an array of {nbytes} bytes at offset {start} does not fit in region "
+                f"{self._name!r} of {self._size} bytes",
+                offset=start,
+                length=nbytes,
+            )
+        buf = self._export(start, start + nbytes)
+        return np.frombuffer(buf, dtype=dt, count=count).reshape(shape_t)
+
+    def __getitem__(self, key: slice) -> Span:
+        if not isinstance(key, slice):
+            raise TypeError("index a region with a slice of page-aligned offsets, r[start:stop]")
+        if key.step not in (None, 1):
+            raise SpanError("a region slice cannot have a step")
+        start, stop = self._bounds(0 if key.start is None else key.start, key.stop, need_pages=True)
+        return Span(self, start, stop - start)
+
+    def _bounds(
+        self, start: SupportsIndex, stop: SupportsIndex | None, *, need_pages: bool = False
+    ) -> tuple[int, int]:
+        self._check_open()
+        start = int(start)
+        stop = self._size if stop is None else int(stop)
+        if start < 0:
+            start += self._size
+        if stop < 0:
+            stop += self._size
+        if not 0 <= start <= stop <= self._size:
+            raise SpanError(
+                f"bytes [{start}, {stop}) are outside region {self._name!r} of {self._size} bytes",
+                offset=start,
+                length=stop - start,
+            )
+        if need_pages and not (_page_aligned(start) and _page_aligned(stop)):
+            raise SpanError(
+                f"a region slice needs page-aligned offsets (multiples of {PAGE_SIZE}), "
+                f"got [{start}, {stop})",
+                offset=start,
+                length=stop - start,
+            )
+        for extent in self._extents:
+            if extent.gone and extent.offset < stop and start < extent.end:
+                raise ClosedError(
+                    f"bytes [{extent.offset}, {extent.end}) of region {self._name!r} were "
+                    "given away",
+                    what=self._name,
+                )
+        return start, stop
+
+    def _export(self, start: int, stop: int) -> memoryview:
+        if stop == start:
+            return memoryview(bytearray())
+        obj = _buffer_type(stop - start).from_address(self._address + start)
+        obj._pageflip_region = self  # type: ignore[attr-defined]
+        self._exports.append((weakref.ref(obj), start, stop))
+        if len(self._exports) > 64:
+            self._prune_exports()
+        return memoryview(obj).cast("B")
+
+    def _prune_exports(self) -> None:
+        self._exports = [e for e in self._exports if e[0]() is not None]
+
+    def exports(self, start: int = 0, stop: int | None = None) -> int:
+        """How many views or arrays still use bytes ``[start, stop)``."""
+        stop = self._size if stop is None else stop
+        self._prune_exports()
+        return sum(1 for _, lo, hi in self._exports if lo < stop and start < hi)
+
+    def check_unused(self, start: int = 0, stop: int | None = None, *, doing: str) -> None:
+        """Raise BufferInUse if a view or array uses bytes ``[start, stop)``."""
+        stop = self._size if stop is None else stop
+        if not self.exports(start, stop):
+            return
+        gc.collect()  # a view may only be waiting in a reference cycle
+        count = self.exports(start, stop)
+        if count:
+            raise BufferInUse(
+                f"cannot {doing} region {self._name!r}: {count} view(s) or array(s) still use "
+                f"bytes [{start}, {stop}); delete them (del arr) first",
+                region=self._name,
+                offset=start,
+                length=stop - start,
+                count=count,
+            )
+
+    # -- extents ------------------------------------------------------------------------
+
+    def extents(self, start: int = 0, stop: int | None = None) -> list[Extent]:
+        """The extents covering ``[start, stop)``, cut to it."""
+        stop = self._size if stop is None else stop
+        return [e.cut(start, stop) for e in self._extents if e.offset < stop and start < e.end]
+
+    def _split_at(self, *points: int) -> None:
+        for point in points:
+            for i, e in enumerate(self._extents):
+                if e.offset < point < e.end:
+                    self._extents[i : i + 1] = [e.cut(e.offset, point), e.cut(point, e.end)]
+                    break
+
+    def _drop_unused_memfds(self, before: Iterable[Memfd | None]) -> None:
+        alive = {id(e.memfd) for e in self._extents if e.memfd is not None and not e.gone}
+        for memfd in {id(m): m for m in before if m is not None}.values():
+            if id(memfd) not in alive:
+                memfd.close()
+
+    def replace(self, start: int, memfd: Memfd, fd_offset: int, length: int) -> None:
+        """Map ``length`` bytes of ``memfd`` over ``[start, start+length)``: a move in.
+
+        The pages that were there are freed (punched out of their memfd if it is shared).
+        """
+        self._check_open()
+        stop = start + length
+        mm.mmap(
+            self._address + start,
+            length,
+            Prot.READ | Prot.WRITE,
+            Map.SHARED | Map.FIXED,
+            memfd.fd,
+            fd_offset,
+        )
+        self._split_at(start, stop)
+        old = [e for e in self._extents if start <= e.offset and e.end <= stop]
+        for e in old:
+            if e.memfd is not None and e.memfd.shared and not e.gone:
+                mm.punch_hole(e.memfd.fd, e.fd_offset, e.length)
+        keep = [e for e in self._extents if not (start <= e.offset and e.end <= stop)]
+        keep.append(Extent(start, length, memfd, fd_offset))
+        keep.sort(key=lambda e: e.offset)
+        self._extents = keep
+        self._drop_unused_memfds(e.memfd for e in old)
+
+    def give_away(self, start: int, stop: int) -> None:
+        """Forget ``[start, stop)``: its pages now belong to a peer. Closes a region left empty."""
+        if start == 0 and stop == self._size:
+            self._close_mapping(punch=False)
+            return
+        mm.release(self._address + start, stop - start)
+        self._split_at(start, stop)
+        before = [e.memfd for e in self._extents]
+        for e in self._extents:
+            if start <= e.offset and e.end <= stop:
+                e.gone = True
+        self._drop_unused_memfds(before)
+        if all(e.gone for e in self._extents):
+            self._close_mapping(punch=False)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"region {self._name!r} is closed", what=self._name)
+
+    def close(self) -> None:
+        """Unmap the region and free its pages. Idempotent.
+
+        Raises BufferInUse (and changes nothing) while a view or array still uses it.
+        """
+        if self._closed:
+            return
+        self.check_unused(doing="close")
+        self._close_mapping(punch=True)
+
+    def _close_mapping(self, *, punch: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _unregister(self._address)
+        mm.munmap(self._address, self._size)
+        for e in self._extents:
+            if punch and e.memfd is not None and e.memfd.shared and not e.gone and e.memfd.fd >= 0:
+                # Someone else holds this memfd for other ranges: free ours now.
+                mm.punch_hole(e.memfd.fd, e.fd_offset, e.length)
+        for e in self._extents:
+            if e.memfd is not None:
+                e.memfd.close()
+        self._extents = []
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Every export holds a reference to its region, so none can be left at this point.
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(OSError):
+                self._close_mapping(punch=True)
+
+
+class Span:
+    """Bytes ``[offset, offset+size)`` of a region, page-aligned: what ``r[a:b]`` gives."""
+
+    __slots__ = ("offset", "region", "size")
+
+    def __init__(self, region: Region, offset: int, size: int) -> None:
+        self.region = region
+        self.offset = offset
+        self.size = size
+
+    @property
+    def address(self) -> int:
+        return self.region.address + self.offset
+
+    def __len__(self) -> int:
+        return self.size
+
+    def view(self) -> memoryview:
+        return self.region.view(self.offset, self.offset + self.size)
+
+    def numpy(
+        self, dtype: npt.DTypeLike = np.uint8, shape: int | Sequence[int] | None = None
+    ) -> npt.NDArray[Any]:
+        dt = np.dtype(dtype)
+        if shape is None:
+            shape = self.size // dt.itemsize
+        return self.region.numpy(dt, shape, offset=self.offset)
+
+    def __getitem__(self, key: slice) -> Span:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("index a span with a slice of page-aligned offsets")
+        start = 0 if key.start is None else int(key.start)
+        stop = self.size if key.stop is None else int(key.stop)
+        if not 0 <= start <= stop <= self.size:
+            raise SpanError(
+                f"bytes [{start}, {stop}) are outside this span of {self.size} bytes",
+                offset=start,
+                length=stop - start,
+            )
+        return self.region[self.offset + start : self.offset + stop]
+
+    def __repr__(self) -> str:
+        return f"<Span {self.region.name!r}[{self.offset}:{self.offset + self.size}]>"
+
+
+def _check_size(size: int) -> int:
+    size = int(size)
+    if size <= 0:
+        raise SpanError(f"a region needs a positive size, got {size}", length=size)
+    return mm.page_round_up(size)
+
+
+def writable_address(buffer: Any) -> tuple[int, int]:
+    """(address, nbytes) of a writable, C-contiguous buffer; SpanError otherwise."""
+    try:
+        view = memoryview(buffer)
+    except TypeError as err:
+        raise SpanError(f"{type(buffer).__name__} is not a buffer") from err
+    with view:
+        if view.readonly:
+            raise SpanError(f"the {type(buffer).__name__} buffer is read-only", length=view.nbytes)
+        if not view.c_contiguous:
+            raise SpanError(
+                f"the {type(buffer).__name__} buffer is not contiguous", length=view.nbytes
+            )
+        if view.nbytes == 0:
+            return 0, 0
+        flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        with flat:
+            return mm.buffer_address(flat), view.nbytes
+
+
+def readable_address(buffer: Any) -> tuple[int, int, memoryview]:
+    """(address, nbytes, view) of a C-contiguous buffer, read-only ones included.
+
+    The view must stay alive while the address is used.
+    """
+    try:
+        view = memoryview(buffer)
+    except TypeError as err:
+        raise SpanError(f"{type(buffer).__name__} is not a buffer") from err
+    if not view.c_contiguous:
+        view.release()
+        raise SpanError(f"the {type(buffer).__name__} buffer is not contiguous")
+    if view.nbytes == 0:
+        return 0, 0, view
+    # numpy gives the address of read-only buffers without a copy.
+    arr = np.frombuffer(view.cast("B") if view.ndim != 1 or view.format != "B" else view, np.uint8)
+    return int(arr.ctypes.data), view.nbytes, view
+
+
+def physical_frames(obj: Region | Span | Any) -> npt.NDArray[np.uint64]:
+    """Physical frame numbers of each page of a region, span or page-aligned buffer.
+
+    Pages not present read as 0. Needs CAP_SYS_ADMIN (root): without it the kernel hides
+    PFNs and this raises FeatureUnavailable.
+    """
+    if isinstance(obj, (Region, Span)):
+        address, nbytes = obj.address, obj.size
+    else:
+        address, nbytes, view = readable_address(obj)
+        view.release()
+    first = address // PAGE_SIZE * PAGE_SIZE
+    npages = (address + nbytes - first + PAGE_SIZE - 1) // PAGE_SIZE
+    frames = pagemap.pfns(first, npages)
+    if npages and not frames.any():
+        present = pagemap.entries(first, npages) >> np.uint64(63)
+        if present.any():
+            raise FeatureUnavailable(
+                "physical frame numbers are hidden without CAP_SYS_ADMIN",
+                feature="pagemap_pfn",
+                reason="no permission",
+            )
+    return frames

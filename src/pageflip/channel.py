@@ -206,6 +206,20 @@ class _Target:
     keep: Any = None
 
 
+def _replaceable(path: str) -> bool:
+    """Whether a mapping named ``path`` in /proc/self/maps is plain memory we may replace.
+
+    Private anonymous memory (no name, or a ``[anon:...]`` name), shared anonymous memory
+    (``/dev/zero (deleted)``, as ``mmap.mmap(-1, n)`` makes) and memfds are; files, the
+    brk heap and stacks are not.
+    """
+    return (
+        not path
+        or path.startswith(("[anon:", "/memfd:"))
+        or path == "/dev/zero (deleted)"
+    )
+
+
 def _foreign_move_block(address: int, length: int) -> str | None:
     """Why pages cannot be mapped over foreign memory ``[address, address+length)``."""
     if address % PAGE_SIZE or length % PAGE_SIZE:
@@ -219,7 +233,7 @@ def _foreign_move_block(address: int, length: int) -> str | None:
             break
         if not perms.startswith("rw"):
             return f"destination mapping {lo:#x}-{hi:#x} is not writable"
-        if path and not path.startswith("/memfd:"):
+        if not _replaceable(path):
             return f"destination is backed by {path}: mapping pages over it would detach it"
         pos = hi
         if pos >= end:

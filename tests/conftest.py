@@ -1,0 +1,65 @@
+"""Shared fixtures: every test is checked for leaked fds, memfd mappings and children."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def _fd_targets(fds: set[int]) -> dict[int, str]:
+    out = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return out
+
+
+def _pageflip_mappings() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if "/memfd:pageflip" in line]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker() -> None:
+    """multiprocessing keeps one pipe to its resource tracker for the whole session: open it
+    before the first test, so that it is not counted as a leak of whichever test spawns first."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves an fd, a pageflip memfd mapping, a thread or a child behind."""
+    gc.collect()
+    fds_before = _open_fds()
+    maps_before = _pageflip_mappings()
+    threads_before = set(threading.enumerate())
+    yield
+    gc.collect()
+    leaked = _fd_targets(_open_fds() - fds_before)
+    # The listdir of /proc/self/fd itself shows up as a short-lived fd.
+    leaked = {fd: target for fd, target in leaked.items() if "/proc/" not in target}
+    assert not leaked, f"fds leaked: {leaked}"
+    maps_after = _pageflip_mappings()
+    assert len(maps_after) <= len(maps_before), f"memfd mappings leaked: {maps_after}"
+    extra = [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+    assert not extra, f"threads left running: {extra}"
+    children = multiprocessing.active_children()
+    assert not children, f"child processes left running: {children}"
+
+
+@pytest.fixture
+def spawn() -> Any:
+    return multiprocessing.get_context("spawn")

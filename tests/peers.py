@@ -99,18 +99,20 @@ def connect_as(path: str, uid: int, results: Queue[Any]) -> None:
     os.setuid(uid)
     try:
         channel = pf.Channel.connect(path, timeout=30)
-        channel.timeout = 10
-        channel._say_hello()
-        try:
-            channel._recv("probe")
-            results.put("kept")
-        except pf.PeerClosed:
-            results.put("closed")
-        except pf.PeerTimeout:
-            results.put("kept")
-        channel.close()
     except OSError as err:
         results.put(f"error: {err}")
+        return
+    channel.timeout = 10
+    try:
+        channel._say_hello()
+        channel._recv("probe")
+        results.put("kept")
+    except pf.PeerClosed:
+        results.put("closed")
+    except pf.PeerTimeout:
+        results.put("kept")
+    finally:
+        channel.close()
 
 
 # -- unrelated processes --------------------------------------------------------------------

@@ -10,7 +10,6 @@ import functools
 import mmap
 import os
 import socket
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pageflip as pf
 from helpers import join, run_thread
 from pageflip._sys import mm
 from pageflip._sys.flags import Seal
-from pageflip._wire import SPAN_DTYPE, Decoder, Hello, Offer, OfferFlags, Refuse, encode
+from pageflip._wire import Decoder, Hello, Offer, OfferFlags, Refuse, SpanRow, encode
 from pageflip.transport import UnixConnection
 
 PAGE = pf.PAGE_SIZE
@@ -249,7 +248,7 @@ def test_unaligned_source_from_a_peer_is_copied() -> None:
         mm.ftruncate(fd, 3 * PAGE)
         mm.add_seals(fd, Seal.SHRINK | Seal.GROW)
         os.pwrite(fd, bytes(pattern(3 * PAGE)), 0)
-        spans = np.array([(0x10000, 2 * PAGE, 0, 100)], dtype=SPAN_DTYPE)
+        spans = [SpanRow(0x10000, 2 * PAGE, 0, 100)]
         theirs.send(encode(Hello(PAGE))[0])
         data, fds = encode(Offer(OfferFlags.GIFT, 2 * PAGE, "x", spans, [fd]))
         theirs.send(data, fds)
@@ -474,7 +473,7 @@ def test_wrong_page_size_fails_the_handshake(raw_peer: tuple[pf.Channel, UnixCon
 
 
 def offer_fd(peer: UnixConnection, fd: int, length: int = PAGE) -> None:
-    spans = np.array([(0x10000, length, 0, 0)], dtype=SPAN_DTYPE)
+    spans = [SpanRow(0x10000, length, 0, 0)]
     peer.send(encode(Hello(PAGE))[0])
     data, fds = encode(Offer(OfferFlags.GIFT, length, "evil", spans, [fd]))
     peer.send(data, fds)
@@ -518,7 +517,7 @@ def test_a_send_offer_must_not_carry_fds(raw_peer: tuple[pf.Channel, UnixConnect
     fd = mm.memfd_create("pageflip:test")
     try:
         mm.ftruncate(fd, PAGE)
-        spans = np.array([(0x10000, PAGE, 0, 0)], dtype=SPAN_DTYPE)
+        spans = [SpanRow(0x10000, PAGE, 0, 0)]
         peer.send(encode(Hello(PAGE))[0])
         data, fds = encode(Offer(OfferFlags.NONE, PAGE, "x", spans, [fd]))
         peer.send(data, fds)
@@ -585,4 +584,3 @@ def test_transfer_is_plain_data() -> None:
         "reason": None,
         "seconds": 0.001,
     }
-    assert struct.calcsize("Q")  # keep struct imported for the raw-offer helpers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +12,7 @@ from pageflip import LocalProtocolError, RemoteProtocolError
 from pageflip._wire import (
     HEADER,
     MAGIC,
-    SPAN_DTYPE,
+    SPAN,
     Decoder,
     Done,
     Frame,
@@ -25,12 +24,13 @@ from pageflip._wire import (
     Pull,
     PullMethod,
     Refuse,
+    SpanRow,
     encode,
 )
 
 
-def spans(*rows: tuple[int, int, int, int]) -> np.ndarray:
-    return np.array(list(rows), dtype=SPAN_DTYPE).reshape(-1)
+def spans(*rows: tuple[int, int, int, int]) -> list[SpanRow]:
+    return [SpanRow(*row) for row in rows]
 
 
 FRAMES: list[Frame] = [
@@ -47,12 +47,7 @@ FRAMES: list[Frame] = [
 
 def same(a: Frame, b: Frame) -> bool:
     if isinstance(a, Offer) and isinstance(b, Offer):
-        return (a.flags, a.nbytes, a.name, a.spans.tobytes()) == (
-            b.flags,
-            b.nbytes,
-            b.name,
-            b.spans.tobytes(),
-        )
+        return (a.flags, a.nbytes, a.name, a.spans) == (b.flags, b.nbytes, b.name, b.spans)
     return a == b
 
 
@@ -142,10 +137,11 @@ def test_offset_counts_from_the_start_of_the_stream() -> None:
     assert info.value.offset == len(good)
 
 
-def offer_bytes(rows: np.ndarray, nbytes: int, nfds: int = 0, flags: int = 1) -> bytes:
+def offer_bytes(rows: list[SpanRow], nbytes: int, nfds: int = 0, flags: int = 1) -> bytes:
     import struct
 
-    body = struct.pack("<BBHIQ", flags, 0, 0, len(rows), nbytes) + rows.tobytes()
+    body = struct.pack("<BBHIQ", flags, 0, 0, len(rows), nbytes)
+    body += b"".join(SPAN.pack(*row) for row in rows)
     return header(FrameType.OFFER, len(body), nfds) + body
 
 
@@ -160,7 +156,7 @@ def offer_bytes(rows: np.ndarray, nbytes: int, nfds: int = 0, flags: int = 1) ->
         (spans((0, 2**41, -1, 0)), 2**41, "longer than"),
     ],
 )
-def test_offer_spans_are_checked_before_use(rows: np.ndarray, nbytes: int, words: str) -> None:
+def test_offer_spans_are_checked_before_use(rows: list[SpanRow], nbytes: int, words: str) -> None:
     dec = Decoder()
     dec.feed(offer_bytes(rows, nbytes))
     with pytest.raises(RemoteProtocolError, match=words):

@@ -16,9 +16,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-
-import numpy as np
-import numpy.typing as npt
+from typing import NamedTuple
 
 from ._sys.fds import MAX_FDS, close_all
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -26,8 +24,8 @@ from .errors import LocalProtocolError, RemoteProtocolError
 MAGIC = b"PFCH"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHI")
-#: Largest payload accepted from a peer (an offer of a million spans fits).
-MAX_PAYLOAD = 40 << 20
+#: Largest payload accepted from a peer (an offer of MAX_SPANS spans fits).
+MAX_PAYLOAD = 4 << 20
 MAX_NAME = 255
 #: Longest single span accepted from a peer (1 TiB).
 MAX_SPAN = 1 << 40
@@ -58,10 +56,19 @@ class OfferFlags(enum.IntFlag):
     PEER_READ = 2
 
 
-#: One span of an offer: where the bytes are in the writer, and the memfd behind them.
-SPAN_DTYPE = np.dtype(
-    [("addr", "<u8"), ("length", "<u8"), ("fd_index", "<i8"), ("fd_offset", "<u8")]
-)
+class SpanRow(NamedTuple):
+    """One span of an offer: where the bytes are in the writer, and the memfd behind them."""
+
+    addr: int
+    length: int
+    #: Index into the offer's fds, or -1 when only the writer's memory holds the bytes.
+    fd_index: int
+    fd_offset: int
+
+
+SPAN = struct.Struct("<QQqQ")
+#: Most spans one offer may carry.
+MAX_SPANS = 1 << 16
 
 _HELLO = struct.Struct("<II")
 _OFFER = struct.Struct("<BBHIQ")
@@ -81,7 +88,7 @@ class Offer:
     flags: OfferFlags
     nbytes: int
     name: str
-    spans: npt.NDArray[np.void]
+    spans: list[SpanRow]
     fds: list[int] = field(default_factory=list)
 
 
@@ -128,9 +135,13 @@ def encode(frame: Frame) -> tuple[bytes, list[int]]:
         kind, payload = FrameType.HELLO, _HELLO.pack(frame.version, frame.page_size)
     elif isinstance(frame, Offer):
         name = _text(frame.name, "offer name", MAX_NAME)
-        spans = np.ascontiguousarray(frame.spans, dtype=SPAN_DTYPE)
-        head = _OFFER.pack(int(frame.flags), 0, len(name), len(spans), frame.nbytes)
-        kind, payload = FrameType.OFFER, head + name + spans.tobytes()
+        if len(frame.spans) > MAX_SPANS:
+            raise LocalProtocolError(
+                f"an offer of {len(frame.spans)} spans, at most {MAX_SPANS}", frame="OFFER"
+            )
+        head = _OFFER.pack(int(frame.flags), 0, len(name), len(frame.spans), frame.nbytes)
+        rows = b"".join(SPAN.pack(*row) for row in frame.spans)
+        kind, payload = FrameType.OFFER, head + name + rows
         fds = frame.fds
     elif isinstance(frame, Pull):
         kind, payload = FrameType.PULL, _PULL.pack(int(frame.method))
@@ -262,12 +273,16 @@ class Decoder:
             flags, _, name_len, nspans, nbytes = _OFFER.unpack_from(payload)
             if flags & ~int(OfferFlags.GIFT | OfferFlags.PEER_READ):
                 raise self._error(f"unknown flags {flags:#x}", name, at)
-            exact(_OFFER.size + name_len + nspans * SPAN_DTYPE.itemsize)
+            if nspans > MAX_SPANS:
+                raise self._error(f"{nspans} spans, at most {MAX_SPANS}", name, at)
+            exact(_OFFER.size + name_len + nspans * SPAN.size)
             try:
                 label = payload[_OFFER.size : _OFFER.size + name_len].decode()
             except UnicodeDecodeError:
                 raise self._error("name is not UTF-8", name, at + _OFFER.size) from None
-            spans = np.frombuffer(payload, SPAN_DTYPE, nspans, _OFFER.size + name_len).copy()
+            spans = [
+                SpanRow._make(row) for row in SPAN.iter_unpack(payload[_OFFER.size + name_len :])
+            ]
             self._check_spans(spans, nbytes, len(fds), at + _OFFER.size + name_len)
             return Offer(OfferFlags(flags), nbytes, label, spans, fds)
         if ftype is FrameType.PULL:
@@ -306,21 +321,23 @@ class Decoder:
         except UnicodeDecodeError:
             raise self._error("reason is not UTF-8", name, at + _REFUSE.size) from None
 
-    def _check_spans(self, spans: npt.NDArray[np.void], nbytes: int, nfds: int, at: int) -> None:
-        if len(spans) == 0:
+    def _check_spans(self, spans: list[SpanRow], nbytes: int, nfds: int, at: int) -> None:
+        if not spans:
             raise self._error("offers no spans", "OFFER", at)
-        lengths = spans["length"]
-        if (lengths == 0).any():
-            raise self._error("a span has length 0", "OFFER", at)
-        if (lengths > np.uint64(MAX_SPAN)).any():
-            raise self._error(f"a span longer than {MAX_SPAN} bytes", "OFFER", at)
-        # With at most 2**21 spans of at most 2**40 bytes, the u64 sum cannot overflow.
-        if int(lengths.sum()) != nbytes:
+        used = set()
+        total = 0
+        for addr, length, fd_index, fd_offset in spans:
+            if length == 0:
+                raise self._error("a span has length 0", "OFFER", at)
+            if length > MAX_SPAN:
+                raise self._error(f"a span longer than {MAX_SPAN} bytes", "OFFER", at)
+            if addr + length > 1 << 64 or fd_offset + length > 1 << 64:
+                raise self._error("a span runs past the end of the address space", "OFFER", at)
+            if not -1 <= fd_index < nfds:
+                raise self._error(f"an fd index outside 0..{nfds - 1}", "OFFER", at)
+            used.add(fd_index)
+            total += length
+        if total != nbytes:
             raise self._error(f"spans do not add up to {nbytes} bytes", "OFFER", at)
-        index = spans["fd_index"]
-        if ((index < -1) | (index >= nfds)).any():
-            raise self._error(f"an fd index outside 0..{nfds - 1}", "OFFER", at)
-        if nfds and not np.isin(np.arange(nfds), index).all():
+        if nfds and not set(range(nfds)) <= used:
             raise self._error("an fd that no span uses", "OFFER", at)
-        if (spans["addr"] > np.uint64(2**64 - 1) - lengths).any():
-            raise self._error("a span runs past the end of the address space", "OFFER", at)

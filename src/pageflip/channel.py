@@ -40,11 +40,10 @@ import numpy as np
 from . import features
 from ._sys import io, mm
 from ._sys.fds import close_all
-from ._sys.flags import Madv, Map, Prot, Seal, Splice
+from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Seal, Splice
 from ._sys.mm import PAGE_SIZE
 from ._sys.procfs import mappings, sysctl
 from ._wire import (
-    SPAN_DTYPE,
     Decoder,
     Done,
     Frame,
@@ -55,6 +54,7 @@ from ._wire import (
     Pull,
     PullMethod,
     Refuse,
+    SpanRow,
     encode,
 )
 from .errors import (
@@ -213,11 +213,7 @@ def _replaceable(path: str) -> bool:
     (``/dev/zero (deleted)``, as ``mmap.mmap(-1, n)`` makes) and memfds are; files, the
     brk heap and stacks are not.
     """
-    return (
-        not path
-        or path.startswith(("[anon:", "/memfd:"))
-        or path == "/dev/zero (deleted)"
-    )
+    return not path or path.startswith(("[anon:", "/memfd:")) or path == "/dev/zero (deleted)"
 
 
 def _foreign_move_block(address: int, length: int) -> str | None:
@@ -279,21 +275,20 @@ class _Segment:
     length: int
 
 
-def _segments(spans: np.ndarray[Any, Any], targets: list[_Target], nbytes: int) -> list[_Segment]:
+def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list[_Segment]:
     out: list[_Segment] = []
     ti, toff = 0, 0
-    for si, span in enumerate(spans):
-        soff, slen = 0, int(span["length"])
-        fd_index = int(span["fd_index"])
-        while soff < slen:
+    for si, (addr, length, fd_index, fd_offset) in enumerate(spans):
+        soff = 0
+        while soff < length:
             target = targets[ti]
-            n = min(slen - soff, target.length - toff)
+            n = min(length - soff, target.length - toff)
             out.append(
                 _Segment(
                     si,
-                    int(span["addr"]) + soff,
+                    addr + soff,
                     fd_index,
-                    int(span["fd_offset"]) + soff if fd_index >= 0 else 0,
+                    fd_offset + soff if fd_index >= 0 else 0,
                     target,
                     target.address + toff,
                     n,
@@ -528,21 +523,19 @@ class Channel:
 
     def _offer(self, pieces: list[_Piece], *, gift: bool, name: str) -> Transfer:
         start = time.perf_counter()
-        spans = np.zeros(len(pieces), SPAN_DTYPE)
+        spans: list[SpanRow] = []
         fds: list[int] = []
         index: dict[int, int] = {}
-        for i, piece in enumerate(pieces):
-            spans[i]["addr"] = piece.address
-            spans[i]["length"] = piece.length
-            fd_index = -1
+        for piece in pieces:
             if gift and piece.memfd is not None:
                 fd_index = index.get(id(piece.memfd), -1)
                 if fd_index < 0:
                     fd_index = index[id(piece.memfd)] = len(fds)
                     fds.append(piece.memfd.fd)
                     piece.memfd.shared = True
-                spans[i]["fd_offset"] = piece.fd_offset
-            spans[i]["fd_index"] = fd_index
+                spans.append(SpanRow(piece.address, piece.length, fd_index, piece.fd_offset))
+            else:
+                spans.append(SpanRow(piece.address, piece.length, -1, 0))
         nbytes = sum(p.length for p in pieces)
         flags = OfferFlags.GIFT if gift else OfferFlags.NONE
         copies = [p for p in pieces if not (gift and p.memfd is not None)]
@@ -652,7 +645,7 @@ class Channel:
             region: Region | None = None
             try:
                 self._check_memfds(offer)
-                all_fds = bool((offer.spans["fd_index"] >= 0).all())
+                all_fds = all(row.fd_index >= 0 for row in offer.spans)
                 gift = bool(offer.flags & OfferFlags.GIFT)
                 if move and gift and all_fds and self._aligned(offer):
                     region = self._map_offer(offer, label)
@@ -706,7 +699,7 @@ class Channel:
                     frame=type(frame).__name__.upper(),
                 )
             )
-        if not frame.flags & OfferFlags.GIFT and (frame.spans["fd_index"] >= 0).any():
+        if not frame.flags & OfferFlags.GIFT and frame.fds:
             close_all(frame.fds)
             raise self._refuse(RemoteProtocolError("a send() offer carries memfds", frame="OFFER"))
         return frame
@@ -726,11 +719,7 @@ class Channel:
 
     @staticmethod
     def _aligned(offer: Offer) -> bool:
-        spans = offer.spans
-        page = np.uint64(PAGE_SIZE)
-        return bool(
-            ((spans["fd_offset"] % page) == 0).all() and ((spans["length"] % page) == 0).all()
-        )
+        return all(not (row.fd_offset % PAGE_SIZE or row.length % PAGE_SIZE) for row in offer.spans)
 
     def _check_memfds(self, offer: Offer) -> None:
         """Refuse fds that are not memfds sealed against shrinking, or too small."""
@@ -756,8 +745,7 @@ class Channel:
                         f"memfd {i} of the offer is sealed against writes", frame="OFFER"
                     )
                 )
-            uses = offer.spans[offer.spans["fd_index"] == i]
-            end = int((uses["fd_offset"] + uses["length"]).max())
+            end = max(r.fd_offset + r.length for r in offer.spans if r.fd_index == i)
             if end > size:
                 raise self._refuse(
                     RemoteProtocolError(
@@ -771,10 +759,7 @@ class Channel:
         holders = [Memfd(fd, shared=True) for fd in offer.fds]
         offer.fds = []  # the holders own them now
         try:
-            pieces = [
-                (holders[int(s["fd_index"])], int(s["fd_offset"]), int(s["length"]))
-                for s in offer.spans
-            ]
+            pieces = [(holders[row.fd_index], row.fd_offset, row.length) for row in offer.spans]
             return Region.from_memfds(pieces, name)
         except BaseException:
             for holder in holders:
@@ -855,8 +840,8 @@ class Channel:
                     mm.mmap(
                         seg.dst,
                         seg.length,
-                        Prot.READ | Prot.WRITE,
-                        Map.SHARED | Map.FIXED,
+                        PROT_RW,
+                        MAP_SHARED_FIXED,
                         holders[seg.fd_index].fd,
                         seg.fd_offset,
                     )

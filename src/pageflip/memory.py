@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._sys import mm, pagemap
-from ._sys.flags import Madv, Map, Prot, Seal
+from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Map, Seal
 from ._sys.mm import PAGE_SIZE
 from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError
 
@@ -194,7 +194,7 @@ class Region:
             mm.ftruncate(fd, size)
             mm.add_seals(fd, REGION_SEALS)
             flags = Map.SHARED | (Map.POPULATE if populate else Map(0))
-            address = mm.mmap(None, size, Prot.READ | Prot.WRITE, flags, fd)
+            address = mm.mmap(None, size, PROT_RW, flags, fd)
         except BaseException:
             memfd.close()
             raise
@@ -210,7 +210,7 @@ class Region:
         allocates every page now.
         """
         size = _check_size(size)
-        address = mm.mmap(None, size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS)
+        address = mm.mmap(None, size, PROT_RW, Map.PRIVATE | Map.ANONYMOUS)
         try:
             if hugepages:
                 mm.madvise(address, size, Madv.HUGEPAGE)
@@ -229,7 +229,7 @@ class Region:
         """
         size = sum(length for _, _, length in pieces)
         size = _check_size(size)
-        rw = Prot.READ | Prot.WRITE
+        rw = PROT_RW
         if len(pieces) == 1:
             memfd, fd_offset, _ = pieces[0]
             address = mm.mmap(None, size, rw, Map.SHARED, memfd.fd, fd_offset)
@@ -239,7 +239,7 @@ class Region:
         offset = 0
         try:
             for memfd, fd_offset, length in pieces:
-                mm.mmap(address + offset, length, rw, Map.SHARED | Map.FIXED, memfd.fd, fd_offset)
+                mm.mmap(address + offset, length, rw, MAP_SHARED_FIXED, memfd.fd, fd_offset)
                 extents.append(Extent(offset, length, memfd, fd_offset))
                 offset += length
         except BaseException:
@@ -424,8 +424,8 @@ class Region:
         mm.mmap(
             self._address + start,
             length,
-            Prot.READ | Prot.WRITE,
-            Map.SHARED | Map.FIXED,
+            PROT_RW,
+            MAP_SHARED_FIXED,
             memfd.fd,
             fd_offset,
         )

@@ -205,6 +205,10 @@ class PageCategory(enum.IntFlag):
     SOFT_DIRTY = 1 << 7
 
 
+#: Flag combinations used on hot paths, built once (IntFlag arithmetic is not free).
+PROT_RW = Prot.READ | Prot.WRITE
+MAP_SHARED_FIXED = Map.SHARED | Map.FIXED
+
 #: ``prctl(PR_SET_PTRACER, pid)``: let ``pid`` ptrace (and process_vm_readv) us under Yama.
 PR_SET_PTRACER = 0x59616D61
 

@@ -70,7 +70,7 @@ def test_no_write_is_lost_to_a_concurrent_scan() -> None:
             stop.set()
             thread.join()
             seen.update(pages_of(tracker.collect()[0]))  # after the writer stopped
-        del arr
+        del arr, writer
         assert written and set(written) <= seen
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pageflip as pf
-from pageflip.dirty import DirtyTracker, runs_pages, runs_to_pages
+from pageflip.dirty import DirtyTracker, pages_to_runs, runs_pages, runs_to_pages, split_runs
 
 PAGE = pf.PAGE_SIZE
 
@@ -22,6 +25,17 @@ def test_runs_to_pages_expands_runs() -> None:
     assert pages_of(runs) == [2, 3, 4, 10, 20, 21]
     assert runs_pages(runs) == 6
     assert pages_of(np.empty((0, 2), np.uint64)) == []
+
+
+@given(st.sets(st.integers(0, 300)), st.integers(1, 7))
+def test_pages_and_runs_convert_both_ways(pages: set[int], size: int) -> None:
+    ordered = np.array(sorted(pages), np.int64)
+    runs = pages_to_runs(ordered)
+    assert pages_of(runs) == sorted(pages)
+    assert all(int(b[0]) > int(a[0]) + int(a[1]) for a, b in itertools.pairwise(runs))
+    pieces = split_runs(runs, size)
+    assert all(runs_pages(p) <= size for p in pieces)
+    assert [p for piece in pieces for p in pages_of(piece)] == sorted(pages)
 
 
 @pytest.mark.parametrize("kind", ["movable", "anonymous"])

@@ -31,7 +31,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -79,8 +78,6 @@ _COPY_METHODS = ("auto", "process_vm_readv", "vmsplice", "stream")
 
 #: Pipe capacity asked for on the vmsplice path (root may exceed pipe-max-size).
 PIPE_SIZE = 1 << 20
-#: Copies of at least this many bytes by process_vm_readv are split over two threads.
-PARALLEL_COPY = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -865,7 +862,7 @@ class Channel:
         if want in ("auto", "process_vm_readv") and offer.flags & OfferFlags.PEER_READ and pid > 0:
             remote = io.iovecs((s.src, s.length) for s in segs)
             try:
-                self._pull_remote(pid, local, remote)
+                io.pull_remote_parallel(pid, local, remote)
                 return "process_vm_readv"
             except ProcessLookupError as err:
                 raise PeerClosed(f"the writer is gone: {err}", phase="process_vm_readv") from err
@@ -897,24 +894,6 @@ class Channel:
         self._stream_into(local)
         return "stream"
 
-    @staticmethod
-    def _pull_remote(pid: int, local: io.IovArray, remote: io.IovArray) -> None:
-        total = int(local[:, 1].sum())
-        if total >= PARALLEL_COPY and (os.cpu_count() or 1) > 1:
-            half = total // 2 // PAGE_SIZE * PAGE_SIZE
-            parts = [
-                (_iov_slice(local, 0, half), _iov_slice(remote, 0, half)),
-                (_iov_slice(local, half, total), _iov_slice(remote, half, total)),
-            ]
-            with ThreadPoolExecutor(2) as pool:
-                done = sum(pool.map(lambda p: io.pull_remote(pid, *p), parts))
-        else:
-            done = io.pull_remote(pid, local, remote)
-        if done != total:
-            raise ProcessLookupError(
-                3, f"process_vm_readv(pid={pid}): read {done} of {total} bytes"
-            )
-
     def _stream_into(self, local: io.IovArray) -> None:
         for base, length in local.tolist():
             view = _bytes_at(int(base), int(length))
@@ -927,20 +906,6 @@ class Channel:
                 if n == 0:
                     raise self._fail(PeerClosed("the writer closed mid-stream", phase="stream"))
                 filled += n
-
-
-def _iov_slice(iov: io.IovArray, start: int, stop: int) -> io.IovArray:
-    """The iovecs covering bytes ``[start, stop)`` of the concatenation of ``iov``."""
-    rest = io.iov_advance(iov, start)
-    out = []
-    need = stop - start
-    for base, length in rest.tolist():
-        if need <= 0:
-            break
-        take = min(int(length), need)
-        out.append((int(base), take))
-        need -= take
-    return io.iovecs(out)
 
 
 def _check_copy_method(method: str) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +29,7 @@ from ._sys.mm import PAGE_SIZE
 from .errors import ClosedError, SpanError, StateError
 from .memory import Region
 
-__all__ = ["DirtyTracker", "Runs", "runs_to_pages", "runs_pages"]
+__all__ = ["DirtyTracker", "Runs", "pages_to_runs", "runs_pages", "runs_to_pages", "split_runs"]
 
 #: Page runs: an (n, 2) array of (first page, page count), in ascending order.
 Runs = npt.NDArray[np.uint64]
@@ -52,6 +53,38 @@ def runs_to_pages(runs: Runs) -> npt.NDArray[np.int64]:
         np.cumsum(counts) - counts, counts
     )
     return np.repeat(starts, counts) + offsets
+
+
+def pages_to_runs(pages: npt.NDArray[np.integer[Any]]) -> Runs:
+    """Runs of consecutive pages from ascending page indices (vectorized)."""
+    if not len(pages):
+        return np.empty((0, 2), np.uint64)
+    pages = pages.astype(np.int64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return np.stack([pages[starts], ends - starts], axis=1).astype(np.uint64)
+
+
+def split_runs(runs: Runs, max_pages: int) -> list[Runs]:
+    """The runs cut into consecutive pieces of at most ``max_pages`` pages each."""
+    pieces: list[Runs] = []
+    current: list[tuple[int, int]] = []
+    room = max_pages
+    for run_first, run_count in runs.tolist():
+        first, count = run_first, run_count
+        while count:
+            take = min(count, room)
+            current.append((first, take))
+            first += take
+            count -= take
+            room -= take
+            if room == 0:
+                pieces.append(np.array(current, np.uint64))
+                current, room = [], max_pages
+    if current:
+        pieces.append(np.array(current, np.uint64))
+    return pieces
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,10 @@
           ├── ProtocolError
           │    ├── LocalProtocolError  misuse on our side (wrong call for the state)
           │    └── RemoteProtocolError a bad frame or fd from the peer
-          └── StateError               a call in the wrong phase of a state machine
+          ├── StateError               a call in the wrong phase of a state machine
+          └── MigrationError           a migration failed; ``phase`` says where, ``guest``
+               │                       where the guest runs now ("source": intact there)
+               └── DigestMismatch      the destination's pages differ from the source's
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
@@ -153,11 +156,30 @@ class StateError(PageflipError):
     needed: str | None
 
 
+class MigrationError(PageflipError):
+    """A migration failed in ``phase``. ``guest`` says where the guest runs now: "source"
+    (resumed there with all its data), "destination", or "lost" (a failure after the commit
+    point of postcopy)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "guest")
+    phase: str | None
+    guest: str | None
+
+
+class DigestMismatch(MigrationError):
+    """The destination's copy of a region does not hash like the source's: it does not run."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "guest", "region")
+    region: str | None
+
+
 __all__ = [
     "BufferInUse",
     "ClosedError",
+    "DigestMismatch",
     "FeatureUnavailable",
     "LocalProtocolError",
+    "MigrationError",
     "PageflipError",
     "PeerClosed",
     "PeerError",

@@ -1,4 +1,4 @@
-"""Sockets that carry pageflip's bytes and fds: Unix (local, with fds and credentials).
+"""Sockets that carry pageflip's bytes and fds: Unix (local, with fds and credentials) and TCP.
 
 A :class:`UnixConnection` sends bytes with file descriptors attached (SCM_RIGHTS) and
 receives them with the sender's kernel-checked pid (SCM_CREDENTIALS), so that a peer cannot
@@ -18,6 +18,7 @@ import socket
 import stat
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ._sys.fds import MAX_FDS, close_all, peer_credentials
 from ._sys.fds import sendmsg as _sendmsg
@@ -223,3 +224,166 @@ def check_path(path: str) -> None:
     limit = 107
     if len(os.fsencode(path)) > limit:
         raise SpanError(f"socket path {path!r} is longer than {limit} bytes")
+
+
+class TcpConnection:
+    """A connected TCP socket: bytes only (no fds, no peer pid), for migration across hosts."""
+
+    last_pid = 0
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float | None = None) -> TcpConnection:
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as err:
+            raise type(err)(err.errno, f"connect({host}:{port}): {err.strerror or err}") from None
+        sock.settimeout(None)
+        return cls(sock)
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise ClosedError("the connection is closed", what="connection")
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def peer(self) -> tuple[int, int, int]:
+        """TCP peers have no credentials: (0, -1, -1)."""
+        return 0, -1, -1
+
+    def send(self, data: bytes | memoryview, fds: list[int] | None = None, phase: str = "") -> None:
+        if fds:
+            raise SpanError("file descriptors cannot travel over TCP")
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise PeerClosed(f"the peer closed the connection ({phase})", phase=phase) from err
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        return bool(poller.poll(ms))
+
+    def recv(self, size: int = 65536) -> tuple[bytes, list[int]]:
+        return self.sock.recv(size), []
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.sock.recv_into(view)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class TcpListener:
+    """A listening TCP socket; ``port`` 0 picks a free one (see :attr:`port`)."""
+
+    def __init__(self, host: str, port: int, backlog: int = 16) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError as err:
+            sock.close()
+            raise type(err)(err.errno, f"bind({host}:{port}): {err.strerror or err}") from None
+        self._sock: socket.socket | None = sock
+        self.host = host
+        self.port = sock.getsockname()[1]
+        self.path = f"tcp:{host}:{self.port}"
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        if self._sock is None:
+            raise ClosedError(f"listener {self.path} is closed", what="listener")
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> TcpConnection:
+        if self._sock is None:
+            raise ClosedError(f"listener {self.path} is closed", what="listener")
+        self._sock.settimeout(timeout)
+        try:
+            sock, _ = self._sock.accept()
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(None)
+        sock.settimeout(None)
+        return TcpConnection(sock)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> TcpListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Connection = UnixConnection | TcpConnection
+Listener = UnixListener | TcpListener
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to reach a peer: a Unix socket path (``@name`` abstract) or TCP host and port."""
+
+    kind: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """``/path``, ``unix:/path``, ``@name``; ``tcp:host:port`` or ``host:port``."""
+        if text.startswith("unix:"):
+            return cls("unix", path=text[5:])
+        if text.startswith("tcp:"):
+            text = text[4:]
+        elif text.startswith(("/", ".", "@")) or ":" not in text:
+            return cls("unix", path=text)
+        host, _, port = text.rpartition(":")
+        try:
+            number = int(port)
+        except ValueError:
+            raise SpanError(f"bad address {text!r}: the port must be a number") from None
+        if not 0 <= number < 65536:
+            raise SpanError(f"bad address {text!r}: port {number} is out of range")
+        return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=number)
+
+    @property
+    def local(self) -> bool:
+        return self.kind == "unix"
+
+    def connect(self, timeout: float | None = None) -> Connection:
+        if self.kind == "unix":
+            return UnixConnection.connect(self.path, timeout)
+        return TcpConnection.connect(self.host, self.port, timeout)
+
+    def listen(self, *, uids: Iterable[int] | None = None) -> Listener:
+        if self.kind == "unix":
+            return UnixListener(self.path, uids=uids)
+        return TcpListener(self.host, self.port)
+
+    def __str__(self) -> str:
+        return self.path if self.kind == "unix" else f"tcp:{self.host}:{self.port}"

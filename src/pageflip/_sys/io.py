@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from ctypes import c_int, c_long, c_size_t, c_uint, c_ulong, c_void_p
 
 import numpy as np
@@ -11,7 +13,7 @@ import numpy.typing as npt
 
 from ._gate import libc_gate, os_error
 from .flags import PR_SET_PTRACER, Splice
-from .mm import set_pipe_size
+from .mm import PAGE_SIZE, set_pipe_size
 
 #: At most this many iovecs per call (UIO_MAXIOV).
 IOV_MAX = 1024
@@ -179,3 +181,42 @@ def pull_remote(pid: int, local: IovArray, remote: IovArray) -> int:
         local = iov_advance(local, n)
         remote = iov_advance(remote, n)
     return total
+
+
+#: Copies of at least this many bytes are split over threads by pull_remote_parallel.
+PARALLEL_COPY = 32 << 20
+
+
+def iov_slice(iov: IovArray, start: int, stop: int) -> IovArray:
+    """The iovecs covering bytes ``[start, stop)`` of the concatenation of ``iov``."""
+    rest = iov_advance(iov, start)
+    out = []
+    need = stop - start
+    for base, length in rest.tolist():
+        if need <= 0:
+            break
+        take = min(int(length), need)
+        out.append((int(base), take))
+        need -= take
+    return iovecs(out)
+
+
+def pull_remote_parallel(pid: int, local: IovArray, remote: IovArray, threads: int = 2) -> None:
+    """Read all of ``remote`` (in process ``pid``) into ``local``, on several threads when large.
+
+    Raises ProcessLookupError when the process is gone or a read comes up short.
+    """
+    total = int(local[:, 1].sum()) if len(local) else 0
+    threads = min(threads, os.cpu_count() or 1)
+    if total >= PARALLEL_COPY and threads > 1:
+        bounds = [total * i // threads // PAGE_SIZE * PAGE_SIZE for i in range(threads)] + [total]
+        parts = [
+            (iov_slice(local, lo, hi), iov_slice(remote, lo, hi))
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(lambda part: pull_remote(pid, *part), parts))
+    else:
+        done = pull_remote(pid, local, remote)
+    if done != total:
+        raise ProcessLookupError(3, f"process_vm_readv(pid={pid}): read {done} of {total} bytes")

@@ -1,0 +1,201 @@
+"""What a migration moves: a *guest*, something that owns regions and can be paused.
+
+A guest is the unit the migration engine works on (DESIGN.md, section Migration): it owns a
+fixed list of :class:`~pageflip.Region` objects (its memory), can stop and restart every
+writer to them (:meth:`Guest.pause`, :meth:`Guest.resume`), and can save and load the small
+non-memory state that travels during downtime (:meth:`Guest.save_state`,
+:meth:`Guest.restore`). A source hands its regions over with :meth:`Guest.release_regions`;
+the destination rebuilds the guest on the regions it received with ``restore`` and proves
+with :meth:`Guest.verify` that nothing was lost on the way.
+
+Guest classes register under a short name (:attr:`Guest.kind`) so that a destination can
+rebuild whatever kind of guest the source announces: :func:`register`, :func:`guest_class`.
+
+The errors a guest raises on purpose (they belong in ``pageflip.errors`` once guests settle)::
+
+    PageflipError
+     └── GuestError            about a guest; ``kind`` names which kind
+          ├── UnknownGuest     no guest class registered under that kind (also a LookupError)
+          └── BadGuestState    a saved state or received regions that cannot be restored
+                               (also a ValueError); ``field`` names what is wrong
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Self, TypeVar
+
+from ..errors import PageflipError
+from ..memory import Region
+
+__all__ = [
+    "MAX_STATE_BYTES",
+    "BadGuestState",
+    "Guest",
+    "GuestError",
+    "UnknownGuest",
+    "VerifyReport",
+    "guest_class",
+    "guest_kinds",
+    "register",
+]
+
+logger = logging.getLogger("pageflip.guests")
+
+#: Upper bound for :meth:`Guest.save_state`: the state travels while the guest is paused, so it
+#: must stay small whatever the size of the guest's memory.
+MAX_STATE_BYTES = 64 << 10
+
+
+class GuestError(PageflipError):
+    """Something about a guest; ``kind`` is the guest kind involved (if known)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind",)
+    kind: str | None
+
+
+class UnknownGuest(GuestError, LookupError):
+    """No guest class is registered under ``kind``; ``known`` lists the kinds there are."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "known")
+    known: list[str] | None
+
+
+class BadGuestState(GuestError, ValueError):
+    """A saved state (or the regions given with it) that cannot be restored.
+
+    ``field`` names the state field or region that is wrong.
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "field")
+    field: str | None
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What :meth:`Guest.verify` found.
+
+    ``pages_checked`` pages were proven right (or wrong: see ``problems``);
+    ``pages_skipped`` could not be judged (a write was in progress on them). ``ok`` is True
+    only when there is no problem at all. ``seconds`` is how long the check took.
+    """
+
+    ok: bool
+    pages_checked: int
+    pages_skipped: int
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-able data (for migration events)."""
+        return asdict(self)
+
+
+class Guest(abc.ABC):
+    """Something that owns regions and can be migrated.
+
+    Lifecycle: running or paused while it owns its regions; after
+    :meth:`release_regions` it owns nothing and stays paused; after :meth:`close` it is
+    finished. A guest is a context manager that closes it.
+    """
+
+    #: The registry name of this kind of guest (see :func:`register`).
+    kind: ClassVar[str]
+
+    @property
+    @abc.abstractmethod
+    def regions(self) -> list[Region]:
+        """The guest's memory, always in the same order; empty once released or closed.
+
+        For a ``flip`` migration every region must be movable.
+        """
+
+    @abc.abstractmethod
+    def pause(self) -> float:
+        """Stop every write to the regions; block until all writers are parked.
+
+        Returns ``time.monotonic()`` at the moment they all were. Until :meth:`resume`, no
+        byte of any region changes. Pausing a paused guest returns the earlier moment.
+        """
+
+    @abc.abstractmethod
+    def resume(self) -> float:
+        """Let the writers run again; returns ``time.monotonic()`` when they were released."""
+
+    @abc.abstractmethod
+    def save_state(self) -> bytes:
+        """The guest's small non-memory state (under :data:`MAX_STATE_BYTES`), taken paused."""
+
+    @classmethod
+    @abc.abstractmethod
+    def restore(cls, regions: list[Region], state: bytes) -> Self:
+        """Rebuild a guest (paused) on ``regions`` received from the source, with ``state``.
+
+        The guest owns the regions from then on. Raises :class:`BadGuestState` for a state
+        or regions that do not fit together; the regions are then still the caller's.
+        """
+
+    @abc.abstractmethod
+    def status(self) -> dict[str, object]:
+        """A JSON-able summary of what the guest is doing, for progress displays and events."""
+
+    @abc.abstractmethod
+    def verify(self) -> VerifyReport:
+        """Check the guest's memory (may run while the guest runs, from another thread)."""
+
+    @abc.abstractmethod
+    def release_regions(self) -> list[Region]:
+        """Stop using the regions and give them to the caller (to gift them, say).
+
+        The guest must be paused; afterwards it holds no view of them and stays paused.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the guest's threads and close the regions it still owns. Idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_registry: dict[str, type[Guest]] = {}
+
+_G = TypeVar("_G", bound=type[Guest])
+
+
+def register(cls: _G) -> _G:
+    """Register a guest class under its :attr:`Guest.kind` (usable as a class decorator)."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise GuestError(f"{cls.__name__} has no kind to register under", kind=None)
+    known = _registry.get(kind)
+    if known is not None and known is not cls:
+        raise GuestError(
+            f"guest kind {kind!r} is already registered for {known.__qualname__}", kind=kind
+        )
+    _registry[kind] = cls
+    logger.debug("registered guest kind %r: %s", kind, cls.__qualname__)
+    return cls
+
+
+def guest_class(kind: str) -> type[Guest]:
+    """The guest class registered under ``kind``; :class:`UnknownGuest` if there is none."""
+    try:
+        return _registry[kind]
+    except KeyError as err:
+        known = guest_kinds()
+        raise UnknownGuest(
+            f"no guest kind {kind!r} (known: {', '.join(known) or 'none'})",
+            kind=kind,
+            known=known,
+        ) from err
+
+
+def guest_kinds() -> list[str]:
+    """The registered guest kinds, sorted."""
+    return sorted(_registry)

@@ -1,0 +1,1005 @@
+"""The reference guest: a workload that dirties its memory at a set rate and can prove,
+after any migration, that no write made before the pause was lost.
+
+Memory layout (two movable regions, in this order):
+
+``ram``
+    ``size`` bytes (whole pages). Page ``p`` at version ``v`` holds two header words, then a
+    body: word 0 is ``p``, word 1 is ``(v << 1) | busy`` (a seqlock: odd while the page is
+    being rewritten), and the body is pool page ``(p*K1 + v*K2) % POOL_PAGES`` XOR a 64-bit
+    constant ``c(p, v, seed)`` broadcast over the page. The pool is ``POOL_PAGES`` random
+    pages drawn from the seed, so every page is different, incompressible (no long byte
+    repeats for zstd), and cheap to make and check: a gather plus an XOR, done for a whole
+    batch of pages at once with numpy fancy indexing.
+``journal``
+    One uint32 per ram page: the version page ``p`` is at.
+
+Writers: ``threads`` worker threads; thread ``t`` owns the pages ``p`` with
+``p % threads == t``. Every :data:`TICK` it rewrites a batch of distinct random owned pages,
+as many as a token bucket on ``time.monotonic()`` allows for ``dirty_rate / threads``
+bytes/s. A rewrite of page ``p`` from ``v`` to ``v+1`` goes: header word 1 odd (busy), new
+body, ``journal[p] = v+1``, header word 1 ``= (v+1) << 1``. Every write adds one to the
+journal and one to ``total_writes``, so *while paused* ``sum(journal) == total_writes``.
+
+Verification (:meth:`Workload.verify`), also while the writers run:
+
+* each page must be *consistent*: word 0 is ``p``, word 1 even and equal to
+  ``journal[p] << 1``, body equal to the pattern of ``(p, journal[p])``. The header is read
+  before and after the rest; a page whose header is odd or changed in between is being
+  written now and is skipped (or judged by its first-touch record, below).
+* after :meth:`Workload.restore`, the sum of the *pre-pause* versions of all pages must be
+  the ``total_writes`` the source counted at its pause (carried in the state). A final round
+  that never arrived leaves consistent but older pages: the sum comes out short.
+* pre-pause versions are read from memory for pages not rewritten since the restore; the
+  first time a worker rewrites a page after a restore it checks the page first (in the
+  same vectorized way) and records its version, so a running guest keeps its proof.
+
+Memory ordering: the seqlock relies on loads and stores becoming visible in program order
+(x86-64's TSO). Each numpy call finishes before the next starts, which is all it needs there.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ClosedError, StateError
+from ..memory import PAGE_SIZE, Region
+from .base import MAX_STATE_BYTES, BadGuestState, Guest, VerifyReport, register
+
+__all__ = ["Pattern", "Workload"]
+
+logger = logging.getLogger("pageflip.guests")
+
+#: 64-bit words per page, and how many of them are header.
+WORDS = PAGE_SIZE // 8
+HEADER_WORDS = 2
+#: Random pages in the pool every page's body is drawn from.
+POOL_PAGES = 256
+#: Odd multipliers choosing a pool page for (page, version): consecutive versions of a page
+#: cycle through every pool page.
+K1 = np.uint64(0x9E3779B1)
+K2 = np.uint64(0x85EBCA77)
+#: How often a worker writes a batch (seconds).
+TICK = 0.010
+#: How much unused write budget a worker may save up (seconds' worth).
+BURST = 0.1
+#: Largest batch one worker writes at once (pages): bounds temporary memory and pause latency.
+MAX_BATCH_PAGES = (16 << 20) // PAGE_SIZE
+#: Pages handled per step by the initial fill.
+CHUNK_PAGES = (16 << 20) // PAGE_SIZE
+#: Pages handled per step by verify(): small, so that few pages change while one step reads
+#: them (a page rewritten between the two header reads of its step is skipped).
+VERIFY_PAGES = (2 << 20) // PAGE_SIZE
+#: Window over which status() measures the write rate (seconds).
+RATE_WINDOW = 1.0
+#: Problems listed in one VerifyReport, kept in memory, and carried in the saved state.
+MAX_LISTED = 20
+MAX_KEPT = 1000
+MAX_CARRIED = 16
+MAX_MESSAGE = 300
+#: Version of the saved-state format.
+STATE_FORMAT = 1
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_PAGE_MUL = np.uint64(_GOLDEN)
+_VERSION_MUL = np.uint64(0xD1B54A32D192ED03)
+_ONE = np.uint64(1)
+
+Pages = npt.NDArray[np.int64]
+Words = npt.NDArray[np.uint64]
+Bools = npt.NDArray[np.bool_]
+#: ``progress(done_bytes, total_bytes)``, called while :meth:`Workload.create` fills memory.
+Progress = Callable[[int, int], None]
+
+
+def _splitmix64(x: int) -> int:
+    """The splitmix64 finalizer on a Python int (for the per-seed key)."""
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class Pattern:
+    """The content of every page at every version, for one seed.
+
+    Public so that tests and tools can forge or check pages; the workload uses it for
+    everything it writes and verifies.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        top = np.iinfo(np.uint64).max
+        raw = rng.integers(0, top, POOL_PAGES * WORDS, dtype=np.uint64, endpoint=True)
+        #: POOL_PAGES random pages, (POOL_PAGES, WORDS) uint64.
+        self.pool: Words = raw.reshape(POOL_PAGES, WORDS).copy()
+        self._key = np.uint64(_splitmix64(seed & _MASK64))
+
+    def index(self, pages: Pages, versions: Words) -> npt.NDArray[np.intp]:
+        """The pool page each (page, version) is drawn from."""
+        mixed = pages.astype(np.uint64) * K1
+        mixed += versions * K2
+        mixed &= np.uint64(POOL_PAGES - 1)
+        return mixed.astype(np.intp)
+
+    def constants(self, pages: Pages, versions: Words) -> Words:
+        """``c(p, v)``: the 64-bit word XORed over page ``p``'s body at version ``v``."""
+        z = pages.astype(np.uint64) * _PAGE_MUL
+        z += versions * _VERSION_MUL
+        z += self._key
+        z ^= z >> np.uint64(30)
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+        return z
+
+    def make(self, pages: Pages, versions: Words) -> Words:
+        """Whole pages (header and body) for ``pages`` at ``versions``: (n, WORDS) uint64."""
+        out = np.empty((pages.size, WORDS), dtype=np.uint64)
+        self.make_into(out, pages, versions)
+        return out
+
+    def make_into(self, out: Words, pages: Pages, versions: Words) -> None:
+        """Write the pages for ``pages`` at ``versions`` into ``out`` ((n, WORDS) uint64)."""
+        np.take(self.pool, self.index(pages, versions), axis=0, out=out, mode="clip")
+        out ^= self.constants(pages, versions)[:, None]
+        out[:, 0] = pages
+        out[:, 1] = versions << _ONE
+
+    def body_matches(self, rows: Words, pages: Pages, versions: Words) -> Bools:
+        """For each row of ``rows`` ((n, WORDS)), whether its body is that of ``versions``."""
+        expected = np.take(self.pool, self.index(pages, versions), axis=0, mode="clip")
+        body = expected[:, HEADER_WORDS:]
+        body ^= self.constants(pages, versions)[:, None]
+        matches: Bools = (rows[:, HEADER_WORDS:] == body).all(axis=1)
+        return matches
+
+
+@dataclass(slots=True)
+class SavedState:
+    """What :meth:`Workload.save_state` writes (as JSON) and :meth:`Workload.restore` reads."""
+
+    seed: int
+    size: int
+    npages: int
+    threads: int
+    dirty_rate: float
+    total_writes: int
+    migrations: int
+    created_wall: float
+    paused_wall: float
+    paused_monotonic: float
+    problem_count: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        data: dict[str, Any] = {"format": STATE_FORMAT, "kind": Workload.kind, **asdict(self)}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, state: bytes) -> SavedState:
+        """Parse and check a saved state; :class:`BadGuestState` names what is wrong."""
+        kind = Workload.kind
+        if len(state) > MAX_STATE_BYTES:
+            raise BadGuestState(
+                f"workload state of {len(state)} bytes is over the {MAX_STATE_BYTES} limit",
+                kind=kind,
+                field="state",
+            )
+        try:
+            data = json.loads(state)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadGuestState(
+                f"workload state is not JSON: {err}", kind=kind, field="state"
+            ) from err
+        if not isinstance(data, dict):
+            raise BadGuestState("workload state is not a JSON object", kind=kind, field="state")
+        if data.get("kind") != kind:
+            raise BadGuestState(
+                f"state is for guest kind {data.get('kind')!r}, not {kind!r}",
+                kind=kind,
+                field="kind",
+            )
+        if data.get("format") != STATE_FORMAT:
+            raise BadGuestState(
+                f"workload state format {data.get('format')!r} is not {STATE_FORMAT}",
+                kind=kind,
+                field="format",
+            )
+        ints = ("seed", "size", "npages", "threads", "total_writes", "migrations")
+        floats = ("dirty_rate", "created_wall", "paused_wall", "paused_monotonic")
+        values: dict[str, Any] = {}
+        for name in ints + floats + ("problem_count",):
+            value = data.get(name, 0 if name == "problem_count" else None)
+            wanted = int if name in ints or name == "problem_count" else (int, float)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, wanted)
+                or value < 0
+                or not math.isfinite(value)
+            ):
+                raise BadGuestState(
+                    f"workload state field {name!r} is {value!r}, not a non-negative number",
+                    kind=kind,
+                    field=name,
+                )
+            values[name] = value
+        problems = data.get("problems", [])
+        if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+            raise BadGuestState(
+                "workload state field 'problems' is not a list of strings",
+                kind=kind,
+                field="problems",
+            )
+        saved = cls(**values, problems=problems)
+        if saved.threads < 1:
+            raise BadGuestState("workload state has no threads", kind=kind, field="threads")
+        if saved.npages < 1 or saved.size != saved.npages * PAGE_SIZE:
+            raise BadGuestState(
+                f"workload state size {saved.size} is not {saved.npages} pages of {PAGE_SIZE}",
+                kind=kind,
+                field="size",
+            )
+        return saved
+
+
+def _journal_bytes(npages: int) -> int:
+    return math.ceil(npages * 4 / PAGE_SIZE) * PAGE_SIZE
+
+
+def _diagnose(
+    page: int, word0: int, word1: int, journal: int, content_is: Callable[[int], bool]
+) -> str:
+    """Say what is wrong with one inconsistent page, from one read of its header words and
+    journal entry; ``content_is(v)`` tells whether its body is that of version ``v``."""
+    header = word1 >> 1
+    if word1 & 1:
+        return (
+            f"page {page}: torn: its header is busy (write of version {header + 1} in "
+            "progress), so it was copied mid-write"
+        )
+    if word0 != page:
+        return f"page {page}: its header names page {word0}: content from another page"
+    if header != journal:
+        if content_is(header):
+            if header < journal:
+                return (
+                    f"page {page}: content is version {header} but the journal says "
+                    f"{journal}: the page is stale, a write to it was lost"
+                )
+            return (
+                f"page {page}: content is version {header}, newer than the journal's "
+                f"{journal}: the journal entry is stale or altered"
+            )
+        if content_is(journal):
+            return (
+                f"page {page}: header says version {header} but content and journal say "
+                f"{journal}: the header is corrupted"
+            )
+        return (
+            f"page {page}: header says version {header}, journal says {journal}, and the "
+            "content matches neither"
+        )
+    return (
+        f"page {page}: content does not match version {journal}, on which header and journal "
+        "agree: the page body is corrupted or stale"
+    )
+
+
+def _sum_problem(got: int, made: int) -> str:
+    """The problem when the pre-pause versions do not add up to the writes made."""
+    if got < made:
+        return (
+            f"pre-pause versions add up to {got} writes but the source made {made} before "
+            f"its pause: {made - got} write(s) lost (a final round not delivered?)"
+        )
+    return (
+        f"pre-pause versions add up to {got} writes but the source made only {made} "
+        f"before its pause: {got - made} too many (memory or state from another run?)"
+    )
+
+
+@register
+class Workload(Guest):
+    """The reference guest: ``threads`` workers rewrite random pages at ``dirty_rate`` bytes/s.
+
+    Make one with :meth:`create` (running unless ``paused=True``) or :meth:`restore`
+    (paused; its workers start at the first :meth:`resume`). Thread-safe: :meth:`verify` and
+    :meth:`status` may run from any thread while the workers write. Close it (or use it as a
+    context manager): its worker threads keep it alive until then.
+    """
+
+    kind: ClassVar[str] = "workload"
+
+    def __init__(
+        self,
+        ram: Region,
+        journal: Region,
+        *,
+        seed: int,
+        threads: int,
+        dirty_rate: float,
+        total_writes: int = 0,
+        migrations: int = 0,
+        created_wall: float | None = None,
+        restored: bool = False,
+        carried: list[str] | None = None,
+        carried_count: int = 0,
+    ) -> None:
+        # Private: use Workload.create() or Workload.restore().
+        npages = ram.size // PAGE_SIZE
+        self._ram_region: Region | None = ram
+        self._journal_region: Region | None = journal
+        self._ram: Words | None = ram.numpy(np.uint64, (npages, WORDS))
+        self._journal: npt.NDArray[np.uint32] | None = journal.numpy(np.uint32, npages)
+        self._npages = npages
+        self._seed = seed
+        self._threads = threads
+        self._dirty_rate = float(dirty_rate)
+        self._pattern_obj: Pattern | None = None
+        self._pattern_lock = threading.Lock()
+        self._base_writes = total_writes
+        #: Writes made by each worker since this object was made (each its own slot).
+        self._counts = [0] * threads
+        self._migrations = migrations
+        self._created_wall = time.time() if created_wall is None else created_wall
+        #: After a restore: each page's pre-pause version + 1 once a worker has rewritten it,
+        #: 0 before (private memory, not part of any region). np.zeros maps zero pages
+        #: lazily, so a restore costs no time per page here: it sits inside the downtime.
+        self._pre: Pages | None = np.zeros(npages, dtype=np.int64) if restored else None
+        self._restored_writes = total_writes
+
+        self._cond = threading.Condition()
+        self._pause_requested = True
+        self._stopping = False
+        self._parked: list[bool] = []
+        self._workers: list[threading.Thread] = []
+        #: Set when no launch of the workers is in flight (see _start_workers).
+        self._launched = threading.Event()
+        self._launched.set()
+        self._run_epoch = 0
+        self._paused_at: float | None = time.monotonic()
+        self._paused_wall = time.time()
+        self._resumed_at: float | None = None
+        self._released = False
+        self._closed = False
+        #: Held by verify() while it reads memory, and by release/close before they drop it.
+        self._use_lock = threading.Lock()
+
+        self._problems_lock = threading.Lock()
+        self._page_problems: dict[int, str] = {}
+        self._other_problems: list[str] = [
+            f"before migration {migrations}: {text}" for text in carried or []
+        ]
+        self._problem_count = max(carried_count, len(self._other_problems))
+        self._last_verify_problems = 0
+
+        self._rate_lock = threading.Lock()
+        self._rate_log: deque[tuple[float, int]] = deque()
+
+    @property
+    def _pattern(self) -> Pattern:
+        """The page pattern, made on first use (not in restore(): that is downtime)."""
+        pattern = self._pattern_obj
+        if pattern is None:
+            with self._pattern_lock:
+                if self._pattern_obj is None:
+                    self._pattern_obj = Pattern(self._seed)
+                pattern = self._pattern_obj
+        return pattern
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        size: int = 1 << 30,
+        dirty_rate: float = 256 << 20,
+        threads: int = 2,
+        seed: int = 0,
+        progress: Progress | None = None,
+        *,
+        paused: bool = False,
+    ) -> Self:
+        """A new workload of ``size`` bytes (rounded up to pages), every page at version 0.
+
+        ``dirty_rate`` is in bytes per second over all ``threads`` (0: the workers idle).
+        ``progress(done_bytes, total_bytes)`` follows the initial fill, which takes seconds
+        for a GiB. The workload starts running unless ``paused``.
+        """
+        if threads < 1:
+            raise ValueError(f"a workload needs at least one thread, not {threads}")
+        if dirty_rate < 0 or not math.isfinite(dirty_rate):
+            raise ValueError(f"dirty_rate must be a non-negative number, not {dirty_rate}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, not {seed}")
+        ram = Region.movable(size, name="ram")
+        try:
+            journal = Region.movable(_journal_bytes(ram.size // PAGE_SIZE), name="journal")
+        except BaseException:
+            ram.close()
+            raise
+        try:
+            guest = cls(ram, journal, seed=seed, threads=threads, dirty_rate=dirty_rate)
+        except BaseException:
+            ram.close()
+            journal.close()
+            raise
+        try:
+            guest._fill(progress)
+            logger.info(
+                "workload of %d bytes, %d thread(s), dirty rate %d bytes/s, seed %d",
+                ram.size,
+                threads,
+                dirty_rate,
+                seed,
+            )
+            if not paused:
+                guest.resume()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+
+    def _fill(self, progress: Progress | None) -> None:
+        ram = self._arrays()[0]
+        total = self._npages * PAGE_SIZE
+        for lo in range(0, self._npages, CHUNK_PAGES):
+            hi = min(lo + CHUNK_PAGES, self._npages)
+            pages = np.arange(lo, hi, dtype=np.int64)
+            self._pattern.make_into(ram[lo:hi], pages, np.zeros(hi - lo, dtype=np.uint64))
+            if progress is not None:
+                progress(hi * PAGE_SIZE, total)
+
+    @classmethod
+    def restore(cls, regions: list[Region], state: bytes) -> Self:
+        """Rebuild a workload, paused, on ``regions`` (ram, journal) with a saved ``state``.
+
+        Raises :class:`~pageflip.guests.base.BadGuestState` if the state does not parse or
+        the regions do not have the sizes it gives; the regions stay the caller's then.
+        """
+        saved = SavedState.from_bytes(state)
+        if len(regions) != 2:
+            raise BadGuestState(
+                f"a workload has 2 regions (ram, journal), got {len(regions)}",
+                kind=cls.kind,
+                field="regions",
+            )
+        ram, journal = regions
+        for region, name, size in (
+            (ram, "ram", saved.size),
+            (journal, "journal", _journal_bytes(saved.npages)),
+        ):
+            if region.closed:
+                raise BadGuestState(f"the {name} region is closed", kind=cls.kind, field=name)
+            if region.size != size:
+                raise BadGuestState(
+                    f"the {name} region has {region.size} bytes, the state says {size}",
+                    kind=cls.kind,
+                    field=name,
+                )
+        guest = cls(
+            ram,
+            journal,
+            seed=saved.seed,
+            threads=saved.threads,
+            dirty_rate=saved.dirty_rate,
+            total_writes=saved.total_writes,
+            migrations=saved.migrations + 1,
+            created_wall=saved.created_wall,
+            restored=True,
+            carried=saved.problems,
+            carried_count=saved.problem_count,
+        )
+        logger.info(
+            "workload restored (migration %d): %d bytes, %d writes before the pause",
+            guest._migrations,
+            saved.size,
+            saved.total_writes,
+        )
+        return guest
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def regions(self) -> list[Region]:
+        """``[ram, journal]``; empty once released or closed."""
+        return [r for r in (self._ram_region, self._journal_region) if r is not None]
+
+    @property
+    def size(self) -> int:
+        """Bytes of ram (the journal comes on top)."""
+        return self._npages * PAGE_SIZE
+
+    @property
+    def npages(self) -> int:
+        return self._npages
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @property
+    def migrations(self) -> int:
+        """How many times this workload's memory was restored somewhere else."""
+        return self._migrations
+
+    @property
+    def dirty_rate(self) -> float:
+        """Bytes per second the workers try to rewrite (all threads together)."""
+        return self._dirty_rate
+
+    @dirty_rate.setter
+    def dirty_rate(self, rate: float) -> None:
+        if rate < 0 or not math.isfinite(rate):
+            raise ValueError(f"dirty_rate must be a non-negative number, not {rate}")
+        self._dirty_rate = float(rate)
+
+    @property
+    def total_writes(self) -> int:
+        """Page writes since creation (across migrations); exact while paused."""
+        return self._base_writes + sum(self._counts)
+
+    @property
+    def paused(self) -> bool:
+        """True between pause() and resume() (and for good once released or closed)."""
+        return self._pause_requested
+
+    def write_rate(self) -> float:
+        """Bytes per second written over the last :data:`RATE_WINDOW` (or since resume)."""
+        now = time.monotonic()
+        window = RATE_WINDOW
+        if self._resumed_at is not None and now - self._resumed_at < window:
+            window = max(now - self._resumed_at, TICK)
+        with self._rate_lock:
+            self._prune_rate(now)
+            pages = sum(n for t, n in self._rate_log if t >= now - window)
+        return pages * PAGE_SIZE / window
+
+    def _prune_rate(self, now: float) -> None:
+        log = self._rate_log
+        while log and log[0][0] < now - RATE_WINDOW:
+            log.popleft()
+
+    # -- running ------------------------------------------------------------------------
+
+    def _check_usable(self, doing: str) -> None:
+        if self._closed:
+            raise ClosedError(f"cannot {doing}: the workload is closed", what="workload")
+        if self._released:
+            raise ClosedError(f"cannot {doing}: the workload released its regions", what="workload")
+
+    def _all_parked(self) -> bool:
+        return all(self._parked)
+
+    def pause(self) -> float:
+        """Park every worker between two batches; returns the monotonic time they all were.
+
+        A page is never left half-written: workers only park between batches.
+        """
+        if self._closed:
+            raise ClosedError("cannot pause: the workload is closed", what="workload")
+        with self._cond:
+            self._pause_requested = True
+            self._cond.notify_all()
+            self._cond.wait_for(self._all_parked)
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
+                self._paused_wall = time.time()
+                logger.debug("workload paused at %d writes", self.total_writes)
+            return self._paused_at
+
+    def resume(self) -> float:
+        """Release the workers (starting them the first time); returns the monotonic time."""
+        self._check_usable("resume")
+        with self._cond:
+            if not self._pause_requested and self._resumed_at is not None:
+                return self._resumed_at
+            self._pause_requested = False
+            self._paused_at = None
+            self._run_epoch += 1
+            self._resumed_at = time.monotonic()
+            if not self._parked:
+                self._start_workers()
+            self._cond.notify_all()
+            logger.debug("workload resumed")
+            return self._resumed_at
+
+    def _start_workers(self) -> None:
+        # With self._cond held. Thread.start() waits until the new thread runs, which on an
+        # idle vCPU can take milliseconds, and resume() sits inside a migration's downtime:
+        # a short-lived launcher thread starts the workers instead, and resume() returns.
+        self._parked = [False] * self._threads  # pause() waits for each to park
+        self._launched.clear()
+        _thread.start_new_thread(self._launch, ())
+
+    def _launch(self) -> None:
+        try:
+            for t in range(self._threads):
+                worker = threading.Thread(
+                    target=self._run, args=(t,), name=f"pageflip-workload-{t}", daemon=True
+                )
+                with self._cond:
+                    self._workers.append(worker)
+                worker.start()
+        finally:
+            self._launched.set()
+
+    def _stop_workers(self) -> None:
+        with self._cond:
+            self._pause_requested = True
+            self._stopping = True
+            self._cond.notify_all()
+        self._launched.wait()
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
+
+    def _run(self, t: int) -> None:
+        """Worker ``t``: write batches of its pages at its share of the rate until stopped."""
+        rng = np.random.default_rng([self._seed, self._migrations, t])
+        owned = (self._npages - t + self._threads - 1) // self._threads
+        tokens = 0.0
+        last: float | None = None
+        try:
+            while True:
+                with self._cond:
+                    if self._stopping or self._pause_requested:
+                        self._parked[t] = True
+                        self._cond.notify_all()
+                        self._cond.wait_for(lambda: self._stopping or not self._pause_requested)
+                        if self._stopping:
+                            return
+                        self._parked[t] = False
+                        last = None
+                now = time.monotonic()
+                if last is None:
+                    last, tokens = now, 0.0
+                rate = self._dirty_rate / (self._threads * PAGE_SIZE)  # pages/s, this thread
+                tokens = min(tokens + (now - last) * rate, max(rate * BURST, 1.0))
+                last = now
+                count = min(int(tokens), MAX_BATCH_PAGES, owned)
+                if count > 0:
+                    self._write_batch(t, rng, owned, count)
+                    tokens -= count
+                delay = TICK - (time.monotonic() - now)
+                if delay > 0:
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._stopping or self._pause_requested, delay)
+        except Exception as err:
+            logger.exception("workload worker %d failed", t)
+            self._add_problem(None, f"worker {t} stopped: {type(err).__name__}: {err}")
+        finally:
+            with self._cond:
+                self._parked[t] = True
+                self._cond.notify_all()
+
+    def _write_batch(self, t: int, rng: np.random.Generator, owned: int, count: int) -> None:
+        """Rewrite ``count`` distinct random pages owned by worker ``t`` to their next version."""
+        ram, journal = self._arrays()
+        picks = np.sort(rng.choice(owned, size=count, replace=False, shuffle=False))
+        pages: Pages = picks.astype(np.int64) * self._threads + t
+        if self._pre is not None:
+            fresh = pages[self._pre[pages] == 0]
+            if fresh.size:
+                self._first_touch(fresh)
+        old = journal[pages].astype(np.uint64)
+        new = old + _ONE
+        data = self._pattern.make(pages, new)
+        ram[pages, 1] = (old << _ONE) | _ONE  # busy: a reader now skips the page
+        ram[pages, HEADER_WORDS:] = data[:, HEADER_WORDS:]
+        ram[pages, 0] = data[:, 0]
+        journal[pages] = new.astype(np.uint32)  # before the header: see verify()
+        ram[pages, 1] = data[:, 1]
+        self._counts[t] += count
+        now = time.monotonic()
+        with self._rate_lock:
+            self._rate_log.append((now, count))
+            self._prune_rate(now)
+
+    def _first_touch(self, pages: Pages) -> None:
+        """Check pages about to be rewritten for the first time since the restore, and record
+        their pre-pause versions. Only their owner writes them, so they are not changing."""
+        ram, journal = self._arrays()
+        assert self._pre is not None
+        rows = ram[pages]
+        versions = journal[pages].astype(np.uint64)
+        body_ok = self._pattern.body_matches(rows, pages, versions)
+        found = self._problems_in(rows, pages, rows[:, 0], rows[:, 1], versions, body_ok)
+        self._pre[pages] = versions.astype(np.int64) + 1
+        for page, text in found:
+            self._add_problem(page, f"{text} (found when first rewritten after the restore)")
+
+    # -- checking -----------------------------------------------------------------------
+
+    def _problems_in(
+        self,
+        rows: Words,
+        pages: Pages,
+        word0: Words,
+        word1: Words,
+        versions: Words,
+        body_ok: Bools,
+        judge: Bools | None = None,
+    ) -> list[tuple[int, str]]:
+        """The inconsistent pages among ``pages`` (those in ``judge``, if given), each with
+        what is wrong with it; [] when all are right.
+
+        ``word0``, ``word1``, ``versions`` (the journal) and ``body_ok`` are what one read of
+        the pages found; ``rows`` is their memory, read again only to say which version an
+        inconsistent page's content is.
+        """
+        good = (
+            (word0 == pages.astype(np.uint64))
+            & ((word1 & _ONE) == 0)
+            & ((word1 >> _ONE) == versions)
+            & body_ok
+        )
+        bad = ~good if judge is None else judge & ~good
+        found = []
+        for i in np.flatnonzero(bad)[:MAX_KEPT].tolist():
+            row, page = rows[i : i + 1], pages[i : i + 1]
+
+            def content_is(version: int, row: Words = row, page: Pages = page) -> bool:
+                versions = np.array([version], dtype=np.uint64)
+                return bool(self._pattern.body_matches(row, page, versions)[0])
+
+            text = _diagnose(
+                int(page[0]), int(word0[i]), int(word1[i]), int(versions[i]), content_is
+            )
+            found.append((int(page[0]), text))
+        return found
+
+    def _add_problem(self, page: int | None, text: str) -> None:
+        logger.warning("workload: %s", text)
+        with self._problems_lock:
+            if page is None:
+                self._problem_count += 1
+                if len(self._other_problems) < MAX_KEPT:
+                    self._other_problems.append(text)
+            elif page not in self._page_problems:
+                self._problem_count += 1
+                if len(self._page_problems) < MAX_KEPT:
+                    self._page_problems[page] = text
+
+    def verify(self) -> VerifyReport:
+        """Check every page, and after a restore that no write made before the pause was lost.
+
+        Safe while the workers run: pages being written are skipped (or, after a restore,
+        judged by the check made when a worker first rewrote them).
+        """
+        started = time.monotonic()
+        with self._use_lock:
+            self._check_usable("verify")
+            found, checked, skipped, sums = self._scan()
+        with self._problems_lock:
+            for page, text in self._page_problems.items():
+                found.setdefault(page, text)
+            others = list(self._other_problems)
+            kept = len(self._page_problems) + len(self._other_problems)
+            unlisted_earlier = self._problem_count - kept
+        problems = sums + others + [found[p] for p in sorted(found)]
+        count = len(problems) + max(unlisted_earlier, 0)
+        listed = problems[:MAX_LISTED]
+        if count > len(listed):
+            listed.append(f"... and {count - len(listed)} more problem(s)")
+        self._last_verify_problems = count
+        report = VerifyReport(
+            ok=count == 0,
+            pages_checked=checked,
+            pages_skipped=skipped,
+            problems=listed,
+            seconds=time.monotonic() - started,
+        )
+        if count:
+            logger.warning("workload verify: %d problem(s), first: %s", count, listed[0])
+        else:
+            logger.debug("workload verify ok: %d pages checked, %d skipped", checked, skipped)
+        return report
+
+    def _is_paused(self) -> bool:
+        # With self._cond held.
+        return self._pause_requested and self._all_parked()
+
+    def _scan(self) -> tuple[dict[int, str], int, int, list[str]]:
+        """One pass over memory for verify(): (problems by page, pages checked, pages
+        skipped, problems with the write count). Its arrays die when it returns."""
+        ram, journal = self._arrays()
+        pre_all = self._pre
+        with self._cond:
+            paused_epoch = self._run_epoch if self._is_paused() else None
+            writes_before = self.total_writes
+        found: dict[int, str] = {}
+        checked = skipped = 0
+        pre_pause_sum = journal_sum = 0
+        for lo in range(0, self._npages, VERIFY_PAGES):
+            hi = min(lo + VERIFY_PAGES, self._npages)
+            pages = np.arange(lo, hi, dtype=np.int64)
+            rows = ram[lo:hi]
+            # A seqlock read: header, then journal and body, then the header again. A writer
+            # sets the header busy before it touches the rest and stores the journal before
+            # the final header, so equal even headers mean a page read whole.
+            before = rows[:, 1].copy()
+            versions = journal[lo:hi].astype(np.uint64)
+            word0 = rows[:, 0].copy()
+            body_ok = self._pattern.body_matches(rows, pages, versions)
+            after = rows[:, 1].copy()
+            stable = before == after
+            idle = (before & _ONE) == 0
+            journal_sum += int(versions.sum())
+            if pre_all is None:
+                judge = stable & idle
+                known = judge
+            else:
+                # Read after the page: a worker records a page before it first writes it, so
+                # a page still unrecorded here was not written during the reads above, and
+                # a busy header on it can only have come with the memory: a torn page.
+                pre = pre_all[lo:hi].copy()
+                touched = pre > 0
+                judge = stable & (idle | ~touched)
+                known = judge | touched
+                pre_pause_sum += int(np.where(touched, pre - 1, versions.astype(np.int64)).sum())
+            checked += int(np.count_nonzero(known))
+            skipped += int(known.size - np.count_nonzero(known))
+            for page, text in self._problems_in(
+                rows, pages, word0, before, versions, body_ok, judge
+            ):
+                found.setdefault(page, text)
+        with self._cond:
+            still_paused = self._is_paused() and self._run_epoch == paused_epoch
+            writes_after = self.total_writes
+        sums: list[str] = []
+        if pre_all is not None:
+            if pre_pause_sum != self._restored_writes:
+                sums.append(_sum_problem(pre_pause_sum, self._restored_writes))
+        elif (
+            paused_epoch is not None
+            and still_paused
+            and writes_after == writes_before
+            and journal_sum != writes_before
+        ):
+            sums.append(
+                f"the journal adds up to {journal_sum} writes but {writes_before} were made"
+            )
+        return found, checked, skipped, sums
+
+    # -- state and status ---------------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """The workload's state as JSON (well under a KiB); the workload must be paused."""
+        if self._closed:
+            raise ClosedError("cannot save state: the workload is closed", what="workload")
+        with self._cond:
+            if not self._pause_requested or not self._all_parked():
+                raise StateError(
+                    "save_state() needs a paused workload", phase="running", needed="paused"
+                )
+            paused_monotonic = self._paused_at if self._paused_at is not None else 0.0
+        with self._problems_lock:
+            messages = self._other_problems + [
+                self._page_problems[p] for p in sorted(self._page_problems)
+            ]
+            count = self._problem_count
+        saved = SavedState(
+            seed=self._seed,
+            size=self.size,
+            npages=self._npages,
+            threads=self._threads,
+            dirty_rate=self._dirty_rate,
+            total_writes=self.total_writes,
+            migrations=self._migrations,
+            created_wall=self._created_wall,
+            paused_wall=self._paused_wall,
+            paused_monotonic=paused_monotonic,
+            problem_count=count,
+            problems=[text[:MAX_MESSAGE] for text in messages[:MAX_CARRIED]],
+        )
+        return saved.to_bytes()
+
+    def status(self) -> dict[str, object]:
+        """Size, rate asked and measured, writes, pause state, migrations, problems."""
+        with self._problems_lock:
+            problems = max(self._problem_count, self._last_verify_problems)
+        pre = self._pre
+        return {
+            "kind": self.kind,
+            "size": self.size,
+            "npages": self._npages,
+            "threads": self._threads,
+            "seed": self._seed,
+            "dirty_rate": self._dirty_rate,
+            "write_rate": self.write_rate(),
+            "total_writes": self.total_writes,
+            "paused": self.paused,
+            "released": self._released,
+            "closed": self._closed,
+            "migrations": self._migrations,
+            "first_touched": None if pre is None else int(np.count_nonzero(pre)),
+            "problems": problems,
+        }
+
+    # -- letting go ---------------------------------------------------------------------
+
+    def _arrays(self) -> tuple[Words, npt.NDArray[np.uint32]]:
+        ram, journal = self._ram, self._journal
+        if ram is None or journal is None:
+            raise ClosedError("the workload no longer has its memory", what="workload")
+        return ram, journal
+
+    def _drop_arrays(self) -> list[Region]:
+        """Forget the numpy views and the regions; returns the regions."""
+        with self._use_lock:
+            self._ram = None
+            self._journal = None
+            regions = self.regions
+            self._ram_region = self._journal_region = None
+        return regions
+
+    def release_regions(self) -> list[Region]:
+        """Stop the workers and hand ``[ram, journal]`` over, with no view left on them.
+
+        The workload must be paused; it stays paused for good and owns nothing afterwards.
+        """
+        self._check_usable("release regions")
+        with self._cond:
+            if not self._pause_requested:
+                raise StateError(
+                    "release_regions() needs a paused workload", phase="running", needed="paused"
+                )
+        self._stop_workers()
+        regions = self._drop_arrays()
+        self._released = True
+        logger.debug("workload released its regions")
+        return regions
+
+    def close(self) -> None:
+        """Stop the workers (joined) and close the regions still owned. Idempotent."""
+        if self._closed:
+            return
+        self._stop_workers()
+        regions = self._drop_arrays()
+        self._closed = True
+        error: BaseException | None = None
+        for region in regions:
+            try:
+                region.close()
+            except Exception as err:
+                error = error or err
+        if error is not None:
+            raise error
+
+    def __repr__(self) -> str:
+        state = (
+            "closed"
+            if self._closed
+            else "released"
+            if self._released
+            else "paused"
+            if self.paused
+            else "running"
+        )
+        return (
+            f"<Workload {self.size} bytes, {self._threads} thread(s), "
+            f"{self._dirty_rate:.0f} B/s, {state}>"
+        )

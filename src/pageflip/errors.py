@@ -13,6 +13,7 @@
           ├── PeerError                about the other side of a channel
           │    ├── PeerClosed          it went away (also a ConnectionError)
           │    ├── PeerRefused         it said no; your data is still yours
+          │    ├── PeerAborted         it gave up a migration (ABORT), saying why
           │    ├── PeerTimeout         it did not answer in time (also a TimeoutError)
           │    └── PeerRejected        we said no to it: wrong uid (also a PermissionError)
           ├── ProtocolError
@@ -117,6 +118,13 @@ class PeerRefused(PeerError):
     reason: str | None
 
 
+class PeerAborted(PeerError):
+    """The peer abandoned a migration: ``phase`` is where it was, ``reason`` its words."""
+
+    fields: ClassVar[tuple[str, ...]] = ("phase", "reason")
+    reason: str | None
+
+
 class PeerTimeout(PeerError, TimeoutError):
     """The peer did not answer within the timeout. ``phase`` says what we waited for."""
 
@@ -181,6 +189,7 @@ __all__ = [
     "LocalProtocolError",
     "MigrationError",
     "PageflipError",
+    "PeerAborted",
     "PeerClosed",
     "PeerError",
     "PeerRefused",

@@ -24,13 +24,13 @@ class PageDigests:
     def __init__(self, address: int, npages: int, view: memoryview) -> None:
         self.address = address
         self.npages = npages
-        self._view = view  # the region's bytes; keeps its address valid
+        self.view = view  # the region's bytes; keeps its address valid
         self.digests: npt.NDArray[np.uint64] = np.full(npages, ZERO_PAGE_DIGEST, np.uint64)
 
     def update(self, runs: Runs) -> npt.NDArray[np.bool_]:
         """Rehash the pages in ``runs``; returns, per page of the runs in order, is-zero."""
         h = xxhash.xxh3_64_intdigest
-        view = self._view
+        view = self.view
         parts = []
         for first, count in runs.tolist():
             start, stop = first * PAGE_SIZE, (first + count) * PAGE_SIZE
@@ -43,18 +43,44 @@ class PageDigests:
         zero: npt.NDArray[np.bool_] = np.concatenate(parts) == np.uint64(ZERO_PAGE_DIGEST)
         return zero
 
+    def set_zero(self, runs: Runs) -> None:
+        """Record the pages in ``runs`` as zero pages without reading them."""
+        for first, count in runs.tolist():
+            self.digests[first : first + count] = ZERO_PAGE_DIGEST
+
     def region_digest(self) -> int:
         return xxhash.xxh3_64_intdigest(self.digests.tobytes())
 
     def release(self) -> None:
-        self._view.release()
+        self.view.release()
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def sample_pages(npages: int, seed: int, samples: int = 16) -> list[int]:
+    """The pages flip's identity check hashes: the first, the last, and some by ``seed``.
+
+    Plain integer arithmetic: it runs inside the downtime, where even numpy's random
+    module importing itself (milliseconds) would show.
+    """
+    picks = {0, npages - 1}
+    x = seed
+    for _ in range(min(samples, npages)):
+        x = _splitmix64(x)
+        picks.add(x % npages)
+    return sorted(picks)
 
 
 def sample_digest(view: memoryview, npages: int, seed: int, samples: int = 16) -> int:
-    """xxh3 of a few pages chosen by ``seed`` (and the first and last): flip's identity check."""
-    rng = np.random.default_rng(seed)
-    picks = sorted({0, npages - 1, *rng.integers(0, npages, min(samples, npages)).tolist()})
+    """xxh3 of the pages :func:`sample_pages` picks: flip's check that both sides map the
+    same memory at the same offsets."""
     h = xxhash.xxh3_64()
-    for p in picks:
+    for p in sample_pages(npages, seed, samples):
         h.update(view[p * PAGE_SIZE : (p + 1) * PAGE_SIZE])
     return h.intdigest()

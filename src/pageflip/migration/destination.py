@@ -1,0 +1,426 @@
+"""The destination side of a migration: builds the guest from the stream and runs it.
+
+It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
+digest is kept as pages arrive and the region digests must equal the source's at
+switchover; with flip, each memfd must be the very one the source named (inode, size,
+seals) and a sample of its pages must hash alike. After it resumed the guest it says so
+(RESUMED): from then on the guest is ours. If the source then explicitly takes it back
+(ABORT), we stop it; if the source merely goes away, it either committed or died, and the
+guest keeps running here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .. import features, stream
+from .._sys import io, mm
+from .._sys.flags import Seal
+from .._sys.mm import PAGE_SIZE
+from ..errors import (
+    DigestMismatch,
+    MigrationError,
+    PageflipError,
+    PeerAborted,
+    PeerClosed,
+    RemoteProtocolError,
+)
+from ..guests import Guest, guest_class
+from ..memory import Memfd, Region
+from ..transport import Address, Listener
+from .digests import PageDigests, sample_digest
+from .events import DoneEvent, FailedEvent, MigrationEvent, ResumedEvent, SetupEvent
+from .link import Link
+from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
+
+log = logging.getLogger("pageflip.migration")
+
+
+class Destination:
+    """Accept one migration on ``listen`` and run the guest it brings.
+
+    ``listen``: an address to listen on (``/path``, ``@name``, ``tcp:host:port``) or a
+    listener already bound. :meth:`run` returns the running guest once the source has let
+    go of it.
+    """
+
+    def __init__(
+        self,
+        listen: str | Address | Listener,
+        *,
+        on_event: Callable[[MigrationEvent], None] | None = None,
+        timeout: float | None = 60.0,
+        accept_timeout: float | None = None,
+    ) -> None:
+        if isinstance(listen, (str, Address)):
+            address = listen if isinstance(listen, Address) else Address.parse(listen)
+            self._listener: Listener = address.listen()
+            self._own_listener = True
+        else:
+            self._listener = listen
+            self._own_listener = False
+        self._on_event = on_event
+        self.timeout = timeout
+        self.accept_timeout = accept_timeout
+        self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
+        self._link: Link | None = None
+        self._regions: list[Region] = []
+        self._digests: list[PageDigests] = []
+        self._setup: stream.Setup | None = None
+        self._guest: Guest | None = None
+        self._start = 0.0
+        self.done: dict[str, object] | None = None
+
+    @property
+    def phase(self) -> DestinationPhase:
+        return self._phases.phase
+
+    @property
+    def link(self) -> Link:
+        assert self._link is not None
+        return self._link
+
+    def _t(self) -> float:
+        return time.monotonic() - self._start
+
+    def _emit(self, event: MigrationEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("migration event handler failed")
+
+    def close(self) -> None:
+        """Stop listening (and remove the socket file). Idempotent."""
+        if self._own_listener:
+            self._listener.close()
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> Guest:
+        """Receive one guest and run it; returns it once the source let go (or left)."""
+        try:
+            conn = self._listener.accept(self.accept_timeout)
+        finally:
+            self.close()
+        self._start = time.monotonic()
+        self._link = Link(conn)
+        try:
+            self._phases.advance(DestinationPhase.SETUP)
+            self._handshake()
+            self._phases.advance(DestinationPhase.RECEIVING)
+            switchover = self._receive()
+            self._phases.advance(DestinationPhase.VERIFYING)
+            guest = self._verify_and_resume(switchover)
+        except BaseException as err:
+            raise self._failed(err) from err
+        self._after_resume(guest)
+        return guest
+
+    def _failed(self, err: BaseException) -> MigrationError:
+        """Nothing ran here: drop what arrived, tell the source, report."""
+        phase = self.phase.value
+        for digests in self._digests:
+            with contextlib.suppress(Exception):
+                digests.release()
+        for region in self._regions:
+            with contextlib.suppress(Exception):
+                region.close()  # flip regions borrow the source's pages: close never punches them
+        self._regions = []
+        if self._link is not None:
+            if not isinstance(err, (PeerClosed, PeerAborted)):
+                with contextlib.suppress(Exception):
+                    self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
+            self._link.close()
+        with contextlib.suppress(Exception):
+            self._phases.advance(DestinationPhase.FAILED)
+        self._emit(
+            FailedEvent(
+                self._t(),
+                phase=phase,
+                error=str(err),
+                error_type=type(err).__name__,
+                guest="source",
+            )
+        )
+        if isinstance(err, MigrationError):
+            return err
+        return MigrationError(
+            f"incoming migration failed in phase {phase}: {type(err).__name__}: {err}",
+            phase=phase,
+            guest="source",
+        )
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _our_features(self) -> stream.Feature:
+        f = stream.Feature.XXH3 | stream.Feature.ZSTD
+        if self.link.local:
+            f |= stream.Feature.FLIP
+            if features.has("process_vm_readv"):
+                f |= stream.Feature.PULL
+        if features.has("uffd_missing_shmem"):
+            f |= stream.Feature.POSTCOPY
+        return f
+
+    def _handshake(self) -> None:
+        link = self.link
+        hello = link.expect((stream.Hello,), "setup", self.timeout)
+        ours = stream.Hello(
+            version=stream.VERSION,
+            page_size=PAGE_SIZE,
+            features=self._our_features(),
+            role=stream.Role.DESTINATION,
+            session=hello.session,
+            guest_kind=hello.guest_kind,
+        )
+        try:
+            shared = stream.handshake_check(ours, hello)
+            self._guest_class = guest_class(hello.guest_kind)
+        except PageflipError as err:
+            with contextlib.suppress(Exception):
+                link.send(stream.Reject(reason=str(err)), "setup")
+            raise
+        link.send(stream.Welcome(features=shared), "setup")
+        setup = link.expect((stream.Setup,), "setup", self.timeout)
+        self._setup = setup
+        mode = stream.Mode(setup.mode)
+        if mode is stream.Mode.POSTCOPY:
+            raise MigrationError("postcopy is not implemented yet", phase="setup", guest="source")
+        if mode is not stream.Mode.FLIP:
+            if stream.Feature.PULL in shared and setup.src_pid != link.peer_pid():
+                raise RemoteProtocolError(
+                    f"SETUP names pid {setup.src_pid}, the socket's peer is {link.peer_pid()}",
+                    frame="SETUP",
+                )
+            for info in setup.regions:
+                region = Region.movable(info.size, info.name)
+                self._regions.append(region)
+                self._digests.append(
+                    PageDigests(region.address, region.size // PAGE_SIZE, region.view())
+                )
+        link.send(stream.Prepared(), "setup")
+        self._emit(
+            SetupEvent(
+                self._t(),
+                mode=mode.name.lower(),
+                transport="unix" if link.local else "tcp",
+                regions=[
+                    {"name": r.name, "size": r.size, "movable": r.movable} for r in setup.regions
+                ],
+                total_bytes=sum(r.size for r in setup.regions),
+                features=[f.name for f in stream.Feature if f in shared and f.name],
+                downtime_limit=0.0,
+            )
+        )
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _receive(self) -> stream.Switchover:
+        link = self.link
+        while True:
+            event = link.recv("receiving", self.timeout)
+            if isinstance(event, stream.PullPages):
+                self._pull(event)
+            elif isinstance(event, stream.Pages):
+                self._write(event)
+            elif isinstance(event, stream.ZeroPages):
+                self._zero(event)
+            elif isinstance(event, stream.RoundEnd):
+                link.send(stream.RoundAck(event.round), "receiving")
+            elif isinstance(event, stream.Flip):
+                self._map_flip(event)
+            elif isinstance(event, stream.Switchover):
+                return event
+            elif isinstance(event, stream.Abort):
+                raise PeerAborted(
+                    f"the source gave up in {event.phase}: {event.reason}",
+                    phase=event.phase,
+                    reason=event.reason,
+                )
+            else:
+                raise RemoteProtocolError(
+                    f"unexpected {type(event).__name__.upper()} while receiving",
+                    frame=type(event).__name__.upper(),
+                )
+
+    def _region(self, index: int) -> tuple[Region, PageDigests]:
+        if not 0 <= index < len(self._regions):
+            raise RemoteProtocolError(f"region {index} does not exist", frame="PAGES")
+        return self._regions[index], self._digests[index]
+
+    def _check_runs(self, region: Region, runs: np.ndarray) -> None:
+        npages = region.size // PAGE_SIZE
+        if len(runs) and int((runs[:, 0] + runs[:, 1]).max()) > npages:
+            raise RemoteProtocolError(
+                f"pages past the end of region {region.name!r} ({npages} pages)", frame="PAGES"
+            )
+
+    def _pull(self, event: stream.PullPages) -> None:
+        region, digests = self._region(event.region)
+        self._check_runs(region, event.runs)
+        assert self._setup is not None
+        src = self._setup.regions[event.region].src_address
+        pairs = [(first * PAGE_SIZE, count * PAGE_SIZE) for first, count in event.runs.tolist()]
+        local = io.iovecs((region.address + off, n) for off, n in pairs)
+        remote = io.iovecs((src + off, n) for off, n in pairs)
+        try:
+            io.pull_remote_parallel(self._setup.src_pid, local, remote)
+        except ProcessLookupError as err:
+            raise PeerClosed(f"the source process is gone: {err}", phase="receiving") from err
+        digests.update(event.runs)
+
+    def _write(self, event: stream.Pages) -> None:
+        region, digests = self._region(event.region)
+        self._check_runs(region, event.runs)
+        data = memoryview(event.data)
+        view = digests.view
+        pos = 0
+        for first, count in event.runs.tolist():
+            n = count * PAGE_SIZE
+            view[first * PAGE_SIZE : first * PAGE_SIZE + n] = data[pos : pos + n]
+            pos += n
+        digests.update(event.runs)
+
+    def _zero(self, event: stream.ZeroPages) -> None:
+        region, digests = self._region(event.region)
+        self._check_runs(region, event.runs)
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        for first, count in event.runs.tolist():
+            mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
+        digests.set_zero(event.runs)
+
+    def _map_flip(self, event: stream.Flip) -> None:
+        assert self._setup is not None
+        infos = self._setup.regions
+        fds = list(event.fds)
+        event.fds = []
+        holders = [Memfd(fd, shared=True) for fd in fds]
+        try:
+            if sorted(r.index for r in event.regions) != list(range(len(infos))):
+                raise RemoteProtocolError("FLIP does not name every region once", frame="FLIP")
+            for fr in sorted(event.regions, key=lambda r: r.index):
+                info = infos[fr.index]
+                fd = holders[fr.fd_index].fd
+                st = os.fstat(fd)
+                try:
+                    seals = mm.get_seals(fd)
+                except OSError:
+                    raise RemoteProtocolError(
+                        f"fd of region {info.name!r} is not a memfd", frame="FLIP"
+                    ) from None
+                if not seals & Seal.SHRINK:
+                    raise RemoteProtocolError(
+                        f"memfd of region {info.name!r} is not sealed against shrinking",
+                        frame="FLIP",
+                    )
+                if (
+                    st.st_ino != fr.inode
+                    or st.st_size < fr.offset + fr.size
+                    or fr.size != info.size
+                ):
+                    raise RemoteProtocolError(
+                        f"memfd of region {info.name!r} is not the one announced", frame="FLIP"
+                    )
+                # Not "shared": until the source lets go, both map the same range, and
+                # closing ours (on failure) must leave the source's pages alone.
+                own = Memfd(os.dup(fd))
+                try:
+                    region = Region.from_memfds([(own, fr.offset, fr.size)], info.name)
+                except BaseException:
+                    own.close()
+                    raise
+                self._regions.append(region)
+            self._flip_samples = {fr.index: fr for fr in event.regions}
+        finally:
+            for holder in holders:
+                holder.close()
+
+    # -- switchover -----------------------------------------------------------------------
+
+    def _verify_and_resume(self, switchover: stream.Switchover) -> Guest:
+        assert self._setup is not None
+        if len(switchover.digests) != len(self._regions):
+            raise RemoteProtocolError(
+                "SWITCHOVER digests do not match the regions", frame="SWITCHOVER"
+            )
+        flip = stream.Mode(self._setup.mode) is stream.Mode.FLIP
+        for index, region in enumerate(self._regions):
+            if flip:
+                fr = self._flip_samples[index]
+                view = region.view()
+                try:
+                    ours = sample_digest(view, region.size // PAGE_SIZE, seed=fr.inode)
+                finally:
+                    view.release()
+            else:
+                ours = self._digests[index].region_digest()
+            if ours != switchover.digests[index]:
+                raise DigestMismatch(
+                    f"region {region.name!r}: our pages hash to {ours:#018x}, the source's to "
+                    f"{switchover.digests[index]:#018x}",
+                    phase="verifying",
+                    guest="source",
+                    region=region.name,
+                )
+        for digests in self._digests:
+            digests.release()
+        self._digests = []
+        guest = self._guest_class.restore(list(self._regions), switchover.state)
+        self._regions = []  # the guest owns them now
+        resumed_at = guest.resume()
+        self._guest = guest
+        self._phases.advance(DestinationPhase.RUNNING)
+        with contextlib.suppress(PageflipError, OSError):
+            self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
+        self._emit(ResumedEvent(self._t(), downtime=resumed_at - switchover.paused_at))
+        return guest
+
+    def _after_resume(self, guest: Guest) -> None:
+        """Wait for the source to let go: DONE (normal), ABORT (it took the guest back)."""
+        link = self.link
+        try:
+            event = link.recv("running", self.timeout)
+        except (PeerClosed, OSError, PageflipError) as err:
+            log.info("the source left after RESUMED (%s); the guest keeps running here", err)
+            link.close()
+            self._phases.advance(DestinationPhase.DONE)
+            return
+        link.close()
+        if isinstance(event, stream.Abort):
+            log.warning("the source took the guest back (%s): stopping it here", event.reason)
+            with contextlib.suppress(Exception):
+                guest.pause()
+            guest.close()
+            self._phases.advance(DestinationPhase.STOPPED)
+            raise MigrationError(
+                f"the source took the guest back after we resumed: {event.reason}",
+                phase="running",
+                guest="source",
+            )
+        if isinstance(event, stream.Done):
+            self.done = dict(event.stats)
+            stats = event.stats
+            self._emit(
+                DoneEvent(
+                    self._t(),
+                    mode=str(stats.get("mode", "")),
+                    total_seconds=float(stats.get("total_seconds", 0.0)),
+                    downtime=float(stats.get("downtime", 0.0)),
+                    bytes_on_wire=int(stats.get("bytes_on_wire", 0)),
+                    pages_moved=int(stats.get("pages_moved", 0)),
+                    pages_copied=int(stats.get("pages_copied", 0)),
+                    pages_zero=int(stats.get("pages_zero", 0)),
+                    pages_requested=int(stats.get("pages_requested", 0)),
+                    rounds=int(stats.get("rounds", 0)),
+                    digest=str(stats.get("digest", "")),
+                )
+            )
+        self._phases.advance(DestinationPhase.DONE)

@@ -19,9 +19,12 @@ from .channel import Channel, CopyMethod, Listener, Transfer, channel_pair, vmsp
 from .errors import (
     BufferInUse,
     ClosedError,
+    DigestMismatch,
     FeatureUnavailable,
     LocalProtocolError,
+    MigrationError,
     PageflipError,
+    PeerAborted,
     PeerClosed,
     PeerError,
     PeerRefused,
@@ -64,6 +67,7 @@ __all__ = [
     "FeatureUnavailable",
     "PeerError",
     "PeerClosed",
+    "PeerAborted",
     "PeerRefused",
     "PeerRejected",
     "PeerTimeout",
@@ -71,5 +75,7 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "StateError",
+    "MigrationError",
+    "DigestMismatch",
     "__version__",
 ]

@@ -1,0 +1,171 @@
+"""Processes the migration tests start: a source that hosts a workload, a destination.
+
+Each reports through a multiprocessing queue. Fault injection happens inside the child, at
+a named point, by really dying (SIGKILL), closing the socket, or corrupting what it sends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pageflip as pf
+from pageflip.guests import Workload
+from pageflip.migration.destination import Destination
+from pageflip.migration.link import Link
+from pageflip.migration.source import MigrationOptions, Source
+
+
+def mapped_memfds(pid: int | str = "self") -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [
+            line.split()[-2] if "(deleted)" in line else line.split()[-1]
+            for line in f
+            if "/memfd:pageflip" in line
+        ]
+
+
+def frames_sample(guest: Any) -> list[int] | None:
+    """PFNs of the first pages of each region (root only)."""
+    if os.geteuid() != 0:
+        return None
+    out: list[int] = []
+    for region in guest.regions:
+        span = region[0 : min(16 * pf.PAGE_SIZE, region.size)]
+        out.extend(int(x) for x in pf.physical_frames(span))
+    return out
+
+
+def source(
+    to: str,
+    size: int,
+    rate: int,
+    options: dict[str, Any],
+    results: Connection,
+    fault: str = "",
+) -> None:
+    """Host a workload, migrate it to ``to``; on failure check it still runs here, intact."""
+    guest = Workload.create(size, dirty_rate=rate, threads=2)
+    time.sleep(0.2)
+    frames = frames_sample(guest)
+    events: list[dict[str, Any]] = []
+    migration = Source(
+        guest, to, MigrationOptions(**options), on_event=lambda e: events.append(e.as_dict())
+    )
+    if fault == "cancel-after-round":
+
+        def on_event(event: Any) -> None:
+            events.append(event.as_dict())
+            if event.kind == "round":
+                migration.cancel()
+
+        migration._on_event = on_event
+    if fault == "corrupt-page-data":
+        original = Link.send
+
+        def corrupting(self: Link, event: Any, phase: str) -> int:
+            if type(event).__name__ == "Pages" and not getattr(self, "_corrupted", False):
+                data = bytearray(event.data)
+                data[len(data) // 2] ^= 0xFF
+                event.data = bytes(data)
+                self._corrupted = True  # type: ignore[attr-defined]
+            return original(self, event, phase)
+
+        Link.send = corrupting  # type: ignore[method-assign]
+    if fault == "corrupt-frame-header":
+        original_send = Link.send
+
+        def garbling(self: Link, event: Any, phase: str) -> int:
+            if type(event).__name__ == "RoundEnd":
+                self.conn.send(b"XXXXXXXXXXXXXXXX", None, phase)
+                return 16
+            return original_send(self, event, phase)
+
+        Link.send = garbling  # type: ignore[method-assign]
+    try:
+        done = migration.run()
+    except pf.MigrationError as err:
+        time.sleep(0.3)  # it keeps running here: more writes on top of the old ones
+        writes = guest.total_writes
+        time.sleep(0.2)
+        report = guest.verify()
+        results.send(
+            {
+                "ok": False,
+                "error": str(err),
+                "type": type(err).__name__,
+                "phase": err.phase,
+                "guest": err.guest,
+                "verify": report.ok,
+                "problems": report.problems,
+                "still_writing": guest.total_writes > writes or rate == 0,
+                "paused": guest.paused,
+                "events": events,
+            }
+        )
+        guest.close()
+        return
+    results.send(
+        {
+            "ok": True,
+            "done": done.as_dict(),
+            "events": events,
+            "frames": frames,
+            "memfds_left": mapped_memfds(),
+        }
+    )
+
+
+def destination(listen: str, results: Connection, fault: str = "") -> None:
+    """Receive one guest; check it; report. ``fault`` makes it fail at a named point."""
+    from pageflip.migration import destination as dest_module
+
+    dest = Destination(listen, timeout=30)
+    if fault == "kill-at-setup":
+        original_handshake = dest_module.Destination._handshake
+
+        def die_in_handshake(self: Destination) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dest_module.Destination._handshake = die_in_handshake  # type: ignore[method-assign]
+        del original_handshake
+    if fault in ("kill-mid-round", "close-mid-round"):
+        original_pull = dest_module.Destination._pull
+
+        def fail_in_pull(self: Destination, event: Any) -> None:
+            if fault == "kill-mid-round":
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.link.conn.close()
+            raise pf.PeerClosed("closed on purpose", phase="receiving")
+
+        dest_module.Destination._pull = fail_in_pull  # type: ignore[method-assign]
+        del original_pull
+    if fault == "kill-at-switchover":
+
+        def die_at_switchover(self: Destination, switchover: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dest_module.Destination._verify_and_resume = die_at_switchover  # type: ignore[method-assign]
+    try:
+        guest = dest.run()
+    except pf.MigrationError as err:
+        results.send(
+            {"ok": False, "error": str(err), "type": type(err).__name__, "phase": err.phase}
+        )
+        return
+    time.sleep(0.3)
+    report = guest.verify()
+    results.send(
+        {
+            "ok": True,
+            "verify": report.ok,
+            "problems": report.problems,
+            "status": guest.status(),
+            "frames": frames_sample(guest),
+            "done": dest.done,
+        }
+    )
+    guest.close()

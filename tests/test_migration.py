@@ -1,0 +1,259 @@
+"""Live migration between real processes: every mode, verified by the workload itself and by
+digests, and every failure before the commit point injected for real."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import migration_peers as peers
+from helpers import IS_ROOT
+
+MiB = 1 << 20
+
+
+class Run:
+    """A source process and a destination process, and what each reported."""
+
+    def __init__(self, spawn: Any, address: str) -> None:
+        self.spawn = spawn
+        self.address = address
+        self.src_reader, self.src_writer = spawn.Pipe(duplex=False)
+        self.dst_reader, self.dst_writer = spawn.Pipe(duplex=False)
+        self.procs: list[Any] = []
+
+    def start(
+        self,
+        *,
+        size: int = 16 * MiB,
+        rate: int = 32 * MiB,
+        options: dict[str, Any] | None = None,
+        source_fault: str = "",
+        destination_fault: str = "",
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        dst = self.spawn.Process(
+            target=peers.destination, args=(self.address, self.dst_writer, destination_fault)
+        )
+        dst.start()
+        self.procs.append(dst)
+        _wait_for_listener(self.address)
+        src = self.spawn.Process(
+            target=peers.source,
+            args=(self.address, size, rate, options or {}, self.src_writer, source_fault),
+        )
+        src.start()
+        self.procs.append(src)
+        source = _get(self.src_reader, src, 120)
+        dst.join(60)
+        destination = self.dst_reader.recv() if self.dst_reader.poll(5) else None
+        src.join(60)
+        return source, destination
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            proc.close()
+        for end in (self.src_reader, self.src_writer, self.dst_reader, self.dst_writer):
+            end.close()
+
+
+def _get(reader: Any, proc: Any, timeout: float) -> Any:
+    """The child's report; fails at once if the child died without one."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if reader.poll(0.5):
+            return reader.recv()
+        if not proc.is_alive():
+            if reader.poll(1):
+                return reader.recv()
+            raise AssertionError(f"{proc.name} died (exit {proc.exitcode}) without a report")
+    raise AssertionError(f"{proc.name} sent no report in {timeout} s")
+
+
+def _wait_for_listener(address: str) -> None:
+    import time
+
+    if address.startswith("tcp:"):
+        time.sleep(0.5)
+        return
+    for _ in range(600):
+        if os.path.exists(address):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nobody listens at {address}")
+
+
+@pytest.fixture
+def run(spawn: Any, tmp_path: Path) -> Iterator[Run]:
+    r = Run(spawn, str(tmp_path / "incoming.sock"))
+    yield r
+    r.close()
+
+
+def _kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event"] for e in events if e["event"] != "progress"]
+
+
+# -- the modes ------------------------------------------------------------------------------
+
+
+def test_flip_moves_every_page_and_the_workload_verifies(run: Run) -> None:
+    src, dst = run.start(options={"mode": "flip"})
+    assert src["ok"], src
+    done = src["done"]
+    assert done["mode"] == "flip" and done["digest"] == "identity"
+    assert done["pages_copied"] == 0 and done["pages_moved"] > 0
+    assert done["bytes_on_wire"] < 4096  # no memory on the wire
+    assert _kinds(src["events"]) == ["setup", "switchover", "resumed", "done"]
+    assert src["memfds_left"] == []  # the source holds no copy
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert dst["status"]["migrations"] == 1 and dst["status"]["problems"] == 0
+    if IS_ROOT:
+        assert dst["frames"] == src["frames"]  # the very same physical pages
+
+
+def test_precopy_copies_verifies_and_frees_the_source(run: Run) -> None:
+    src, dst = run.start(size=32 * MiB, rate=64 * MiB, options={"mode": "precopy"})
+    assert src["ok"], src
+    done = src["done"]
+    assert done["mode"] == "precopy" and done["digest"] == "verified"
+    assert done["pages_moved"] == 0 and done["pages_copied"] >= (32 * MiB) // 4096
+    kinds = _kinds(src["events"])
+    assert kinds[0] == "setup" and kinds[-3:] == ["switchover", "resumed", "done"]
+    assert "round" in kinds
+    assert src["memfds_left"] == []
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    if IS_ROOT:
+        assert not set(dst["frames"]) & set(src["frames"])  # copies, not the same frames
+
+
+def test_precopy_without_pull_sends_pages_and_zero_markers(run: Run) -> None:
+    src, dst = run.start(options={"mode": "precopy", "pull": False}, rate=0)
+    assert src["ok"], src
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    done = src["done"]
+    assert done["bytes_on_wire"] > 16 * MiB  # the pages travelled as bytes
+    assert done["pages_zero"] > 0  # the journal of a workload that never wrote is zeros
+
+
+def test_precopy_over_tcp_with_zstd(spawn: Any) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    r = Run(spawn, f"tcp:127.0.0.1:{port}")
+    try:
+        src, dst = r.start(options={"mode": "precopy", "compress": 3}, rate=16 * MiB)
+    finally:
+        r.close()
+    assert src["ok"], src
+    assert src["done"]["mode"] == "precopy"
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+
+
+def test_auto_mode_flips_locally(run: Run) -> None:
+    src, _ = run.start(options={"mode": "auto"}, rate=0)
+    assert src["ok"] and src["done"]["mode"] == "flip"
+
+
+def test_precopy_that_cannot_converge_is_forced_after_max_rounds(run: Run) -> None:
+    src, dst = run.start(
+        size=32 * MiB,
+        rate=256 * MiB,
+        # Rounds slowed to 64 MiB/s: each lasts long enough to be written to again.
+        options={
+            "mode": "precopy",
+            "downtime_limit": 1e-6,
+            "max_rounds": 3,
+            "max_bandwidth": 64 * MiB,
+        },
+    )
+    assert src["ok"], src
+    switch = [e for e in src["events"] if e["event"] == "switchover"]
+    assert switch and switch[0]["reason"] == "forced"
+    assert src["done"]["rounds"] == 4  # three rounds, then the final one while paused
+    assert dst is not None and dst["verify"], dst
+
+
+# -- failures before the commit point: the guest keeps running on the source ---------------
+
+
+def _source_kept_it(src: dict[str, Any], phase: str | None = None) -> None:
+    assert not src["ok"], src
+    assert src["guest"] == "source"
+    assert src["verify"], src["problems"]
+    assert src["still_writing"] and not src["paused"]
+    if phase is not None:
+        assert src["phase"] == phase, src
+
+
+@pytest.mark.parametrize(
+    ("fault", "mode", "phase"),
+    [
+        ("kill-at-setup", "precopy", "setup"),
+        ("kill-mid-round", "precopy", "precopy"),
+        ("close-mid-round", "precopy", "precopy"),
+        ("kill-at-switchover", "precopy", "switchover"),
+        ("kill-at-switchover", "flip", "switchover"),
+    ],
+)
+def test_destination_failures_leave_the_guest_on_the_source(
+    run: Run, fault: str, mode: str, phase: str
+) -> None:
+    src, dst = run.start(options={"mode": mode}, destination_fault=fault)
+    _source_kept_it(src, phase)
+    assert dst is None or not dst["ok"]
+    assert any(e["event"] == "failed" for e in src["events"])
+
+
+def test_corrupted_page_data_is_a_digest_mismatch(run: Run) -> None:
+    # No writes: a rewrite of the corrupted page would resend it and heal the copy.
+    src, dst = run.start(
+        rate=0, options={"mode": "precopy", "pull": False}, source_fault="corrupt-page-data"
+    )
+    _source_kept_it(src, "switchover")
+    assert dst is not None and dst["type"] == "DigestMismatch", dst
+    assert "hash to" in dst["error"]
+
+
+def test_a_corrupted_frame_is_refused(run: Run) -> None:
+    src, dst = run.start(options={"mode": "precopy"}, source_fault="corrupt-frame-header")
+    _source_kept_it(src)
+    assert dst is not None and not dst["ok"] and "magic" in dst["error"], dst
+
+
+def test_cancel_before_the_commit_point(run: Run) -> None:
+    src, dst = run.start(
+        size=32 * MiB,
+        rate=256 * MiB,
+        options={"mode": "precopy", "downtime_limit": 1e-6},
+        source_fault="cancel-after-round",
+    )
+    _source_kept_it(src, "precopy")
+    assert "cancelled" in src["error"]
+    assert dst is not None and not dst["ok"]
+
+
+def test_nobody_listening_fails_at_setup(spawn: Any, tmp_path: Path) -> None:
+    reader, writer = spawn.Pipe(duplex=False)
+    proc = spawn.Process(
+        target=peers.source,
+        args=(str(tmp_path / "nobody.sock"), 4 * MiB, 8 * MiB, {"mode": "flip"}, writer),
+    )
+    proc.start()
+    src = _get(reader, proc, 60)
+    proc.join(30)
+    proc.close()
+    reader.close()
+    writer.close()
+    _source_kept_it(src, "setup")

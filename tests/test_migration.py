@@ -257,3 +257,79 @@ def test_nobody_listening_fails_at_setup(spawn: Any, tmp_path: Path) -> None:
     reader.close()
     writer.close()
     _source_kept_it(src, "setup")
+
+
+# -- postcopy -------------------------------------------------------------------------------
+
+
+def _pagers() -> list[int]:
+    """Pager processes alive now (there must be none once a migration ended)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if b"pageflip.migration.pager" in f.read():
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def test_postcopy_runs_early_and_faults_pages_in(run: Run) -> None:
+    src, dst = run.start(size=32 * MiB, rate=64 * MiB, options={"mode": "postcopy"})
+    assert src["ok"], src
+    done = src["done"]
+    assert done["mode"] == "postcopy" and done["digest"] == "verified"
+    assert done["rounds"] == 0  # nothing before the switchover
+    details = done["details"]
+    assert details["digests"] == "verified"
+    assert details["requested"] + details["pushed"] > 0
+    assert details["faults"] >= details["requested"]
+    assert details["fault_p99_us"] >= details["fault_median_us"] >= 0
+    kinds = _kinds(src["events"])
+    assert kinds == ["setup", "switchover", "resumed", "postcopy", "done"]
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert src["memfds_left"] == []
+    assert _pagers() == []
+
+
+def test_postcopy_after_a_round_drops_stale_pages(run: Run) -> None:
+    src, dst = run.start(
+        size=32 * MiB, rate=128 * MiB, options={"mode": "postcopy", "postcopy_after_rounds": 1}
+    )
+    assert src["ok"], src
+    assert src["done"]["rounds"] == 1 and src["done"]["mode"] == "postcopy"
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert _pagers() == []
+
+
+def test_precopy_that_cannot_converge_falls_back_to_postcopy(run: Run) -> None:
+    src, dst = run.start(
+        size=32 * MiB,
+        rate=256 * MiB,
+        options={
+            "mode": "precopy",
+            "downtime_limit": 1e-6,
+            "max_rounds": 2,
+            "max_bandwidth": 64 * MiB,
+            "on_no_convergence": "postcopy",
+        },
+    )
+    assert src["ok"], src
+    switch = [e for e in src["events"] if e["event"] == "switchover"]
+    assert switch[0]["reason"] == "postcopy" and src["done"]["mode"] == "postcopy"
+    assert dst is not None and dst["verify"], dst
+    assert _pagers() == []
+
+
+def test_postcopy_destination_killed_before_resuming_leaves_the_guest_on_the_source(
+    run: Run,
+) -> None:
+    src, dst = run.start(options={"mode": "postcopy"}, destination_fault="kill-at-switchover")
+    _source_kept_it(src, "switchover")
+    assert dst is None
+    import time
+
+    time.sleep(1)  # the orphaned pager notices its destination died and exits
+    assert _pagers() == []

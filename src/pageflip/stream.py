@@ -44,6 +44,7 @@ checks that each frame is well formed)::
                                             <---- VERIFIED(ok, message)
                                             <---- RESUMED(resumed_at)
     mode POSTCOPY (the destination runs early, missing pages come on demand):
+      DISCARD(region, runs)                 ---->   (pages written after they were sent)
       SWITCHOVER(paused_at, [], state)      ---->
                                             <---- RESUMED(resumed_at)
                                             <---- REQUEST(region, first_page, count)
@@ -98,6 +99,7 @@ __all__ = [
     "Prepared",
     "Pages",
     "ZeroPages",
+    "DiscardPages",
     "PullPages",
     "RoundEnd",
     "RoundAck",
@@ -200,6 +202,7 @@ class FrameType(enum.IntEnum):
     DONE = 16
     ABORT = 17
     VERIFIED = 18
+    DISCARD = 19
 
 
 class Feature(enum.IntFlag):
@@ -385,6 +388,25 @@ class ZeroPages:
 
 
 @dataclass(slots=True, eq=False)
+class DiscardPages:
+    """DISCARD: postcopy: the destination's copies of these pages are stale (written after
+    they were sent); it drops them, so that the guest's first touch fetches them anew."""
+
+    region: int
+    round: int
+    runs: Runs
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DiscardPages):
+            return NotImplemented
+        return (self.region, self.round) == (other.region, other.round) and _same_runs(
+            self.runs, other.runs
+        )
+
+
+@dataclass(slots=True, eq=False)
 class PullPages:
     """PULL: the destination reads these pages itself, with process_vm_readv, at
     ``src_address + first * page_size`` in the source process (same host only)."""
@@ -514,6 +536,7 @@ Event: TypeAlias = (
     | Prepared
     | Pages
     | ZeroPages
+    | DiscardPages
     | PullPages
     | RoundEnd
     | RoundAck
@@ -535,6 +558,7 @@ _FRAME_OF: Final[dict[type[Any], FrameType]] = {
     Prepared: FrameType.PREPARED,
     Pages: FrameType.PAGES,
     ZeroPages: FrameType.ZERO,
+    DiscardPages: FrameType.DISCARD,
     PullPages: FrameType.PULL,
     RoundEnd: FrameType.ROUND_END,
     RoundAck: FrameType.ROUND_ACK,
@@ -588,6 +612,7 @@ _SHAPES: Final[dict[FrameType, _Shape]] = {
     FrameType.PAGES: _Shape(_PAGES_FIXED.size, MAX_PAYLOAD),
     FrameType.ZERO: _Shape(_RUNS_FIXED.size, MAX_PAYLOAD),
     FrameType.PULL: _Shape(_RUNS_FIXED.size, MAX_PAYLOAD),
+    FrameType.DISCARD: _Shape(_RUNS_FIXED.size, MAX_PAYLOAD),
     FrameType.ROUND_END: _Shape(_ROUND_END.size, _ROUND_END.size),
     FrameType.ROUND_ACK: _Shape(4, 4),
     FrameType.FLIP: _Shape(2, 2 + MAX_REGIONS * _FLIP_REGION.size, takes_fds=True),
@@ -793,6 +818,7 @@ class Encoder:
             FrameType.PAGES: self._pages,
             FrameType.ZERO: self._run_frame,
             FrameType.PULL: self._run_frame,
+            FrameType.DISCARD: self._run_frame,
             FrameType.ROUND_END: self._round_end,
             FrameType.ROUND_ACK: self._round_ack,
             FrameType.FLIP: self._flip,
@@ -924,7 +950,7 @@ class Encoder:
         w.put(body)
         return []
 
-    def _run_frame(self, w: _Writer, ev: ZeroPages | PullPages) -> list[int]:
+    def _run_frame(self, w: _Writer, ev: ZeroPages | PullPages | DiscardPages) -> list[int]:
         region = self._region(w, ev.region)
         w.uint(_U32, ev.round, "round")
         most = MAX_RUNS if self._regions is None else (MAX_PAYLOAD - 10) // _RUN_SIZE
@@ -1191,6 +1217,7 @@ class Decoder:
             FrameType.PAGES: self._pages,
             FrameType.ZERO: self._zero,
             FrameType.PULL: self._pull,
+            FrameType.DISCARD: self._discard,
             FrameType.ROUND_END: self._round_end,
             FrameType.ROUND_ACK: self._round_ack,
             FrameType.FLIP: self._flip,
@@ -1524,6 +1551,9 @@ class Decoder:
 
     def _pull(self, p: _Payload) -> PullPages:
         return PullPages(*self._run_frame(p))
+
+    def _discard(self, p: _Payload) -> DiscardPages:
+        return DiscardPages(*self._run_frame(p))
 
     def _round_end(self, p: _Payload) -> RoundEnd:
         rnd = p.uint(_U32, "round")

@@ -12,16 +12,23 @@ guest keeps running here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import select
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from .. import features, stream
-from .._sys import io, mm
-from .._sys.flags import Seal
+from .._sys import io, mm, uffd
+from .._sys.fds import close_all
+from .._sys.flags import Seal, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
 from ..errors import (
     DigestMismatch,
@@ -35,8 +42,16 @@ from ..guests import Guest, guest_class
 from ..memory import Memfd, Region
 from ..transport import Address, Listener
 from .digests import PageDigests, sample_digest
-from .events import DoneEvent, FailedEvent, MigrationEvent, ResumedEvent, SetupEvent
+from .events import (
+    DoneEvent,
+    FailedEvent,
+    MigrationEvent,
+    PostcopyEvent,
+    ResumedEvent,
+    SetupEvent,
+)
 from .link import Link
+from .pager import PagerLink
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
@@ -75,7 +90,12 @@ class Destination:
         self._setup: stream.Setup | None = None
         self._guest: Guest | None = None
         self._start = 0.0
+        self._pager: PagerLink | None = None
+        self._pager_proc: subprocess.Popen[bytes] | None = None
+        self._uffd = -1
         self.done: dict[str, object] | None = None
+        #: The pager's report after a postcopy (fault times, pages, digests).
+        self.postcopy: dict[str, Any] | None = None
 
     @property
     def phase(self) -> DestinationPhase:
@@ -126,6 +146,7 @@ class Destination:
     def _failed(self, err: BaseException) -> MigrationError:
         """Nothing ran here: drop what arrived, tell the source, report."""
         phase = self.phase.value
+        self._stop_pager()
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()
@@ -192,7 +213,13 @@ class Destination:
         self._setup = setup
         mode = stream.Mode(setup.mode)
         if mode is stream.Mode.POSTCOPY:
-            raise MigrationError("postcopy is not implemented yet", phase="setup", guest="source")
+            if stream.Feature.POSTCOPY not in shared or stream.Feature.PULL not in shared:
+                raise MigrationError(
+                    "postcopy needs userfaultfd here and the source on this host",
+                    phase="setup",
+                    guest="source",
+                )
+            self._start_pager()
         if mode is not stream.Mode.FLIP:
             if stream.Feature.PULL in shared and setup.src_pid != link.peer_pid():
                 raise RemoteProtocolError(
@@ -232,6 +259,8 @@ class Destination:
                 self._write(event)
             elif isinstance(event, stream.ZeroPages):
                 self._zero(event)
+            elif isinstance(event, stream.DiscardPages):
+                self._discard(event)
             elif isinstance(event, stream.RoundEnd):
                 link.send(stream.RoundAck(event.round), "receiving")
             elif isinstance(event, stream.Flip):
@@ -297,6 +326,145 @@ class Destination:
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
         digests.set_zero(event.runs)
 
+    def _discard(self, event: stream.DiscardPages) -> None:
+        """Postcopy: these pages changed after they were sent; drop ours (the pager fetches
+        them again when they are touched or in its sweep)."""
+        region, _ = self._region(event.region)
+        self._check_runs(region, event.runs)
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        for first, count in event.runs.tolist():
+            mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
+
+    # -- postcopy -------------------------------------------------------------------------
+
+    def _start_pager(self) -> None:
+        """Start the pager process now, so that it is ready long before the switchover."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._pager_proc = subprocess.Popen(
+                [sys.executable, "-m", "pageflip.migration.pager", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        self._pager = PagerLink(ours)
+        message, fds = self._pager.recv(timeout=self.timeout)
+        close_all(fds)
+        if not message.get("ready"):
+            raise MigrationError("the pager did not start", phase="setup", guest="source")
+
+    def _stop_pager(self) -> None:
+        pager, self._pager = self._pager, None
+        proc, self._pager_proc = self._pager_proc, None
+        if pager is not None:
+            with contextlib.suppress(Exception):
+                pager.send({"exit": True})
+            pager.close()
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._uffd >= 0:
+            os.close(self._uffd)
+            self._uffd = -1
+
+    def _hand_to_pager(self) -> None:
+        """Register every region for missing-page faults and give the uffd to the pager."""
+        assert self._pager is not None and self._setup is not None
+        fd = uffd.userfaultfd()
+        self._uffd = fd
+        uffd.api(fd, UffdFeature.MISSING_SHMEM)
+        memfds = []
+        layout = []
+        for region, info in zip(self._regions, self._setup.regions, strict=True):
+            uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
+            (extent,) = region.extents()
+            assert extent.memfd is not None
+            memfds.append(extent.memfd.fd)
+            layout.append(
+                {
+                    "guest_address": region.address,
+                    "size": region.size,
+                    "src_address": info.src_address,
+                }
+            )
+        self._pager.send(
+            {"start": {"src_pid": self._setup.src_pid, "regions": layout}}, [fd, *memfds]
+        )
+
+    def _postcopy_wait(self, guest: Guest) -> None:
+        """Running: follow the pager until every page is here, then check every digest."""
+        assert self._pager is not None
+        link = self.link
+        theirs: list[int] | None = None
+        report: dict[str, Any] | None = None
+        while theirs is None or report is None:
+            pager_fd = self._pager.sock.fileno()
+            ready, _, _ = select.select([link.conn.fileno(), pager_fd], [], [], 1.0)
+            if pager_fd in ready or self._pager.ready():
+                message, fds = self._pager.recv()
+                close_all(fds)
+                if "progress" in message:
+                    progress = message["progress"]
+                    self._emit(
+                        PostcopyEvent(
+                            self._t(),
+                            pushed_pages=int(progress["pushed"]),
+                            requested_pages=int(progress["requested"]),
+                            remaining_pages=int(progress["remaining"]),
+                        )
+                    )
+                elif "complete" in message:
+                    report = dict(message["complete"])
+                elif "error" in message:
+                    raise MigrationError(
+                        f"the pager failed: {message['error']}", phase="postcopy", guest="lost"
+                    )
+            if link.conn.fileno() in ready or link.decoder.buffered:
+                event = link.poll("postcopy")
+                if isinstance(event, stream.PostcopyEnd):
+                    theirs = list(event.digests)
+                elif isinstance(event, stream.Abort):
+                    raise PeerAborted(
+                        f"the source gave up in {event.phase}: {event.reason}",
+                        phase=event.phase,
+                        reason=event.reason,
+                    )
+                elif event is not None:
+                    raise RemoteProtocolError(
+                        f"unexpected {type(event).__name__.upper()} in postcopy",
+                        frame=type(event).__name__.upper(),
+                    )
+        ours = self._merged_digests()
+        bad = [
+            self._setup.regions[i].name  # type: ignore[union-attr]
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+            if a != b
+        ]
+        self._stop_pager()
+        report["digests"] = "mismatch in " + ", ".join(bad) if bad else "verified"
+        link.send(stream.Verified(ok=not bad, message=json.dumps(report)), "postcopy")
+        self.postcopy = report
+        if bad:
+            log.error("postcopy: pages of %s differ from the source's", ", ".join(bad))
+
+    def _merged_digests(self) -> list[int]:
+        """Our digests (pages that came in rounds) merged with the pager's (the rest)."""
+        assert self._pager is not None
+        memfd = mm.memfd_create("pageflip:digests")
+        try:
+            arrays = [d.digests for d in self._digests]
+            os.pwrite(memfd, b"".join(a.tobytes() for a in arrays), 0)
+            self._pager.send({"digests": True}, [memfd])
+        finally:
+            os.close(memfd)
+        message, fds = self._pager.recv(timeout=self.timeout)
+        close_all(fds)
+        return [int(d, 16) for d in message["digests"]]
+
     def _map_flip(self, event: stream.Flip) -> None:
         assert self._setup is not None
         infos = self._setup.regions
@@ -347,6 +515,10 @@ class Destination:
 
     def _verify_and_resume(self, switchover: stream.Switchover) -> Guest:
         assert self._setup is not None
+        if self._pager is not None and not switchover.digests:
+            return self._resume_postcopy(switchover)
+        if self._pager is not None:
+            self._stop_pager()  # the precopy converged: no postcopy after all
         if len(switchover.digests) != len(self._regions):
             raise RemoteProtocolError(
                 "SWITCHOVER digests do not match the regions", frame="SWITCHOVER"
@@ -383,9 +555,35 @@ class Destination:
         self._emit(ResumedEvent(self._t(), downtime=resumed_at - switchover.paused_at))
         return guest
 
+    def _resume_postcopy(self, switchover: stream.Switchover) -> Guest:
+        """Run the guest now; the pager fills its missing pages as it touches them."""
+        self._hand_to_pager()
+        for digests in self._digests:
+            digests.release_view()
+        guest = self._guest_class.restore(list(self._regions), switchover.state)
+        self._regions = []
+        resumed_at = guest.resume()
+        self._guest = guest
+        self._phases.advance(DestinationPhase.POSTCOPY)
+        self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
+        self._emit(ResumedEvent(self._t(), downtime=resumed_at - switchover.paused_at))
+        return guest
+
     def _after_resume(self, guest: Guest) -> None:
         """Wait for the source to let go: DONE (normal), ABORT (it took the guest back)."""
         link = self.link
+        if self.phase is DestinationPhase.POSTCOPY:
+            try:
+                self._postcopy_wait(guest)
+            except BaseException:
+                # The guest runs here on pages that may never come: nothing to take back.
+                log.exception("postcopy failed after the guest resumed here")
+                self._stop_pager()
+                link.close()
+                raise
+            finally:
+                self._digests = []
+            self._phases.advance(DestinationPhase.RUNNING)
         try:
             event = link.recv("running", self.timeout)
         except (PeerClosed, OSError, PageflipError) as err:

@@ -54,6 +54,10 @@ class PageDigests:
     def release(self) -> None:
         self.view.release()
 
+    def release_view(self) -> None:
+        """Stop reading memory (the digests stay): the region may be handed on now."""
+        self.view.release()
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF

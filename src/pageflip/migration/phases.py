@@ -43,7 +43,7 @@ SOURCE_TRANSITIONS: Mapping[SourcePhase, frozenset[SourcePhase]] = {
     _S.SETUP: frozenset({_S.PRECOPY, _S.SWITCHOVER, _S.FAILED}),
     _S.PRECOPY: frozenset({_S.SWITCHOVER, _S.FAILED}),
     _S.SWITCHOVER: frozenset({_S.POSTCOPY, _S.COMMITTED, _S.FAILED}),
-    _S.POSTCOPY: frozenset({_S.DONE}),
+    _S.POSTCOPY: frozenset({_S.DONE, _S.FAILED}),
     _S.COMMITTED: frozenset({_S.DONE}),
     _S.DONE: frozenset(),
     _S.FAILED: frozenset(),

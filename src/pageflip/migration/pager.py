@@ -1,0 +1,346 @@
+"""The postcopy pager: a process of its own that fills the guest's missing pages.
+
+After a postcopy switchover the destination runs the guest before all of its memory has
+arrived. Each region is registered with a userfaultfd in MISSING mode: a thread that touches
+a page that is not there yet sleeps in the kernel until someone installs the page. That
+someone must not need the faulting process's GIL (the faulting thread may hold it), so it
+is this separate process, holding the uffd (passed over SCM_RIGHTS), as Firecracker's page
+fault handler does.
+
+The pager reads pages straight out of the paused source process (process_vm_readv, same
+host) and installs them atomically with UFFDIO_COPY: first the page a fault asks for (and a
+few after it), between those the rest in order, until every page is there. It hashes every
+page it installs (xxh3), so that the destination can check the whole memory against the
+source's digests at the end, and it times each fault it serves.
+
+Run as ``python -m pageflip.migration.pager FD`` where FD is one end of a Unix socket pair;
+the conversation on it is JSON lines with fds attached (see :class:`PagerLink`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from .._sys import fds as _fds
+from .._sys import io, mm, uffd
+from .._sys.flags import Map, Prot, UffdCopyMode
+from .._sys.mm import PAGE_SIZE
+from ..errors import PeerClosed, RemoteProtocolError
+
+log = logging.getLogger("pageflip.pager")
+
+#: Pages installed per background step; a fault waits at most about one step.
+STEP_PAGES = 64
+#: Pages after a faulting one installed with it (most guests read on).
+FAULT_AHEAD = 15
+SEEK_DATA = 3
+SEEK_HOLE = 4
+
+
+class PagerLink:
+    """JSON lines with fds over a Unix socket: between the destination and its pager."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._fds: list[int] = []
+
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        sent = _fds.sendmsg(self.sock, data, fds)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
+        """The next message and the fds that came with it (PeerClosed at EOF)."""
+        while b"\n" not in self._buf:
+            if timeout is not None:
+                ready, _, _ = select.select([self.sock], [], [], timeout)
+                if not ready:
+                    raise TimeoutError("the pager link was silent")
+            view = memoryview(bytearray(1 << 16))
+            n, fds = _fds.recvmsg_into(self.sock, view)
+            self._fds.extend(fds)
+            if n == 0:
+                raise PeerClosed("the other end of the pager link went away", phase="postcopy")
+            self._buf += view[:n]
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise RemoteProtocolError("a pager message is not a JSON object", frame="pager")
+        fds, self._fds = self._fds, []
+        return message, fds
+
+    def ready(self) -> bool:
+        return b"\n" in self._buf or bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self) -> None:
+        _fds.close_all(self._fds)
+        self.sock.close()
+
+
+@dataclass
+class PagerRegion:
+    """One registered region, as the pager sees it."""
+
+    guest_address: int  # in the destination (guest) process
+    src_address: int  # in the source process
+    npages: int
+    filled: npt.NDArray[np.bool_]
+    digests: npt.NDArray[np.uint64]
+    cursor: int = 0  # next page the background fill looks at
+
+    def __post_init__(self) -> None:
+        #: The pages that were there before the pager started (precopy rounds).
+        self.initial = self.filled.copy()
+
+    @property
+    def end(self) -> int:
+        return self.guest_address + self.npages * PAGE_SIZE
+
+
+def present_pages(memfd: int, npages: int) -> npt.NDArray[np.bool_]:
+    """Which pages of a memfd hold data (SEEK_DATA / SEEK_HOLE), without touching them."""
+    present = np.zeros(npages, np.bool_)
+    size = npages * PAGE_SIZE
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(memfd, pos, SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        hole = min(os.lseek(memfd, data, SEEK_HOLE), size)
+        present[data // PAGE_SIZE : (hole + PAGE_SIZE - 1) // PAGE_SIZE] = True
+        pos = hole
+    return present
+
+
+class Pager:
+    """Fill every missing page of ``regions`` from process ``src_pid``, faults first."""
+
+    def __init__(self, uffd_fd: int, src_pid: int, regions: list[PagerRegion]) -> None:
+        self.uffd = uffd_fd
+        self.src_pid = src_pid
+        self.regions = regions
+        self._buffer_size = max(STEP_PAGES, FAULT_AHEAD + 1) * PAGE_SIZE
+        self._buffer = mm.mmap(
+            None, self._buffer_size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS
+        )
+        self._view = memoryview(
+            (ctypes.c_char * self._buffer_size).from_address(self._buffer)
+        ).cast("B")
+        self.fault_times: list[float] = []
+        self.requested = 0
+        self.pushed = 0
+        self.started = time.monotonic()
+
+    @property
+    def remaining(self) -> int:
+        return sum(int(r.npages - np.count_nonzero(r.filled)) for r in self.regions)
+
+    def close(self) -> None:
+        self._view.release()
+        mm.munmap(self._buffer, self._buffer_size)
+
+    def _region_of(self, address: int) -> tuple[PagerRegion, int] | None:
+        for region in self.regions:
+            if region.guest_address <= address < region.end:
+                return region, (address - region.guest_address) // PAGE_SIZE
+        return None
+
+    def _install(self, region: PagerRegion, first: int, count: int) -> None:
+        """Read ``count`` pages from the source and UFFDIO_COPY them in (all missing)."""
+        nbytes = count * PAGE_SIZE
+        local = io.iovecs([(self._buffer, nbytes)])
+        remote = io.iovecs([(region.src_address + first * PAGE_SIZE, nbytes)])
+        if io.pull_remote(self.src_pid, local, remote) != nbytes:
+            raise PeerClosed(
+                "the source process is gone: its pages cannot be read", phase="postcopy"
+            )
+        h = xxhash.xxh3_64_intdigest
+        view = self._view
+        region.digests[first : first + count] = np.fromiter(
+            (h(view[o : o + PAGE_SIZE]) for o in range(0, nbytes, PAGE_SIZE)), np.uint64, count
+        )
+        dst = region.guest_address + first * PAGE_SIZE
+        done = 0
+        while done < nbytes:
+            try:
+                done += uffd.copy(
+                    self.uffd, dst + done, self._buffer + done, nbytes - done, UffdCopyMode.NONE
+                )
+            except FileExistsError:
+                # Present already (it cannot be, as we are the only filler): skip that page.
+                done += PAGE_SIZE
+            except BlockingIOError:
+                continue  # EAGAIN: the range is changing (e.g. being unmapped); try again
+        region.filled[first : first + count] = True
+
+    def _missing_run(self, region: PagerRegion, start: int, limit: int) -> tuple[int, int] | None:
+        """The first run of missing pages at or after ``start``, at most ``limit`` long."""
+        missing = np.flatnonzero(~region.filled[start:])
+        if not len(missing):
+            return None
+        first = start + int(missing[0])
+        stop = first + 1
+        end = min(first + limit, region.npages)
+        while stop < end and not region.filled[stop]:
+            stop += 1
+        return first, stop - first
+
+    def serve_faults(self) -> int:
+        """Serve every fault waiting now; returns how many."""
+        msgs = uffd.read_messages(self.uffd, 64)
+        for msg in msgs:
+            started = time.perf_counter()
+            found = self._region_of(int(msg["address"]))
+            if found is None:
+                continue
+            region, page = found
+            if region.filled[page]:
+                uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
+            else:
+                run = self._missing_run(region, page, FAULT_AHEAD + 1)
+                assert run is not None
+                self._install(region, *run)
+                self.requested += 1
+            self.fault_times.append(time.perf_counter() - started)
+        return len(msgs)
+
+    def step(self) -> bool:
+        """Install the next few missing pages in order; False when none are left."""
+        for region in self.regions:
+            run = self._missing_run(region, region.cursor, STEP_PAGES)
+            if run is None:
+                region.cursor = region.npages
+                continue
+            self._install(region, *run)
+            self.pushed += run[1]
+            region.cursor = run[0] + run[1]
+            return True
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        times = np.array(self.fault_times) * 1e6
+        return {
+            "seconds": time.monotonic() - self.started,
+            "faults": len(self.fault_times),
+            "requested": self.requested,
+            "pushed": self.pushed,
+            "fault_median_us": float(np.median(times)) if len(times) else 0.0,
+            "fault_p99_us": float(np.percentile(times, 99)) if len(times) else 0.0,
+            "fault_max_us": float(times.max()) if len(times) else 0.0,
+        }
+
+
+def run(link: PagerLink) -> None:
+    """The pager process: wait for the start message, fill everything, report, exit."""
+    link.send({"ready": True, "pid": os.getpid()})
+    message, fds = link.recv()
+    if "start" not in message:
+        _fds.close_all(fds)
+        return
+    start = message["start"]
+    uffd_fd, *memfds = fds
+    regions = []
+    for info, memfd in zip(start["regions"], memfds, strict=True):
+        npages = info["size"] // PAGE_SIZE
+        regions.append(
+            PagerRegion(
+                guest_address=info["guest_address"],
+                src_address=info["src_address"],
+                npages=npages,
+                filled=present_pages(memfd, npages),
+                digests=np.zeros(npages, np.uint64),
+            )
+        )
+        os.close(memfd)
+    pager = Pager(uffd_fd, start["src_pid"], regions)
+    last = 0.0
+    try:
+        while True:
+            pager.serve_faults()
+            more = pager.step()
+            now = time.monotonic()
+            if now - last > 0.1 or not more:
+                last = now
+                link.send(
+                    {
+                        "progress": {
+                            "remaining": pager.remaining,
+                            "pushed": pager.pushed,
+                            "requested": pager.requested,
+                        }
+                    }
+                )
+            if not more:
+                break
+        report = pager.stats()
+        link.send({"complete": report})
+        # The destination merges digests: it sends the ones it kept, gets ours back.
+        message, fds = link.recv()
+        if "digests" in message:
+            (digest_fd,) = fds
+            merged = _merge_digests(pager, digest_fd)
+            link.send({"digests": [f"{d:016x}" for d in merged]})
+        else:
+            _fds.close_all(fds)
+        link.recv(timeout=60)  # "exit"
+    except (PeerClosed, TimeoutError):
+        pass
+    finally:
+        pager.close()
+        os.close(uffd_fd)
+
+
+def _merge_digests(pager: Pager, digest_fd: int) -> list[int]:
+    """Region digests: ours for the pages we installed, the destination's for the rest."""
+    try:
+        total = sum(r.npages for r in pager.regions) * 8
+        raw = os.pread(digest_fd, total, 0)
+    finally:
+        os.close(digest_fd)
+    theirs = np.frombuffer(raw, np.uint64)
+    out = []
+    offset = 0
+    for region in pager.regions:
+        kept = theirs[offset : offset + region.npages]
+        merged = np.where(region.initial, kept, region.digests)
+        out.append(xxhash.xxh3_64_intdigest(merged.tobytes()))
+        offset += region.npages
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(args[0]))
+    link = PagerLink(sock)
+    try:
+        run(link)
+    except Exception:
+        log.exception("the pager failed")
+        with contextlib.suppress(Exception):
+            link.send({"error": "the pager failed; see its log"})
+        return 1
+    finally:
+        link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

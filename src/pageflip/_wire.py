@@ -15,8 +15,9 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from ._sys.fds import MAX_FDS, close_all
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -169,6 +170,10 @@ def encode(frame: Frame) -> tuple[bytes, list[int]]:
     return HEADER.pack(MAGIC, VERSION, kind, len(fds), len(payload)) + payload, list(fds)
 
 
+_TYPES = {t.value: t for t in FrameType}
+_KNOWN_OFFER_FLAGS = int(OfferFlags.GIFT | OfferFlags.PEER_READ)
+
+
 class Decoder:
     """Feed it bytes and fds as they arrive; take frames out with :meth:`next_frame`.
 
@@ -217,109 +222,124 @@ class Decoder:
         """The next whole frame, or None until more bytes arrive."""
         if self._broken is not None:
             raise self._broken
-        if len(self._buf) < HEADER.size:
+        buf = self._buf
+        if len(buf) < HEADER.size:
             return None
-        magic, version, kind, nfds, length = HEADER.unpack_from(self._buf)
+        magic, version, kind, nfds, length = HEADER.unpack_from(buf)
         if magic != MAGIC:
             raise self._error(f"magic {bytes(magic)!r}, expected {MAGIC!r}", "header")
         if version != VERSION:
             raise self._error(f"version {version}, expected {VERSION}", "header", 4)
-        try:
-            ftype = FrameType(kind)
-        except ValueError:
-            raise self._error(f"unknown frame type {kind}", "header", 5) from None
+        ftype = _TYPES.get(kind)
+        if ftype is None:
+            raise self._error(f"unknown frame type {kind}", "header", 5)
         if nfds > MAX_FDS:
             raise self._error(f"{nfds} fds, at most {MAX_FDS}", ftype.name, 6)
         if length > MAX_PAYLOAD:
             raise self._error(f"payload of {length} bytes, at most {MAX_PAYLOAD}", ftype.name, 8)
-        if len(self._buf) < HEADER.size + length:
+        end = HEADER.size + length
+        if len(buf) < end:
             return None
         if len(self._fds) < nfds:
             raise self._error(f"announces {nfds} fds, {len(self._fds)} arrived", ftype.name, 6)
-        payload = bytes(self._buf[HEADER.size : HEADER.size + length])
+        payload = bytes(buf[HEADER.size : end])
         fds = [self._fds.popleft() for _ in range(nfds)]
         try:
-            frame = self._parse(ftype, payload, fds)
+            frame = self._parsers[ftype](self, payload, fds)
         except BaseException:
             close_all(fds)
             raise
-        del self._buf[: HEADER.size + length]
-        self._offset += HEADER.size + length
+        del buf[:end]
+        self._offset += end
         return frame
 
-    def _parse(self, ftype: FrameType, payload: bytes, fds: list[int]) -> Frame:
-        name = ftype.name
+    # -- one parser per frame type: payload and fds in, frame out ------------------------
+
+    def _exact(self, payload: bytes, size: int, name: str) -> None:
+        if len(payload) != size:
+            raise self._error(
+                f"payload of {len(payload)} bytes, expected {size}", name, HEADER.size
+            )
+
+    def _need(self, payload: bytes, size: int, name: str) -> None:
+        if len(payload) < size:
+            raise self._error(f"payload of {len(payload)} bytes, needs {size}", name, HEADER.size)
+
+    def _no_fds(self, fds: list[int], name: str) -> None:
+        if fds:
+            raise self._error(f"carries {len(fds)} fds, expected none", name, 6)
+
+    def _hello(self, payload: bytes, fds: list[int]) -> Frame:
+        self._exact(payload, _HELLO.size, "HELLO")
+        self._no_fds(fds, "HELLO")
+        version, page_size = _HELLO.unpack(payload)
+        return Hello(page_size=page_size, version=version)
+
+    def _offer(self, payload: bytes, fds: list[int]) -> Frame:
         at = HEADER.size
+        self._need(payload, _OFFER.size, "OFFER")
+        flags, _, name_len, nspans, nbytes = _OFFER.unpack_from(payload)
+        if flags & ~_KNOWN_OFFER_FLAGS:
+            raise self._error(f"unknown flags {flags:#x}", "OFFER", at)
+        if nspans > MAX_SPANS:
+            raise self._error(f"{nspans} spans, at most {MAX_SPANS}", "OFFER", at)
+        self._exact(payload, _OFFER.size + name_len + nspans * SPAN.size, "OFFER")
+        try:
+            label = payload[_OFFER.size : _OFFER.size + name_len].decode()
+        except UnicodeDecodeError:
+            raise self._error("name is not UTF-8", "OFFER", at + _OFFER.size) from None
+        rows = SPAN.iter_unpack(payload[_OFFER.size + name_len :])
+        spans = [SpanRow._make(row) for row in rows]
+        self._check_spans(spans, nbytes, len(fds), at + _OFFER.size + name_len)
+        return Offer(OfferFlags(flags), nbytes, label, spans, fds)
 
-        def need(size: int) -> None:
-            if len(payload) < size:
-                raise self._error(f"payload of {len(payload)} bytes, needs {size}", name, at)
+    def _pull(self, payload: bytes, fds: list[int]) -> Frame:
+        self._exact(payload, _PULL.size, "PULL")
+        self._no_fds(fds, "PULL")
+        (method,) = _PULL.unpack(payload)
+        try:
+            return Pull(PullMethod(method))
+        except ValueError:
+            raise self._error(f"unknown method {method}", "PULL", HEADER.size) from None
 
-        def exact(size: int) -> None:
-            if len(payload) != size:
-                raise self._error(f"payload of {len(payload)} bytes, expected {size}", name, at)
+    def _pipe(self, payload: bytes, fds: list[int]) -> Frame:
+        self._exact(payload, 0, "PIPE")
+        if len(fds) != 1:
+            raise self._error(f"carries {len(fds)} fds, expected 1", "PIPE", 6)
+        return Pipe(fds)
 
-        def no_fds() -> None:
-            if fds:
-                raise self._error(f"carries {len(fds)} fds, expected none", name, 6)
+    def _done(self, payload: bytes, fds: list[int]) -> Frame:
+        self._need(payload, _DONE.size, "DONE")
+        self._no_fds(fds, "DONE")
+        nbytes, moved, copied, mlen, rlen = _DONE.unpack_from(payload)
+        self._exact(payload, _DONE.size + mlen + rlen, "DONE")
+        if mlen > MAX_TEXT or rlen > MAX_TEXT:
+            raise self._error("method or reason too long", "DONE", HEADER.size)
+        text = payload[_DONE.size :]
+        try:
+            method, reason = text[:mlen].decode(), text[mlen:].decode()
+        except UnicodeDecodeError:
+            raise self._error("text is not UTF-8", "DONE", HEADER.size + _DONE.size) from None
+        return Done(nbytes, moved, copied, method, reason)
 
-        if ftype is FrameType.HELLO:
-            exact(_HELLO.size)
-            no_fds()
-            version, page_size = _HELLO.unpack(payload)
-            return Hello(page_size=page_size, version=version)
-        if ftype is FrameType.OFFER:
-            need(_OFFER.size)
-            flags, _, name_len, nspans, nbytes = _OFFER.unpack_from(payload)
-            if flags & ~int(OfferFlags.GIFT | OfferFlags.PEER_READ):
-                raise self._error(f"unknown flags {flags:#x}", name, at)
-            if nspans > MAX_SPANS:
-                raise self._error(f"{nspans} spans, at most {MAX_SPANS}", name, at)
-            exact(_OFFER.size + name_len + nspans * SPAN.size)
-            try:
-                label = payload[_OFFER.size : _OFFER.size + name_len].decode()
-            except UnicodeDecodeError:
-                raise self._error("name is not UTF-8", name, at + _OFFER.size) from None
-            spans = [
-                SpanRow._make(row) for row in SPAN.iter_unpack(payload[_OFFER.size + name_len :])
-            ]
-            self._check_spans(spans, nbytes, len(fds), at + _OFFER.size + name_len)
-            return Offer(OfferFlags(flags), nbytes, label, spans, fds)
-        if ftype is FrameType.PULL:
-            exact(_PULL.size)
-            no_fds()
-            (method,) = _PULL.unpack(payload)
-            try:
-                return Pull(PullMethod(method))
-            except ValueError:
-                raise self._error(f"unknown method {method}", name, at) from None
-        if ftype is FrameType.PIPE:
-            exact(0)
-            if len(fds) != 1:
-                raise self._error(f"carries {len(fds)} fds, expected 1", name, 6)
-            return Pipe(fds)
-        if ftype is FrameType.DONE:
-            need(_DONE.size)
-            no_fds()
-            nbytes, moved, copied, mlen, rlen = _DONE.unpack_from(payload)
-            exact(_DONE.size + mlen + rlen)
-            if mlen > MAX_TEXT or rlen > MAX_TEXT:
-                raise self._error("method or reason too long", name, at)
-            text = payload[_DONE.size :]
-            try:
-                method, reason = text[:mlen].decode(), text[mlen:].decode()
-            except UnicodeDecodeError:
-                raise self._error("text is not UTF-8", name, at + _DONE.size) from None
-            return Done(nbytes, moved, copied, method, reason)
-        # REFUSE
-        need(_REFUSE.size)
-        no_fds()
+    def _refuse(self, payload: bytes, fds: list[int]) -> Frame:
+        self._need(payload, _REFUSE.size, "REFUSE")
+        self._no_fds(fds, "REFUSE")
         (rlen,) = _REFUSE.unpack_from(payload)
-        exact(_REFUSE.size + rlen)
+        self._exact(payload, _REFUSE.size + rlen, "REFUSE")
         try:
             return Refuse(payload[_REFUSE.size :].decode())
         except UnicodeDecodeError:
-            raise self._error("reason is not UTF-8", name, at + _REFUSE.size) from None
+            raise self._error("reason is not UTF-8", "REFUSE", HEADER.size + _REFUSE.size) from None
+
+    _parsers: ClassVar[dict[FrameType, Callable[[Decoder, bytes, list[int]], Frame]]] = {
+        FrameType.HELLO: _hello,
+        FrameType.OFFER: _offer,
+        FrameType.PULL: _pull,
+        FrameType.PIPE: _pipe,
+        FrameType.DONE: _done,
+        FrameType.REFUSE: _refuse,
+    }
 
     def _check_spans(self, spans: list[SpanRow], nbytes: int, nfds: int, at: int) -> None:
         if not spans:

@@ -76,6 +76,11 @@ log = logging.getLogger("pageflip.channel")
 CopyMethod = Literal["auto", "process_vm_readv", "vmsplice", "stream"]
 _COPY_METHODS = ("auto", "process_vm_readv", "vmsplice", "stream")
 
+_SHRINK = int(Seal.SHRINK)
+_GIFT = int(OfferFlags.GIFT)
+_PEER_READ = int(OfferFlags.PEER_READ)
+_NO_WRITES = int(Seal.WRITE | Seal.FUTURE_WRITE)
+
 #: Pipe capacity asked for on the vmsplice path (root may exceed pipe-max-size).
 PIPE_SIZE = 1 << 20
 
@@ -84,6 +89,8 @@ PIPE_SIZE = 1 << 20
 class Transfer:
     """What one gift, send, receive or receive_into did.
 
+    ``seconds`` is the writer's whole call (until the reader answered) and, on the reader,
+    the time from the writer's offer to the data being in place (not the wait for it).
     ``method`` is ``"move"`` when every page moved, else the copy method (``"pread"`` from
     a gifted memfd, ``"process_vm_readv"``, ``"vmsplice"``, ``"stream"``), joined with ``+``
     when a transfer mixed them. ``reason`` says in words which rule made it copy (None for a
@@ -636,14 +643,14 @@ class Channel:
         _check_copy_method(copy_method)
         with self._lock:
             self._check_usable()
-            start = time.perf_counter()
             offer = self._next_offer()
+            start = time.perf_counter()  # the transfer, not the wait for the writer
             label = name or offer.name
             region: Region | None = None
             try:
                 self._check_memfds(offer)
                 all_fds = all(row.fd_index >= 0 for row in offer.spans)
-                gift = bool(offer.flags & OfferFlags.GIFT)
+                gift = bool(offer.flags & _GIFT)
                 if move and gift and all_fds and self._aligned(offer):
                     region = self._map_offer(offer, label)
                     if populate:
@@ -678,8 +685,8 @@ class Channel:
         targets = _targets(buffer)
         with self._lock:
             self._check_usable()
-            start = time.perf_counter()
             offer = self._next_offer()
+            start = time.perf_counter()  # the transfer, not the wait for the writer
             try:
                 self._check_memfds(offer)
                 return self._take(offer, targets, start, copy_method, move)
@@ -696,7 +703,7 @@ class Channel:
                     frame=type(frame).__name__.upper(),
                 )
             )
-        if not frame.flags & OfferFlags.GIFT and frame.fds:
+        if not frame.flags & _GIFT and frame.fds:
             close_all(frame.fds)
             raise self._refuse(RemoteProtocolError("a send() offer carries memfds", frame="OFFER"))
         return frame
@@ -722,13 +729,13 @@ class Channel:
         """Refuse fds that are not memfds sealed against shrinking, or too small."""
         for i, fd in enumerate(offer.fds):
             try:
-                seals = mm.get_seals(fd)
+                seals = mm.seal_bits(fd)
                 size = mm.fstat_size(fd)
             except OSError:
                 raise self._refuse(
                     RemoteProtocolError(f"fd {i} of the offer is not a memfd", frame="OFFER")
                 ) from None
-            if not seals & Seal.SHRINK:
+            if not seals & _SHRINK:
                 raise self._refuse(
                     RemoteProtocolError(
                         f"memfd {i} of the offer is not sealed against shrinking "
@@ -736,7 +743,7 @@ class Channel:
                         frame="OFFER",
                     )
                 )
-            if seals & (Seal.WRITE | Seal.FUTURE_WRITE):
+            if seals & _NO_WRITES:
                 raise self._refuse(
                     RemoteProtocolError(
                         f"memfd {i} of the offer is sealed against writes", frame="OFFER"
@@ -779,7 +786,7 @@ class Channel:
                     length=room,
                 )
             )
-        gift = bool(offer.flags & OfferFlags.GIFT)
+        gift = bool(offer.flags & _GIFT)
         segments = _segments(offer.spans, targets, offer.nbytes)
         moves: list[_Segment] = []
         preads: list[_Segment] = []
@@ -859,7 +866,7 @@ class Channel:
         local = io.iovecs((s.dst, s.length) for s in segs)
         pid = self._conn.last_pid
         want = copy_method
-        if want in ("auto", "process_vm_readv") and offer.flags & OfferFlags.PEER_READ and pid > 0:
+        if want in ("auto", "process_vm_readv") and offer.flags & _PEER_READ and pid > 0:
             remote = io.iovecs((s.src, s.length) for s in segs)
             try:
                 io.pull_remote_parallel(pid, local, remote)

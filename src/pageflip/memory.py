@@ -106,7 +106,7 @@ def _register(region: Region) -> None:
 def _unregister(address: int) -> None:
     with _registry_lock:
         if _registry.pop(address, None) is not None:
-            _registry_starts.remove(address)
+            del _registry_starts[bisect.bisect_left(_registry_starts, address)]
 
 
 def region_at(address: int, length: int) -> tuple[Region, int] | None:

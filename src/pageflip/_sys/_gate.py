@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -39,19 +39,12 @@ def os_error(err: int, call: str) -> OSError:
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
-def _failed_minus_one(result: Any) -> bool:
-    return bool(result == -1)
-
-
-def _failed_map(result: Any) -> bool:
-    return result is None or result == MAP_FAILED
-
-
 class Gate:
     """A foreign function with its signature declared and its failures named.
 
     ``shown`` names the positional arguments that go into the error message (``None`` hides
-    one, e.g. a pointer). ``failed`` says which results are errors (default: ``-1``).
+    one, e.g. a pointer). ``failed`` is the result that means an error (default: ``-1``).
+    The success path is one foreign call and one comparison: gates sit on hot paths.
     """
 
     __slots__ = ("_failed", "_fn", "_name", "_prefix", "_shown")
@@ -63,7 +56,7 @@ class Gate:
         restype: Any,
         argtypes: Sequence[Any],
         shown: Sequence[str | None],
-        failed: Callable[[Any], bool] = _failed_minus_one,
+        failed: int | None = -1,
         prefix: tuple[Any, ...] = (),
     ) -> None:
         fn.restype = restype
@@ -91,15 +84,20 @@ class Gate:
         return f"{self._name}({', '.join(parts)})"
 
     def __call__(self, *args: Any) -> Any:
-        fn = self._fn
-        full = self._prefix + args if self._prefix else args
+        result = self._fn(*self._prefix, *args)
+        if result != self._failed:
+            return result
+        return self._again(args)
+
+    def _again(self, args: tuple[Any, ...]) -> Any:
+        """The call failed: retry it while it is interrupted (EINTR), else raise."""
         while True:
-            result = fn(*full)
-            if not self._failed(result):
-                return result
             err = ctypes.get_errno()
             if err != errno.EINTR:
                 raise os_error(err, self.describe(args))
+            result = self._fn(*self._prefix, *args)
+            if result != self._failed:
+                return result
 
 
 def libc_gate(
@@ -107,7 +105,7 @@ def libc_gate(
     restype: Any,
     argtypes: Sequence[Any],
     shown: Sequence[str | None],
-    failed: Callable[[Any], bool] = _failed_minus_one,
+    failed: int | None = -1,
     symbol: str | None = None,
 ) -> Gate:
     """A gate over the libc function ``symbol`` (default: ``name``)."""
@@ -128,4 +126,5 @@ def syscall_gate(name: str, argtypes: Sequence[Any], shown: Sequence[str | None]
     return Gate(name, fn, ctypes.c_long, [ctypes.c_long, *argtypes], shown, prefix=(number,))
 
 
-map_failed = _failed_map
+#: ``failed`` for a gate over mmap, whose restype c_void_p gives MAP_FAILED as this value.
+map_failed = MAP_FAILED

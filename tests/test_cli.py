@@ -284,7 +284,7 @@ def test_a_move_that_copied_fails_the_benchmark() -> None:
 
 
 def test_demo_moves_then_copies_and_verifies(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["demo", "--size", "8M"], terminal_width=200)
+    result = runner.invoke(main, ["demo", "handoff", "--size", "8M"], terminal_width=200)
     assert result.exit_code == 0, result.output + repr(result.exception)
     out = result.stdout
     assert "verified both times" in out

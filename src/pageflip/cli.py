@@ -3,8 +3,17 @@
 Subcommands (``pageflip --help``)::
 
     pageflip probe [--json]                      which kernel features work here
+    pageflip workload --control PATH [...]       start the reference workload (a guest)
+    pageflip incoming --listen ADDR [...]        wait for a migrating guest, then host it
+    pageflip migrate --to ADDR --mode MODE       migrate the guest at --control to ADDR
+    pageflip status | verify | stop              ask the guest at --control
     pageflip bench handoff --size 1G [...]       time every way to hand N bytes over
-    pageflip demo [--size 1G]                    move, then copy, 1 GiB between two processes
+    pageflip bench migrate [...]                 migration matrix: sizes x dirty rates x modes
+    pageflip demo                                a 1 GiB workload migrated by flip and precopy
+    pageflip demo handoff [--size 1G]            move, then copy, 1 GiB between two processes
+
+Socket paths default from the environment: PAGEFLIP_CONTROL (a guest's control socket) and
+PAGEFLIP_LISTEN (where ``incoming`` listens).
 
 Errors pageflip raises on purpose (:class:`pageflip.PageflipError`) end the command with
 ``Type: message`` on stderr and exit status 1; anything else is a bug and shows a traceback.
@@ -15,7 +24,10 @@ The library itself never prints: everything here is the command line's.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +39,7 @@ from rich.table import Table
 
 import pageflip
 
-from .bench import format_size, parse_size
+from .bench import format_size, human_size, parse_size
 from .errors import PageflipError
 
 __all__ = ["main"]
@@ -46,8 +58,10 @@ class _Group(click.Group):
 
 if TYPE_CHECKING:
     _ParamType = click.ParamType[int]
+    _DurationType = click.ParamType[float]
 else:  # click before 8.3 has no type parameters
     _ParamType = click.ParamType
+    _DurationType = click.ParamType
 
 
 class Size(_ParamType):
@@ -268,10 +282,353 @@ def _print_handoff(result: dict[str, Any]) -> None:
         )
 
 
-# -- demo -------------------------------------------------------------------------------------
+# -- guests and migration ----------------------------------------------------------------
+
+
+def _default_control() -> str:
+    return os.environ.get("PAGEFLIP_CONTROL", "/tmp/pageflip-workload.sock")
+
+
+class Duration(_DurationType):
+    """Seconds, or a number with ``ms``, ``s`` or ``us``: ``300ms``, ``0.3``, ``2s``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        scale = 1.0
+        for suffix, factor in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+            if text.endswith(suffix):
+                text, scale = text[: -len(suffix)], factor
+                break
+        try:
+            seconds = float(text) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 300ms, 0.5s)", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
+
+_control_option = click.option(
+    "--control",
+    default=_default_control,
+    show_default="$PAGEFLIP_CONTROL or /tmp/pageflip-workload.sock",
+    help="The guest's control socket.",
+)
+
+
+def _emit(as_json: bool, event: dict[str, Any], text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(event), nl=True)
+        sys.stdout.flush()
+    else:
+        _stderr_console().print(text)
+
+
+def _host_until_gone(host: Any, as_json: bool) -> None:
+    """Serve the guest until it leaves (migrated away, stopped) or we are told to end."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.is_set() and not host.wait(0.2):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        outcome = host.outcome
+        host.close()
+    _emit(as_json, {"event": "exit", "outcome": outcome}, f"guest {outcome}; host exiting")
 
 
 @main.command()
+@click.option("--size", type=SIZE, default="1G", show_default=True, help="Bytes of memory.")
+@click.option(
+    "--dirty-rate",
+    type=SIZE,
+    default="256M",
+    show_default=True,
+    help="Bytes per second the worker threads rewrite (0: idle).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@_control_option
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines on stdout.")
+def workload(
+    size: int, dirty_rate: int, threads: int, seed: int, control: str, as_json: bool
+) -> None:
+    """Start the reference workload and serve it on --control until it migrates away.
+
+    It fills SIZE bytes of movable memory with incompressible pages, then its worker threads
+    rewrite random pages at --dirty-rate, journalling every write, so that after any
+    migration `pageflip verify` can prove that no write made before the pause was lost.
+    """
+    from .guests import Workload
+    from .migration.host import GuestHost
+
+    console = _stderr_console()
+    with Progress(
+        TextColumn(f"[bold]filling {format_size(size)}[/]"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("fill", total=size)
+        guest = Workload.create(
+            size,
+            dirty_rate=dirty_rate,
+            threads=threads,
+            seed=seed,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    try:
+        host = GuestHost(guest, control)
+    except BaseException:
+        guest.close()
+        raise
+    _emit(
+        as_json,
+        {"event": "ready", "control": control, "pid": os.getpid(), "size": guest.size},
+        f"workload of {human_size(guest.size)} at {human_size(dirty_rate)}/s, "
+        f"control socket {control} (pid {os.getpid()})",
+    )
+    _host_until_gone(host, as_json)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    envvar="PAGEFLIP_LISTEN",
+    required=True,
+    help="Where to wait for the source: /path, @abstract or tcp:HOST:PORT.",
+)
+@_control_option
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="Longest silence from the source before giving up.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines on stdout.")
+def incoming(listen: str, control: str, timeout: float, as_json: bool) -> None:
+    """Wait on --listen for one migrating guest, run it, then serve it on --control."""
+    from .migration.destination import Destination
+    from .migration.host import GuestHost
+
+    def on_event(event: Any) -> None:
+        data = event.as_dict()
+        _emit(as_json, data, f"incoming: {event.kind} {_event_text(data)}")
+
+    destination = Destination(listen, on_event=on_event, timeout=timeout)
+    _emit(
+        as_json,
+        {"event": "listening", "listen": listen, "pid": os.getpid()},
+        f"waiting for a guest on {listen} (pid {os.getpid()})",
+    )
+    guest = destination.run()
+    try:
+        host = GuestHost(guest, control)
+    except BaseException:
+        guest.close()
+        raise
+    _emit(
+        as_json,
+        {"event": "running", "control": control, "pid": os.getpid()},
+        f"the guest runs here; control socket {control}",
+    )
+    _host_until_gone(host, as_json)
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    from .display import fmt_seconds
+
+    kind = event.get("event")
+    if kind == "resumed":
+        return f"downtime {fmt_seconds(event['downtime'])}"
+    if kind == "done":
+        return (
+            f"{event['mode']} in {fmt_seconds(event['total_seconds'])}, digests {event['digest']}"
+        )
+    if kind == "failed":
+        return f"in {event['phase']}: {event['error']}"
+    if kind == "setup":
+        return f"{event['mode']} of {human_size(event['total_bytes'])}"
+    return ""
+
+
+@main.command()
+@_control_option
+@click.option("--to", "to", required=True, help="The destination: /path, @name or tcp:HOST:PORT.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "flip", "precopy", "postcopy"]),
+    default="auto",
+    show_default=True,
+    help="auto: flip when local and movable, else precopy.",
+)
+@click.option("--downtime-limit", type=DURATION, default="300ms", show_default=True)
+@click.option(
+    "--max-bandwidth", type=SIZE, default=None, help="Bytes per second (default: no cap)."
+)
+@click.option("--max-rounds", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option(
+    "--on-no-convergence",
+    type=click.Choice(["force", "postcopy"]),
+    default="force",
+    show_default=True,
+    help="After --max-rounds: switch over anyway, or go postcopy.",
+)
+@click.option(
+    "--postcopy-after-rounds",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Precopy rounds before a postcopy switchover.",
+)
+@click.option("--compress", type=click.IntRange(1, 22), default=None, help="zstd level (TCP).")
+@click.option("--json", "as_json", is_flag=True, help="Print every event as a JSON line.")
+def migrate(
+    control: str,
+    to: str,
+    mode: str,
+    downtime_limit: float,
+    max_bandwidth: int | None,
+    max_rounds: int,
+    on_no_convergence: str,
+    postcopy_after_rounds: int,
+    compress: int | None,
+    as_json: bool,
+) -> None:
+    """Migrate the guest served at --control to the destination at --to.
+
+    Prints a live progress display (or JSON lines with --json) and ends with the report:
+    total time, downtime, bytes on the wire, pages moved, copied and zero, rounds.
+    """
+    from .display import MigrationDisplay, summary_table
+    from .errors import MigrationError
+    from .migration.host import ControlClient
+
+    options: dict[str, Any] = {
+        "mode": mode,
+        "downtime_limit": downtime_limit,
+        "max_bandwidth": max_bandwidth,
+        "max_rounds": max_rounds,
+        "on_no_convergence": on_no_convergence,
+        "postcopy_after_rounds": postcopy_after_rounds,
+        "compress": compress,
+    }
+    last: dict[str, Any] = {}
+    with ControlClient(control) as client:
+        if as_json:
+            for event in client.migrate(to, **options):
+                click.echo(json.dumps(event))
+                sys.stdout.flush()
+                last = event
+        else:
+            with MigrationDisplay(_stderr_console(), title=f"{control} -> {to}") as view:
+                for event in client.migrate(to, **options):
+                    view.event(event)
+                    last = event
+            if view.done is not None:
+                Console().print(summary_table([(view.done["mode"], view.done)], "migration"))
+    if last.get("event") == "failed":
+        raise MigrationError(
+            f"failed in phase {last['phase']} ({last['error_type']}: {last['error']}); "
+            f"the guest runs on the {last['guest']}",
+            phase=last["phase"],
+            guest=last["guest"],
+        )
+
+
+@main.command()
+@_control_option
+@click.option("--json", "as_json", is_flag=True)
+def status(control: str, as_json: bool) -> None:
+    """Show the status of the guest at --control."""
+    from .migration.host import ControlClient
+
+    with ControlClient(control) as client:
+        answer = client.request("status")
+    if as_json:
+        click.echo(json.dumps(answer))
+        return
+    table = Table(title=f"guest at {control} (pid {answer['pid']})")
+    table.add_column("")
+    table.add_column("")
+    for key, value in answer["status"].items():
+        table.add_row(escape(str(key)), escape(str(value)))
+    Console().print(table)
+
+
+@main.command()
+@_control_option
+@click.option("--json", "as_json", is_flag=True)
+def verify(control: str, as_json: bool) -> None:
+    """Ask the guest at --control to check its memory; exit 1 if it found a problem."""
+    from .migration.host import ControlClient
+
+    with ControlClient(control, timeout=None) as client:
+        report = client.request("verify")["report"]
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        verdict = "[green]ok[/]" if report["ok"] else "[red]PROBLEMS[/]"
+        Console().print(
+            f"{verdict}: {report['pages_checked']} pages checked, {report['pages_skipped']} "
+            f"skipped (being written), in {report['seconds']:.2f} s"
+        )
+        for problem in report["problems"]:
+            Console().print(f"  [red]-[/] {escape(problem)}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@_control_option
+def stop(control: str) -> None:
+    """Stop the guest at --control (its host process exits)."""
+    from .migration.host import ControlClient
+
+    with ControlClient(control) as client:
+        client.request("quit")
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--size", type=SIZE, default="1G", show_default=True, help="Guest memory.")
+@click.option("--dirty-rate", type=SIZE, default="256M", show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, size: int, dirty_rate: int) -> None:
+    """Migrate a running 1 GiB workload twice: by flip, then by precopy, each verified.
+
+    Three processes: the workload, and two `pageflip incoming` destinations; the guest
+    goes from the first to the second by flip (its pages move) and on to the third by
+    precopy (its pages are copied while it keeps writing), and checks after each move that
+    no write was lost. A side-by-side summary ends it.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .demo_migration import run_migration_demo
+
+    if not run_migration_demo(size, dirty_rate, console=Console()):
+        sys.exit(1)
+
+
+@demo.command(name="handoff")
 @click.option(
     "--size",
     type=SIZE,
@@ -279,7 +636,7 @@ def _print_handoff(result: dict[str, Any]) -> None:
     show_default=True,
     help="Bytes of the numpy array to hand over.",
 )
-def demo(size: int) -> None:
+def demo_handoff(size: int) -> None:
     """Move a numpy array to another process (same physical pages), then copy one.
 
     A child process receives SIZE bytes twice: first by a move (gift), then by a copy

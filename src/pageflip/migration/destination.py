@@ -296,9 +296,10 @@ class Destination:
         self._check_runs(region, event.runs)
         assert self._setup is not None
         src = self._setup.regions[event.region].src_address
-        pairs = [(first * PAGE_SIZE, count * PAGE_SIZE) for first, count in event.runs.tolist()]
-        local = io.iovecs((region.address + off, n) for off, n in pairs)
-        remote = io.iovecs((src + off, n) for off, n in pairs)
+        offsets = event.runs[:, 0].astype(np.uint64) * np.uint64(PAGE_SIZE)
+        lengths = event.runs[:, 1].astype(np.uint64) * np.uint64(PAGE_SIZE)
+        local = np.ascontiguousarray(np.stack([offsets + np.uint64(region.address), lengths], 1))
+        remote = np.ascontiguousarray(np.stack([offsets + np.uint64(src), lengths], 1))
         try:
             io.pull_remote_parallel(self._setup.src_pid, local, remote)
         except ProcessLookupError as err:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import xxhash
 
 from .._sys.mm import PAGE_SIZE
-from ..dirty import Runs
+from ..dirty import Runs, runs_to_pages
 
 ZERO_PAGE_DIGEST = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 
@@ -29,18 +29,25 @@ class PageDigests:
 
     def update(self, runs: Runs) -> npt.NDArray[np.bool_]:
         """Rehash the pages in ``runs``; returns, per page of the runs in order, is-zero."""
+        return self.update_pages(runs_to_pages(runs))
+
+    def update_pages(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Rehash ``pages`` (page indices); returns, per page, whether it is all zeros.
+
+        One xxh3 call per page (about 0.3 us each here), whatever the pages' layout: dirty
+        pages are scattered, and a loop per run of them would cost more than the hashing.
+        """
+        if not len(pages):
+            return np.zeros(0, np.bool_)
         h = xxhash.xxh3_64_intdigest
         view = self.view
-        parts = []
-        for first, count in runs.tolist():
-            start, stop = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            pages = (view[o : o + PAGE_SIZE] for o in range(start, stop, PAGE_SIZE))
-            digests = np.fromiter(map(h, pages), np.uint64, count)
-            self.digests[first : first + count] = digests
-            parts.append(digests)
-        if not parts:
-            return np.zeros(0, np.bool_)
-        zero: npt.NDArray[np.bool_] = np.concatenate(parts) == np.uint64(ZERO_PAGE_DIGEST)
+        size = PAGE_SIZE
+        offsets = (pages * size).tolist()
+        digests = np.fromiter(
+            map(h, (view[o : o + size] for o in offsets)), np.uint64, len(offsets)
+        )
+        self.digests[pages] = digests
+        zero: npt.NDArray[np.bool_] = digests == np.uint64(ZERO_PAGE_DIGEST)
         return zero
 
     def set_zero(self, runs: Runs) -> None:

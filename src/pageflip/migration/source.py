@@ -39,7 +39,7 @@ from .. import features, stream
 from .._sys import io
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import sysctl
-from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages, split_runs
+from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages
 from ..errors import DigestMismatch, MigrationError, PageflipError, SpanError
 from ..guests import Guest
 from ..memory import Region
@@ -497,8 +497,7 @@ class Source:
         link = self.link
         for index, digests in enumerate(self._digests):
             missing = np.flatnonzero(~self._sent[index])
-            for chunk in split_runs(pages_to_runs(missing), CHUNK_PAGES):
-                digests.update(chunk)
+            digests.update_pages(missing)
             self._pages_requested += len(missing)
         link.send(stream.PostcopyEnd([d.region_digest() for d in self._digests]), "postcopy")
         verdict = link.expect((stream.Verified,), "postcopy", None)
@@ -538,16 +537,18 @@ class Source:
         started = time.monotonic()
         last_progress = 0.0
         for index, runs in enumerate(runs_per_region):
-            for chunk in split_runs(runs, CHUNK_PAGES):
+            every = runs_to_pages(runs)
+            for lo in range(0, len(every), CHUNK_PAGES):
                 self._check_cancel()
-                zero = digests[index].update(chunk)
-                pages = runs_to_pages(chunk)
-                if zero.any():
+                pages = every[lo : lo + CHUNK_PAGES]
+                zero = digests[index].update_pages(pages)
+                zeros = int(zero.sum())
+                if zeros:
                     zero_runs = pages_to_runs(pages[zero])
                     stats.bytes += link.send(stream.ZeroPages(index, number, zero_runs), "precopy")
-                    stats.zero_pages += int(zero.sum())
-                    self._pages_zero += int(zero.sum())
-                data_runs = pages_to_runs(pages[~zero]) if zero.any() else chunk
+                    stats.zero_pages += zeros
+                    self._pages_zero += zeros
+                data_runs = pages_to_runs(pages[~zero] if zeros else pages)
                 if len(data_runs):
                     if pull:
                         event: stream.Event = stream.PullPages(index, number, data_runs)
@@ -559,7 +560,7 @@ class Source:
                 self._sent[index][pages] = True
                 count = len(pages)
                 stats.pages += count
-                self._pages_copied += count - int(zero.sum())
+                self._pages_copied += count - zeros
                 now = time.monotonic()
                 if opts.max_bandwidth:
                     ahead = stats.pages * PAGE_SIZE / opts.max_bandwidth - (now - started)
@@ -686,8 +687,7 @@ def _normalize(runs: Runs, npages: int) -> Runs:
     if not len(runs):
         return runs
     mask = np.zeros(npages, np.bool_)
-    for first, count in runs.tolist():
-        mask[first : first + count] = True
+    mask[runs_to_pages(runs)] = True
     return pages_to_runs(np.flatnonzero(mask))
 
 

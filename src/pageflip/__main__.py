@@ -1,0 +1,5 @@
+"""``python -m pageflip``: the pageflip command."""
+
+from .cli import main
+
+main()

@@ -15,10 +15,12 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +30,9 @@ import numpy as np
 from .. import features, stream
 from .._sys import io, mm, uffd
 from .._sys.fds import close_all
-from .._sys.flags import Seal, UffdFeature, UffdRegister
+from .._sys.flags import Madv, Seal, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
+from ..dirty import Runs
 from ..errors import (
     DigestMismatch,
     MigrationError,
@@ -55,6 +58,89 @@ from .pager import PagerLink
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
+
+
+class Hasher:
+    """Hash arrived pages on a thread of its own, in arrival order, while the next pull runs.
+
+    The pulls (process_vm_readv) run without the GIL, the hashing with it: on two CPUs the
+    two overlap. Jobs run first in, first out, so a page's last digest is always of its
+    last copy. :meth:`drain` waits until every job is done (before digests are compared).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[PageDigests, Runs, bool] | None] = queue.Queue(maxsize=64)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, digests: PageDigests, runs: Runs, zero: bool = False) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pageflip-hasher", daemon=True)
+            self._thread.start()
+        self._jobs.put((digests, runs, zero))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            digests, runs, zero = job
+            try:
+                if self._error is None:
+                    if zero:
+                        digests.set_zero(runs)
+                    else:
+                        digests.update(runs)
+            except BaseException as err:  # handed to the receiving thread by drain()
+                self._error = err
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def drain(self) -> None:
+        """Wait for every submitted page to be hashed; raise what hashing raised."""
+        if self._thread is not None:
+            self._jobs.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
+
+
+class Prefault:
+    """Allocate the pages of fresh regions ahead of the copy, on a thread of its own.
+
+    A copy into pages that do not exist yet allocates them one fault at a time, inside the
+    copy; MADV_POPULATE_WRITE allocates them in bulk, and on another CPU while the copy
+    runs. Here that made a 1 GiB pull about twice as fast. Only for precopy: a postcopy
+    destination must leave missing pages missing, so that touching them faults.
+    """
+
+    STEP = 64 << 20
+
+    def __init__(self, regions: list[Region]) -> None:
+        self._spans = [(r.address, r.size) for r in regions]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pageflip-prefault", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for address, size in self._spans:
+            for offset in range(0, size, self.STEP):
+                if self._stop.is_set():
+                    return
+                try:
+                    mm.madvise(address + offset, min(self.STEP, size - offset), Madv.POPULATE_WRITE)
+                except OSError as err:  # an old kernel (before 5.14) or no memory: copy anyway
+                    log.debug("prefault stopped: %s", err)
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Destination:
@@ -91,6 +177,8 @@ class Destination:
         self._guest: Guest | None = None
         self._start = 0.0
         self._pager: PagerLink | None = None
+        self._prefault: Prefault | None = None
+        self._hasher = Hasher()
         self._pager_proc: subprocess.Popen[bytes] | None = None
         self._uffd = -1
         self.done: dict[str, object] | None = None
@@ -147,6 +235,8 @@ class Destination:
         """Nothing ran here: drop what arrived, tell the source, report."""
         phase = self.phase.value
         self._stop_pager()
+        self._stop_prefault()
+        self._hasher.stop()
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()
@@ -232,6 +322,8 @@ class Destination:
                 self._digests.append(
                     PageDigests(region.address, region.size // PAGE_SIZE, region.view())
                 )
+            if mode is stream.Mode.PRECOPY:
+                self._prefault = Prefault(self._regions)
         link.send(stream.Prepared(), "setup")
         self._emit(
             SetupEvent(
@@ -304,7 +396,7 @@ class Destination:
             io.pull_remote_parallel(self._setup.src_pid, local, remote)
         except ProcessLookupError as err:
             raise PeerClosed(f"the source process is gone: {err}", phase="receiving") from err
-        digests.update(event.runs)
+        self._hasher.submit(digests, event.runs)
 
     def _write(self, event: stream.Pages) -> None:
         region, digests = self._region(event.region)
@@ -316,7 +408,7 @@ class Destination:
             n = count * PAGE_SIZE
             view[first * PAGE_SIZE : first * PAGE_SIZE + n] = data[pos : pos + n]
             pos += n
-        digests.update(event.runs)
+        self._hasher.submit(digests, event.runs)
 
     def _zero(self, event: stream.ZeroPages) -> None:
         region, digests = self._region(event.region)
@@ -325,7 +417,7 @@ class Destination:
         assert extent.memfd is not None
         for first, count in event.runs.tolist():
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
-        digests.set_zero(event.runs)
+        self._hasher.submit(digests, event.runs, zero=True)
 
     def _discard(self, event: stream.DiscardPages) -> None:
         """Postcopy: these pages changed after they were sent; drop ours (the pager fetches
@@ -514,8 +606,20 @@ class Destination:
 
     # -- switchover -----------------------------------------------------------------------
 
+    def _settle(self) -> None:
+        """Every page that arrived is hashed, and nothing allocates behind our back."""
+        self._stop_prefault()
+        self._hasher.drain()
+        self._hasher.stop()
+
+    def _stop_prefault(self) -> None:
+        prefault, self._prefault = self._prefault, None
+        if prefault is not None:
+            prefault.stop()
+
     def _verify_and_resume(self, switchover: stream.Switchover) -> Guest:
         assert self._setup is not None
+        self._settle()
         if self._pager is not None and not switchover.digests:
             return self._resume_postcopy(switchover)
         if self._pager is not None:

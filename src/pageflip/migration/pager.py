@@ -146,6 +146,7 @@ class Pager:
         ).cast("B")
         self.fault_times: list[float] = []
         self.requested = 0
+        self.fault_pages = 0
         self.pushed = 0
         self.started = time.monotonic()
 
@@ -219,6 +220,7 @@ class Pager:
                 assert run is not None
                 self._install(region, *run)
                 self.requested += 1
+                self.fault_pages += run[1]
             self.fault_times.append(time.perf_counter() - started)
         return len(msgs)
 
@@ -241,6 +243,7 @@ class Pager:
             "seconds": time.monotonic() - self.started,
             "faults": len(self.fault_times),
             "requested": self.requested,
+            "fault_pages": self.fault_pages,
             "pushed": self.pushed,
             "fault_median_us": float(np.median(times)) if len(times) else 0.0,
             "fault_p99_us": float(np.percentile(times, 99)) if len(times) else 0.0,

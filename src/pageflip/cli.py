@@ -605,6 +605,212 @@ def stop(control: str) -> None:
         client.request("quit")
 
 
+# -- bench migrate (after DURATION, which its options use) ------------------------------------
+
+
+@bench.command(name="migrate")
+@click.option(
+    "--sizes",
+    default="256M,1G,4G",
+    show_default=True,
+    metavar="SIZE[,SIZE...]",
+    help="Guest memory sizes.",
+)
+@click.option(
+    "--rates",
+    default="0,64M,256M",
+    show_default=True,
+    metavar="RATE[,RATE...]",
+    help="Dirty rates, bytes per second (0: idle).",
+)
+@click.option(
+    "--modes",
+    default="flip,precopy,postcopy",
+    show_default=True,
+    metavar="MODE[,MODE...]",
+    help="Migration modes.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs of each (size, rate, mode), interleaved; tables show the median.",
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Precopy's downtime limit.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the workload's fill and the migration.",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between runs (15 or more: cold memory, see KERNEL-NOTES).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--markdown", is_flag=True, help="Print the tables as Markdown on stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the JSON results to this file.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw downtime and total time against size into this PNG (needs matplotlib).",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show progress on stderr."
+)
+def bench_migrate(
+    sizes: str,
+    rates: str,
+    modes: str,
+    repeat: int,
+    downtime_limit: float,
+    warmup: float,
+    settle: float,
+    as_json: bool,
+    markdown: bool,
+    output: Path | None,
+    plot_path: Path | None,
+    progress: bool,
+) -> None:
+    """Migrate a running workload for every (size, dirty rate, mode) and compare.
+
+    Each run starts a destination and a source process; the source fills a workload of
+    SIZE bytes whose threads rewrite pages at RATE, waits --warmup seconds, and migrates it
+    by flip, precopy or postcopy; the destination checks that no write was lost (a run
+    that fails the check is an error). Recorded per run: total time, downtime, bytes on
+    the wire, pages moved/copied, rounds, postcopy fault times, and the peak memory (Pss)
+    of source and destination together. Runs are interleaved; the targets table is
+    computed from the measured numbers.
+    """
+    from .bench import migrate as bench_migrate_module
+
+    def split(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    try:
+        size_list = tuple(SIZE.convert(v, None, None) for v in split(sizes))
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="--sizes") from None
+    rate_list = []
+    for value in split(rates):
+        text = value.lower().removesuffix("/s")
+        if text in ("0", "idle"):
+            rate_list.append(0)
+            continue
+        try:
+            rate_list.append(SIZE.convert(text, None, None))
+        except click.BadParameter as err:
+            raise click.BadParameter(err.message, param_hint="--rates") from None
+    try:
+        config = bench_migrate_module.MigrateConfig(
+            sizes=size_list,
+            rates=tuple(rate_list),
+            modes=tuple(split(modes)),
+            repeat=repeat,
+            downtime_limit=downtime_limit,
+            warmup=warmup,
+            settle=settle,
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if plot_path is not None:
+        bench_migrate_module.check_plot()  # before a long run, not after it
+    console = _stderr_console()
+    runs = len(bench_migrate_module.run_order(config))
+    try:
+        if progress:
+            with Progress(
+                TextColumn("[bold]migrate[/]"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("starting", total=runs)
+
+                def on_progress(done: int, total: int, what: str) -> None:
+                    bar.update(task, completed=done, total=total, description=what)
+
+                result = bench_migrate_module.run(config, on_progress)
+        else:
+            result = bench_migrate_module.run(config)
+    except bench_migrate_module.MigrateBenchmarkError as err:
+        if output is not None and err.partial is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(err.partial, indent=2) + "\n")
+            console.print(f"results of the runs before the failure written to {output}")
+        raise click.ClickException(f"MigrateBenchmarkError: {err}") from None
+    text = json.dumps(result, indent=2, allow_nan=False)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+    if plot_path is not None:
+        bench_migrate_module.plot(result, plot_path)
+    if as_json:
+        click.echo(text)
+    elif markdown:
+        click.echo(bench_migrate_module.markdown_table(result), nl=False)
+    else:
+        out = Console()
+        machine = result["machine"]
+        shown = (
+            "size",
+            "dirty rate",
+            "mode",
+            "total",
+            "downtime",
+            "on the wire",
+            "peak memory (x guest)",
+            "rounds",
+            "verified",
+            "faults: n, median / p99",
+        )
+        picks = [bench_migrate_module.COLUMNS.index(name) for name in shown]
+        table = Table(
+            title=f"migration matrix: median of {result['config']['repeat']}",
+            caption=f"{result['date']} · Linux {machine['kernel']} · {machine.get('cpus')} x "
+            f"{machine.get('cpu')} · {machine.get('memory_gib')} GiB\n"
+            "all columns: --markdown; every run and event: --json",
+        )
+        for i, name in enumerate(shown):
+            table.add_column(name, justify="left" if i < 3 else "right")
+        for cells in bench_migrate_module.cell_rows(result):
+            table.add_row(*(escape(cells[i]) for i in picks))
+        out.print(table)
+        targets = Table(title="targets (from the numbers above)")
+        targets.add_column("target")
+        targets.add_column("measured")
+        targets.add_column("met")
+        for text, measured, passed in bench_migrate_module.target_rows(result):
+            verdict = (
+                "[dim]n/a[/]" if passed is None else ("[green]yes[/]" if passed else "[red]no[/]")
+            )
+            targets.add_row(escape(text), escape(measured), verdict)
+        out.print(targets)
+    if output is not None:
+        console.print(f"results written to {output}")
+    if plot_path is not None:
+        console.print(f"plot written to {plot_path}")
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 

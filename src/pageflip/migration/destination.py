@@ -496,8 +496,13 @@ class Destination:
         report: dict[str, Any] | None = None
         while theirs is None or report is None:
             pager_fd = self._pager.sock.fileno()
-            ready, _, _ = select.select([link.conn.fileno(), pager_fd], [], [], 1.0)
-            if pager_fd in ready or self._pager.ready():
+            # Messages already read into a buffer do not make a socket readable: look at
+            # those first, and only then wait.
+            waiting = self._pager.buffered() or link.decoder.buffered
+            ready, _, _ = select.select(
+                [link.conn.fileno(), pager_fd], [], [], 0 if waiting else 1.0
+            )
+            if pager_fd in ready or self._pager.buffered():
                 message, fds = self._pager.recv()
                 close_all(fds)
                 if "progress" in message:

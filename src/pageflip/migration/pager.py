@@ -86,8 +86,9 @@ class PagerLink:
         fds, self._fds = self._fds, []
         return message, fds
 
-    def ready(self) -> bool:
-        return b"\n" in self._buf or bool(select.select([self.sock], [], [], 0)[0])
+    def buffered(self) -> bool:
+        """Whether a whole message is already read and waiting (recv() will not block)."""
+        return b"\n" in self._buf
 
     def close(self) -> None:
         _fds.close_all(self._fds)

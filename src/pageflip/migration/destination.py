@@ -12,6 +12,7 @@ guest keeps running here.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -58,6 +59,10 @@ from .pager import PagerLink
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
+
+
+#: Seconds a flip destination polls for the source's switchover before sleeping.
+FLIP_SPIN = 0.25
 
 
 class Hasher:
@@ -178,6 +183,7 @@ class Destination:
         self._start = 0.0
         self._pager: PagerLink | None = None
         self._prefault: Prefault | None = None
+        self._gc_was_enabled = False
         self._hasher = Hasher()
         self._pager_proc: subprocess.Popen[bytes] | None = None
         self._uffd = -1
@@ -234,6 +240,8 @@ class Destination:
     def _failed(self, err: BaseException) -> MigrationError:
         """Nothing ran here: drop what arrived, tell the source, report."""
         phase = self.phase.value
+        if self._gc_was_enabled:
+            gc.enable()
         self._stop_pager()
         self._stop_prefault()
         self._hasher.stop()
@@ -343,8 +351,12 @@ class Destination:
 
     def _receive(self) -> stream.Switchover:
         link = self.link
+        assert self._setup is not None
+        # A flip's source pauses the guest right after our PREPARED: wait for its FLIP
+        # and SWITCHOVER awake, so that waking up does not add to the downtime.
+        spin = FLIP_SPIN if stream.Mode(self._setup.mode) is stream.Mode.FLIP else 0.0
         while True:
-            event = link.recv("receiving", self.timeout)
+            event = link.recv("receiving", self.timeout, spin=spin)
             if isinstance(event, stream.PullPages):
                 self._pull(event)
             elif isinstance(event, stream.Pages):
@@ -565,6 +577,9 @@ class Destination:
 
     def _map_flip(self, event: stream.Flip) -> None:
         assert self._setup is not None
+        # The guest is paused from here until it resumes: no garbage collection meanwhile.
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
         infos = self._setup.regions
         fds = list(event.fds)
         event.fds = []
@@ -623,6 +638,16 @@ class Destination:
             prefault.stop()
 
     def _verify_and_resume(self, switchover: stream.Switchover) -> Guest:
+        assert self._setup is not None
+        gc_was_enabled = gc.isenabled() or self._gc_was_enabled
+        gc.disable()
+        try:
+            return self._verify_and_resume_now(switchover)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _verify_and_resume_now(self, switchover: stream.Switchover) -> Guest:
         assert self._setup is not None
         self._settle()
         if self._pager is not None and not switchover.digests:

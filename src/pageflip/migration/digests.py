@@ -8,6 +8,10 @@ A page digest of :data:`ZERO_PAGE_DIGEST` marks a page of zeros.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 import xxhash
@@ -74,7 +78,7 @@ def _splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def sample_pages(npages: int, seed: int, samples: int = 16) -> list[int]:
+def sample_pages(npages: int, seed: int, samples: int = 8) -> list[int]:
     """The pages flip's identity check hashes: the first, the last, and some by ``seed``.
 
     Plain integer arithmetic: it runs inside the downtime, where even numpy's random
@@ -88,10 +92,23 @@ def sample_pages(npages: int, seed: int, samples: int = 16) -> list[int]:
     return sorted(picks)
 
 
-def sample_digest(view: memoryview, npages: int, seed: int, samples: int = 16) -> int:
+def sample_digest(view: memoryview, npages: int, seed: int, samples: int = 8) -> int:
     """xxh3 of the pages :func:`sample_pages` picks: flip's check that both sides map the
     same memory at the same offsets."""
     h = xxhash.xxh3_64()
     for p in sample_pages(npages, seed, samples):
         h.update(view[p * PAGE_SIZE : (p + 1) * PAGE_SIZE])
     return h.intdigest()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: a full collection can take milliseconds, and
+    this wraps the moments a guest is paused waiting for us."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -45,13 +45,23 @@ class Link:
         self.bytes_sent += len(data)
         return len(data)
 
-    def recv(self, phase: str, timeout: float | None = None) -> stream.Event:
-        """The next event; PeerClosed at EOF, PeerTimeout after ``timeout`` seconds."""
+    def recv(self, phase: str, timeout: float | None = None, spin: float = 0.0) -> stream.Event:
+        """The next event; PeerClosed at EOF, PeerTimeout after ``timeout`` seconds.
+
+        ``spin`` seconds are spent polling before sleeping in the kernel: waking a process
+        from a blocking read can take milliseconds on an idle virtual CPU, which matters
+        only where a guest is paused waiting for us.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = time.monotonic() + spin if spin else 0.0
         while True:
             event = self.decoder.next_event()
             if event is not None:
                 return event
+            if spin_until:
+                while time.monotonic() < spin_until and not self.conn.wait_readable(0):
+                    pass
+                spin_until = 0.0
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.conn.wait_readable(left):

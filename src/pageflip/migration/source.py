@@ -45,7 +45,7 @@ from ..errors import DigestMismatch, MigrationError, PageflipError, SpanError
 from ..guests import Guest
 from ..memory import Region
 from ..transport import Address
-from .digests import PageDigests, sample_digest
+from .digests import PageDigests, gc_paused, sample_digest
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -315,36 +315,39 @@ class Source:
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
         self._emit(SwitchoverEvent(self._t(), 0, 0, 0.0, "flip"))
-        self._paused_at = self.guest.pause()
-        state = self.guest.save_state()
-        flips: list[stream.FlipRegion] = []
-        fds: list[int] = []
-        samples: list[int] = []
-        for index, region in enumerate(regions):
+        # What does not change while the guest runs is gathered before it pauses.
+        handles = []
+        for region in regions:
             (extent,) = region.extents()
             assert extent.memfd is not None
             inode = os.fstat(extent.memfd.fd).st_ino
-            view = region.view()
-            try:
-                sample = sample_digest(view, region.size // PAGE_SIZE, seed=inode)
-            finally:
-                view.release()
-            samples.append(sample)
-            flips.append(
-                stream.FlipRegion(
-                    index=index,
-                    fd_index=len(fds),
-                    offset=extent.fd_offset,
-                    size=region.size,
-                    inode=inode,
-                    sample_digest=sample,
+            handles.append((region, extent.memfd.fd, extent.fd_offset, inode))
+        with gc_paused():
+            self._paused_at = self.guest.pause()
+            state = self.guest.save_state()
+            flips: list[stream.FlipRegion] = []
+            samples: list[int] = []
+            for index, (region, _, offset, inode) in enumerate(handles):
+                view = region.view()
+                try:
+                    sample = sample_digest(view, region.size // PAGE_SIZE, seed=inode)
+                finally:
+                    view.release()
+                samples.append(sample)
+                flips.append(
+                    stream.FlipRegion(
+                        index=index,
+                        fd_index=index,
+                        offset=offset,
+                        size=region.size,
+                        inode=inode,
+                        sample_digest=sample,
+                    )
                 )
-            )
-            fds.append(extent.memfd.fd)
-        link.send(stream.Flip(regions=flips, fds=fds), "switchover")
-        link.send(
-            stream.Switchover(paused_at=self._paused_at, digests=samples, state=state), "switchover"
-        )
+            fds = [fd for _, fd, _, _ in handles]
+            link.send(stream.Flip(regions=flips, fds=fds), "switchover")
+            switchover = stream.Switchover(paused_at=self._paused_at, digests=samples, state=state)
+            link.send(switchover, "switchover")
         self._digest_kind = "identity"
         self._pages_moved = sum(r.size for r in regions) // PAGE_SIZE
         resumed = link.expect((stream.Resumed,), "switchover", self.options.timeout)
@@ -436,30 +439,32 @@ class Source:
                     reason=reason,
                 )
             )
-            self._paused_at = self.guest.pause()
-            final = (
-                tracker.collect() if tracker.active else [np.empty((0, 2), np.uint64)] * len(todo)
-            )
-            # Unregistering write-protection walks every page table entry (about 8 ms per
-            # 256 MiB): it waits until the destination has what it needs (finally below).
-            final = [
-                _normalize(_join(a, b), d.npages)
-                for a, b, d in zip(todo, final, digests, strict=True)
-            ]
-            if reason == "postcopy":
-                self._postcopy = True
-                return self._postcopy_switchover(final)
-            self._rounds += 1
-            self._send_round(self._rounds, final, digests, pull, total_pages)
-            state = self.guest.save_state()
-            link.send(
-                stream.Switchover(
-                    paused_at=self._paused_at,
-                    digests=[d.region_digest() for d in digests],
-                    state=state,
-                ),
-                "switchover",
-            )
+            with gc_paused():
+                self._paused_at = self.guest.pause()
+                # Unregistering write-protection walks every page table entry (about 8 ms
+                # per 256 MiB): it waits until the destination has all (finally, below).
+                if tracker.active:
+                    written = tracker.collect()
+                    final = [
+                        _normalize(_join(a, b), d.npages)
+                        for a, b, d in zip(todo, written, digests, strict=True)
+                    ]
+                else:
+                    final = todo  # nothing was sent yet: everything is still to come
+                if reason == "postcopy":
+                    self._postcopy = True
+                    return self._postcopy_switchover(final)
+                self._rounds += 1
+                self._send_round(self._rounds, final, digests, pull, total_pages)
+                state = self.guest.save_state()
+                link.send(
+                    stream.Switchover(
+                        paused_at=self._paused_at,
+                        digests=[d.region_digest() for d in digests],
+                        state=state,
+                    ),
+                    "switchover",
+                )
             resumed = link.expect((stream.Resumed,), "switchover", opts.timeout)
             self._committed_at = time.monotonic()
             return float(resumed.resumed_at)

@@ -658,6 +658,13 @@ def stop(control: str) -> None:
     show_default=True,
     help="Seconds between runs (15 or more: cold memory, see KERNEL-NOTES).",
 )
+@click.option(
+    "--prewarm/--no-prewarm",
+    default=True,
+    show_default=True,
+    help="Touch and free the guest's size of memory before each migration (warm memory); "
+    "--no-prewarm with --settle 15 gives cold runs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--markdown", is_flag=True, help="Print the tables as Markdown on stdout.")
 @click.option(
@@ -682,6 +689,7 @@ def bench_migrate(
     downtime_limit: float,
     warmup: float,
     settle: float,
+    prewarm: bool,
     as_json: bool,
     markdown: bool,
     output: Path | None,
@@ -726,6 +734,7 @@ def bench_migrate(
             downtime_limit=downtime_limit,
             warmup=warmup,
             settle=settle,
+            prewarm=prewarm,
         )
     except ValueError as err:
         raise click.BadParameter(str(err)) from None

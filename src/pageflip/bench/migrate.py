@@ -55,9 +55,11 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any
 
+from .._sys import mm
+from .._sys.flags import Madv
 from .._sys.procfs import proc
 from ..errors import FeatureUnavailable, PageflipError
-from ..memory import PAGE_SIZE
+from ..memory import PAGE_SIZE, Region
 from . import format_size, human_size
 from .handoff import BenchmarkError, _machine, _stop_on_signals
 
@@ -199,6 +201,9 @@ class MigrateConfig:
     warmup: float = 1.0
     #: Seconds between runs, once both processes of the previous one have exited.
     settle: float = 1.0
+    #: Just before each migration, touch and free as much memory as the destination will
+    #: need, so that it gets warm memory (KERNEL-NOTES "Memory warmth") whatever ran before.
+    prewarm: bool = True
     #: Seconds between memory samples.
     sample_interval: float = 0.05
     #: Seconds the destination lets the guest run before it verifies it.
@@ -731,6 +736,33 @@ def _record(
     }
 
 
+def _prewarm(nbytes: int) -> float:
+    """Touch ``nbytes`` of fresh memory on a few threads and free it; returns the seconds.
+
+    On this kind of VM, memory freed a moment ago is fast to touch again and memory freed
+    long ago is slow (the host has taken it back). A copy-mode destination allocates all of
+    the guest's memory, so without this its speed depends on what ran before.
+    """
+    started = time.monotonic()
+    scratch = Region.anonymous(nbytes, name="prewarm")
+    try:
+        step = -(-scratch.size // 4 // PAGE_SIZE) * PAGE_SIZE
+        spans = [
+            (scratch.address + off, min(step, scratch.size - off))
+            for off in range(0, scratch.size, step)
+        ]
+        threads = [
+            threading.Thread(target=mm.madvise, args=(a, n, Madv.POPULATE_WRITE)) for a, n in spans
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        scratch.close()
+    return time.monotonic() - started
+
+
 def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> dict[str, Any]:
     """Run one migration between two fresh processes; raise unless its guest verified."""
     what = f"run {spec.index + 1} ({spec.label})"
@@ -754,6 +786,7 @@ def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> dict[st
         children.append(src)
         listening = dst.expect("listening", config.timeout, what)
         filled = src.expect("filled", config.timeout, what)
+        prewarmed = _prewarm(filled["guest_bytes"]) if config.prewarm else None
         time.sleep(config.warmup)
         sampler = _Sampler(
             {"source": filled["pid"], "destination": listening["pid"]}, config.sample_interval
@@ -775,6 +808,7 @@ def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> dict[st
         memory = sampler.result(baseline, filled["guest_bytes"])
         memory["interval"] = config.sample_interval
         record = _record(spec, filled, src_result, dst_result, memory)
+        record["prewarm_seconds"] = prewarmed
         if not record["verified"]:
             problems = "; ".join(dst_result["verify"]["problems"][:5])
             raise MigrateBenchmarkError(f"{what}: the guest failed its check: {problems}")
@@ -920,12 +954,18 @@ def _results(
             "read just before Source.run()",
             "statistic": f"median of {config.repeat} repeat(s) per (size, rate, mode)",
             "warmth": (
-                f"runs back to back ({config.settle:g} s between them): memory is warm in the "
-                "KERNEL-NOTES sense, except that a run can allocate more than the runs "
+                "warm: just before each migration the driver touched and freed as much "
+                "memory as the guest has, so the destination allocates memory freed a moment "
+                "ago (KERNEL-NOTES 'Memory warmth')"
+                if config.prewarm
+                else f"runs back to back ({config.settle:g} s between them): memory is warm in "
+                "the KERNEL-NOTES sense, except that a run can allocate more than the runs "
                 "before it freed"
                 if config.settle < 15
-                else f"{config.settle:g} s between runs: memory is cold in the KERNEL-NOTES sense"
+                else f"{config.settle:g} s between runs, no prewarming: memory is cold in the "
+                "KERNEL-NOTES sense"
             ),
+            "prewarm": config.prewarm,
             "qemu": QEMU_CONTEXT,
         },
         "complete": len(runs) == len(specs),

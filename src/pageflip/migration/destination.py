@@ -116,36 +116,51 @@ class Hasher:
 
 
 class Prefault:
-    """Allocate the pages of fresh regions ahead of the copy, on a thread of its own.
+    """Allocate the pages of fresh regions ahead of the copy, on threads of their own.
 
     A copy into pages that do not exist yet allocates them one fault at a time, inside the
-    copy; MADV_POPULATE_WRITE allocates them in bulk, and on another CPU while the copy
-    runs. Here that made a 1 GiB pull about twice as fast. Only for precopy: a postcopy
-    destination must leave missing pages missing, so that touching them faults.
+    copy; MADV_POPULATE_WRITE allocates them in bulk, while the copy runs. On this kind of
+    VM first touches wait on the host more than they use the CPU, so several threads go
+    faster even on two CPUs: 4 GiB populated in 1.2-1.7 s with four threads, 4-6 s with one.
+    Only for precopy: a postcopy destination must leave missing pages missing.
     """
 
-    STEP = 64 << 20
+    STEP = 32 << 20
+    THREADS = 4
 
     def __init__(self, regions: list[Region]) -> None:
-        self._spans = [(r.address, r.size) for r in regions]
+        self._steps = iter(
+            [
+                (r.address + offset, min(self.STEP, r.size - offset))
+                for r in regions
+                for offset in range(0, r.size, self.STEP)
+            ]
+        )
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pageflip-prefault", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"pageflip-prefault-{i}", daemon=True)
+            for i in range(self.THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
-        for address, size in self._spans:
-            for offset in range(0, size, self.STEP):
-                if self._stop.is_set():
-                    return
-                try:
-                    mm.madvise(address + offset, min(self.STEP, size - offset), Madv.POPULATE_WRITE)
-                except OSError as err:  # an old kernel (before 5.14) or no memory: copy anyway
-                    log.debug("prefault stopped: %s", err)
-                    return
+        while not self._stop.is_set():
+            with self._lock:
+                step = next(self._steps, None)
+            if step is None:
+                return
+            try:
+                mm.madvise(step[0], step[1], Madv.POPULATE_WRITE)
+            except OSError as err:  # an old kernel (before 5.14) or no memory: copy anyway
+                log.debug("prefault stopped: %s", err)
+                return
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
 
 class Destination:

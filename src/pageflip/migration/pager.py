@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,51 +132,115 @@ def present_pages(memfd: int, npages: int) -> npt.NDArray[np.bool_]:
     return present
 
 
-class Pager:
-    """Fill every missing page of ``regions`` from process ``src_pid``, faults first."""
+class _Buffer:
+    """A page-aligned scratch buffer of one thread: pages land here before UFFDIO_COPY."""
 
-    def __init__(self, uffd_fd: int, src_pid: int, regions: list[PagerRegion]) -> None:
+    def __init__(self, pages: int) -> None:
+        self.size = pages * PAGE_SIZE
+        self.address = mm.mmap(None, self.size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS)
+        self.view = memoryview((ctypes.c_char * self.size).from_address(self.address)).cast("B")
+
+    def close(self) -> None:
+        self.view.release()
+        mm.munmap(self.address, self.size)
+
+
+class Pager:
+    """Fill every missing page of ``regions`` from process ``src_pid``, faults first.
+
+    One thread waits on the uffd and serves faults as they come; ``workers`` threads sweep
+    the regions in order meanwhile. A page is *claimed* (under a lock) before it is read, so
+    no two threads install the same page; a fault on a page another thread is installing
+    is left to that thread's UFFDIO_COPY, which wakes the faulting thread. Several sweeping
+    threads help even on two CPUs: installing a page waits on the host more than it works.
+    """
+
+    def __init__(
+        self, uffd_fd: int, src_pid: int, regions: list[PagerRegion], workers: int = 3
+    ) -> None:
         self.uffd = uffd_fd
         self.src_pid = src_pid
         self.regions = regions
-        self._buffer_size = max(STEP_PAGES, FAULT_AHEAD + 1) * PAGE_SIZE
-        self._buffer = mm.mmap(
-            None, self._buffer_size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS
-        )
-        self._view = memoryview(
-            (ctypes.c_char * self._buffer_size).from_address(self._buffer)
-        ).cast("B")
+        self._lock = threading.Lock()
+        self._claimed = [r.filled.copy() for r in regions]
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
         self.fault_times: list[float] = []
         self.requested = 0
         self.fault_pages = 0
         self.pushed = 0
         self.started = time.monotonic()
+        self._faults = threading.Thread(target=self._guard, args=(self._serve_faults,), daemon=True)
+        self._sweepers = [
+            threading.Thread(target=self._guard, args=(self._sweep,), daemon=True)
+            for _ in range(workers)
+        ]
+        self._faults.start()
+        for thread in self._sweepers:
+            thread.start()
 
     @property
     def remaining(self) -> int:
         return sum(int(r.npages - np.count_nonzero(r.filled)) for r in self.regions)
 
-    def close(self) -> None:
-        self._view.release()
-        mm.munmap(self._buffer, self._buffer_size)
+    def wait(self, timeout: float) -> bool:
+        """Whether every page is in (the sweep ended); raises what a thread raised."""
+        for thread in self._sweepers:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        if self._error is not None:
+            raise self._error
+        # The sweep is over; a fault may still be finishing the last pages it claimed.
+        return self.remaining == 0
 
-    def _region_of(self, address: int) -> tuple[PagerRegion, int] | None:
-        for region in self.regions:
+    def close(self) -> None:
+        self._stop.set()
+        for thread in (self._faults, *self._sweepers):
+            thread.join()
+
+    def _guard(self, body: Any) -> None:
+        try:
+            body()
+        except BaseException as err:  # handed to the main thread by wait()
+            self._error = err
+            self._stop.set()
+
+    def _region_of(self, address: int) -> tuple[int, int] | None:
+        for index, region in enumerate(self.regions):
             if region.guest_address <= address < region.end:
-                return region, (address - region.guest_address) // PAGE_SIZE
+                return index, (address - region.guest_address) // PAGE_SIZE
         return None
 
-    def _install(self, region: PagerRegion, first: int, count: int) -> None:
-        """Read ``count`` pages from the source and UFFDIO_COPY them in (all missing)."""
+    def _claim(self, index: int, start: int, limit: int) -> tuple[int, int] | None:
+        """Claim the first run of unclaimed pages at or after ``start``, at most ``limit``."""
+        claimed = self._claimed[index]
+        with self._lock:
+            free = np.flatnonzero(~claimed[start : start + max(limit, 1) * 64])
+            if not len(free):
+                free = np.flatnonzero(~claimed[start:])
+                if not len(free):
+                    return None
+            first = start + int(free[0])
+            stop = min(first + limit, len(claimed))
+            taken = np.flatnonzero(claimed[first:stop])
+            if len(taken):
+                stop = first + int(taken[0])
+            claimed[first:stop] = True
+            return first, stop - first
+
+    def _install(self, buffer: _Buffer, index: int, first: int, count: int) -> None:
+        """Read ``count`` claimed pages from the source and UFFDIO_COPY them in."""
+        region = self.regions[index]
         nbytes = count * PAGE_SIZE
-        local = io.iovecs([(self._buffer, nbytes)])
+        local = io.iovecs([(buffer.address, nbytes)])
         remote = io.iovecs([(region.src_address + first * PAGE_SIZE, nbytes)])
         if io.pull_remote(self.src_pid, local, remote) != nbytes:
             raise PeerClosed(
                 "the source process is gone: its pages cannot be read", phase="postcopy"
             )
         h = xxhash.xxh3_64_intdigest
-        view = self._view
+        view = buffer.view
         region.digests[first : first + count] = np.fromiter(
             (h(view[o : o + PAGE_SIZE]) for o in range(0, nbytes, PAGE_SIZE)), np.uint64, count
         )
@@ -184,59 +249,66 @@ class Pager:
         while done < nbytes:
             try:
                 done += uffd.copy(
-                    self.uffd, dst + done, self._buffer + done, nbytes - done, UffdCopyMode.NONE
+                    self.uffd, dst + done, buffer.address + done, nbytes - done, UffdCopyMode.NONE
                 )
             except FileExistsError:
-                # Present already (it cannot be, as we are the only filler): skip that page.
-                done += PAGE_SIZE
+                done += PAGE_SIZE  # present already (it should not be): skip that page
             except BlockingIOError:
                 continue  # EAGAIN: the range is changing (e.g. being unmapped); try again
         region.filled[first : first + count] = True
 
-    def _missing_run(self, region: PagerRegion, start: int, limit: int) -> tuple[int, int] | None:
-        """The first run of missing pages at or after ``start``, at most ``limit`` long."""
-        missing = np.flatnonzero(~region.filled[start:])
-        if not len(missing):
-            return None
-        first = start + int(missing[0])
-        stop = first + 1
-        end = min(first + limit, region.npages)
-        while stop < end and not region.filled[stop]:
-            stop += 1
-        return first, stop - first
+    def _serve_faults(self) -> None:
+        buffer = _Buffer(FAULT_AHEAD + 1)
+        poller = select.poll()
+        poller.register(self.uffd, select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(50):
+                    continue
+                for msg in uffd.read_messages(self.uffd, 64):
+                    started = time.perf_counter()
+                    found = self._region_of(int(msg["address"]))
+                    if found is None:
+                        continue
+                    index, page = found
+                    run = self._claim(index, page, FAULT_AHEAD + 1)
+                    if run is None or run[0] != page:
+                        # Another thread has it: its UFFDIO_COPY wakes the faulting thread;
+                        # if it is in already, wake it ourselves.
+                        if run is not None:
+                            self._unclaim(index, *run)
+                        if self.regions[index].filled[page]:
+                            region = self.regions[index]
+                            uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
+                        continue
+                    self._install(buffer, index, *run)
+                    self.requested += 1
+                    self.fault_pages += run[1]
+                    self.fault_times.append(time.perf_counter() - started)
+        finally:
+            buffer.close()
 
-    def serve_faults(self) -> int:
-        """Serve every fault waiting now; returns how many."""
-        msgs = uffd.read_messages(self.uffd, 64)
-        for msg in msgs:
-            started = time.perf_counter()
-            found = self._region_of(int(msg["address"]))
-            if found is None:
-                continue
-            region, page = found
-            if region.filled[page]:
-                uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
-            else:
-                run = self._missing_run(region, page, FAULT_AHEAD + 1)
-                assert run is not None
-                self._install(region, *run)
-                self.requested += 1
-                self.fault_pages += run[1]
-            self.fault_times.append(time.perf_counter() - started)
-        return len(msgs)
+    def _unclaim(self, index: int, first: int, count: int) -> None:
+        with self._lock:
+            self._claimed[index][first : first + count] = False
 
-    def step(self) -> bool:
-        """Install the next few missing pages in order; False when none are left."""
-        for region in self.regions:
-            run = self._missing_run(region, region.cursor, STEP_PAGES)
-            if run is None:
-                region.cursor = region.npages
-                continue
-            self._install(region, *run)
-            self.pushed += run[1]
-            region.cursor = run[0] + run[1]
-            return True
-        return False
+    def _sweep(self) -> None:
+        buffer = _Buffer(STEP_PAGES)
+        try:
+            for index, region in enumerate(self.regions):
+                while not self._stop.is_set():
+                    with self._lock:
+                        cursor = region.cursor
+                    run = self._claim(index, cursor, STEP_PAGES)
+                    if run is None:
+                        break
+                    with self._lock:
+                        region.cursor = max(region.cursor, run[0] + run[1])
+                    self._install(buffer, index, *run)
+                    with self._lock:
+                        self.pushed += run[1]
+        finally:
+            buffer.close()
 
     def stats(self) -> dict[str, Any]:
         times = np.array(self.fault_times) * 1e6
@@ -275,25 +347,19 @@ def run(link: PagerLink) -> None:
         )
         os.close(memfd)
     pager = Pager(uffd_fd, start["src_pid"], regions)
-    last = 0.0
     try:
-        while True:
-            pager.serve_faults()
-            more = pager.step()
-            now = time.monotonic()
-            if now - last > 0.1 or not more:
-                last = now
-                link.send(
-                    {
-                        "progress": {
-                            "remaining": pager.remaining,
-                            "pushed": pager.pushed,
-                            "requested": pager.requested,
-                        }
+        while not pager.wait(0.1):
+            link.send(
+                {
+                    "progress": {
+                        "remaining": pager.remaining,
+                        "pushed": pager.pushed,
+                        "requested": pager.requested,
                     }
-                )
-            if not more:
-                break
+                }
+            )
+        final = {"remaining": 0, "pushed": pager.pushed, "requested": pager.requested}
+        link.send({"progress": final})
         report = pager.stats()
         link.send({"complete": report})
         # The destination merges digests: it sends the ones it kept, gets ours back.

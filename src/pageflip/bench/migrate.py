@@ -786,8 +786,13 @@ def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> dict[st
         children.append(src)
         listening = dst.expect("listening", config.timeout, what)
         filled = src.expect("filled", config.timeout, what)
-        prewarmed = _prewarm(filled["guest_bytes"]) if config.prewarm else None
         time.sleep(config.warmup)
+        # Right before the migration: freed memory stays warm only a second or two (the
+        # kernel reports free pages to the host, which takes them back).
+        # A flip allocates nothing: prewarming would only leave the kernel busy handing
+        # the scratch memory back while the flip runs.
+        warm = config.prewarm and spec.mode != "flip"
+        prewarmed = _prewarm(filled["guest_bytes"]) if warm else None
         sampler = _Sampler(
             {"source": filled["pid"], "destination": listening["pid"]}, config.sample_interval
         )
@@ -954,9 +959,9 @@ def _results(
             "read just before Source.run()",
             "statistic": f"median of {config.repeat} repeat(s) per (size, rate, mode)",
             "warmth": (
-                "warm: just before each migration the driver touched and freed as much "
-                "memory as the guest has, so the destination allocates memory freed a moment "
-                "ago (KERNEL-NOTES 'Memory warmth')"
+                "warm: just before each precopy or postcopy migration the driver touched and "
+                "freed as much memory as the guest has, so the destination allocates memory "
+                "freed a moment ago (KERNEL-NOTES 'Memory warmth'); a flip allocates nothing"
                 if config.prewarm
                 else f"runs back to back ({config.settle:g} s between them): memory is warm in "
                 "the KERNEL-NOTES sense, except that a run can allocate more than the runs "

@@ -41,7 +41,7 @@ def _helpers_alive() -> list[str]:
                 cmdline = f.read()
         except OSError:
             continue
-        if b"pageflip.migration.pager" in cmdline:
+        if b"pageflip._pager" in cmdline:
             found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
     return found
 

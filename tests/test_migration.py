@@ -269,7 +269,7 @@ def _pagers() -> list[int]:
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if b"pageflip.migration.pager" in f.read():
+                    if b"pageflip._pager" in f.read():
                         found.append(int(name))
             except OSError:
                 pass

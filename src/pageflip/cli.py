@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,58 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m.strip() for value in values for m in value.split(",") if m.strip())
 
 
+def _report_options(command: Any) -> Any:
+    """The options every benchmark shares: how to report, and whether to show progress."""
+    for option in reversed(
+        [
+            click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+            click.option("--markdown", is_flag=True, help="Print the tables as Markdown."),
+            click.option(
+                "--output",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="Also write the JSON results to this file.",
+            ),
+            click.option(
+                "--progress/--no-progress",
+                default=True,
+                show_default=True,
+                help="Show progress on stderr.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _with_progress(
+    show: bool, label: str, total: int | None, run: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``)."""
+    if not show:
+        return run(None)
+    with Progress(
+        TextColumn(f"[bold]{escape(label)}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=_stderr_console(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=total)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        return run(on_progress)
+
+
+def _write_json(output: Path | None, text: str) -> None:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
 @bench.command()
 @click.option("--size", type=SIZE, default="1G", show_default=True, help="Bytes to hand over.")
 @click.option(
@@ -156,16 +209,7 @@ def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
     show_default=True,
     help="Threads that touch the moved pages (0: two if there are two CPUs).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@click.option("--markdown", is_flag=True, help="Print the tables as Markdown on stdout.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the JSON results to this file.",
-)
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show progress on stderr."
-)
+@_report_options
 def handoff(
     size: int,
     repeat: int,
@@ -205,28 +249,14 @@ def handoff(
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     console = _stderr_console()
-    if progress:
-        with Progress(
-            TextColumn("[bold]handoff {task.fields[size]}[/]"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("starting", total=None, size=format_size(config.nbytes))
-
-            def on_progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what)
-
-            result = bench_handoff.run(config, on_progress)
-    else:
-        result = bench_handoff.run(config)
+    result = _with_progress(
+        progress,
+        f"handoff {format_size(config.nbytes)}",
+        None,
+        lambda on_progress: bench_handoff.run(config, on_progress),
+    )
     text = json.dumps(result, indent=2)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n")
+    _write_json(output, text)
     if as_json:
         click.echo(text)
     elif markdown:
@@ -665,21 +695,12 @@ def stop(control: str) -> None:
     help="Touch and free the guest's size of memory before each migration (warm memory); "
     "--no-prewarm with --settle 15 gives cold runs.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@click.option("--markdown", is_flag=True, help="Print the tables as Markdown on stdout.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the JSON results to this file.",
-)
+@_report_options
 @click.option(
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also draw downtime and total time against size into this PNG (needs matplotlib).",
-)
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show progress on stderr."
 )
 def bench_migrate(
     sizes: str,
@@ -743,34 +764,19 @@ def bench_migrate(
     console = _stderr_console()
     runs = len(bench_migrate_module.run_order(config))
     try:
-        if progress:
-            with Progress(
-                TextColumn("[bold]migrate[/]"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                console=console,
-                transient=True,
-            ) as bar:
-                task = bar.add_task("starting", total=runs)
-
-                def on_progress(done: int, total: int, what: str) -> None:
-                    bar.update(task, completed=done, total=total, description=what)
-
-                result = bench_migrate_module.run(config, on_progress)
-        else:
-            result = bench_migrate_module.run(config)
+        result = _with_progress(
+            progress,
+            "migrate",
+            runs,
+            lambda on_progress: bench_migrate_module.run(config, on_progress),
+        )
     except bench_migrate_module.MigrateBenchmarkError as err:
         if output is not None and err.partial is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(err.partial, indent=2) + "\n")
+            _write_json(output, json.dumps(err.partial, indent=2))
             console.print(f"results of the runs before the failure written to {output}")
         raise click.ClickException(f"MigrateBenchmarkError: {err}") from None
     text = json.dumps(result, indent=2, allow_nan=False)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n")
+    _write_json(output, text)
     if plot_path is not None:
         bench_migrate_module.plot(result, plot_path)
     if as_json:

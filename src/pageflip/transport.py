@@ -46,7 +46,41 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
-class UnixConnection:
+class _Connected:
+    """What every connected socket of pageflip's has: the socket, readiness, closing."""
+
+    _sock: socket.socket | None
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise ClosedError("the connection is closed", what="connection")
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        """Whether the socket became readable (or closed) within ``timeout`` seconds."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        return bool(poller.poll(ms))
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.sock.recv_into(view)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class UnixConnection(_Connected):
     """A connected Unix stream socket carrying bytes, fds and credentials."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -72,19 +106,6 @@ class UnixConnection:
             raise type(err)(err.errno, f"connect({path!r}): {err.strerror or err}") from None
         return cls(sock)
 
-    @property
-    def sock(self) -> socket.socket:
-        if self._sock is None:
-            raise ClosedError("the connection is closed", what="connection")
-        return self._sock
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def peer(self) -> tuple[int, int, int]:
         """(pid, uid, gid) of the peer when the connection was made (SO_PEERCRED)."""
         return peer_credentials(self.sock)
@@ -107,13 +128,6 @@ class UnixConnection:
         except (BrokenPipeError, ConnectionResetError) as err:
             raise PeerClosed(f"the peer closed the connection ({phase})", phase=phase) from err
 
-    def wait_readable(self, timeout: float | None) -> bool:
-        """Whether the socket became readable (or closed) within ``timeout`` seconds."""
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        ms = None if timeout is None else max(0, int(timeout * 1000))
-        return bool(poller.poll(ms))
-
     def recv(self, size: int = 65536) -> tuple[bytes, list[int]]:
         """Some bytes (b"" at EOF) and the fds that came with them."""
         nbytes, anc, flags, _ = self.sock.recvmsg(
@@ -132,14 +146,6 @@ class UnixConnection:
             close_all(fds)
             raise OSError(errno.EMSGSIZE, "recvmsg: file descriptors were truncated")
         return nbytes, fds
-
-    def recv_into(self, view: memoryview) -> int:
-        return self.sock.recv_into(view)
-
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
 
 
 class UnixListener:
@@ -226,7 +232,7 @@ def check_path(path: str) -> None:
         raise SpanError(f"socket path {path!r} is longer than {limit} bytes")
 
 
-class TcpConnection:
+class TcpConnection(_Connected):
     """A connected TCP socket: bytes only (no fds, no peer pid), for migration across hosts."""
 
     last_pid = 0
@@ -247,19 +253,6 @@ class TcpConnection:
         sock.settimeout(None)
         return cls(sock)
 
-    @property
-    def sock(self) -> socket.socket:
-        if self._sock is None:
-            raise ClosedError("the connection is closed", what="connection")
-        return self._sock
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def peer(self) -> tuple[int, int, int]:
         """TCP peers have no credentials: (0, -1, -1)."""
         return 0, -1, -1
@@ -272,22 +265,8 @@ class TcpConnection:
         except (BrokenPipeError, ConnectionResetError) as err:
             raise PeerClosed(f"the peer closed the connection ({phase})", phase=phase) from err
 
-    def wait_readable(self, timeout: float | None) -> bool:
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        ms = None if timeout is None else max(0, int(timeout * 1000))
-        return bool(poller.poll(ms))
-
     def recv(self, size: int = 65536) -> tuple[bytes, list[int]]:
         return self.sock.recv(size), []
-
-    def recv_into(self, view: memoryview) -> int:
-        return self.sock.recv_into(view)
-
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
 
 
 class TcpListener:

@@ -463,7 +463,7 @@ class Destination:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._pager_proc = subprocess.Popen(
-                [sys.executable, "-m", "pageflip.migration.pager", str(theirs.fileno())],
+                [sys.executable, "-m", "pageflip._pager", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
             )
         finally:

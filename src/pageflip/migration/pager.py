@@ -13,7 +13,7 @@ few after it), between those the rest in order, until every page is there. It ha
 page it installs (xxh3), so that the destination can check the whole memory against the
 source's digests at the end, and it times each fault it serves.
 
-Run as ``python -m pageflip.migration.pager FD`` where FD is one end of a Unix socket pair;
+Run as ``python -m pageflip._pager FD`` where FD is one end of a Unix socket pair;
 the conversation on it is JSON lines with fds attached (see :class:`PagerLink`).
 """
 
@@ -192,7 +192,10 @@ class Pager:
         if self._error is not None:
             raise self._error
         # The sweep is over; a fault may still be finishing the last pages it claimed.
-        return self.remaining == 0
+        if self.remaining:
+            time.sleep(min(timeout, 0.001))
+            return False
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -271,14 +274,12 @@ class Pager:
                     if found is None:
                         continue
                     index, page = found
-                    run = self._claim(index, page, FAULT_AHEAD + 1)
-                    if run is None or run[0] != page:
+                    run = self._claim_at(index, page, FAULT_AHEAD + 1)
+                    if run is None:
                         # Another thread has it: its UFFDIO_COPY wakes the faulting thread;
                         # if it is in already, wake it ourselves.
-                        if run is not None:
-                            self._unclaim(index, *run)
-                        if self.regions[index].filled[page]:
-                            region = self.regions[index]
+                        region = self.regions[index]
+                        if region.filled[page]:
                             uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
                         continue
                     self._install(buffer, index, *run)
@@ -288,9 +289,19 @@ class Pager:
         finally:
             buffer.close()
 
-    def _unclaim(self, index: int, first: int, count: int) -> None:
+    def _claim_at(self, index: int, page: int, limit: int) -> tuple[int, int] | None:
+        """Claim ``page`` and the unclaimed pages after it (at most ``limit``), or None if
+        ``page`` is claimed already."""
+        claimed = self._claimed[index]
         with self._lock:
-            self._claimed[index][first : first + count] = False
+            if claimed[page]:
+                return None
+            stop = min(page + limit, len(claimed))
+            taken = np.flatnonzero(claimed[page:stop])
+            if len(taken):
+                stop = page + int(taken[0])
+            claimed[page:stop] = True
+            return page, stop - page
 
     def _sweep(self) -> None:
         buffer = _Buffer(STEP_PAGES)
@@ -300,6 +311,8 @@ class Pager:
                     with self._lock:
                         cursor = region.cursor
                     run = self._claim(index, cursor, STEP_PAGES)
+                    if run is None and cursor:
+                        run = self._claim(index, 0, STEP_PAGES)  # anything left behind
                     if run is None:
                         break
                     with self._lock:
@@ -348,16 +361,17 @@ def run(link: PagerLink) -> None:
         os.close(memfd)
     pager = Pager(uffd_fd, start["src_pid"], regions)
     try:
+        last = 0.0
         while not pager.wait(0.1):
-            link.send(
-                {
-                    "progress": {
-                        "remaining": pager.remaining,
-                        "pushed": pager.pushed,
-                        "requested": pager.requested,
-                    }
+            now = time.monotonic()
+            if now - last >= 0.1:  # at most ten progress messages a second
+                last = now
+                progress = {
+                    "remaining": pager.remaining,
+                    "pushed": pager.pushed,
+                    "requested": pager.requested,
                 }
-            )
+                link.send({"progress": progress})
         final = {"remaining": 0, "pushed": pager.pushed, "requested": pager.requested}
         link.send({"progress": final})
         report = pager.stats()
@@ -410,7 +424,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         link.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

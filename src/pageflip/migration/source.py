@@ -487,6 +487,8 @@ class Source:
         self._mode = "postcopy"
         for index, runs in enumerate(stale):
             sent = self._sent[index]
+            if not len(runs) or not sent.any():
+                continue  # nothing of it was sent: nothing to drop (a pure postcopy)
             pages = runs_to_pages(runs)
             pages = pages[sent[pages]] if len(pages) else pages
             if not len(pages):

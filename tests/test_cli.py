@@ -228,6 +228,16 @@ def test_bench_handoff_writes_the_same_json_to_output(
     assert json.loads(out.read_text()) == data
 
 
+def test_bench_handoff_progress_is_plain_lines_off_a_terminal(
+    handoff_4m: tuple[dict[str, Any], Path, str],
+) -> None:
+    """Under CliRunner stderr is no terminal: progress comes as lines, ending with "done"."""
+    _, _, stderr = handoff_4m
+    lines = [line for line in stderr.splitlines() if line.startswith("handoff 4M: ")]
+    assert len(lines) >= 2
+    assert lines[-1].endswith("done")
+
+
 def test_bench_handoff_markdown_covers_every_row(
     handoff_4m: tuple[dict[str, Any], Path, str],
 ) -> None:

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,16 +155,26 @@ def _report_options(command: Any) -> Any:
 def _with_progress(
     show: bool, label: str, total: int | None, run: Callable[[Any], dict[str, Any]]
 ) -> dict[str, Any]:
-    """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``)."""
+    """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``). When stderr is
+    not a terminal (a log file, CI), each step is a plain line there instead."""
     if not show:
         return run(None)
+    console = _stderr_console()
+    if not console.is_terminal:
+        started = time.monotonic()
+
+        def print_line(done: int, total: int, what: str) -> None:
+            elapsed = time.monotonic() - started
+            click.echo(f"{label}: {done}/{total} [{elapsed:6.0f} s] {what}", err=True)
+
+        return run(print_line)
     with Progress(
         TextColumn(f"[bold]{escape(label)}[/]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
-        console=_stderr_console(),
+        console=console,
         transient=True,
     ) as bar:
         task = bar.add_task("starting", total=total)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import pickle
-import signal
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import channel_pair
+from ._children import end_process, picklable, stop_on_signals
 from .bench import format_size
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
@@ -126,20 +125,9 @@ def _frames(obj: Region) -> Frames | str:
         return str(err)
 
 
-def _stop_on_signals() -> None:
-    """In a child: leave Ctrl-C to the parent (which stops us), and let SIGTERM unwind
-    (``finally`` blocks close regions and unlink shared memory) instead of killing outright."""
-
-    def exit_now(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, exit_now)
-
-
 def _child_main(channel: Channel, ctrl: Connection) -> None:
     """The receiving process: receive, verify and report, once per phase."""
-    _stop_on_signals()
+    stop_on_signals()
     try:
         ctrl.send(("ready", os.getpid()))
         while True:
@@ -153,7 +141,7 @@ def _child_main(channel: Channel, ctrl: Connection) -> None:
             try:
                 report = _receive_and_check(channel, ctrl, seed)
             except Exception as err:
-                ctrl.send(("error", _picklable(err), traceback.format_exc()))
+                ctrl.send(("error", picklable(err), traceback.format_exc()))
                 return
             ctrl.send(("result", report))
     finally:
@@ -171,14 +159,6 @@ def _receive_and_check(channel: Channel, ctrl: Connection, seed: int) -> dict[st
         return {"transfer": transfer, "wrong": wrong, "digest": digest, "frames": frames}
     finally:
         region.close()
-
-
-def _picklable(err: BaseException) -> BaseException | None:
-    try:
-        pickle.loads(pickle.dumps(err))
-    except Exception:
-        return None
-    return err
 
 
 # -- the sending side (this process) ----------------------------------------------------------
@@ -227,18 +207,7 @@ class _Child:
 
     def stop(self) -> None:
         """Let the child finish; end it if it does not. Idempotent."""
-        if self.process.exitcode is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("quit",))
-            self.process.join(10)
-            if self.process.exitcode is None:
-                self.process.terminate()
-                self.process.join(5)
-            if self.process.exitcode is None:
-                self.process.kill()
-                self.process.join()
-        self.conn.close()
-        self.process.close()
+        end_process(self.process, self.conn, 10)
 
 
 def _bar(progress: Progress, text: str, total: int) -> TaskID:

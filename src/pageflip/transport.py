@@ -148,7 +148,47 @@ class UnixConnection(_Connected):
         return nbytes, fds
 
 
-class UnixListener:
+class _Listening:
+    """What both listeners share: the listening socket, its fd, and accepting with a timeout."""
+
+    path: str
+    _sock: socket.socket | None
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        return self._listening().fileno()
+
+    def _listening(self) -> socket.socket:
+        if self._sock is None:
+            raise ClosedError(f"listener {self.path!r} is closed", what="listener")
+        return self._sock
+
+    def _accept_socket(self, timeout: float | None) -> socket.socket:
+        """The next connection (blocking for at most ``timeout`` seconds), in blocking mode."""
+        listening = self._listening()
+        listening.settimeout(timeout)
+        try:
+            sock, _ = listening.accept()
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(None)
+        sock.settimeout(None)
+        return sock
+
+    def __del__(self) -> None:
+        if getattr(self, "_sock", None) is not None:
+            self.close()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class UnixListener(_Listening):
     """A listening Unix socket at ``path`` (``@name`` for the abstract namespace).
 
     ``uids`` are the peer uids :meth:`accept` takes; by default only our own. The socket
@@ -170,27 +210,9 @@ class UnixListener:
         self._sock: socket.socket | None = sock
         self._inode = None if path.startswith("@") else os.stat(path).st_ino
 
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def fileno(self) -> int:
-        if self._sock is None:
-            raise ClosedError(f"listener {self.path!r} is closed", what="listener")
-        return self._sock.fileno()
-
     def accept(self, timeout: float | None = None) -> UnixConnection:
         """The next peer whose uid we allow; others are closed and raise PeerRejected."""
-        if self._sock is None:
-            raise ClosedError(f"listener {self.path!r} is closed", what="listener")
-        self._sock.settimeout(timeout)
-        try:
-            sock, _ = self._sock.accept()
-        finally:
-            if self._sock is not None:
-                self._sock.settimeout(None)
-        sock.settimeout(None)
-        conn = UnixConnection(sock)
+        conn = UnixConnection(self._accept_socket(timeout))
         pid, uid, _ = conn.peer()
         if self.uids is not None and uid not in self.uids:
             conn.close()
@@ -219,10 +241,6 @@ class UnixListener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_sock", None) is not None:
-            self.close()
 
 
 def check_path(path: str) -> None:
@@ -269,7 +287,7 @@ class TcpConnection(_Connected):
         return self.sock.recv(size), []
 
 
-class TcpListener:
+class TcpListener(_Listening):
     """A listening TCP socket; ``port`` 0 picks a free one (see :attr:`port`)."""
 
     def __init__(self, host: str, port: int, backlog: int = 16) -> None:
@@ -286,31 +304,9 @@ class TcpListener:
         self.port = sock.getsockname()[1]
         self.path = f"tcp:{host}:{self.port}"
 
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def fileno(self) -> int:
-        if self._sock is None:
-            raise ClosedError(f"listener {self.path} is closed", what="listener")
-        return self._sock.fileno()
-
     def accept(self, timeout: float | None = None) -> TcpConnection:
-        if self._sock is None:
-            raise ClosedError(f"listener {self.path} is closed", what="listener")
-        self._sock.settimeout(timeout)
-        try:
-            sock, _ = self._sock.accept()
-        finally:
-            if self._sock is not None:
-                self._sock.settimeout(None)
-        sock.settimeout(None)
-        return TcpConnection(sock)
-
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        """The next peer (TCP carries no credentials to check)."""
+        return TcpConnection(self._accept_socket(timeout))
 
     def __enter__(self) -> TcpListener:
         return self

@@ -38,10 +38,8 @@ import datetime
 import itertools
 import multiprocessing
 import os
-import pickle
 import platform
 import resource
-import signal
 import statistics
 import sys
 import time
@@ -59,6 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import __version__, channel_pair
+from .._children import end_process, picklable, stop_on_signals
 from .._sys.procfs import procfs_path
 from ..channel import Channel, CopyMethod
 from ..errors import PageflipError
@@ -549,28 +548,9 @@ class _Receiver:
         self.peer.close()
 
 
-def _picklable(err: BaseException) -> BaseException | None:
-    try:
-        pickle.loads(pickle.dumps(err))
-    except Exception:
-        return None
-    return err
-
-
-def _stop_on_signals() -> None:
-    """In a child: leave Ctrl-C to the parent (which stops us), and let SIGTERM unwind
-    (``finally`` blocks close regions and unlink shared memory) instead of killing outright."""
-
-    def exit_now(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, exit_now)
-
-
 def _worker_main(role: str, ctrl: Connection, channel: Channel, peer: Connection) -> None:
     """Entry point of a benchmark process: run commands from the parent until told to quit."""
-    _stop_on_signals()
+    stop_on_signals()
     worker: _Sender | _Receiver = (
         _Sender(channel, peer) if role == "sender" else _Receiver(channel, peer)
     )
@@ -586,7 +566,7 @@ def _worker_main(role: str, ctrl: Connection, channel: Channel, peer: Connection
             try:
                 result = getattr(worker, f"do_{command}")(ctrl, *args)
             except Exception as err:
-                ctrl.send(("error", _picklable(err), traceback.format_exc()))
+                ctrl.send(("error", picklable(err), traceback.format_exc()))
                 continue
             ctrl.send(("ok", result))
     finally:
@@ -616,18 +596,7 @@ class _Worker:
 
     def stop(self, wait: float = 10.0) -> None:
         """Ask the process to quit; end it if it has not within ``wait`` seconds. Idempotent."""
-        if self.process.exitcode is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("quit",))
-            self.process.join(wait)
-            if self.process.exitcode is None:
-                self.process.terminate()
-                self.process.join(5)
-            if self.process.exitcode is None:
-                self.process.kill()
-                self.process.join()
-        self.conn.close()
-        self.process.close()
+        end_process(self.process, self.conn, wait)
 
 
 def _gather(workers: Sequence[_Worker], kind: str = "ok") -> list[Any]:

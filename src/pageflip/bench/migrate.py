@@ -55,13 +55,14 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any
 
+from .._children import end_process, stop_on_signals
 from .._sys import mm
 from .._sys.flags import Madv
 from .._sys.procfs import proc
 from ..errors import FeatureUnavailable, PageflipError
 from ..memory import PAGE_SIZE, Region
 from . import format_size, human_size
-from .handoff import BenchmarkError, _machine, _stop_on_signals
+from .handoff import BenchmarkError, _machine
 
 __all__ = [
     "DEFAULT_RATES",
@@ -294,7 +295,7 @@ def _source_main(
     options: dict[str, Any],
 ) -> None:
     """A run's source: create the workload, wait for go, migrate it, report."""
-    _stop_on_signals()
+    stop_on_signals()
     from ..guests import Workload
     from ..migration.source import MigrationOptions, Source
 
@@ -349,7 +350,7 @@ def _source_main(
 
 def _destination_main(conn: Connection, listen: str, timeout: float, verify_delay: float) -> None:
     """A run's destination: receive the guest, let it run, check it, report."""
-    _stop_on_signals()
+    stop_on_signals()
     from ..guests import Workload
     from ..migration.destination import Destination
 
@@ -468,18 +469,7 @@ class _Child:
         if self._stopped:
             return
         self._stopped = True
-        if self.process.exitcode is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("quit",))
-            self.process.join(wait)
-            if self.process.exitcode is None:
-                self.process.terminate()
-                self.process.join(5)
-            if self.process.exitcode is None:
-                self.process.kill()
-                self.process.join()
-        self.conn.close()
-        self.process.close()
+        end_process(self.process, self.conn, wait)
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -1349,26 +1339,20 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             )
         if key == "downtime":
             limit = result["config"]["downtime_limit"]
-            ax.axhline(limit, color="tab:red", linewidth=0.8, linestyle="--")
-            ax.annotate(
-                f"precopy limit {_ms(limit)}",
-                (0.99, limit),
-                xycoords=("axes fraction", "data"),
-                fontsize=8,
-                color="tab:red",
-                va="bottom",
-                ha="right",
-            )
-            ax.axhline(FLIP_DOWNTIME_LIMIT, color="tab:green", linewidth=0.8, linestyle="--")
-            ax.annotate(
-                f"flip target {_ms(FLIP_DOWNTIME_LIMIT)}",
-                (0.99, FLIP_DOWNTIME_LIMIT),
-                xycoords=("axes fraction", "data"),
-                fontsize=8,
-                color="tab:green",
-                va="bottom",
-                ha="right",
-            )
+            for value, text, color in (
+                (limit, "precopy limit", "tab:red"),
+                (FLIP_DOWNTIME_LIMIT, "flip target", "tab:green"),
+            ):
+                ax.axhline(value, color=color, linewidth=0.8, linestyle="--")
+                ax.annotate(
+                    f"{text} {_ms(value)}",
+                    (0.99, value),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=8,
+                    color=color,
+                    va="bottom",
+                    ha="right",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(FixedLocator([s / GiB for s in sorted(ticks)]))

@@ -519,7 +519,13 @@ def _event_text(event: dict[str, Any]) -> str:
     show_default=True,
     help="auto: flip when local and movable, else precopy.",
 )
-@click.option("--downtime-limit", type=DURATION, default="300ms", show_default=True)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Longest pause precopy may cause; it switches over at 3/4 of it expected.",
+)
 @click.option(
     "--max-bandwidth", type=SIZE, default=None, help="Bytes per second (default: no cap)."
 )

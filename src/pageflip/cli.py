@@ -524,7 +524,7 @@ def _event_text(event: dict[str, Any]) -> str:
     type=DURATION,
     default="300ms",
     show_default=True,
-    help="Longest pause precopy may cause; it switches over at 3/4 of it expected.",
+    help="Longest pause precopy may cause; it switches over at 3/5 of it expected.",
 )
 @click.option(
     "--max-bandwidth", type=SIZE, default=None, help="Bytes per second (default: no cap)."

@@ -4,6 +4,7 @@ digests, and every failure before the commit point injected for real."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,18 @@ def test_postcopy_destination_killed_before_resuming_leaves_the_guest_on_the_sou
 
     time.sleep(1)  # the orphaned pager notices its destination died and exits
     assert _pagers() == []
+
+
+def test_responsive_lowers_the_switch_interval_while_any_migration_runs() -> None:
+    from pageflip.migration._gil import SWITCH_INTERVAL, responsive
+
+    before = sys.getswitchinterval()
+    with responsive():
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+        with responsive():
+            assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), responsive():
+        raise RuntimeError("a failed migration restores it too")
+    assert sys.getswitchinterval() == before

@@ -45,6 +45,7 @@ from ..errors import (
 from ..guests import Guest, guest_class
 from ..memory import Memfd, Region
 from ..transport import Address, Listener
+from ._gil import responsive
 from .digests import PageDigests, sample_digest
 from .events import (
     DoneEvent,
@@ -240,16 +241,17 @@ class Destination:
             self.close()
         self._start = time.monotonic()
         self._link = Link(conn)
-        try:
-            self._phases.advance(DestinationPhase.SETUP)
-            self._handshake()
-            self._phases.advance(DestinationPhase.RECEIVING)
-            switchover = self._receive()
-            self._phases.advance(DestinationPhase.VERIFYING)
-            guest = self._verify_and_resume(switchover)
-        except BaseException as err:
-            raise self._failed(err) from err
-        self._after_resume(guest)
+        with responsive():
+            try:
+                self._phases.advance(DestinationPhase.SETUP)
+                self._handshake()
+                self._phases.advance(DestinationPhase.RECEIVING)
+                switchover = self._receive()
+                self._phases.advance(DestinationPhase.VERIFYING)
+                guest = self._verify_and_resume(switchover)
+            except BaseException as err:
+                raise self._failed(err) from err
+            self._after_resume(guest)
         return guest
 
     def _failed(self, err: BaseException) -> MigrationError:

@@ -45,6 +45,7 @@ from ..errors import DigestMismatch, MigrationError, PageflipError, SpanError
 from ..guests import Guest
 from ..memory import Region
 from ..transport import Address
+from ._gil import responsive
 from .digests import PageDigests, gc_paused, sample_digest
 from .events import (
     DoneEvent,
@@ -180,17 +181,18 @@ class Source:
     def run(self) -> DoneEvent:
         """Migrate; returns the final report. On failure the guest runs here again."""
         self._start = time.monotonic()
-        try:
-            self._phases.advance(SourcePhase.SETUP)
-            self._connect()
-            mode = self._negotiate()
-            if mode == "flip":
-                resumed_at = self._flip()
-            else:
-                resumed_at = self._precopy(postcopy=mode == "postcopy")
-        except BaseException as err:
-            raise self._failed(err) from err
-        return self._finish(resumed_at)
+        with responsive():
+            try:
+                self._phases.advance(SourcePhase.SETUP)
+                self._connect()
+                mode = self._negotiate()
+                if mode == "flip":
+                    resumed_at = self._flip()
+                else:
+                    resumed_at = self._precopy(postcopy=mode == "postcopy")
+            except BaseException as err:
+                raise self._failed(err) from err
+            return self._finish(resumed_at)
 
     def _emit(self, event: MigrationEvent) -> None:
         if self._on_event is not None:

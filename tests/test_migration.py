@@ -146,15 +146,42 @@ def test_precopy_without_pull_sends_pages_and_zero_markers(run: Run) -> None:
     assert done["pages_zero"] > 0  # the journal of a workload that never wrote is zeros
 
 
-def test_precopy_over_tcp_with_zstd(spawn: Any) -> None:
+def _tcp_run(spawn: Any) -> Run:
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    r = Run(spawn, f"tcp:127.0.0.1:{port}")
+    return Run(spawn, f"tcp:127.0.0.1:{port}")
+
+
+def test_precopy_over_tcp_with_zstd(spawn: Any) -> None:
+    r = _tcp_run(spawn)
     try:
         src, dst = r.start(options={"mode": "precopy", "compress": 3}, rate=16 * MiB)
+    finally:
+        r.close()
+    assert src["ok"], src
+    assert src["done"]["mode"] == "precopy"
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+
+
+def test_precopy_over_tcp_that_cannot_converge_is_forced_not_postcopy(spawn: Any) -> None:
+    """Postcopy's pager reads the source's memory: over TCP there is none, so the fallback
+    is a forced switchover, never a postcopy the destination would refuse."""
+    r = _tcp_run(spawn)
+    try:
+        src, dst = r.start(
+            size=32 * MiB,
+            rate=256 * MiB,
+            options={
+                "mode": "precopy",
+                "downtime_limit": 1e-6,
+                "max_rounds": 2,
+                "max_bandwidth": 64 * MiB,
+                "on_no_convergence": "postcopy",
+            },
+        )
     finally:
         r.close()
     assert src["ok"], src

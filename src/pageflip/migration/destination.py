@@ -301,8 +301,9 @@ class Destination:
             f |= stream.Feature.FLIP
             if features.has("process_vm_readv"):
                 f |= stream.Feature.PULL
-        if features.has("uffd_missing_shmem"):
-            f |= stream.Feature.POSTCOPY
+                if features.has("uffd_missing_shmem"):
+                    # The pager serves faults with pages it pulls out of the source.
+                    f |= stream.Feature.POSTCOPY
         return f
 
     def _handshake(self) -> None:
@@ -328,7 +329,7 @@ class Destination:
         self._setup = setup
         mode = stream.Mode(setup.mode)
         if mode is stream.Mode.POSTCOPY:
-            if stream.Feature.POSTCOPY not in shared or stream.Feature.PULL not in shared:
+            if stream.Feature.POSTCOPY not in shared:
                 raise MigrationError(
                     "postcopy needs userfaultfd here and the source on this host",
                     phase="setup",
@@ -440,23 +441,23 @@ class Destination:
         self._hasher.submit(digests, event.runs)
 
     def _zero(self, event: stream.ZeroPages) -> None:
-        region, digests = self._region(event.region)
-        self._check_runs(region, event.runs)
-        (extent,) = region.extents()
-        assert extent.memfd is not None
-        for first, count in event.runs.tolist():
-            mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
+        _, digests = self._punch(event.region, event.runs)
         self._hasher.submit(digests, event.runs, zero=True)
 
     def _discard(self, event: stream.DiscardPages) -> None:
         """Postcopy: these pages changed after they were sent; drop ours (the pager fetches
         them again when they are touched or in its sweep)."""
-        region, _ = self._region(event.region)
-        self._check_runs(region, event.runs)
+        self._punch(event.region, event.runs)
+
+    def _punch(self, index: int, runs: Runs) -> tuple[Region, PageDigests]:
+        """Free the pages of ``runs`` in region ``index``: they read as zeros again."""
+        region, digests = self._region(index)
+        self._check_runs(region, runs)
         (extent,) = region.extents()
         assert extent.memfd is not None
-        for first, count in event.runs.tolist():
+        for first, count in runs.tolist():
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
+        return region, digests
 
     # -- postcopy -------------------------------------------------------------------------
 

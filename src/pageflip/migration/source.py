@@ -229,8 +229,8 @@ class Source:
             if all(_flippable(r) is None for r in self.guest.regions):
                 f |= stream.Feature.FLIP
             if self.options.pull and features.has("process_vm_readv"):
-                f |= stream.Feature.PULL
-        f |= stream.Feature.POSTCOPY
+                # The destination's pager reads our memory: postcopy needs the pull.
+                f |= stream.Feature.PULL | stream.Feature.POSTCOPY
         return f
 
     def _negotiate(self) -> str:
@@ -305,7 +305,8 @@ class Source:
             return "precopy"
         if want == "postcopy" and stream.Feature.POSTCOPY not in shared:
             raise MigrationError(
-                "postcopy is not possible: the destination lacks userfaultfd",
+                "postcopy is not possible: it needs the destination on this host, with "
+                "userfaultfd, and pulling pages allowed",
                 phase="setup",
                 guest="source",
             )
@@ -482,12 +483,6 @@ class Source:
     def _postcopy_switchover(self, stale: list[Runs]) -> float:
         """Paused: drop the destination's stale pages, send the state, let it run."""
         link = self.link
-        if stream.Feature.PULL not in self._features:
-            raise MigrationError(
-                "postcopy needs the destination on this host (its pager reads our memory)",
-                phase="switchover",
-                guest="source",
-            )
         self._mode = "postcopy"
         for index, runs in enumerate(stale):
             sent = self._sent[index]

@@ -39,8 +39,12 @@ def picklable(err: BaseException) -> BaseException | None:
 
 def end_process(process: BaseProcess, conn: Connection, wait: float) -> None:
     """Send ``("quit",)``, give the process ``wait`` seconds, then SIGTERM, then SIGKILL; close
-    the pipe and the process handle. Call it once per process."""
-    if process.exitcode is None:
+    the pipe and the process handle. Idempotent."""
+    try:
+        running = process.exitcode is None
+    except ValueError:  # the handle is closed: an earlier call ended it
+        return
+    if running:
         with contextlib.suppress(OSError, ValueError):
             conn.send(("quit",))
         process.join(wait)

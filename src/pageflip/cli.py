@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,9 +152,7 @@ def _report_options(command: Any) -> Any:
     return command
 
 
-def _with_progress(
-    show: bool, label: str, total: int | None, run: Callable[[Any], dict[str, Any]]
-) -> dict[str, Any]:
+def _with_progress(show: bool, label: str, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``). When stderr is
     not a terminal (a log file, CI), each step is a plain line there instead."""
     if not show:
@@ -177,12 +175,33 @@ def _with_progress(
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task("starting", total=total)
+        task = bar.add_task("starting", total=None)
 
         def on_progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what)
 
         return run(on_progress)
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    """Date and machine of a benchmark result, for a table's caption."""
+    machine = result["machine"]
+    return (
+        f"{result['date']} · Linux {machine['kernel']} · {machine.get('cpus')} x "
+        f"{machine.get('cpu')} · {machine.get('memory_gib')} GiB"
+    )
+
+
+def _targets_table(title: str, rows: Iterable[tuple[str, str, bool | None]]) -> Table:
+    """A benchmark's speed targets, each with what was measured and whether it was met."""
+    table = Table(title=title)
+    table.add_column("target")
+    table.add_column("measured")
+    table.add_column("met")
+    for text, measured, passed in rows:
+        verdict = "[dim]n/a[/]" if passed is None else ("[green]yes[/]" if passed else "[red]no[/]")
+        table.add_row(escape(text), escape(measured), verdict)
+    return table
 
 
 def _write_json(output: Path | None, text: str) -> None:
@@ -263,7 +282,6 @@ def handoff(
     result = _with_progress(
         progress,
         f"handoff {format_size(config.nbytes)}",
-        None,
         lambda on_progress: bench_handoff.run(config, on_progress),
     )
     text = json.dumps(result, indent=2)
@@ -282,12 +300,10 @@ def _print_handoff(result: dict[str, Any]) -> None:
     from .bench import handoff as bench_handoff
 
     console = Console()
-    machine = result["machine"]
     table = Table(
         title=f"handoff of {result['size_label']}: median of {result['repeat']}",
         caption=(
-            f"{result['date']} · Linux {machine['kernel']} · {machine.get('cpus')} x "
-            f"{machine.get('cpu')} · {machine.get('memory_gib')} GiB\n"
+            f"{_machine_line(result)}\n"
             f"warm: already-touched target · fresh: allocated by the handoff · mapped: the "
             f"sender's pages\nall pages: for the move, plus {result['notes']['touch']}"
         ),
@@ -305,14 +321,9 @@ def _print_handoff(result: dict[str, Any]) -> None:
                 f"{row['key']}: fastest of {result['repeat']}: access "
                 f"{row['access_min'] * 1e3:.2f} ms, every page {row['touched_min'] * 1e3:.1f} ms"
             )
-    targets = Table(title="speed targets (from the numbers above)")
-    targets.add_column("target")
-    targets.add_column("measured")
-    targets.add_column("met")
-    for text, measured, passed in bench_handoff.target_rows(result):
-        verdict = "[dim]n/a[/]" if passed is None else ("[green]yes[/]" if passed else "[red]no[/]")
-        targets.add_row(escape(text), escape(measured), verdict)
-    console.print(targets)
+    console.print(
+        _targets_table("speed targets (from the numbers above)", bench_handoff.target_rows(result))
+    )
     over = result["overhead"]
     if over:
         console.print(
@@ -779,12 +790,10 @@ def bench_migrate(
     if plot_path is not None:
         bench_migrate_module.check_plot()  # before a long run, not after it
     console = _stderr_console()
-    runs = len(bench_migrate_module.run_order(config))
     try:
         result = _with_progress(
             progress,
             "migrate",
-            runs,
             lambda on_progress: bench_migrate_module.run(config, on_progress),
         )
     except bench_migrate_module.MigrateBenchmarkError as err:
@@ -802,7 +811,6 @@ def bench_migrate(
         click.echo(bench_migrate_module.markdown_table(result), nl=False)
     else:
         out = Console()
-        machine = result["machine"]
         shown = (
             "size",
             "dirty rate",
@@ -818,8 +826,7 @@ def bench_migrate(
         picks = [bench_migrate_module.COLUMNS.index(name) for name in shown]
         table = Table(
             title=f"migration matrix: median of {result['config']['repeat']}",
-            caption=f"{result['date']} · Linux {machine['kernel']} · {machine.get('cpus')} x "
-            f"{machine.get('cpu')} · {machine.get('memory_gib')} GiB\n"
+            caption=f"{_machine_line(result)}\n"
             "all columns: --markdown; every run and event: --json",
         )
         for i, name in enumerate(shown):
@@ -827,16 +834,11 @@ def bench_migrate(
         for cells in bench_migrate_module.cell_rows(result):
             table.add_row(*(escape(cells[i]) for i in picks))
         out.print(table)
-        targets = Table(title="targets (from the numbers above)")
-        targets.add_column("target")
-        targets.add_column("measured")
-        targets.add_column("met")
-        for text, measured, passed in bench_migrate_module.target_rows(result):
-            verdict = (
-                "[dim]n/a[/]" if passed is None else ("[green]yes[/]" if passed else "[red]no[/]")
+        out.print(
+            _targets_table(
+                "targets (from the numbers above)", bench_migrate_module.target_rows(result)
             )
-            targets.add_row(escape(text), escape(measured), verdict)
-        out.print(targets)
+        )
     if output is not None:
         console.print(f"results written to {output}")
     if plot_path is not None:

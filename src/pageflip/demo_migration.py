@@ -31,6 +31,7 @@ from rich.console import Console
 from .bench import human_size
 from .display import MigrationDisplay, summary_table
 from .errors import MigrationError, PageflipError, StateError
+from .memory import PAGE_SIZE
 from .migration.host import ControlClient
 
 __all__ = ["run_migration_demo"]
@@ -175,7 +176,7 @@ def run_migration_demo(size: int, dirty_rate: int, console: Console) -> bool:
                 f"flip paused the guest for {flip['downtime'] * 1e3:.2f} ms and put "
                 f"{flip['bytes_on_wire']} bytes on the wire; precopy paused it for "
                 f"{precopy['downtime'] * 1e3:.1f} ms after copying "
-                f"{human_size(precopy['pages_copied'] * 4096)} in {precopy['rounds']} rounds."
+                f"{human_size(precopy['pages_copied'] * PAGE_SIZE)} in {precopy['rounds']} rounds."
             )
         with contextlib.suppress(PageflipError, OSError), ControlClient(sockets["c"]) as c:
             c.request("quit")

@@ -21,8 +21,6 @@ from rich.table import Table
 
 from .bench import human_size
 
-PAGE = 4096
-
 
 def fmt_seconds(seconds: float) -> str:
     if seconds < 1:
@@ -52,8 +50,6 @@ class MigrationDisplay:
         self._postcopy: TaskID | None = None
         self.done: dict[str, Any] | None = None
         self.failed: dict[str, Any] | None = None
-        self.rounds: list[dict[str, Any]] = []
-        self.setup: dict[str, Any] | None = None
 
     def __enter__(self) -> MigrationDisplay:
         self.progress.start()
@@ -73,7 +69,6 @@ class MigrationDisplay:
         kind = event.get("event")
         p = self.progress
         if kind == "setup":
-            self.setup = event
             p.console.print(
                 f"[bold]{self.title}[/]: {event['mode']} of {human_size(event['total_bytes'])}"
                 f" to {event['transport']} ({', '.join(event['features']).lower()})"
@@ -89,7 +84,6 @@ class MigrationDisplay:
                 rate=fmt_rate(event["rate"]),
             )
         elif kind == "round":
-            self.rounds.append(event)
             task = self._round_task(event["round"], event["pages"])
             p.update(
                 task,

@@ -38,10 +38,8 @@ import datetime
 import itertools
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -56,13 +54,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .. import __version__, channel_pair
+from .. import channel_pair
 from .._children import end_process, picklable, stop_on_signals
-from .._sys.procfs import procfs_path
 from ..channel import Channel, CopyMethod
 from ..errors import PageflipError
 from ..memory import PAGE_SIZE, Region
 from . import format_size
+from .common import BenchmarkError, machine, markdown_targets, now
 from .pattern import fill, page_sample, sample_expected
 
 __all__ = [
@@ -116,11 +114,6 @@ TARGETS = {
     "overhead": "Python overhead (user-space CPU) per one-page gift or receive < 100 us",
     "overhead_cpu": "all CPU (user + kernel) per one-page gift or receive < 100 us",
 }
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark process failed, or a result contradicts its method (a move that copied,
-    a copy that moved, data that arrived wrong)."""
 
 
 @dataclass(frozen=True)
@@ -275,10 +268,6 @@ class HandoffConfig:
         return [k for k in METHODS if k in chosen]
 
 
-def _now() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
 Bytes = npt.NDArray[np.uint8]
 
 
@@ -357,7 +346,7 @@ class _Sender:
     def do_run(self, ctrl: Connection, key: str, size: int) -> dict[str, Any]:
         method = METHODS[key]
         transfer = None
-        t0 = _now()
+        t0 = now()
         if key in ("move", "move@1G", "vmsplice-gift"):
             region, self.pending = self.pending, None
             assert region is not None, "prepare comes first"
@@ -410,9 +399,7 @@ class _Sender:
         return {"wall": wall, "cpu": cpu, "user": [user / rounds], "system": [system / rounds]}
 
     def close(self) -> None:
-        if self.pending is not None:
-            with contextlib.suppress(PageflipError):
-                self.pending.close()
+        _release(self.pending)
         with contextlib.suppress(OSError):
             self._drop_shm()
         self.source = np.empty(0, np.uint8)
@@ -456,10 +443,10 @@ class _Receiver:
         transfer = None
         if method.semantics == "move":
             region, transfer = self.channel.receive()
-            t_access = _now()
+            t_access = now()
             arr = region.numpy(np.uint8)
             _touch(arr, self.pool, self.threads)
-            t_touched = _now()
+            t_touched = now()
             ok = self._check(page_sample(_words(arr)), size)
             del arr
             region.close()
@@ -467,12 +454,12 @@ class _Receiver:
             assert method.copy_method is not None
             dest = self.dest[:size]
             transfer = self.channel.receive_into(dest, copy_method=method.copy_method)
-            t_access = t_touched = _now()
+            t_access = t_touched = now()
             ok = self._check(page_sample(_words(dest)), size)
         elif method.pageflip:
             assert method.copy_method is not None
             region, transfer = self.channel.receive(copy_method=method.copy_method)
-            t_access = t_touched = _now()
+            t_access = t_touched = now()
             arr = region.numpy(np.uint8)
             ok = self._check(page_sample(_words(arr)), size)
             del arr
@@ -484,7 +471,7 @@ class _Receiver:
                 piece = self.peer.recv()
                 pieces.append(piece)
                 got += piece.nbytes
-            t_access = t_touched = _now()
+            t_access = t_touched = now()
             ok = self._check(np.concatenate([page_sample(_words(p)) for p in pieces]), size)
             del pieces
         else:  # shared-memory
@@ -493,9 +480,9 @@ class _Receiver:
             # updates: attaching needs no bookkeeping here.
             shm = SharedMemory(name=name)
             arr = np.ndarray((size,), np.uint8, buffer=shm.buf)
-            t_access = _now()
+            t_access = now()
             _touch(arr, self.pool, self.threads)
-            t_touched = _now()
+            t_touched = now()
             self.peer.send("attached")
             ok = self._check(page_sample(_words(arr)), size)
             del arr
@@ -511,9 +498,9 @@ class _Receiver:
         region, source = _buffer(size, "memcpy source")  # touched, like the destination
         try:
             dest = self.dest[:size]
-            t0 = _now()
+            t0 = now()
             np.copyto(dest, source)
-            seconds = _now() - t0
+            seconds = now() - t0
             del source, dest
         finally:
             _release(region)
@@ -864,41 +851,6 @@ def _targets(
     return out
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    info: dict[str, Any] = {
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "pageflip": __version__,
-        "root": os.geteuid() == 0,
-    }
-    cpuinfo = _read(os.path.join(procfs_path(), "cpuinfo")) or ""
-    models = [
-        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
-    ]
-    info["cpu"] = models[0] if models else None
-    meminfo = _read(os.path.join(procfs_path(), "meminfo")) or ""
-    for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
-            info["memory_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
-    for name in ("enabled", "shmem_enabled"):
-        text = _read(f"/sys/kernel/mm/transparent_hugepage/{name}") or ""
-        if "[" in text:
-            info[f"thp_{name}"] = text.split("[")[1].split("]")[0]
-    return info
-
-
 def _results(
     config: HandoffConfig,
     started: datetime.datetime,
@@ -933,7 +885,7 @@ def _results(
     return {
         "benchmark": "handoff",
         "date": started.isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "size": size,
         "size_label": format_size(size),
         "repeat": config.repeat,
@@ -1066,10 +1018,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             for r in moves
         )
         lines += ["", f"Fastest of the {result['repeat']} runs: {best}."]
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for text, measured, passed in target_rows(result):
-        verdict = "n/a" if passed is None else ("yes" if passed else "**no**")
-        lines.append(f"| {text} | {measured} | {verdict} |")
+    lines += ["", *markdown_targets(target_rows(result))]
     over = result["overhead"]
     if over:
         lines += [

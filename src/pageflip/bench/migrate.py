@@ -62,7 +62,7 @@ from .._sys.procfs import proc
 from ..errors import FeatureUnavailable, PageflipError
 from ..memory import PAGE_SIZE, Region
 from . import format_size, human_size
-from .handoff import BenchmarkError, _machine
+from .common import BenchmarkError, machine, markdown_targets, now
 
 __all__ = [
     "DEFAULT_RATES",
@@ -270,17 +270,13 @@ def _rate_label(rate: float) -> str:
     return "idle" if rate == 0 else f"{format_size(int(rate))}/s"
 
 
-def _now() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
 # -- the two processes of a run ----------------------------------------------------------------
 
 
 def _event_recorder(events: list[dict[str, Any]]) -> Callable[[Any], None]:
     def on_event(event: Any) -> None:
         data: dict[str, Any] = event.as_dict()
-        data["mono"] = _now()
+        data["mono"] = now()
         events.append(data)
 
     return on_event
@@ -301,7 +297,7 @@ def _source_main(
 
     guest = None
     try:
-        started = _now()
+        started = now()
         guest = Workload.create(size, dirty_rate=rate, threads=threads)
         conn.send(
             (
@@ -310,7 +306,7 @@ def _source_main(
                     "pid": os.getpid(),
                     "guest_bytes": sum(r.size for r in guest.regions),
                     "regions": {r.name: r.size for r in guest.regions},
-                    "fill_seconds": _now() - started,
+                    "fill_seconds": now() - started,
                 },
             )
         )
@@ -413,7 +409,6 @@ class _Child:
             self.process.start()
         finally:
             child.close()
-        self._stopped = False
 
     def send(self, *message: Any) -> None:
         self.conn.send(message)
@@ -466,9 +461,6 @@ class _Child:
 
     def stop(self, wait: float) -> None:
         """End the process if it still runs (after ``wait`` seconds). Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
         end_process(self.process, self.conn, wait)
 
 
@@ -922,7 +914,7 @@ def _results(
     result = {
         "benchmark": "migrate",
         "date": started.isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "config": {
             "sizes": list(config.sizes),
             "rates": list(config.rates),
@@ -1255,12 +1247,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         "before the migration; the RSS sum counts pages mapped by both processes twice.",
         f"Times: {notes['clock']}.",
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *markdown_targets(target_rows(result)),
     ]
-    for text, measured, passed in target_rows(result):
-        verdict = "n/a" if passed is None else ("yes" if passed else "**no**")
-        lines.append(f"| {text} | {measured} | {verdict} |")
     lines += ["", f"QEMU context: {notes['qemu']}"]
     return "\n".join(lines) + "\n"
 

@@ -712,7 +712,7 @@ class Destination:
         """Run the guest now; the pager fills its missing pages as it touches them."""
         self._hand_to_pager()
         for digests in self._digests:
-            digests.release_view()
+            digests.release()
         guest = self._guest_class.restore(list(self._regions), switchover.state)
         self._regions = []
         resumed_at = guest.resume()

@@ -63,9 +63,6 @@ class PageDigests:
         return xxhash.xxh3_64_intdigest(self.digests.tobytes())
 
     def release(self) -> None:
-        self.view.release()
-
-    def release_view(self) -> None:
         """Stop reading memory (the digests stay): the region may be handed on now."""
         self.view.release()
 

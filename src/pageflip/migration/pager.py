@@ -48,8 +48,6 @@ log = logging.getLogger("pageflip.pager")
 STEP_PAGES = 64
 #: Pages after a faulting one installed with it (most guests read on).
 FAULT_AHEAD = 15
-SEEK_DATA = 3
-SEEK_HOLE = 4
 
 
 class PagerLink:
@@ -123,10 +121,10 @@ def present_pages(memfd: int, npages: int) -> npt.NDArray[np.bool_]:
     pos = 0
     while pos < size:
         try:
-            data = os.lseek(memfd, pos, SEEK_DATA)
+            data = os.lseek(memfd, pos, os.SEEK_DATA)
         except OSError:  # ENXIO: no data after pos
             break
-        hole = min(os.lseek(memfd, data, SEEK_HOLE), size)
+        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), size)
         present[data // PAGE_SIZE : (hole + PAGE_SIZE - 1) // PAGE_SIZE] = True
         pos = hole
     return present

@@ -1,0 +1,72 @@
+"""What the benchmarks share: their error, their clock, the machine they ran on, and the
+Markdown table of speed targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .._sys.procfs import procfs_path
+
+__all__ = ["BenchmarkError", "machine", "markdown_targets", "now"]
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark process failed, or a result contradicts its method (a move that copied,
+    a copy that moved, data that arrived wrong)."""
+
+
+def now() -> float:
+    """CLOCK_MONOTONIC: one clock for every process of a run."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "pageflip": __version__,
+        "root": os.geteuid() == 0,
+    }
+    cpuinfo = _read(os.path.join(procfs_path(), "cpuinfo")) or ""
+    models = [
+        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
+    ]
+    info["cpu"] = models[0] if models else None
+    meminfo = _read(os.path.join(procfs_path(), "meminfo")) or ""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            info["memory_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
+    for name in ("enabled", "shmem_enabled"):
+        text = _read(f"/sys/kernel/mm/transparent_hugepage/{name}") or ""
+        if "[" in text:
+            info[f"thp_{name}"] = text.split("[")[1].split("]")[0]
+    return info
+
+
+def markdown_targets(rows: Iterable[tuple[str, str, bool | None]]) -> list[str]:
+    """The lines of a ``| target | measured | met |`` table from (text, measured, passed)."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for text, measured, passed in rows:
+        verdict = "n/a" if passed is None else ("yes" if passed else "**no**")
+        lines.append(f"| {text} | {measured} | {verdict} |")
+    return lines

@@ -370,8 +370,8 @@ class Pages:
 
 
 @dataclass(slots=True, eq=False)
-class ZeroPages:
-    """ZERO: these pages of a region are all zeros (nothing else is sent for them)."""
+class _RunsFrame:
+    """A frame naming runs of pages of one region, in one round."""
 
     region: int
     round: int
@@ -380,49 +380,29 @@ class ZeroPages:
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ZeroPages):
+        if type(other) is not type(self):
             return NotImplemented
+        assert isinstance(other, _RunsFrame)
         return (self.region, self.round) == (other.region, other.round) and _same_runs(
             self.runs, other.runs
         )
 
 
 @dataclass(slots=True, eq=False)
-class DiscardPages:
+class ZeroPages(_RunsFrame):
+    """ZERO: these pages of a region are all zeros (nothing else is sent for them)."""
+
+
+@dataclass(slots=True, eq=False)
+class DiscardPages(_RunsFrame):
     """DISCARD: postcopy: the destination's copies of these pages are stale (written after
     they were sent); it drops them, so that the guest's first touch fetches them anew."""
 
-    region: int
-    round: int
-    runs: Runs
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DiscardPages):
-            return NotImplemented
-        return (self.region, self.round) == (other.region, other.round) and _same_runs(
-            self.runs, other.runs
-        )
-
 
 @dataclass(slots=True, eq=False)
-class PullPages:
+class PullPages(_RunsFrame):
     """PULL: the destination reads these pages itself, with process_vm_readv, at
     ``src_address + first * page_size`` in the source process (same host only)."""
-
-    region: int
-    round: int
-    runs: Runs
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PullPages):
-            return NotImplemented
-        return (self.region, self.round) == (other.region, other.round) and _same_runs(
-            self.runs, other.runs
-        )
 
 
 @dataclass(slots=True)

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from .._sys import fds as _fds
 from .._sys import io, mm, uffd
 from .._sys.flags import Map, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
 from ..errors import PeerClosed, RemoteProtocolError
+from .digests import hash_pages, region_digest
 
 log = logging.getLogger("pageflip.pager")
 
@@ -240,11 +240,7 @@ class Pager:
             raise PeerClosed(
                 "the source process is gone: its pages cannot be read", phase="postcopy"
             )
-        h = xxhash.xxh3_64_intdigest
-        view = buffer.view
-        region.digests[first : first + count] = np.fromiter(
-            (h(view[o : o + PAGE_SIZE]) for o in range(0, nbytes, PAGE_SIZE)), np.uint64, count
-        )
+        region.digests[first : first + count] = hash_pages(buffer.view, range(0, nbytes, PAGE_SIZE))
         dst = region.guest_address + first * PAGE_SIZE
         done = 0
         while done < nbytes:
@@ -403,7 +399,7 @@ def _merge_digests(pager: Pager, digest_fd: int) -> list[int]:
     for region in pager.regions:
         kept = theirs[offset : offset + region.npages]
         merged = np.where(region.initial, kept, region.digests)
-        out.append(xxhash.xxh3_64_intdigest(merged.tobytes()))
+        out.append(region_digest(merged))
         offset += region.npages
     return out
 

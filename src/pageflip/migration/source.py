@@ -453,7 +453,7 @@ class Source:
                 if tracker.active:
                     written = tracker.collect()
                     final = [
-                        _normalize(_join(a, b), d.npages)
+                        _union(a, b, d.npages)
                         for a, b, d in zip(todo, written, digests, strict=True)
                     ]
                 else:
@@ -716,20 +716,14 @@ def expected_downtime(remaining_bytes: int, bandwidth: float, scan_seconds: floa
     return SWITCHOVER_SLOWDOWN * remaining_bytes / bandwidth + SWITCHOVER_FIXED + scan_seconds
 
 
-def _join(a: Runs, b: Runs) -> Runs:
-    if not len(a):
-        return b
-    if not len(b):
+def _union(a: Runs, b: Runs, npages: int) -> Runs:
+    """Sorted, non-overlapping runs covering the pages of both."""
+    if not len(a) and not len(b):
         return a
-    return np.concatenate([a, b])
-
-
-def _normalize(runs: Runs, npages: int) -> Runs:
-    """Sorted, non-overlapping runs covering the same pages."""
-    if not len(runs):
-        return runs
     mask = np.zeros(npages, np.bool_)
-    mask[runs_to_pages(runs)] = True
+    for runs in (a, b):
+        if len(runs):
+            mask[runs_to_pages(runs)] = True
     return pages_to_runs(np.flatnonzero(mask))
 
 

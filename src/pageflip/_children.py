@@ -9,12 +9,18 @@ The child ignores Ctrl-C (the parent stops it) and turns SIGTERM into ``SystemEx
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import signal
+import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any, NoReturn
 
-__all__ = ["end_process", "picklable", "stop_on_signals"]
+from .errors import PageflipError
+
+__all__ = ["end_process", "picklable", "raise_failure", "serve", "stop_on_signals"]
 
 
 def stop_on_signals() -> None:
@@ -35,6 +41,35 @@ def picklable(err: BaseException) -> BaseException | None:
     except Exception:
         return None
     return err
+
+
+def serve(ctrl: Connection, handle: Callable[..., Any], reply: str = "ok") -> None:
+    """In a child: say ``("ready", pid)``, then answer each command ``(name, *args)`` with
+    ``(reply, handle(name, *args))``, or ``("error", err, traceback)`` when it raises, until
+    the parent says ``("quit",)`` or is gone."""
+    ctrl.send(("ready", os.getpid()))
+    while True:
+        try:
+            command, *args = ctrl.recv()
+        except EOFError:
+            return  # the parent is gone
+        if command == "quit":
+            return
+        try:
+            result = handle(command, *args)
+        except Exception as err:
+            ctrl.send(("error", picklable(err), traceback.format_exc()))
+            continue
+        ctrl.send((reply, result))
+
+
+def raise_failure(message: tuple[Any, ...], error: type[Exception], who: str) -> NoReturn:
+    """In the parent: raise what a child's ``("error", err, traceback)`` reports, the
+    pageflip error itself when it came through, else ``error`` with the child's traceback."""
+    _, err, text = message
+    if isinstance(err, PageflipError):
+        raise err
+    raise error(f"the {who} failed:\n{text}")
 
 
 def end_process(process: BaseProcess, conn: Connection, wait: float) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
@@ -44,7 +43,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import channel_pair
-from ._children import end_process, picklable, stop_on_signals
+from ._children import end_process, raise_failure, serve, stop_on_signals
 from .bench import format_size
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
@@ -129,21 +128,7 @@ def _child_main(channel: Channel, ctrl: Connection) -> None:
     """The receiving process: receive, verify and report, once per phase."""
     stop_on_signals()
     try:
-        ctrl.send(("ready", os.getpid()))
-        while True:
-            try:
-                command, *args = ctrl.recv()
-            except EOFError:
-                return
-            if command == "quit":
-                return
-            (seed,) = args
-            try:
-                report = _receive_and_check(channel, ctrl, seed)
-            except Exception as err:
-                ctrl.send(("error", picklable(err), traceback.format_exc()))
-                return
-            ctrl.send(("result", report))
+        serve(ctrl, lambda command, seed: _receive_and_check(channel, ctrl, seed), "result")
     finally:
         channel.close()
         ctrl.close()
@@ -193,10 +178,7 @@ class _Child:
                 self.process.join(1)
                 raise DemoError(f"the receiver died (exit code {self.process.exitcode})") from None
             if message[0] == "error":
-                _, err, text = message
-                if isinstance(err, PageflipError):
-                    raise err
-                raise DemoError(f"the receiver failed:\n{text}")
+                raise_failure(message, DemoError, "receiver")
             yield message
 
     def expect(self, kind: str) -> tuple[Any, ...]:

@@ -41,7 +41,6 @@ import os
 import resource
 import statistics
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import channel_pair
-from .._children import end_process, picklable, stop_on_signals
+from .._children import end_process, raise_failure, serve, stop_on_signals
 from ..channel import Channel, CopyMethod
 from ..errors import PageflipError
 from ..memory import PAGE_SIZE, Region
@@ -542,20 +541,7 @@ def _worker_main(role: str, ctrl: Connection, channel: Channel, peer: Connection
         _Sender(channel, peer) if role == "sender" else _Receiver(channel, peer)
     )
     try:
-        ctrl.send(("ready", os.getpid()))
-        while True:
-            try:
-                command, *args = ctrl.recv()
-            except EOFError:
-                return  # the parent is gone
-            if command == "quit":
-                return
-            try:
-                result = getattr(worker, f"do_{command}")(ctrl, *args)
-            except Exception as err:
-                ctrl.send(("error", picklable(err), traceback.format_exc()))
-                continue
-            ctrl.send(("ok", result))
+        serve(ctrl, lambda command, *args: getattr(worker, f"do_{command}")(ctrl, *args))
     finally:
         worker.close()
         ctrl.close()
@@ -611,10 +597,7 @@ def _gather(workers: Sequence[_Worker], kind: str = "ok") -> list[Any]:
             i, worker = pending.pop(obj)
             message = obj.recv()
             if message[0] == "error":
-                _, err, text = message
-                if isinstance(err, PageflipError):
-                    raise err
-                raise BenchmarkError(f"the {worker.role} failed:\n{text}")
+                raise_failure(message, BenchmarkError, worker.role)
             if message[0] != kind:
                 raise BenchmarkError(f"the {worker.role} said {message[0]!r}, expected {kind!r}")
             results[i] = message[1] if len(message) > 1 else None

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from multiprocessing import reduction
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -91,6 +92,46 @@ def stream_half_then_stall(channel: pf.Channel, size: int, ready: Any) -> None:
 
     channel._recv = recv_then_half  # type: ignore[method-assign]
     channel.gift(region)
+
+
+class PassFd:
+    """An fd handed to a spawned child: pickling dups it into the child, as a Channel's is."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_fd, (reduction.DupFd(self.fd),))
+
+
+def _rebuild_fd(dup: Any) -> PassFd:
+    return PassFd(dup.detach())
+
+
+def offer_fd_then_gift(
+    channel: pf.Channel, passed: PassFd, offset: int, length: int, results: Queue[Any]
+) -> None:
+    """Gift ``length`` bytes at ``offset`` of the passed fd as if it were a memfd, twice
+    (the reader refuses it in receive() and in receive_into()); report what the channel
+    said each time; then gift a good region and report its digest."""
+    from pageflip.channel import _Piece
+    from pageflip.memory import Memfd
+
+    memfd = Memfd(passed.fd)
+    try:
+        for _ in range(2):
+            try:
+                channel._offer([_Piece(0x10000, length, memfd, offset)], gift=True, name="evil")
+            except pf.PeerRefused as err:
+                results.put({"refused": err.reason, "phase": err.phase})
+            else:
+                results.put({"accepted": True})
+        region = pf.Region.movable(2 * pf.PAGE_SIZE, name="good")
+        results.put({"digest": fill(region, 3)})
+        channel.gift(region)
+    finally:
+        memfd.close()
+        channel.close()
 
 
 def connect_as(path: str, uid: int, results: Queue[Any]) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 from . import features
 from ._sys import io, mm
 from ._sys.fds import close_all
-from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Seal, Splice
+from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
 from ._sys.mm import PAGE_SIZE
 from ._sys.procfs import mappings, sysctl
 from ._wire import (
@@ -66,7 +66,7 @@ from .errors import (
     RemoteProtocolError,
     SpanError,
 )
-from .memory import Memfd, Region, Span, region_at, writable_address
+from .memory import Memfd, Region, Span, check_peer_memfd, region_at, writable_address
 from .transport import UnixConnection, UnixListener
 
 __all__ = ["Channel", "CopyMethod", "Listener", "Transfer", "channel_pair", "vmsplice"]
@@ -76,10 +76,8 @@ log = logging.getLogger("pageflip.channel")
 CopyMethod = Literal["auto", "process_vm_readv", "vmsplice", "stream"]
 _COPY_METHODS = ("auto", "process_vm_readv", "vmsplice", "stream")
 
-_SHRINK = int(Seal.SHRINK)
 _GIFT = int(OfferFlags.GIFT)
 _PEER_READ = int(OfferFlags.PEER_READ)
-_NO_WRITES = int(Seal.WRITE | Seal.FUTURE_WRITE)
 
 #: Pipe capacity asked for on the vmsplice path (root may exceed pipe-max-size).
 PIPE_SIZE = 1 << 20
@@ -726,37 +724,20 @@ class Channel:
         return all(not (row.fd_offset % PAGE_SIZE or row.length % PAGE_SIZE) for row in offer.spans)
 
     def _check_memfds(self, offer: Offer) -> None:
-        """Refuse fds that are not memfds sealed against shrinking, or too small."""
-        for i, fd in enumerate(offer.fds):
+        """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd)."""
+        for row in offer.spans:
+            if row.fd_index < 0:
+                continue
             try:
-                seals = mm.seal_bits(fd)
-                size = mm.fstat_size(fd)
-            except OSError:
-                raise self._refuse(
-                    RemoteProtocolError(f"fd {i} of the offer is not a memfd", frame="OFFER")
-                ) from None
-            if not seals & _SHRINK:
-                raise self._refuse(
-                    RemoteProtocolError(
-                        f"memfd {i} of the offer is not sealed against shrinking "
-                        "(mapping it could SIGBUS)",
-                        frame="OFFER",
-                    )
+                check_peer_memfd(
+                    offer.fds[row.fd_index],
+                    offset=row.fd_offset,
+                    length=row.length,
+                    what=f"memfd {row.fd_index} of the offer",
+                    frame="OFFER",
                 )
-            if seals & _NO_WRITES:
-                raise self._refuse(
-                    RemoteProtocolError(
-                        f"memfd {i} of the offer is sealed against writes", frame="OFFER"
-                    )
-                )
-            end = max(r.fd_offset + r.length for r in offer.spans if r.fd_index == i)
-            if end > size:
-                raise self._refuse(
-                    RemoteProtocolError(
-                        f"memfd {i} of the offer has {size} bytes, a span needs {end}",
-                        frame="OFFER",
-                    )
-                )
+            except RemoteProtocolError as err:
+                raise self._refuse(err) from None
 
     def _map_offer(self, offer: Offer, name: str) -> Region:
         """A new region mapping the offer's memfds: the move."""

@@ -1,17 +1,21 @@
 """The guest interface and the reference workload (pageflip.guests).
 
 What these prove: the workload's memory is always consistent while it runs; pause() really
-stops every write; a save_state/restore round trip onto copies of the regions verifies and
-keeps running; and verify() catches each way a migration can lose a write (a stale page, an
-altered journal entry, a torn page, a final round that never arrived).
+stops every write (the heartbeat's too); a save_state/restore round trip onto copies of the
+regions verifies and keeps running; verify() catches each way a migration can lose a write (a
+stale page, an altered journal entry, a torn page, a final round that never arrived, a stale
+heartbeat page); and the heartbeat tells how long the guest itself saw a pause, at least as
+long as it really was, or None when its stamps cannot be compared.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +32,8 @@ from pageflip.guests import (
     guest_class,
     register,
 )
-from pageflip.guests.workload import WORDS, Pattern
+from pageflip.guests import workload as workload_module
+from pageflip.guests.workload import HB_MAGIC, HB_STAMP, HEARTBEAT_WINDOW, WORDS, Pattern
 
 SIZE = 4 << 20
 NPAGES = SIZE // PAGE_SIZE
@@ -46,6 +51,22 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> N
 def contents(region: Region) -> bytes:
     with region.view() as view:
         return bytes(view)
+
+
+def beat_words(region: Region) -> list[int]:
+    """The first words of a heartbeat page: magic, boot id (2), time namespace, stamp."""
+    return [int(w) for w in np.frombuffer(contents(region), np.uint64)[: HB_STAMP + 1]]
+
+
+def beat_status(guest: Workload) -> dict[str, Any]:
+    """The heartbeat's part of ``guest.status()``."""
+    beat = guest.status()["heartbeat"]
+    assert isinstance(beat, dict)
+    return beat
+
+
+def heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pageflip-workload-heartbeat"]
 
 
 class Guests:
@@ -130,8 +151,10 @@ def test_create_fills_every_page_at_version_zero_and_verifies(guests: Guests) ->
     calls: list[tuple[int, int]] = []
     guest = guests.create(dirty_rate=0, paused=True, progress=lambda d, t: calls.append((d, t)))
     assert guest.paused and guest.total_writes == 0
-    assert [r.name for r in guest.regions] == ["ram", "journal"]
+    assert [r.name for r in guest.regions] == ["ram", "journal", "heartbeat"]
+    assert [r.size for r in guest.regions][1:] == [PAGE_SIZE, PAGE_SIZE]  # 1024 pages: 4 KiB
     assert all(r.movable for r in guest.regions)
+    assert not any(contents(guest.regions[2]))  # never run: no beat yet
     assert calls[-1] == (SIZE, SIZE)
     ram = guest.regions[0].numpy(np.uint64, (NPAGES, WORDS))
     expected = Pattern(0).make(np.arange(NPAGES, dtype=np.int64), np.zeros(NPAGES, np.uint64))
@@ -162,29 +185,30 @@ def test_pause_stops_every_write_and_resume_continues(guests: Guests) -> None:
     paused_at = guest.pause()
     assert paused_at <= time.monotonic()
     assert guest.pause() == paused_at  # pausing again changes nothing
-    ram, journal = guest.regions
-    before = contents(ram), contents(journal), guest.total_writes
+    ram, journal, heartbeat = guest.regions
+    before = contents(ram), contents(journal), contents(heartbeat), guest.total_writes
     time.sleep(0.2)  # at 256 MiB/s the workers would rewrite the whole 8 MiB several times
-    assert (contents(ram), contents(journal), guest.total_writes) == before
+    assert (contents(ram), contents(journal), contents(heartbeat), guest.total_writes) == before
     assert guest.status()["paused"] is True
 
     resumed_at = guest.resume()
     assert resumed_at >= paused_at
-    wait_until(lambda: guest.total_writes > before[2], "writes after resume")
+    wait_until(lambda: guest.total_writes > before[3], "writes after resume")
     guest.pause()
     assert contents(ram) != before[0]
     assert contents(journal) != before[1]
+    assert contents(heartbeat) != before[2]
     assert_all_good(guest.verify(), npages=guest.npages)
 
 
 def test_zero_dirty_rate_leaves_memory_alone(guests: Guests) -> None:
     guest = guests.create(dirty_rate=0)
     assert not guest.paused
-    ram, journal = guest.regions
+    ram, journal, _ = guest.regions
     before = contents(ram), contents(journal)
     time.sleep(0.1)
     guest.pause()
-    assert (contents(ram), contents(journal)) == before
+    assert (contents(ram), contents(journal)) == before  # only the heartbeat beat
     assert guest.total_writes == 0
     assert guest.write_rate() == 0
 
@@ -208,6 +232,21 @@ def test_status_is_json_and_says_what_the_guest_does(guests: Guests) -> None:
     assert isinstance(status["write_rate"], float) and status["write_rate"] > 0
     assert status["paused"] is False and status["migrations"] == 0
     assert status["problems"] == 0 and status["first_touched"] is None
+    beat = beat_status(guest)
+    assert set(beat) == {
+        "interval",
+        "window",
+        "switchover_gap",
+        "max_gap_after_resume",
+        "observed_pause",
+        "settled",
+        "unknown_because",
+        "max_gap_running",
+    }
+    assert 0 < beat["interval"] < 0.001 and beat["window"] == HEARTBEAT_WINDOW
+    # A new guest paused nothing: every gap so far is a running one.
+    assert beat["observed_pause"] is None and beat["switchover_gap"] is None
+    assert beat["unknown_because"] == "no heartbeat before this run"
 
 
 def test_pages_are_incompressible(guests: Guests) -> None:
@@ -247,6 +286,7 @@ def test_state_is_small_json_and_needs_a_pause(guests: Guests) -> None:
     with pytest.raises(StateError) as info:
         guest.save_state()
     assert (info.value.phase, info.value.needed) == ("running", "paused")
+    wait_until(lambda: beat_words(guest.regions[2])[HB_STAMP] > 0, "a first beat")
     guest.pause()
     state = guest.save_state()
     assert len(state) < 1024 < MAX_STATE_BYTES
@@ -256,6 +296,7 @@ def test_state_is_small_json_and_needs_a_pause(guests: Guests) -> None:
     assert data["size"] == SIZE and data["npages"] == NPAGES
     assert data["threads"] == 2 and data["dirty_rate"] == FAST and data["seed"] == 0
     assert data["migrations"] == 0
+    assert data["heartbeat_ns"] == beat_words(guest.regions[2])[HB_STAMP] > 0
 
 
 def test_restore_onto_copies_verifies_and_keeps_running(guests: Guests) -> None:
@@ -322,6 +363,8 @@ def test_guest_class_restores_by_kind(guests: Guests) -> None:
         (lambda d: {**d, "size": SIZE + 1}, "size", "size"),
         (lambda d: {**d, "size": 2 * SIZE, "npages": 2 * NPAGES}, "ram", "ram region"),
         (lambda d: {**d, "threads": 0}, "threads", "threads"),
+        (lambda d: {**d, "heartbeat_ns": -1}, "heartbeat_ns", "heartbeat_ns"),
+        (lambda d: {**d, "format": 1}, "format", "format 1 is not 2"),
         (lambda d: b" " * (MAX_STATE_BYTES + 1), "state", "limit"),
     ],
 )
@@ -342,17 +385,32 @@ def test_restore_rejects_a_bad_state(
 
 def test_restore_rejects_wrong_regions(guests: Guests) -> None:
     source = guests.create(dirty_rate=0, paused=True)
-    ram, journal = guests.copy(source)
+    ram, journal, heartbeat = guests.copy(source)
     state = source.save_state()
-    with pytest.raises(BadGuestState, match="2 regions") as info:
+    with pytest.raises(BadGuestState, match="3 regions") as info:
         Workload.restore([ram], state)
     assert info.value.field == "regions"
-    with pytest.raises(BadGuestState, match="journal region") as info:
-        Workload.restore([ram, ram], state)
+    with pytest.raises(BadGuestState, match=r"3 regions \(ram, journal, heartbeat\), got 2"):
+        Workload.restore([ram, journal], state)  # the layout before the heartbeat
+    with pytest.raises(BadGuestState, match="journal region, it is named 'ram'") as info:
+        Workload.restore([ram, ram, heartbeat], state)
     assert info.value.field == "journal"
+    # The journal of a 4 MiB guest is one page too: the name tells it from a heartbeat.
+    with pytest.raises(BadGuestState, match="heartbeat region, it is named 'journal'") as info:
+        Workload.restore([ram, journal, journal], state)
+    assert info.value.field == "heartbeat"
+    big = Region.movable(2 * PAGE_SIZE, "heartbeat")
+    guests.regions.append(big)
+    with pytest.raises(BadGuestState, match="heartbeat region has 8192 bytes") as info:
+        Workload.restore([ram, journal, big], state)
+    assert info.value.field == "heartbeat"
+    heartbeat.close()
+    with pytest.raises(BadGuestState, match="heartbeat region is closed") as info:
+        Workload.restore([ram, journal, heartbeat], state)
+    assert info.value.field == "heartbeat"
     journal.close()
     with pytest.raises(BadGuestState, match="closed"):
-        Workload.restore([ram, journal], state)
+        Workload.restore([ram, journal, heartbeat], state)
 
 
 # -- lost writes are found ----------------------------------------------------------------
@@ -413,7 +471,7 @@ def test_a_stale_page_is_found_before_and_after_the_guest_runs(guests: Guests) -
 def test_an_altered_journal_entry_is_found(guests: Guests) -> None:
     source = guests.create()
     run_writes(source, 2 * NPAGES)
-    ram, journal = guests.copy(source)
+    ram, journal, heartbeat = guests.copy(source)
     state = source.save_state()
     versions = journal.numpy(np.uint32, NPAGES)
     page = int(np.flatnonzero(versions)[0])
@@ -421,7 +479,7 @@ def test_an_altered_journal_entry_is_found(guests: Guests) -> None:
     versions[page] -= 1
     del versions
 
-    report = guests.restore([ram, journal], state).verify()
+    report = guests.restore([ram, journal, heartbeat], state).verify()
     assert not report.ok
     assert "1 write(s) lost" in report.problems[0]
     assert report.problems[1] == (
@@ -433,13 +491,13 @@ def test_an_altered_journal_entry_is_found(guests: Guests) -> None:
 def test_a_torn_page_is_found(guests: Guests) -> None:
     source = guests.create()
     run_writes(source, 2 * NPAGES)
-    ram, journal = guests.copy(source)
+    ram, journal, heartbeat = guests.copy(source)
     state = source.save_state()
     words = ram.numpy(np.uint64, (NPAGES, WORDS))
     words[7, 1] |= np.uint64(1)  # copied while its write was in progress
     del words
 
-    report = guests.restore([ram, journal], state).verify()
+    report = guests.restore([ram, journal, heartbeat], state).verify()
     assert not report.ok
     assert len(report.problems) == 1
     assert report.problems[0].startswith("page 7: torn")
@@ -457,11 +515,18 @@ def test_a_lost_final_round_is_found(guests: Guests) -> None:
     report = dest.verify()
     assert not report.ok
     assert report.pages_checked == NPAGES  # every page is consistent on its own...
-    assert report.problems == [  # ...but the versions do not add up
+    assert report.problems[0] == (  # ...but the versions do not add up
         f"pre-pause versions add up to {before} writes but the source made "
         f"{source.total_writes} before its pause: {lost} write(s) lost "
         "(a final round not delivered?)"
-    ]
+    )
+    # The heartbeat page of the final round was lost with the rest.
+    assert len(report.problems) == 2
+    assert report.problems[1].startswith("the heartbeat page's last stamp is ")
+    assert report.problems[1].endswith(
+        "older than the one the source wrote before its pause: the page is stale, a write to "
+        "it was lost"
+    )
     # Still found once the guest runs and rewrites pages.
     run_writes(dest, 2 * NPAGES)
     assert "write(s) lost" in dest.verify().problems[0]
@@ -470,7 +535,7 @@ def test_a_lost_final_round_is_found(guests: Guests) -> None:
 def test_a_paused_guest_checks_its_own_journal_against_its_writes(guests: Guests) -> None:
     guest = guests.create()
     run_writes(guest, 2 * NPAGES)
-    ram, journal = guest.regions
+    ram, journal, _ = guest.regions
     versions = journal.numpy(np.uint32, NPAGES)
     words = ram.numpy(np.uint64, (NPAGES, WORDS))
     page = int(np.flatnonzero(versions)[0])
@@ -498,6 +563,182 @@ def test_memory_from_another_seed_is_found(guests: Guests) -> None:
     assert report.problems[-1] == f"... and {NPAGES - len(report.problems) + 1} more problem(s)"
 
 
+# -- the heartbeat ------------------------------------------------------------------------
+
+
+def test_heartbeat_beats_while_running_and_parks_with_the_workers(guests: Guests) -> None:
+    guest = guests.create(dirty_rate=0, paused=True)
+    assert heartbeat_threads() == []  # nothing runs before the first resume
+    guest.resume()
+    page = guest.regions[2]
+    wait_until(lambda: beat_words(page)[HB_STAMP] > 0, "a first beat")
+    first = beat_words(page)
+    assert first[0] == HB_MAGIC
+    assert first[1:3] != [0, 0]  # this boot's id
+    wait_until(lambda: beat_words(page)[HB_STAMP] > first[HB_STAMP], "a later beat")
+    assert len(heartbeat_threads()) == 1
+
+    paused_at = guest.pause()
+    stopped = contents(page)
+    last = beat_words(page)[HB_STAMP]
+    assert last <= paused_at * 1e9 + 1  # the last beat came before pause() returned
+    time.sleep(0.05)  # a hundred beats' time
+    assert contents(page) == stopped
+    assert json.loads(guest.save_state())["heartbeat_ns"] == last
+
+    guest.resume()
+    wait_until(lambda: beat_words(page)[HB_STAMP] > last, "a beat after resume")
+    wait_until(lambda: beat_status(guest)["max_gap_running"] is not None, "two beats")
+
+
+def test_observed_pause_of_a_pause_on_the_spot(guests: Guests) -> None:
+    guest = guests.create(dirty_rate=0)
+    assert guest.observed_pause() is None  # it has not been paused
+    wait_until(lambda: beat_words(guest.regions[2])[HB_STAMP] > 0, "a first beat")
+    paused_at = guest.pause()
+    assert guest.observed_pause() is None  # its only run so far followed no pause
+    time.sleep(0.05)
+    resumed_at = guest.resume()
+    observed = guest.observed_pause(timeout=60.0)
+    assert observed is not None
+    assert observed >= resumed_at - paused_at >= 0.05  # a lower bound, never an upper one
+
+
+def test_observed_pause_after_a_migration_is_at_least_the_downtime(guests: Guests) -> None:
+    source = guests.create()
+    wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
+    run_writes(source, NPAGES)
+    paused_at = source.pause()  # already paused: the moment it was
+    copies = guests.copy(source)
+    state = source.save_state()
+    source.close()
+    dest = guests.restore(copies, state)
+    assert dest.observed_pause(timeout=5.0) is None  # restored, not run yet: nothing to wait for
+    assert beat_status(dest)["unknown_because"] == "not run here yet"
+    time.sleep(0.05)
+    resumed_at = dest.resume()
+
+    observed = dest.observed_pause(timeout=60.0)  # waits for the window after the resume
+    beat = beat_status(dest)
+    assert beat["settled"] is True and beat["unknown_because"] is None
+    gap = beat["switchover_gap"]
+    assert isinstance(gap, float) and isinstance(observed, float)
+    assert observed == beat["observed_pause"] == max(gap, beat["max_gap_after_resume"])
+    assert observed >= gap >= resumed_at - paused_at >= 0.05  # lower bounds only
+
+    dest.pause()
+    report = dest.verify()
+    assert_all_good(report)
+    assert report.observed_pause == observed
+    assert json.loads(json.dumps(report.as_dict(), allow_nan=False))["observed_pause"] == observed
+    # The pause that counts is the latest one: a second hop has its own figure.
+    copies = guests.copy(dest)
+    again = guests.restore(copies, dest.save_state())
+    again.resume()
+    second = again.observed_pause(timeout=60.0)
+    assert second is not None and second > 0
+    again.pause()
+    assert_all_good(again.verify())
+
+
+@pytest.mark.parametrize(("word", "what"), [(1, "boot id"), (2, "boot id"), (3, "time namespace")])
+def test_stamps_from_another_boot_give_no_figure(guests: Guests, word: int, what: str) -> None:
+    source = guests.create(dirty_rate=0)
+    wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
+    source.pause()
+    ram, journal, heartbeat = guests.copy(source)
+    state = source.save_state()
+    page = heartbeat.numpy(np.uint64, WORDS)
+    page[word] ^= np.uint64(0x5A5A)  # written under another CLOCK_MONOTONIC: another host
+    del page
+
+    dest = guests.restore([ram, journal, heartbeat], state)
+    dest.resume()
+    assert dest.observed_pause(timeout=60.0) is None, what
+    beat = beat_status(dest)
+    assert beat["switchover_gap"] is None and beat["observed_pause"] is None
+    assert beat["unknown_because"] == (
+        "the last stamp is from another boot or time namespace (another host?)"
+    )
+    dest.pause()
+    report = dest.verify()
+    assert_all_good(report)  # a figure we cannot have is not a lost write
+    assert report.observed_pause is None
+    assert beat_words(heartbeat)[word] == beat_words(source.regions[2])[word]  # ours again
+
+
+def test_an_unknown_boot_id_gives_no_figure(
+    guests: Guests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workload_module, "_clock_identity", lambda: (0, 0, 0))
+    guest = guests.create(dirty_rate=0)
+    wait_until(lambda: beat_words(guest.regions[2])[HB_STAMP] > 0, "a first beat")
+    guest.pause()
+    guest.resume()
+    assert guest.observed_pause(timeout=60.0) is None
+    assert beat_status(guest)["unknown_because"] == "this host's boot id is unknown"
+
+
+def test_a_stale_heartbeat_page_is_a_problem_and_gives_no_figure(guests: Guests) -> None:
+    source = guests.create(dirty_rate=0)
+    wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
+    source.pause()
+    older = guests.copy(source)
+    source.resume()
+    wait_until(
+        lambda: beat_words(source.regions[2])[HB_STAMP] > beat_words(older[2])[HB_STAMP],
+        "a later beat",
+    )
+    source.pause()
+    ram, journal, _ = guests.copy(source)
+    state = source.save_state()
+
+    dest = guests.restore([ram, journal, older[2]], state)  # the last heartbeat write lost
+    report = dest.verify()
+    assert not report.ok
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith("the heartbeat page's last stamp is ")
+    assert "the page is stale, a write to it was lost" in report.problems[0]
+    dest.resume()
+    assert dest.observed_pause(timeout=60.0) is None
+    assert beat_status(dest)["unknown_because"] == (
+        "the heartbeat page did not arrive as the source left it"
+    )
+    assert dest.status()["problems"] == 1
+
+
+def test_a_lost_heartbeat_page_is_a_problem(guests: Guests) -> None:
+    source = guests.create(dirty_rate=0)
+    wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
+    source.pause()
+    ram, journal, _ = guests.copy(source)
+    blank = Region.movable(PAGE_SIZE, "heartbeat")  # never delivered: still zeros
+    guests.regions.append(blank)
+    dest = guests.restore([ram, journal, blank], source.save_state())
+    dest.resume()  # the heartbeat checks the page before its first beat
+    assert dest.observed_pause(timeout=60.0) is None
+    dest.pause()
+    report = dest.verify()
+    assert not report.ok
+    assert report.problems[0].startswith("the heartbeat page holds no heartbeat, yet the source")
+    assert report.problems[0].endswith("the page was lost")
+
+
+def test_close_joins_the_heartbeat(guests: Guests) -> None:
+    guest = guests.create(dirty_rate=0)
+    wait_until(lambda: len(heartbeat_threads()) == 1, "the heartbeat thread")
+    waiting: list[float | None] = []
+    waiter = threading.Thread(target=lambda: waiting.append(guest.observed_pause(60.0)))
+    guest.pause()
+    guest.resume()  # its window is open: observed_pause(60) waits for it
+    waiter.start()
+    guest.close()
+    waiter.join()  # answered (whatever the figure): close() ends the wait
+    assert heartbeat_threads() == []
+    assert len(waiting) == 1
+    guest.observed_pause(timeout=60.0)  # and returns at once: nothing can change any more
+
+
 # -- releasing the regions ----------------------------------------------------------------
 
 
@@ -511,7 +752,7 @@ def test_release_regions_hands_over_memory_with_no_views(guests: Guests) -> None
     state = guest.save_state()
     regions = guest.release_regions()
     guests.regions.extend(regions)
-    assert [r.name for r in regions] == ["ram", "journal"]
+    assert [r.name for r in regions] == ["ram", "journal", "heartbeat"]
     assert all(r.exports() == 0 and r.movable and not r.closed for r in regions)
     assert guest.regions == []
     assert guest.status()["released"] is True

@@ -1,12 +1,14 @@
 """What a migration moves: a *guest*, something that owns regions and can be paused.
 
-A guest is the unit the migration engine works on (DESIGN.md, section Migration): it owns a
-fixed list of :class:`~pageflip.Region` objects (its memory), can stop and restart every
-writer to them (:meth:`Guest.pause`, :meth:`Guest.resume`), and can save and load the small
-non-memory state that travels during downtime (:meth:`Guest.save_state`,
+A guest is the unit the migration engine works on (docs/design.md, section "Migration"): it
+owns a fixed list of :class:`~pageflip.Region` objects (its memory), can stop and restart
+every writer to them (:meth:`Guest.pause`, :meth:`Guest.resume`), and can save and load the
+small non-memory state that travels during downtime (:meth:`Guest.save_state`,
 :meth:`Guest.restore`). A source hands its regions over with :meth:`Guest.release_regions`;
 the destination rebuilds the guest on the regions it received with ``restore`` and proves
-with :meth:`Guest.verify` that nothing was lost on the way.
+with :meth:`Guest.verify` that nothing was lost on the way. A guest that keeps its own clock
+says how long it saw itself stand still around the switchover
+(:meth:`Guest.observed_pause`), to set beside the engine's downtime.
 
 Guest classes register under a short name (:attr:`Guest.kind`) so that a destination can
 rebuild whatever kind of guest the source announces: :func:`register`, :func:`guest_class`.
@@ -80,6 +82,8 @@ class VerifyReport:
     ``pages_checked`` pages were proven right (or wrong: see ``problems``);
     ``pages_skipped`` could not be judged (a write was in progress on them). ``ok`` is True
     only when there is no problem at all. ``seconds`` is how long the check took.
+    ``observed_pause`` is :meth:`Guest.observed_pause` at the time of the check (seconds, or
+    None when the guest cannot tell): a measurement, never a problem.
     """
 
     ok: bool
@@ -87,6 +91,7 @@ class VerifyReport:
     pages_skipped: int
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    observed_pause: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-able data (for migration events)."""
@@ -144,6 +149,20 @@ class Guest(abc.ABC):
     @abc.abstractmethod
     def verify(self) -> VerifyReport:
         """Check the guest's memory (may run while the guest runs, from another thread)."""
+
+    def observed_pause(self, timeout: float = 0.0) -> float | None:
+        """How long the guest saw its latest pause last, by its own clock (seconds).
+
+        For a migrated guest: from its last sign of life on the source to its first on the
+        destination, or longer if it stalled just after the resume (a postcopy guest waits
+        for pages then). Set it beside the engine's downtime, which the engine measures from
+        the outside. None when the guest cannot tell: it has not run since a pause, its clock
+        cannot be compared across the two hosts, or (this default) it keeps no clock at all.
+
+        Waits up to ``timeout`` seconds for the figure to be final (0: the figure as it
+        stands now, which may still grow shortly after a resume).
+        """
+        return None
 
     @abc.abstractmethod
     def release_regions(self) -> list[Region]:

@@ -1,6 +1,6 @@
 """Which pages were written since the last look: userfaultfd write-protect (async) + PAGEMAP_SCAN.
 
-The recipe (KERNEL-NOTES): a userfaultfd with WP_ASYNC registers each range in write-protect
+The recipe (docs/kernel.md): a userfaultfd with WP_ASYNC registers each range in write-protect
 mode and protects it; a write then resolves in the kernel without waking anyone (nothing
 blocks, so the writer may hold the GIL), and marks the page written. ``PAGEMAP_SCAN`` on
 /proc/self/pagemap returns the written page ranges and write-protects them again in the same
@@ -8,7 +8,11 @@ walk, atomically per page, so that a write racing with the scan is either in thi
 in the next one, never lost.
 
 The tracker works in the process that owns the memory (a uffd belongs to the address space
-that created it).
+that created it). It works for a normal user: where the kernel refuses a full userfaultfd
+(``vm.unprivileged_userfaultfd = 0``, the default), it takes one for user-mode faults only,
+which loses nothing here, because the kernel resolves an async write-protect fault before it
+asks who raised it: writes made by syscalls (``read()`` into the memory, a peer's
+``process_vm_writev``) are found like the guest's own stores (see :mod:`pageflip._sys.uffd`).
 """
 
 from __future__ import annotations
@@ -128,7 +132,8 @@ class DirtyTracker:
             raise StateError("the dirty tracker is already started", phase="active", needed="idle")
         features.require("pagemap_scan")
         try:
-            self._uffd = uffd.userfaultfd()
+            # User-mode-only is as good as a full uffd for async write-protect tracking.
+            self._uffd = uffd.userfaultfd(user_mode_ok=True)
             uffd.api(self._uffd, _FEATURES)
             self._pagemap = pagemap.open_pagemap()
             for r in self._ranges:

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ..errors import FeatureUnavailable
 from . import fds as _fds
 from . import io as _io
 from . import mm as _mm
@@ -51,6 +52,8 @@ class Feature:
 
 def explain(err: OSError) -> str:
     """Why a feature is missing, in words, from the errno its check raised."""
+    if isinstance(err, FeatureUnavailable) and err.reason:
+        return err.reason  # already in words, with the setting that would enable it
     code = err.errno or 0
     if code == errno.ENOSYS:
         why = "kernel too old (syscall not implemented)"
@@ -201,8 +204,13 @@ def _check_pvm(write: bool) -> Callable[[], str]:
     return check
 
 
+def _new_uffd() -> int:
+    """A uffd for a check, got the way pageflip's uses get one (user-mode faults will do)."""
+    return _uffd.userfaultfd(user_mode_ok=True)
+
+
 def _uffd_features() -> UffdFeature:
-    fd = _uffd.userfaultfd()
+    fd = _new_uffd()
     try:
         features, _ = _uffd.api(fd, UffdFeature.NONE)
         return features
@@ -210,10 +218,32 @@ def _uffd_features() -> UffdFeature:
         os.close(fd)
 
 
+def _by(way: _uffd.Way) -> str:
+    return f"by {way.value}" if way is _uffd.Way.DEVICE else f"by the {way.value}"
+
+
 def _check_userfaultfd() -> str:
-    features = _uffd_features()
-    names = [f.name for f in UffdFeature if f and f in features and f.name]
-    return f"features: {', '.join(names)}"
+    """Which way gives a uffd here; where only user-mode faults do, what would give more."""
+    fd, way = _uffd.open_userfaultfd(user_mode_ok=True)
+    try:
+        features, _ = _uffd.api(fd, UffdFeature.NONE)
+    finally:
+        os.close(fd)
+    names = ", ".join(f.name for f in UffdFeature if f and f in features and f.name)
+    if way.kernel_faults:
+        return f"{_by(way)}, kernel-mode faults too; features: {names}"
+    return (
+        f"{_by(way)}: enough for dirty tracking, and for postcopy of guests that touch their"
+        f" memory from user mode only; features: {names}; kernel-mode faults too would need"
+        f" {_uffd.enabling_settings()}"
+    )
+
+
+def _check_kernel_faults() -> str:
+    """A uffd that also takes faults raised by the kernel (syscalls into missing pages)."""
+    fd, way = _uffd.open_userfaultfd(user_mode_ok=False)
+    os.close(fd)
+    return _by(way)
 
 
 def _need_feature(feature: UffdFeature) -> Callable[[], str]:
@@ -227,7 +257,7 @@ def _need_feature(feature: UffdFeature) -> Callable[[], str]:
 
 def _check_uffd_ops() -> str:
     """Every ioctl pageflip uses, on real pages: REGISTER, COPY, ZEROPAGE, WP, WAKE, ..."""
-    fd = _uffd.userfaultfd()
+    fd = _new_uffd()
     try:
         _uffd.api(fd, UffdFeature.NONE)
         with _Scratch(4) as dst, _Scratch(1) as src:
@@ -247,7 +277,7 @@ def _check_uffd_ops() -> str:
 
 
 def _check_uffd_move() -> str:
-    fd = _uffd.userfaultfd()
+    fd = _new_uffd()
     try:
         _uffd.api(fd, UffdFeature.MOVE)
         with _Scratch(1) as dst, _Scratch(1) as src:
@@ -264,7 +294,7 @@ def _check_uffd_move() -> str:
 
 
 def _check_pagemap_scan() -> str:
-    fd = _uffd.userfaultfd()
+    fd = _new_uffd()
     pm = _pagemap.open_pagemap()
     try:
         _uffd.api(
@@ -348,6 +378,10 @@ CHECKS: dict[str, tuple[Callable[[], str], str]] = {
     "process_vm_readv": (_check_pvm(write=False), "copy fallback: one copy between processes"),
     "process_vm_writev": (_check_pvm(write=True), "copy fallback: one copy between processes"),
     "userfaultfd": (_check_userfaultfd, "dirty tracking and postcopy"),
+    "uffd_kernel_faults": (
+        _check_kernel_faults,
+        "postcopy: a syscall into a missing page waits for it (else it fails with EFAULT)",
+    ),
     "uffd_ops": (_check_uffd_ops, "postcopy: resolve faults"),
     "uffd_wp_async": (_need_feature(UffdFeature.WP_ASYNC), "dirty tracking"),
     "uffd_missing_shmem": (_need_feature(UffdFeature.MISSING_SHMEM), "postcopy on memfds"),

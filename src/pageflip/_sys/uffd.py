@@ -1,16 +1,55 @@
-"""userfaultfd: open, negotiate features, register ranges, resolve faults, read events."""
+"""userfaultfd: open, negotiate features, register ranges, resolve faults, read events.
+
+Getting a userfaultfd
+---------------------
+:func:`open_userfaultfd` tries, in this order, and stops at the first that works:
+
+1. ``userfaultfd(flags)``: allowed with CAP_SYS_PTRACE, or for anyone while the sysctl
+   ``vm.unprivileged_userfaultfd`` is 1 (it is 0 by default since Linux 5.11).
+2. ``/dev/userfaultfd`` (Linux 6.1+), ioctl USERFAULTFD_IOC_NEW: allowed to whoever may
+   open the device for reading and writing (root only, as shipped). What it gives is the
+   same as 1.
+3. ``userfaultfd(flags | UFFD_USER_MODE_ONLY)`` (Linux 5.11+): always allowed, but only
+   where the caller passed ``user_mode_ok=True``, because such a uffd takes faults raised
+   in user mode only.
+
+A uffd from 1 or 2 is taken before 3 because it can do strictly more: what a user-mode-only
+uffd misses, checked on Linux 6.18 (tests/test_unprivileged.py keeps checking it):
+
+* MISSING mode (postcopy): a fault raised by the kernel on the process's behalf, such as
+  ``read()`` or ``recv()`` into a page not there yet, or another process's
+  ``process_vm_writev`` into it, is not delivered: the syscall fails at once with EFAULT
+  (a uffd from 1 or 2 makes it wait, like a user-mode access, until the page is
+  installed; tests/test_sys.py checks that). A guest whose threads only load and store
+  into their memory runs the same with either; a guest that lets syscalls read into
+  memory that may still be missing needs 1 or 2.
+* WP mode with UFFD_FEATURE_WP_ASYNC (dirty tracking): nothing is missed. The kernel
+  resolves an async write-protect fault itself before it looks at who raised it, so
+  writes made by syscalls (``read()`` into the memory, ``process_vm_writev``) are
+  recorded as written just like stores from user mode.
+
+Which of our uses accept a user-mode-only uffd: dirty tracking (:mod:`pageflip.dirty`),
+always; the postcopy destination, for guests that touch their memory from user mode only,
+as the reference Workload does (it has to ask, with ``user_mode_ok=True``). Where no way
+works, :class:`~pageflip.errors.FeatureUnavailable` names what would enable one
+(:func:`enabling_settings`), with this host's values.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import enum
+import errno
 import fcntl
+import grp
 import os
 from ctypes import c_int, c_ulong, c_void_p
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import FeatureUnavailable
 from ._gate import libc_gate, os_error, syscall_gate
 from .flags import (
     UFFD_API,
@@ -20,6 +59,7 @@ from .flags import (
     UffdRegister,
     UffdWpMode,
 )
+from .procfs import sysctl
 from .structs import (
     UFFDIO_API,
     UFFDIO_COPY,
@@ -42,10 +82,49 @@ from .structs import (
 _userfaultfd = syscall_gate("userfaultfd", [c_int], ("flags",))
 _ioctl = libc_gate("ioctl", c_int, [c_int, c_ulong, c_void_p], ("fd", "request", None))
 
+#: The device that hands out userfaultfds to whoever may open it (Linux 6.1+).
+DEVICE = "/dev/userfaultfd"
 #: ``/dev/userfaultfd``'s USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00).
 _USERFAULTFD_IOC_NEW = (0xAA << 8) | 0x00
-#: UFFD_USER_MODE_ONLY: handle only user-mode faults (allowed without privilege).
+#: UFFD_USER_MODE_ONLY: handle only faults raised in user mode (allowed without privilege).
 USER_MODE_ONLY = 1
+#: What pageflip opens its uffds with: close on exec, reads that never block.
+DEFAULT_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
+#: The sysctl that lets anyone open a uffd that takes kernel-mode faults too.
+SYSCTL = "vm.unprivileged_userfaultfd"
+
+
+class Way(enum.Enum):
+    """How a userfaultfd was obtained; members in the order :func:`open_userfaultfd` tries."""
+
+    #: ``userfaultfd(flags)``: CAP_SYS_PTRACE, or ``vm.unprivileged_userfaultfd = 1``.
+    SYSCALL = "syscall"
+    #: ``/dev/userfaultfd``: read and write access to the device.
+    DEVICE = "/dev/userfaultfd"
+    #: ``userfaultfd(flags | UFFD_USER_MODE_ONLY)``: anyone; user-mode faults only.
+    USER_MODE_ONLY = "syscall, user-mode faults only"
+
+    @property
+    def kernel_faults(self) -> bool:
+        """Whether a uffd got this way also takes faults the kernel raises (syscalls)."""
+        return self is not Way.USER_MODE_ONLY
+
+
+class Userfaultfd(NamedTuple):
+    """A new userfaultfd (the caller closes ``fd``) and the way it was obtained."""
+
+    fd: int
+    way: Way
+
+
+#: Per way, the errnos that mean "not this way here" (the next way is tried); any other
+#: error (EMFILE, ENOMEM, EINVAL for bad flags) is raised as it is.
+_REFUSED: dict[Way, frozenset[int]] = {
+    Way.SYSCALL: frozenset({errno.EPERM, errno.ENOSYS}),
+    Way.DEVICE: frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENODEV, errno.ENXIO}),
+    # EINVAL: a kernel before 5.11 does not know UFFD_USER_MODE_ONLY.
+    Way.USER_MODE_ONLY: frozenset({errno.EPERM, errno.ENOSYS, errno.EINVAL}),
+}
 
 #: numpy view of ``struct uffd_msg`` for a page fault.
 MSG_DTYPE = np.dtype(
@@ -74,25 +153,121 @@ def _call(fd: int, name: str, request: int, arg: Any, detail: str) -> int:
             raise os_error(err, f"ioctl(fd={fd}, {name}, {detail})")
 
 
-def userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> int:
-    """A new userfaultfd, by the syscall or else through /dev/userfaultfd."""
-    if _userfaultfd is not None:
-        try:
-            fd: int = _userfaultfd(flags)
-            return fd
-        except PermissionError:
-            pass
+def attempt(way: Way, flags: int = DEFAULT_FLAGS) -> int:
+    """A new uffd got exactly ``way`` (tests try each); raises an OSError naming the call."""
+    if way is Way.DEVICE:
+        return _from_device(flags)
+    if way is Way.USER_MODE_ONLY:
+        flags, call = flags | USER_MODE_ONLY, f"userfaultfd(flags={flags:#x}|UFFD_USER_MODE_ONLY)"
+    else:
+        call = f"userfaultfd(flags={flags:#x})"
+    if _userfaultfd is None:
+        raise os_error(errno.ENOSYS, call)
     try:
-        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        fd: int = _userfaultfd(flags)
     except OSError as err:
-        raise os_error(err.errno or 1, f"userfaultfd(flags={flags:#x})") from None
+        raise os_error(err.errno or errno.EIO, call) from None
+    return fd
+
+
+def _from_device(flags: int) -> int:
     try:
-        result = fcntl.ioctl(dev, _USERFAULTFD_IOC_NEW, flags)
+        dev = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
-        raise os_error(err.errno or 1, "ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW)") from None
+        raise os_error(err.errno or errno.EIO, f"open({DEVICE})") from None
+    try:
+        return int(fcntl.ioctl(dev, _USERFAULTFD_IOC_NEW, flags))
+    except OSError as err:
+        raise os_error(
+            err.errno or errno.EIO, f"ioctl({DEVICE}, USERFAULTFD_IOC_NEW, flags={flags:#x})"
+        ) from None
     finally:
         os.close(dev)
-    return int(result)
+
+
+def open_userfaultfd(flags: int = DEFAULT_FLAGS, *, user_mode_ok: bool = False) -> Userfaultfd:
+    """A new userfaultfd by the first way that works here (see the module docstring).
+
+    ``user_mode_ok``: the caller can do with a uffd that takes user-mode faults only, the
+    last resort. Raises :class:`~pageflip.errors.FeatureUnavailable` naming the settings
+    that would allow one when every way is refused; other errors (EMFILE, ENOMEM) as they
+    are.
+    """
+    ways = list(Way) if user_mode_ok else [w for w in Way if w.kernel_faults]
+    refused: list[OSError] = []
+    for way in ways:
+        try:
+            return Userfaultfd(attempt(way, flags), way)
+        except OSError as err:
+            if err.errno not in _REFUSED[way]:
+                raise
+            refused.append(err)
+    why = _why(refused, user_mode_ok)
+    raise FeatureUnavailable(
+        f"userfaultfd is not available here: {why}", feature="userfaultfd", reason=why
+    )
+
+
+def userfaultfd(flags: int = DEFAULT_FLAGS, *, user_mode_ok: bool = False) -> int:
+    """A new userfaultfd's fd: :func:`open_userfaultfd` without saying how it was got."""
+    return open_userfaultfd(flags, user_mode_ok=user_mode_ok).fd
+
+
+def _why(refused: list[OSError], user_mode_ok: bool) -> str:
+    """Why every way failed, each call's own error, and what would make one work."""
+    calls = "; ".join(err.strerror or str(err) for err in refused)
+    if all(err.errno in (errno.ENOSYS, errno.ENOENT) for err in refused):
+        return f"kernel without userfaultfd (CONFIG_USERFAULTFD off or before 4.3): {calls}"
+    why = f"no permission: {calls}"
+    if user_mode_ok and refused[-1].errno == errno.EPERM:
+        why += (
+            " (refused even for user-mode faults, which the kernel always allows: a seccomp"
+            " filter, such as a container runtime installs, blocks the syscall)"
+        )
+    elif user_mode_ok and refused[-1].errno == errno.EINVAL:
+        why += " (a kernel before 5.11 does not know UFFD_USER_MODE_ONLY)"
+    elif not user_mode_ok:
+        why += " (this use needs a uffd that takes kernel-mode faults too)"
+    return f"{why}. To allow it: {enabling_settings()}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def enabling_settings() -> str:
+    """What an administrator can set so that this process gets a full uffd (ways 1 or 2).
+
+    Names this host's values: the sysctl's current value, the device's group and the
+    process's own group, e.g. ``sysctl -w vm.unprivileged_userfaultfd=1 (now 0); or read
+    and write access to /dev/userfaultfd for group users: ...; or CAP_SYS_PTRACE``.
+    """
+    options = []
+    value = sysctl(SYSCTL)
+    if value is not None:
+        options.append(f"`sysctl -w {SYSCTL}=1` (now {value})")
+    try:
+        st = os.stat(DEVICE)
+    except OSError:
+        pass  # no device: a kernel before 6.1
+    else:
+        ours = os.getegid()
+        group = _group_name(ours)
+        if st.st_mode & 0o060 == 0o060 and st.st_gid != ours and st.st_gid not in os.getgroups():
+            options.append(
+                f"membership of group {_group_name(st.st_gid)}, which may read and write {DEVICE}"
+            )
+        else:
+            options.append(
+                f"read and write access to {DEVICE} for group {group}: "
+                f"`chgrp {group} {DEVICE} && chmod 660 {DEVICE}`, kept across reboots by the "
+                f'udev rule `KERNEL=="userfaultfd", GROUP="{group}", MODE="0660"`'
+            )
+    options.append("CAP_SYS_PTRACE for the process")
+    return "; or ".join(options)
 
 
 def api(fd: int, features: UffdFeature) -> tuple[UffdFeature, int]:

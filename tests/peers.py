@@ -148,6 +148,8 @@ def connect_as(path: str, uid: int, results: Queue[Any]) -> None:
         channel._say_hello()
         channel._recv("probe")
         results.put("kept")
+    except pf.PeerRejected as err:
+        results.put(f"rejected: {err}")
     except pf.PeerClosed:
         results.put("closed")
     except pf.PeerTimeout:

@@ -62,12 +62,13 @@ from .errors import (
     PageflipError,
     PeerClosed,
     PeerRefused,
+    PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
     SpanError,
 )
 from .memory import Memfd, Region, Span, check_peer_memfd, region_at, writable_address
-from .transport import UnixConnection, UnixListener
+from .transport import UnixConnection, UnixListener, refusal
 
 __all__ = ["Channel", "CopyMethod", "Listener", "Transfer", "channel_pair", "vmsplice"]
 
@@ -449,6 +450,9 @@ class Channel:
             if not data:
                 close_all(fds)
                 raise PeerClosed(f"the peer closed the channel ({phase})", phase=phase)
+            if self._peer_hello is None and (why := refusal(data)) is not None:
+                close_all(fds)
+                raise PeerRejected(why, phase=phase)
             self._decoder.feed(data, fds)
 
     def _check_hello(self, frame: Frame) -> None:

@@ -407,7 +407,7 @@ def test_pfns_are_shared_by_two_mappings_of_one_memfd() -> None:
 
 
 def test_mmap_module_buffer_survives_map_fixed_replacement() -> None:
-    """The KERNEL-NOTES trap: MAP_FIXED under an mmap.mmap keeps the object valid."""
+    """docs/kernel.md, "mmap and MAP_FIXED": MAP_FIXED under an mmap.mmap keeps it valid."""
     m = mmap.mmap(-1, PAGE)
     view = np.frombuffer(m, np.uint8)
     address = int(view.ctypes.data)

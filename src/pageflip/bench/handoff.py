@@ -882,7 +882,7 @@ def _results(
             "sender's own pages (a move allocates nothing)",
             "order": "interleaved: each repeat runs every method once, in table order, "
             "back to back, freeing each method's memory before the next (memory is warm "
-            "in the KERNEL-NOTES sense)",
+            "in the sense of docs/kernel.md, 'Memory warmth')",
             "statistic": f"median of {config.repeat} repeat(s)",
         },
         "memcpy": {

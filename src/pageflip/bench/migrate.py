@@ -29,7 +29,7 @@ given and runs every mode back to back for each (size, rate), rotating the order
 by one from one (size, rate) to the next, so that no mode always runs first, right after the
 previous size's memory was freed. Between runs both processes have exited (their memory is
 free) and the benchmark waits ``settle`` seconds: with the default of 1 s memory is *warm* in
-the sense of KERNEL-NOTES "Memory warmth"; ``settle=15`` makes runs *cold*.
+the sense of docs/kernel.md, "Memory warmth"; ``settle=15`` makes runs *cold*.
 
 :func:`run` returns a JSON-ready dict; :func:`markdown_table` and :func:`target_rows` lay it
 out and :func:`plot` draws downtime and total time against memory size. Nothing here prints:
@@ -101,7 +101,8 @@ FLIP_PEAK_RATIO = 1.1
 FLIP_SCALING_FACTOR = 2.0
 
 #: QEMU 7.2 + KVM localhost migration on this machine kind, unthrottled (``max-bandwidth``
-#: lifted), for the precopy comparison. ``source`` says where each figure was stated.
+#: lifted), for the precopy comparison. ``source`` says where each figure was stated: the
+#: issue, or docs/benchmarks.md ("Targets and references") for the project's own measurements.
 QEMU_REFERENCE: tuple[dict[str, Any], ...] = (
     {
         "size": 2 * GiB,
@@ -132,7 +133,7 @@ QEMU_REFERENCE: tuple[dict[str, Any], ...] = (
         "rate": 0,
         "total_seconds": 10.6,
         "downtime": None,
-        "source": "KERNEL-NOTES",
+        "source": "docs/benchmarks.md",
         "note": "unthrottled, idle, cold destination, median",
     },
     {
@@ -141,7 +142,7 @@ QEMU_REFERENCE: tuple[dict[str, Any], ...] = (
         "total_seconds": 12.1,
         "downtime": None,
         "downtime_range": [0.201, 0.839],
-        "source": "KERNEL-NOTES",
+        "source": "docs/benchmarks.md",
         "note": "unthrottled, 256 MiB/s of writes, cold destination, median",
     },
 )
@@ -149,7 +150,7 @@ QEMU_REFERENCE: tuple[dict[str, Any], ...] = (
 QEMU_CONTEXT = (
     "QEMU defaults (128 MiB/s cap): 16 s for 2 GiB and 32 s for 4 GiB idle, never converging "
     "under 256 MiB/s of writes; its shared-memory local mode (x-ignore-shared) pauses the "
-    "guest 1-2 ms at any size (issue, KERNEL-NOTES)."
+    "guest 1-2 ms at any size (issue; docs/benchmarks.md)."
 )
 
 ORDER = (
@@ -203,7 +204,7 @@ class MigrateConfig:
     #: Seconds between runs, once both processes of the previous one have exited.
     settle: float = 1.0
     #: Just before each migration, touch and free as much memory as the destination will
-    #: need, so that it gets warm memory (KERNEL-NOTES "Memory warmth") whatever ran before.
+    #: need, so that it gets warm memory (docs/kernel.md, "Memory warmth") whatever ran before.
     prewarm: bool = True
     #: Seconds between memory samples.
     sample_interval: float = 0.05
@@ -943,14 +944,14 @@ def _results(
             "warmth": (
                 "warm: just before each precopy or postcopy migration the driver touched and "
                 "freed as much memory as the guest has, so the destination allocates memory "
-                "freed a moment ago (KERNEL-NOTES 'Memory warmth'); a flip allocates nothing"
+                "freed a moment ago (docs/kernel.md, 'Memory warmth'); a flip allocates nothing"
                 if config.prewarm
                 else f"runs back to back ({config.settle:g} s between them): memory is warm in "
-                "the KERNEL-NOTES sense, except that a run can allocate more than the runs "
-                "before it freed"
+                "the sense of docs/kernel.md, 'Memory warmth', except that a run can allocate "
+                "more than the runs before it freed"
                 if config.settle < 15
                 else f"{config.settle:g} s between runs, no prewarming: memory is cold in the "
-                "KERNEL-NOTES sense"
+                "sense of docs/kernel.md, 'Memory warmth'"
             ),
             "prewarm": config.prewarm,
             "qemu": QEMU_CONTEXT,

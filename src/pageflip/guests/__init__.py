@@ -1,4 +1,4 @@
-"""Guests: things that can be migrated (DESIGN.md, section Migration).
+"""Guests: things that can be migrated (docs/design.md, section "Migration").
 
 A :class:`Guest` owns regions and can pause, resume, save and restore its small non-memory
 state. :class:`Workload` is the reference guest: it dirties its memory at a set rate and can

@@ -148,7 +148,7 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
         def die_at_switchover(self: Destination, switchover: Any) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        dest_module.Destination._verify_and_resume = die_at_switchover  # type: ignore[method-assign]
+        dest_module.Destination._verify_and_prepare = die_at_switchover  # type: ignore[method-assign]
     try:
         guest = dest.run()
     except pf.MigrationError as err:

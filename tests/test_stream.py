@@ -42,8 +42,13 @@ from pageflip.stream import (
     Mode,
     PageFlags,
     Pages,
+    Accepted,
+    Commit,
+    GuestPause,
     PostcopyEnd,
+    PostcopyProgress,
     Prepared,
+    Recover,
     PullPages,
     RegionInfo,
     Reject,
@@ -87,7 +92,13 @@ EVENTS: list[Event] = [
     Welcome(Feature.ZSTD | Feature.POSTCOPY),
     Reject("page size mismatch: é"),
     Setup(Mode.PRECOPY, 64, 4242, REGIONS),
+    Accepted(),
     Prepared(),
+    Commit(),
+    GuestPause(0.0012),
+    GuestPause(None),
+    PostcopyProgress(100, 20, 3),
+    Recover(),
     Pages(0, 1, runs((0, 2), (10, 1)), page_bytes(3)),
     Pages(1, 7, runs((15, 1)), page_bytes(1, seed=1), PageFlags.URGENT),
     Pages(0, 2, runs(), b""),
@@ -328,7 +339,9 @@ def test_zstd_for_zero_bytes_is_refused() -> None:
 # -- bounds: each one a peer can break, with its frame and offset ----------------------------
 
 
-def header(kind: int, length: int, nfds: int = 0, magic: bytes = MAGIC, version: int = 1) -> bytes:
+def header(
+    kind: int, length: int, nfds: int = 0, magic: bytes = MAGIC, version: int = VERSION
+) -> bytes:
     return HEADER.pack(magic, version, kind, nfds, length)
 
 
@@ -364,14 +377,16 @@ BOUNDS = [
     # header: checked as soon as the bytes are in, before the payload is waited for
     pytest.param(b"PFX", "header", 0, "magic", id="magic-early"),
     pytest.param(b"GARBAGE!GARBAGE!", "header", 0, "magic", id="magic"),
-    pytest.param(header(1, 8, version=2)[:5], "header", 4, "version", id="version"),
+    pytest.param(header(1, 8, version=1)[:5], "header", 4, "version", id="version"),
     pytest.param(header(0, 0)[:6], "header", 5, "unknown frame type 0", id="type-0"),
-    pytest.param(header(20, 0), "header", 5, "unknown frame type 20", id="type-20"),
+    pytest.param(header(25, 0), "header", 5, "unknown frame type 25", id="type-25"),
     pytest.param(header(11, 2, nfds=254), "FLIP", 6, "at most 253", id="nfds"),
     pytest.param(header(6, 40, nfds=1), "PAGES", 6, "carries none", id="fds-on-pages"),
     pytest.param(header(6, MAX_PAYLOAD + 1), "PAGES", 8, "at most", id="payload-long"),
     pytest.param(header(10, 5), "ROUND_ACK", 8, "ROUND_ACK takes 4 bytes", id="fixed-size"),
-    pytest.param(header(5, 1), "PREPARED", 8, "PREPARED takes 0 bytes", id="prepared"),
+    pytest.param(header(5, 1), "ACCEPTED", 8, "ACCEPTED takes 0 bytes", id="accepted"),
+    pytest.param(header(20, 1), "PREPARED", 8, "PREPARED takes 0 bytes", id="prepared"),
+    pytest.param(header(22, 8), "GUEST_PAUSE", 8, "GUEST_PAUSE takes 9 bytes", id="pause-short"),
     pytest.param(header(1, 10_000), "HELLO", 8, "28..92", id="hello-long"),
     pytest.param(header(12, 4), "SWITCHOVER", 8, "14..", id="switchover-short"),
     pytest.param(header(11, 2, nfds=1) + bytes(2), "FLIP", 6, "0 arrived", id="fds-missing"),
@@ -1037,7 +1052,7 @@ def test_unknown_features_of_a_newer_peer_are_dropped_from_its_hello() -> None:
 @pytest.mark.parametrize(
     ("remote", "offset", "words"),
     [
-        (hello(Role.DESTINATION, version=2), H, "version 2"),
+        (hello(Role.DESTINATION, version=VERSION + 1), H, f"version {VERSION + 1}"),
         (hello(Role.DESTINATION, page_size=16384), H + 2, "page size is 16384"),
         (hello(Role.SOURCE), H + 10, "both sides are the source"),
         (hello(Role.DESTINATION, guest_kind="kvm"), H + 27, "'kvm'"),

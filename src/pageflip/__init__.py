@@ -21,6 +21,7 @@ from .errors import (
     ClosedError,
     DigestMismatch,
     FeatureUnavailable,
+    GuestLost,
     LocalProtocolError,
     MigrationError,
     PageflipError,
@@ -77,5 +78,6 @@ __all__ = [
     "StateError",
     "MigrationError",
     "DigestMismatch",
+    "GuestLost",
     "__version__",
 ]

@@ -22,7 +22,9 @@
           ├── StateError               a call in the wrong phase of a state machine
           └── MigrationError           a migration failed; ``phase`` says where, ``guest``
                │                       where the guest runs now ("source": intact there)
-               └── DigestMismatch      the destination's pages differ from the source's
+               ├── DigestMismatch      the destination's pages differ from the source's
+               └── GuestLost           after the commit point the destination failed or
+                                       vanished: the guest is lost (``guest`` is "lost")
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
@@ -181,11 +183,18 @@ class DigestMismatch(MigrationError):
     region: str | None
 
 
+class GuestLost(MigrationError):
+    """After the commit point the destination failed, or could no longer be reached: the
+    guest is lost, or its fate is unknown (``phase`` says where). The source's paused copy,
+    if it was kept, is stale: the guest may have run on after it."""
+
+
 __all__ = [
     "BufferInUse",
     "ClosedError",
     "DigestMismatch",
     "FeatureUnavailable",
+    "GuestLost",
     "LocalProtocolError",
     "MigrationError",
     "PageflipError",

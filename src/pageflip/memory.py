@@ -82,6 +82,13 @@ def _memfd_device() -> int:
         os.close(fd)
 
 
+#: What a page that never arrived holds instead of its data: postcopy writes it over every
+#: page it could no longer bring (its source died), so that such a page never reads as
+#: zeros, which a guest could take for data. 64 bytes of text, repeated over the page.
+LOST_PAGE_LINE = b"pageflip: this page never arrived: its source was lost mid-copy\n"
+LOST_PAGE = LOST_PAGE_LINE * (PAGE_SIZE // len(LOST_PAGE_LINE))
+
+
 def check_peer_memfd(
     fd: int, *, offset: int, length: int, what: str, frame: str, inode: int | None = None
 ) -> os.stat_result:

@@ -10,7 +10,7 @@ Every frame is a 12-byte header and a payload, little endian::
      0      4         5      6      8        12
     +------+---------+------+------+--------+---------------------+
     | PFMS | version | type | nfds | length | payload             |
-    |      | u8 (=1) | u8   | u16  | u32    | (length bytes)      |
+    |      | u8 (=2) | u8   | u16  | u32    | (length bytes)      |
     +------+---------+------+------+--------+---------------------+
 
 ``nfds`` fds belong to the frame and arrive with its first byte (only FLIP carries any).
@@ -30,31 +30,34 @@ checks that each frame is well formed)::
                                             <---- HELLO(role=DESTINATION, ...)
                                             <---- WELCOME(shared features) or REJECT(reason)
       SETUP(mode, chunk_pages, regions)     ---->
-                                            <---- PREPARED
-    mode FLIP (same host; the guest is paused):
-      FLIP(regions, memfds over SCM_RIGHTS) ---->
-      SWITCHOVER(paused_at, digests, state) ---->
-    mode PRECOPY (round 0 sends everything, later rounds what the guest dirtied):
+                                            <---- ACCEPTED (room checked, regions ready)
+                                                  or REJECT(reason)
+    mode PRECOPY (round 1 sends everything, later rounds what the guest dirtied):
       PAGES / ZERO / PULL ...               ---->
       ROUND_END(round, totals)              ---->
                                             <---- ROUND_ACK(round)
-      ... more rounds; then the guest pauses and the last round ends with
+    then the guest pauses on the source:
+      FLIP(regions, memfds over SCM_RIGHTS) ---->   (mode FLIP)
+      PAGES / ZERO / PULL ... (the last round) --->  (mode PRECOPY)
+      DISCARD(region, runs)                 ---->   (mode POSTCOPY: pages written after
+                                                     they were sent)
       SWITCHOVER(paused_at, digests, state) ---->
-    flip and precopy end with:
-                                            <---- VERIFIED(ok, message)
+                                            <---- PREPARED (everything that can fail is done)
+      COMMIT                                ---->   the commit point
                                             <---- RESUMED(resumed_at)
-    mode POSTCOPY (the destination runs early, missing pages come on demand):
-      DISCARD(region, runs)                 ---->   (pages written after they were sent)
-      SWITCHOVER(paused_at, [], state)      ---->
-                                            <---- RESUMED(resumed_at)
-                                            <---- REQUEST(region, first_page, count)
-      PAGES(flags=URGENT)                   ---->   (answers a REQUEST)
-      PAGES / ZERO ... (background)         ---->
+                                            <---- GUEST_PAUSE(seconds or unknown)
+    mode POSTCOPY (the destination's pager pulls the missing pages meanwhile):
       POSTCOPY_END(digests)                 ---->
+                                            <---- POSTCOPY_PROGRESS(remaining, ...) ...
                                             <---- VERIFIED(ok, message)
     every migration ends with:
       DONE(stats)                           ---->
-    either side, at any time: ABORT(phase, reason), then it closes the stream.
+    ABORT(phase, reason), then the stream ends: either side before COMMIT; after COMMIT only
+    the destination, and only if resuming failed before the guest ran there.
+    A postcopy whose connection broke after COMMIT goes on over a new connection:
+      HELLO(same session) ... WELCOME, RECOVER ---->
+                                            <---- ACCEPTED
+      POSTCOPY_END, VERIFIED, DONE as above.
 
 A peer's bad frame raises :class:`~pageflip.errors.RemoteProtocolError` with ``frame`` (the
 frame's name, or ``"header"``) and ``offset`` (the stream offset of the offending field);
@@ -96,7 +99,12 @@ __all__ = [
     "Reject",
     "Setup",
     "RegionInfo",
+    "Accepted",
     "Prepared",
+    "Commit",
+    "GuestPause",
+    "PostcopyProgress",
+    "Recover",
     "Pages",
     "ZeroPages",
     "DiscardPages",
@@ -140,7 +148,7 @@ __all__ = [
 ]
 
 MAGIC: Final = b"PFMS"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER: Final = struct.Struct("<4sBBHI")
 #: Largest payload accepted: a PAGES frame of MAX_RAW bytes and up to 64 KiB of the rest.
 MAX_PAYLOAD: Final = (64 << 20) + (64 << 10)
@@ -188,7 +196,7 @@ class FrameType(enum.IntEnum):
     WELCOME = 2
     REJECT = 3
     SETUP = 4
-    PREPARED = 5
+    ACCEPTED = 5
     PAGES = 6
     ZERO = 7
     PULL = 8
@@ -203,6 +211,11 @@ class FrameType(enum.IntEnum):
     ABORT = 17
     VERIFIED = 18
     DISCARD = 19
+    PREPARED = 20
+    COMMIT = 21
+    GUEST_PAUSE = 22
+    RECOVER = 23
+    POSTCOPY_PROGRESS = 24
 
 
 class Feature(enum.IntFlag):
@@ -338,8 +351,46 @@ class Setup:
 
 
 @dataclass(slots=True)
+class Accepted:
+    """ACCEPTED: the destination took the SETUP (or a RECOVER): it checked that it has room
+    for the regions and has them ready to receive pages."""
+
+
+@dataclass(slots=True)
 class Prepared:
-    """PREPARED: the destination has its regions ready to receive pages."""
+    """PREPARED: the destination did everything that can fail (memory mapped and checked,
+    the guest's state loaded, its threads and control socket ready) and waits for COMMIT;
+    all that is left for it is resuming the guest."""
+
+
+@dataclass(slots=True)
+class Commit:
+    """COMMIT: the source lets go of the guest (the commit point): the destination resumes
+    it. The source never resumes its own copy after sending this."""
+
+
+@dataclass(slots=True)
+class GuestPause:
+    """GUEST_PAUSE: the pause the guest itself observed around the switchover (seconds, by
+    its own clock), or None where the guest cannot tell."""
+
+    seconds: float | None
+
+
+@dataclass(slots=True)
+class PostcopyProgress:
+    """POSTCOPY_PROGRESS: the destination's pager at work: pages still missing, pages swept
+    in, and faults served; sent a few times a second, it also says the destination lives."""
+
+    remaining: int
+    pushed: int
+    requested: int
+
+
+@dataclass(slots=True)
+class Recover:
+    """RECOVER: on a new connection with the same session, the source takes up a postcopy
+    whose connection was lost after the commit point."""
 
 
 @dataclass(slots=True, eq=False)
@@ -513,7 +564,12 @@ Event: TypeAlias = (
     | Welcome
     | Reject
     | Setup
+    | Accepted
     | Prepared
+    | Commit
+    | GuestPause
+    | PostcopyProgress
+    | Recover
     | Pages
     | ZeroPages
     | DiscardPages
@@ -535,7 +591,12 @@ _FRAME_OF: Final[dict[type[Any], FrameType]] = {
     Welcome: FrameType.WELCOME,
     Reject: FrameType.REJECT,
     Setup: FrameType.SETUP,
+    Accepted: FrameType.ACCEPTED,
     Prepared: FrameType.PREPARED,
+    Commit: FrameType.COMMIT,
+    GuestPause: FrameType.GUEST_PAUSE,
+    PostcopyProgress: FrameType.POSTCOPY_PROGRESS,
+    Recover: FrameType.RECOVER,
     Pages: FrameType.PAGES,
     ZeroPages: FrameType.ZERO,
     DiscardPages: FrameType.DISCARD,
@@ -563,6 +624,7 @@ _RUNS_FIXED = struct.Struct("<HII")
 _ROUND_END = struct.Struct("<IQQQd")
 _FLIP_REGION = struct.Struct("<HHQQQQ")
 _REQUEST = struct.Struct("<HQI")
+_PROGRESS = struct.Struct("<QQQ")
 
 #: Stream offsets of HELLO's fields (HELLO is the first frame each way).
 _HELLO_AT: Final = {
@@ -588,7 +650,12 @@ _SHAPES: Final[dict[FrameType, _Shape]] = {
     FrameType.SETUP: _Shape(
         _SETUP_FIXED.size, _SETUP_FIXED.size + MAX_REGIONS * (_REGION_FIXED.size + 1 + MAX_NAME)
     ),
+    FrameType.ACCEPTED: _Shape(0, 0),
     FrameType.PREPARED: _Shape(0, 0),
+    FrameType.COMMIT: _Shape(0, 0),
+    FrameType.GUEST_PAUSE: _Shape(9, 9),
+    FrameType.RECOVER: _Shape(0, 0),
+    FrameType.POSTCOPY_PROGRESS: _Shape(_PROGRESS.size, _PROGRESS.size),
     FrameType.PAGES: _Shape(_PAGES_FIXED.size, MAX_PAYLOAD),
     FrameType.ZERO: _Shape(_RUNS_FIXED.size, MAX_PAYLOAD),
     FrameType.PULL: _Shape(_RUNS_FIXED.size, MAX_PAYLOAD),
@@ -794,7 +861,12 @@ class Encoder:
             FrameType.WELCOME: self._welcome,
             FrameType.REJECT: self._reject,
             FrameType.SETUP: self._setup,
-            FrameType.PREPARED: self._prepared,
+            FrameType.ACCEPTED: self._empty,
+            FrameType.PREPARED: self._empty,
+            FrameType.COMMIT: self._empty,
+            FrameType.GUEST_PAUSE: self._guest_pause,
+            FrameType.POSTCOPY_PROGRESS: self._postcopy_progress,
+            FrameType.RECOVER: self._empty,
             FrameType.PAGES: self._pages,
             FrameType.ZERO: self._run_frame,
             FrameType.PULL: self._run_frame,
@@ -901,7 +973,18 @@ class Encoder:
         self._regions = tuple(operator.index(info.size) for info in ev.regions)
         return []
 
-    def _prepared(self, w: _Writer, ev: Prepared) -> list[int]:
+    def _empty(self, w: _Writer, ev: Accepted | Prepared | Commit | Recover) -> list[int]:
+        return []
+
+    def _guest_pause(self, w: _Writer, ev: GuestPause) -> list[int]:
+        w.uint(_U8, 0 if ev.seconds is None else 1, "known")
+        w.time(0.0 if ev.seconds is None else ev.seconds, "seconds")
+        return []
+
+    def _postcopy_progress(self, w: _Writer, ev: PostcopyProgress) -> list[int]:
+        w.uint(_U64, ev.remaining, "remaining")
+        w.uint(_U64, ev.pushed, "pushed")
+        w.uint(_U64, ev.requested, "requested")
         return []
 
     def _pages(self, w: _Writer, ev: Pages) -> list[int]:
@@ -1193,7 +1276,14 @@ class Decoder:
             FrameType.WELCOME: self._welcome,
             FrameType.REJECT: self._reject,
             FrameType.SETUP: self._setup,
-            FrameType.PREPARED: self._prepared,
+            FrameType.ACCEPTED: lambda p: Accepted(),
+            FrameType.PREPARED: lambda p: Prepared(),
+            FrameType.COMMIT: lambda p: Commit(),
+            FrameType.GUEST_PAUSE: self._guest_pause,
+            FrameType.POSTCOPY_PROGRESS: lambda p: PostcopyProgress(
+                *p.unpack(_PROGRESS, "progress")
+            ),
+            FrameType.RECOVER: lambda p: Recover(),
             FrameType.PAGES: self._pages,
             FrameType.ZERO: self._zero,
             FrameType.PULL: self._pull,
@@ -1450,8 +1540,13 @@ class Decoder:
         self._regions = tuple(r.size for r in regions)
         return Setup(mode, chunk_pages, src_pid, regions)
 
-    def _prepared(self, p: _Payload) -> Prepared:
-        return Prepared()
+    def _guest_pause(self, p: _Payload) -> GuestPause:
+        at = p.at
+        known = p.uint(_U8, "known")
+        if known > 1:
+            raise _Invalid(f"known is {known}, not 0 or 1", at)
+        seconds = p.time("seconds")
+        return GuestPause(seconds if known else None)
 
     def _pages(self, p: _Payload) -> Pages:
         ps = self.page_size

@@ -2,11 +2,17 @@
 
 It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
 digest is kept as pages arrive and the region digests must equal the source's at
-switchover; with flip, each memfd must be the very one the source named (inode, size,
-seals) and a sample of its pages must hash alike. After it resumed the guest it says so
-(RESUMED): from then on the guest is ours. If the source then explicitly takes it back
-(ABORT), we stop it; if the source merely goes away, it either committed or died, and the
-guest keeps running here.
+switchover; with flip, each memfd must pass :func:`~pageflip.memory.check_peer_memfd` as the
+very one the source named and a sample of its pages must hash alike. Everything that can
+fail happens before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room
+for the guest is checked at SETUP, the guest is restored paused, the caller's ``prepare``
+runs, a postcopy's pager takes the memory. Then it resumes the guest only on COMMIT.
+
+After the commit point a postcopy guest is kept whatever the source does: its pager pulls
+the missing pages without the source's connection, a broken connection may be taken up
+again (RECOVER), and a guest whose every page arrived finishes on its own, saying whether
+the final digest check could run. If pages can no longer come (the source died), the guest
+is stopped: the missing pages are marked, never left to read as zeros.
 """
 
 from __future__ import annotations
@@ -24,27 +30,33 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import features, stream
 from .._sys import io, mm, uffd
 from .._sys.fds import close_all
-from .._sys.flags import Madv, Seal, UffdFeature, UffdRegister
+from .._sys.flags import Madv, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
 from ..dirty import Runs
 from ..errors import (
     DigestMismatch,
+    GuestLost,
     MigrationError,
     PageflipError,
     PeerAborted,
     PeerClosed,
+    PeerRejected,
+    PeerTimeout,
     RemoteProtocolError,
 )
 from ..guests import Guest, guest_class
-from ..memory import Memfd, Region
-from ..transport import Address, Listener
+from ..memory import Memfd, Region, check_peer_memfd
+from ..transport import Address, Connection, Listener, TcpAuth
+from . import room
 from ._gil import responsive
 from .digests import PageDigests, sample_digest
 from .events import (
@@ -52,11 +64,12 @@ from .events import (
     FailedEvent,
     MigrationEvent,
     PostcopyEvent,
+    RecoveringEvent,
     ResumedEvent,
     SetupEvent,
 )
-from .link import Link
-from .pager import PagerLink
+from .link import Link, ProcessWatch
+from .pager import PagerLink, present_pages
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
@@ -64,6 +77,30 @@ log = logging.getLogger("pageflip.migration")
 
 #: Seconds a flip destination polls for the source's switchover before sleeping.
 FLIP_SPIN = 0.25
+#: Seconds to wait for the guest's own figure of its pause after resuming it.
+GUEST_PAUSE_WAIT = 0.5
+#: New pagers started when one dies or hangs after the commit point, before giving up.
+PAGER_RESTARTS = 3
+#: Seconds between the postcopy progress frames sent to the source.
+PROGRESS_EVERY = 0.25
+
+
+class GcPause:
+    """Cyclic garbage collection off while a guest is paused waiting for us (a collection
+    can take milliseconds); on again, as it was, when it resumes. Idempotent both ways."""
+
+    def __init__(self) -> None:
+        self._was: bool | None = None
+
+    def pause(self) -> None:
+        if self._was is None:
+            self._was = gc.isenabled()
+            gc.disable()
+
+    def resume(self) -> None:
+        was, self._was = self._was, None
+        if was:
+            gc.enable()
 
 
 class Hasher:
@@ -168,8 +205,16 @@ class Destination:
     """Accept one migration on ``listen`` and run the guest it brings.
 
     ``listen``: an address to listen on (``/path``, ``@name``, ``tcp:host:port``) or a
-    listener already bound. :meth:`run` returns the running guest once the source has let
-    go of it.
+    listener already bound (then it stays the caller's, and can serve further attempts).
+    ``prepare(guest)`` runs once the guest is restored, paused, before PREPARED: anything
+    the caller must set up for it that can fail (a control socket, say) belongs there, so
+    that its failure leaves the guest on the source. ``timeout`` bounds every wait for the
+    source; ``accept_timeout`` the wait for it to connect. ``auth`` says how TCP peers
+    must authenticate (see :class:`~pageflip.transport.TcpAuth`; a listener given here
+    brings its own).
+
+    :meth:`run` returns the running guest once the migration is over (for postcopy, once
+    every page arrived); :attr:`guest` is the guest as soon as it runs here.
     """
 
     def __init__(
@@ -179,10 +224,12 @@ class Destination:
         on_event: Callable[[MigrationEvent], None] | None = None,
         timeout: float | None = 60.0,
         accept_timeout: float | None = None,
+        prepare: Callable[[Guest], None] | None = None,
+        auth: TcpAuth | None = None,
     ) -> None:
         if isinstance(listen, (str, Address)):
             address = listen if isinstance(listen, Address) else Address.parse(listen)
-            self._listener: Listener = address.listen()
+            self._listener: Listener = address.listen(auth=auth)
             self._own_listener = True
         else:
             self._listener = listen
@@ -190,19 +237,29 @@ class Destination:
         self._on_event = on_event
         self.timeout = timeout
         self.accept_timeout = accept_timeout
+        self._prepare = prepare
         self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
         self._link: Link | None = None
+        self._peer: ProcessWatch | None = None
+        self._session = b""
         self._regions: list[Region] = []
         self._digests: list[PageDigests] = []
         self._setup: stream.Setup | None = None
+        self._guest_class: type[Guest] | None = None
         self._guest: Guest | None = None
         self._start = 0.0
         self._pager: PagerLink | None = None
-        self._prefault: Prefault | None = None
-        self._gc_was_enabled = False
-        self._hasher = Hasher()
         self._pager_proc: subprocess.Popen[bytes] | None = None
+        self._pager_starts = 0
+        self._prefault: Prefault | None = None
+        self._hasher = Hasher()
         self._uffd = -1
+        #: Per region, the pages present when the pager took over (hashed by us).
+        self._initial: list[npt.NDArray[np.bool_]] = []
+        self._flip_samples: dict[int, stream.FlipRegion] = {}
+        self._remaining: int | None = None
+        self._kept_digests: list[npt.NDArray[np.uint64]] = []
+        self._gc = GcPause()
         self.done: dict[str, object] | None = None
         #: The pager's report after a postcopy (fault times, pages, digests).
         self.postcopy: dict[str, Any] | None = None
@@ -212,12 +269,39 @@ class Destination:
         return self._phases.phase
 
     @property
+    def guest(self) -> Guest | None:
+        """The guest, once it runs here (None before the commit point and after a failure
+        before it)."""
+        return self._guest if self.phase not in _NOT_RUNNING else None
+
+    @property
+    def postcopy_remaining(self) -> int | None:
+        """Postcopy: pages still at the source (None outside postcopy)."""
+        return self._remaining if self.phase is DestinationPhase.POSTCOPY else None
+
+    @property
+    def address(self) -> str:
+        """Where it listens, with the port really bound for ``tcp:HOST:0``."""
+        return self._listener.path
+
+    @property
     def link(self) -> Link:
         assert self._link is not None
         return self._link
 
     def _t(self) -> float:
         return time.monotonic() - self._start
+
+    def _accept(self) -> Connection:
+        """The source's connection; peers refused (wrong uid, failed authentication) are
+        logged and the wait goes on, within ``accept_timeout``."""
+        deadline = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return self._listener.accept(left)
+            except PeerRejected as err:
+                log.warning("%s", err)
 
     def _emit(self, event: MigrationEvent) -> None:
         if self._on_event is not None:
@@ -227,47 +311,65 @@ class Destination:
                 log.exception("migration event handler failed")
 
     def close(self) -> None:
-        """Stop listening (and remove the socket file). Idempotent."""
+        """Stop listening (and remove the socket file) if the listener is ours. Idempotent."""
         if self._own_listener:
             self._listener.close()
 
     # -- the run --------------------------------------------------------------------------
 
     def run(self) -> Guest:
-        """Receive one guest and run it; returns it once the source let go (or left)."""
+        """Receive one guest and run it; returns it once the migration is over.
+
+        Before the commit point a failure raises MigrationError and nothing ran here (the
+        guest runs on the source). After it, a postcopy whose missing pages can no longer
+        come raises GuestLost: the guest is stopped, its missing pages marked, never zeros.
+        """
         try:
-            conn = self._listener.accept(self.accept_timeout)
+            conn = self._accept()
+            self._start = time.monotonic()
+            self._link = Link(conn)
+            if self._link.local:
+                self._peer = ProcessWatch.of(self._link.peer_pid())
+            with responsive():
+                try:
+                    self._phases.advance(DestinationPhase.SETUP)
+                    self._handshake()
+                    self._phases.advance(DestinationPhase.RECEIVING)
+                    switchover = self._receive()
+                    self._phases.advance(DestinationPhase.VERIFYING)
+                    guest = self._verify_and_prepare(switchover)
+                    self._phases.advance(DestinationPhase.PREPARED)
+                    self.link.send(stream.Prepared(), "prepared")
+                    committed = self._await_commit()
+                    self._resume(guest, switchover, committed)
+                except BaseException as err:
+                    raise self._failed(err) from err
+                if self.phase is DestinationPhase.POSTCOPY:
+                    self._postcopy(guest)
+                self._await_done()
+            return guest
         finally:
+            self._drop_peer()
             self.close()
-        self._start = time.monotonic()
-        self._link = Link(conn)
-        with responsive():
-            try:
-                self._phases.advance(DestinationPhase.SETUP)
-                self._handshake()
-                self._phases.advance(DestinationPhase.RECEIVING)
-                switchover = self._receive()
-                self._phases.advance(DestinationPhase.VERIFYING)
-                guest = self._verify_and_resume(switchover)
-            except BaseException as err:
-                raise self._failed(err) from err
-            self._after_resume(guest)
-        return guest
 
     def _failed(self, err: BaseException) -> MigrationError:
-        """Nothing ran here: drop what arrived, tell the source, report."""
+        """Before the guest ran here: drop what arrived, tell the source, report."""
         phase = self.phase.value
-        if self._gc_was_enabled:
-            gc.enable()
-        self._stop_pager()
+        self._gc.resume()
         self._stop_prefault()
         self._hasher.stop()
+        self._stop_pager()
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()
+        self._digests = []
+        guest, self._guest = self._guest, None
+        if guest is not None:
+            with contextlib.suppress(Exception):
+                guest.close()  # flip regions borrow the source's pages: close never punches
         for region in self._regions:
             with contextlib.suppress(Exception):
-                region.close()  # flip regions borrow the source's pages: close never punches them
+                region.close()
         self._regions = []
         if self._link is not None:
             if not isinstance(err, (PeerClosed, PeerAborted)):
@@ -276,22 +378,26 @@ class Destination:
             self._link.close()
         with contextlib.suppress(Exception):
             self._phases.advance(DestinationPhase.FAILED)
+        if isinstance(err, MigrationError):
+            result = err
+        elif isinstance(err, KeyboardInterrupt):
+            result = MigrationError(f"interrupted in phase {phase}", phase=phase, guest="source")
+        else:
+            result = MigrationError(
+                f"incoming migration failed in phase {phase}: {type(err).__name__}: {err}",
+                phase=phase,
+                guest="source",
+            )
         self._emit(
             FailedEvent(
                 self._t(),
                 phase=phase,
-                error=str(err),
+                error=str(result),
                 error_type=type(err).__name__,
                 guest="source",
             )
         )
-        if isinstance(err, MigrationError):
-            return err
-        return MigrationError(
-            f"incoming migration failed in phase {phase}: {type(err).__name__}: {err}",
-            phase=phase,
-            guest="source",
-        )
+        return result
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -306,9 +412,8 @@ class Destination:
                     f |= stream.Feature.POSTCOPY
         return f
 
-    def _handshake(self) -> None:
-        link = self.link
-        hello = link.expect((stream.Hello,), "setup", self.timeout)
+    def _welcome(self, hello: stream.Hello) -> stream.Feature:
+        """Answer a HELLO: WELCOME with the shared features, or REJECT and raise."""
         ours = stream.Hello(
             version=stream.VERSION,
             page_size=PAGE_SIZE,
@@ -322,26 +427,39 @@ class Destination:
             self._guest_class = guest_class(hello.guest_kind)
         except PageflipError as err:
             with contextlib.suppress(Exception):
-                link.send(stream.Reject(reason=str(err)), "setup")
+                self.link.send(stream.Reject(reason=str(err)), "setup")
             raise
-        link.send(stream.Welcome(features=shared), "setup")
+        self.link.send(stream.Welcome(features=shared), "setup")
+        return shared
+
+    def _refuse(self, reason: str) -> MigrationError:
+        with contextlib.suppress(Exception):
+            self.link.send(stream.Reject(reason=reason), "setup")
+        return MigrationError(f"refused the migration: {reason}", phase="setup", guest="source")
+
+    def _handshake(self) -> None:
+        link = self.link
+        hello = link.expect((stream.Hello,), "setup", min(self.timeout or 5.0, 5.0))
+        self._session = hello.session
+        shared = self._welcome(hello)
         setup = link.expect((stream.Setup,), "setup", self.timeout)
         self._setup = setup
         mode = stream.Mode(setup.mode)
+        total = sum(r.size for r in setup.regions)
+        why = room.shortfall(0 if mode is stream.Mode.FLIP else total, 2 * len(setup.regions))
+        if why is not None:
+            raise self._refuse(f"no room for a guest of {total} bytes here: {why}")
+        pulls = mode is not stream.Mode.FLIP and stream.Feature.PULL in shared
+        if pulls and setup.src_pid != link.peer_pid():
+            raise RemoteProtocolError(
+                f"SETUP names pid {setup.src_pid}, the socket's peer is {link.peer_pid()}",
+                frame="SETUP",
+            )
         if mode is stream.Mode.POSTCOPY:
             if stream.Feature.POSTCOPY not in shared:
-                raise MigrationError(
-                    "postcopy needs userfaultfd here and the source on this host",
-                    phase="setup",
-                    guest="source",
-                )
+                raise self._refuse("postcopy needs userfaultfd here and the source on this host")
             self._start_pager()
         if mode is not stream.Mode.FLIP:
-            if stream.Feature.PULL in shared and setup.src_pid != link.peer_pid():
-                raise RemoteProtocolError(
-                    f"SETUP names pid {setup.src_pid}, the socket's peer is {link.peer_pid()}",
-                    frame="SETUP",
-                )
             for info in setup.regions:
                 region = Region.movable(info.size, info.name)
                 self._regions.append(region)
@@ -350,7 +468,7 @@ class Destination:
                 )
             if mode is stream.Mode.PRECOPY:
                 self._prefault = Prefault(self._regions)
-        link.send(stream.Prepared(), "setup")
+        link.send(stream.Accepted(), "setup")
         self._emit(
             SetupEvent(
                 self._t(),
@@ -359,7 +477,7 @@ class Destination:
                 regions=[
                     {"name": r.name, "size": r.size, "movable": r.movable} for r in setup.regions
                 ],
-                total_bytes=sum(r.size for r in setup.regions),
+                total_bytes=total,
                 features=[f.name for f in stream.Feature if f in shared and f.name],
                 downtime_limit=0.0,
             )
@@ -370,7 +488,7 @@ class Destination:
     def _receive(self) -> stream.Switchover:
         link = self.link
         assert self._setup is not None
-        # A flip's source pauses the guest right after our PREPARED: wait for its FLIP
+        # A flip's source pauses the guest right after our ACCEPTED: wait for its FLIP
         # and SWITCHOVER awake, so that waking up does not add to the downtime.
         spin = FLIP_SPIN if stream.Mode(self._setup.mode) is stream.Mode.FLIP else 0.0
         while True:
@@ -459,145 +577,10 @@ class Destination:
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
         return region, digests
 
-    # -- postcopy -------------------------------------------------------------------------
-
-    def _start_pager(self) -> None:
-        """Start the pager process now, so that it is ready long before the switchover."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._pager_proc = subprocess.Popen(
-                [sys.executable, "-m", "pageflip._pager", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-            )
-        finally:
-            theirs.close()
-        self._pager = PagerLink(ours)
-        message, fds = self._pager.recv(timeout=self.timeout)
-        close_all(fds)
-        if not message.get("ready"):
-            raise MigrationError("the pager did not start", phase="setup", guest="source")
-
-    def _stop_pager(self) -> None:
-        pager, self._pager = self._pager, None
-        proc, self._pager_proc = self._pager_proc, None
-        if pager is not None:
-            with contextlib.suppress(Exception):
-                pager.send({"exit": True})
-            pager.close()
-        if proc is not None:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._uffd >= 0:
-            os.close(self._uffd)
-            self._uffd = -1
-
-    def _hand_to_pager(self) -> None:
-        """Register every region for missing-page faults and give the uffd to the pager."""
-        assert self._pager is not None and self._setup is not None
-        fd = uffd.userfaultfd()
-        self._uffd = fd
-        uffd.api(fd, UffdFeature.MISSING_SHMEM)
-        memfds = []
-        layout = []
-        for region, info in zip(self._regions, self._setup.regions, strict=True):
-            uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
-            (extent,) = region.extents()
-            assert extent.memfd is not None
-            memfds.append(extent.memfd.fd)
-            layout.append(
-                {
-                    "guest_address": region.address,
-                    "size": region.size,
-                    "src_address": info.src_address,
-                }
-            )
-        self._pager.send(
-            {"start": {"src_pid": self._setup.src_pid, "regions": layout}}, [fd, *memfds]
-        )
-
-    def _postcopy_wait(self, guest: Guest) -> None:
-        """Running: follow the pager until every page is here, then check every digest."""
-        assert self._pager is not None
-        link = self.link
-        theirs: list[int] | None = None
-        report: dict[str, Any] | None = None
-        while theirs is None or report is None:
-            pager_fd = self._pager.sock.fileno()
-            # Messages already read into a buffer do not make a socket readable: look at
-            # those first, and only then wait.
-            waiting = self._pager.buffered() or link.decoder.buffered
-            ready, _, _ = select.select(
-                [link.conn.fileno(), pager_fd], [], [], 0 if waiting else 1.0
-            )
-            if pager_fd in ready or self._pager.buffered():
-                message, fds = self._pager.recv()
-                close_all(fds)
-                if "progress" in message:
-                    progress = message["progress"]
-                    self._emit(
-                        PostcopyEvent(
-                            self._t(),
-                            pushed_pages=int(progress["pushed"]),
-                            requested_pages=int(progress["requested"]),
-                            remaining_pages=int(progress["remaining"]),
-                        )
-                    )
-                elif "complete" in message:
-                    report = dict(message["complete"])
-                elif "error" in message:
-                    raise MigrationError(
-                        f"the pager failed: {message['error']}", phase="postcopy", guest="lost"
-                    )
-            if link.conn.fileno() in ready or link.decoder.buffered:
-                event = link.poll("postcopy")
-                if isinstance(event, stream.PostcopyEnd):
-                    theirs = list(event.digests)
-                elif isinstance(event, stream.Abort):
-                    raise PeerAborted(
-                        f"the source gave up in {event.phase}: {event.reason}",
-                        phase=event.phase,
-                        reason=event.reason,
-                    )
-                elif event is not None:
-                    raise RemoteProtocolError(
-                        f"unexpected {type(event).__name__.upper()} in postcopy",
-                        frame=type(event).__name__.upper(),
-                    )
-        ours = self._merged_digests()
-        bad = [
-            self._setup.regions[i].name  # type: ignore[union-attr]
-            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
-            if a != b
-        ]
-        self._stop_pager()
-        report["digests"] = "mismatch in " + ", ".join(bad) if bad else "verified"
-        link.send(stream.Verified(ok=not bad, message=json.dumps(report)), "postcopy")
-        self.postcopy = report
-        if bad:
-            log.error("postcopy: pages of %s differ from the source's", ", ".join(bad))
-
-    def _merged_digests(self) -> list[int]:
-        """Our digests (pages that came in rounds) merged with the pager's (the rest)."""
-        assert self._pager is not None
-        memfd = mm.memfd_create("pageflip:digests")
-        try:
-            arrays = [d.digests for d in self._digests]
-            os.pwrite(memfd, b"".join(a.tobytes() for a in arrays), 0)
-            self._pager.send({"digests": True}, [memfd])
-        finally:
-            os.close(memfd)
-        message, fds = self._pager.recv(timeout=self.timeout)
-        close_all(fds)
-        return [int(d, 16) for d in message["digests"]]
-
     def _map_flip(self, event: stream.Flip) -> None:
         assert self._setup is not None
         # The guest is paused from here until it resumes: no garbage collection meanwhile.
-        self._gc_was_enabled = gc.isenabled()
-        gc.disable()
+        self._gc.pause()
         infos = self._setup.regions
         fds = list(event.fds)
         event.fds = []
@@ -608,25 +591,19 @@ class Destination:
             for fr in sorted(event.regions, key=lambda r: r.index):
                 info = infos[fr.index]
                 fd = holders[fr.fd_index].fd
-                st = os.fstat(fd)
-                try:
-                    seals = mm.get_seals(fd)
-                except OSError:
+                check_peer_memfd(
+                    fd,
+                    offset=fr.offset,
+                    length=fr.size,
+                    what=f"memfd of region {info.name!r}",
+                    frame="FLIP",
+                    inode=fr.inode,
+                )
+                if fr.size != info.size:
                     raise RemoteProtocolError(
-                        f"fd of region {info.name!r} is not a memfd", frame="FLIP"
-                    ) from None
-                if not seals & Seal.SHRINK:
-                    raise RemoteProtocolError(
-                        f"memfd of region {info.name!r} is not sealed against shrinking",
+                        f"FLIP gives region {info.name!r} {fr.size} bytes, the setup "
+                        f"announced {info.size}",
                         frame="FLIP",
-                    )
-                if (
-                    st.st_ino != fr.inode
-                    or st.st_size < fr.offset + fr.size
-                    or fr.size != info.size
-                ):
-                    raise RemoteProtocolError(
-                        f"memfd of region {info.name!r} is not the one announced", frame="FLIP"
                     )
                 # Not "shared": until the source lets go, both map the same range, and
                 # closing ours (on failure) must leave the source's pages alone.
@@ -642,7 +619,7 @@ class Destination:
             for holder in holders:
                 holder.close()
 
-    # -- switchover -----------------------------------------------------------------------
+    # -- switchover: everything that can fail, then PREPARED -----------------------------
 
     def _settle(self) -> None:
         """Every page that arrived is hashed, and nothing allocates behind our back."""
@@ -655,28 +632,35 @@ class Destination:
         if prefault is not None:
             prefault.stop()
 
-    def _verify_and_resume(self, switchover: stream.Switchover) -> Guest:
-        assert self._setup is not None
-        gc_was_enabled = gc.isenabled() or self._gc_was_enabled
-        gc.disable()
-        try:
-            return self._verify_and_resume_now(switchover)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-
-    def _verify_and_resume_now(self, switchover: stream.Switchover) -> Guest:
-        assert self._setup is not None
+    def _verify_and_prepare(self, switchover: stream.Switchover) -> Guest:
+        """Check the pages, restore the guest (paused), get everything ready to resume it."""
+        assert self._setup is not None and self._guest_class is not None
+        self._gc.pause()
         self._settle()
-        if self._pager is not None and not switchover.digests:
-            return self._resume_postcopy(switchover)
-        if self._pager is not None:
+        postcopy = self._pager is not None and not switchover.digests
+        if self._pager is not None and not postcopy:
             self._stop_pager()  # the precopy converged: no postcopy after all
+        if not postcopy:
+            self._check_digests(switchover)
+        for digests in self._digests:
+            digests.release()
+        digests_kept = [d.digests for d in self._digests]
+        self._digests = []
+        guest = self._guest_class.restore(list(self._regions), switchover.state)
+        self._regions = []  # the guest owns them now
+        self._guest = guest
+        if postcopy:
+            self._hand_to_pager(guest, digests_kept)
+        if self._prepare is not None:
+            self._prepare(guest)
+        return guest
+
+    def _check_digests(self, switchover: stream.Switchover) -> None:
         if len(switchover.digests) != len(self._regions):
             raise RemoteProtocolError(
                 "SWITCHOVER digests do not match the regions", frame="SWITCHOVER"
             )
-        flip = stream.Mode(self._setup.mode) is stream.Mode.FLIP
+        flip = stream.Mode(self._setup.mode) is stream.Mode.FLIP  # type: ignore[union-attr]
         for index, region in enumerate(self._regions):
             if flip:
                 fr = self._flip_samples[index]
@@ -695,83 +679,488 @@ class Destination:
                     guest="source",
                     region=region.name,
                 )
-        for digests in self._digests:
-            digests.release()
-        self._digests = []
-        guest = self._guest_class.restore(list(self._regions), switchover.state)
-        self._regions = []  # the guest owns them now
-        resumed_at = guest.resume()
-        self._guest = guest
-        self._phases.advance(DestinationPhase.RUNNING)
-        with contextlib.suppress(PageflipError, OSError):
-            self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
-        self._emit(ResumedEvent(self._t(), downtime=resumed_at - switchover.paused_at))
-        return guest
 
-    def _resume_postcopy(self, switchover: stream.Switchover) -> Guest:
-        """Run the guest now; the pager fills its missing pages as it touches them."""
-        self._hand_to_pager()
-        for digests in self._digests:
-            digests.release()
-        guest = self._guest_class.restore(list(self._regions), switchover.state)
-        self._regions = []
-        resumed_at = guest.resume()
-        self._guest = guest
-        self._phases.advance(DestinationPhase.POSTCOPY)
-        self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
-        self._emit(ResumedEvent(self._t(), downtime=resumed_at - switchover.paused_at))
-        return guest
-
-    def _after_resume(self, guest: Guest) -> None:
-        """Wait for the source to let go: DONE (normal), ABORT (it took the guest back)."""
-        link = self.link
-        if self.phase is DestinationPhase.POSTCOPY:
-            try:
-                self._postcopy_wait(guest)
-            except BaseException:
-                # The guest runs here on pages that may never come: nothing to take back.
-                log.exception("postcopy failed after the guest resumed here")
-                self._stop_pager()
-                link.close()
-                raise
-            finally:
-                self._digests = []
-            self._phases.advance(DestinationPhase.RUNNING)
+    def _await_commit(self) -> bool:
+        """PREPARED went: wait for COMMIT. Returns True on COMMIT; False when the source
+        died without a word, leaving us the only complete copy (then we take it over)."""
         try:
-            event = link.recv("running", self.timeout)
-        except (PeerClosed, OSError, PageflipError) as err:
-            log.info("the source left after RESUMED (%s); the guest keeps running here", err)
-            link.close()
-            self._phases.advance(DestinationPhase.DONE)
-            return
-        link.close()
-        if isinstance(event, stream.Abort):
-            log.warning("the source took the guest back (%s): stopping it here", event.reason)
-            with contextlib.suppress(Exception):
-                guest.pause()
-            guest.close()
-            self._phases.advance(DestinationPhase.STOPPED)
+            self.link.expect((stream.Commit,), "prepared", self.timeout, FLIP_SPIN)
+            return True
+        except PeerClosed as err:
+            if self._peer is None or self._peer.alive():
+                raise  # it may have resumed the guest itself: ours is not the guest
+            # A source resumes its copy only after saying ABORT: one that died without a
+            # word never ran the guest after its pause. What we hold is the guest.
+            if self._pager is not None and not self._pager_complete():
+                raise MigrationError(
+                    "the source died before the commit point with pages still missing here",
+                    phase="prepared",
+                    guest="lost",
+                ) from err
+            log.warning("the source died after SWITCHOVER, before COMMIT: taking the guest over")
+            return False
+
+    def _pager_complete(self) -> bool:
+        """Postcopy before COMMIT, the source dead: wait for the pager's verdict."""
+        assert self._pager is not None
+        deadline = time.monotonic() + (self.timeout or 60.0)
+        while time.monotonic() < deadline:
+            message = self._pager_message(deadline - time.monotonic())
+            if message is None:
+                return False
+            if "complete" in message:
+                self.postcopy = dict(message["complete"])
+                return True
+            if "lost" in message or "error" in message:
+                return False
+        return False
+
+    def _resume(self, guest: Guest, switchover: stream.Switchover, committed: bool) -> None:
+        """After COMMIT: resume the guest. If that fails before it ran, say so (ABORT): the
+        source still holds it and takes it back."""
+        try:
+            resumed_at = guest.resume()
+        except BaseException as err:
             raise MigrationError(
-                f"the source took the guest back after we resumed: {event.reason}",
-                phase="running",
+                f"resuming the guest failed, before it ran here: {type(err).__name__}: {err}",
+                phase="prepared",
+                guest="source",
+            ) from err
+        finally:
+            self._gc.resume()
+        postcopy = self._uffd >= 0
+        self._phases.advance(DestinationPhase.POSTCOPY if postcopy else DestinationPhase.RUNNING)
+        downtime = resumed_at - switchover.paused_at
+        if committed:
+            with contextlib.suppress(PageflipError, OSError):
+                self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
+        pause = guest.observed_pause(GUEST_PAUSE_WAIT)
+        if committed:
+            with contextlib.suppress(PageflipError, OSError):
+                self.link.send(stream.GuestPause(pause), "resumed")
+        else:
+            self.link.close()
+        self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=pause))
+
+    def _await_done(self) -> None:
+        """The guest runs here: wait (bounded) for the source's DONE with its figures."""
+        link = self.link
+        if not link.closed:
+            try:
+                event = link.recv("running", self.timeout)
+            except (PageflipError, OSError) as err:
+                log.info("the source left after RESUMED (%s); the guest keeps running here", err)
+                event = None
+            link.close()
+            if isinstance(event, stream.Done):
+                self.done = dict(event.stats)
+                self._emit(_done_event(self._t(), event.stats))
+        if self.phase is DestinationPhase.POSTCOPY:
+            self._phases.advance(DestinationPhase.RUNNING)
+        self._phases.advance(DestinationPhase.DONE)
+
+    # -- postcopy -------------------------------------------------------------------------
+
+    def _start_pager(self) -> None:
+        """Start a pager process; it answers once its threads run (a pids limit shows here)."""
+        self._pager_starts += 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._pager_proc = subprocess.Popen(
+                [sys.executable, "-m", "pageflip._pager", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+            )
+        except OSError as err:
+            ours.close()
+            raise MigrationError(
+                f"the postcopy pager could not start: {err}", phase=self.phase.value, guest="source"
+            ) from err
+        finally:
+            theirs.close()
+        self._pager = PagerLink(ours)
+        message = self._pager_message(self.timeout)
+        if message is None or not message.get("ready"):
+            why = (message or {}).get("error", "it exited before it was ready")
+            raise MigrationError(
+                f"the postcopy pager did not start: {why} (its log is on this process's stderr)",
+                phase=self.phase.value,
                 guest="source",
             )
-        if isinstance(event, stream.Done):
-            self.done = dict(event.stats)
-            stats = event.stats
+
+    def _pager_message(self, timeout: float | None) -> dict[str, Any] | None:
+        """The pager's next message (fds closed); None if it went away or stayed silent."""
+        assert self._pager is not None
+        try:
+            message, fds = self._pager.recv(timeout=timeout)
+        except (PeerClosed, PeerTimeout, OSError):
+            return None
+        close_all(fds)
+        return message
+
+    def _stop_pager(self, *, keep_uffd: bool = False) -> None:
+        pager, self._pager = self._pager, None
+        proc, self._pager_proc = self._pager_proc, None
+        if pager is not None:
+            with contextlib.suppress(Exception):
+                pager.send({"exit": True})
+            pager.close()
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._uffd >= 0 and not keep_uffd:
+            os.close(self._uffd)
+            self._uffd = -1
+
+    def _hand_to_pager(self, guest: Guest, digests: list[npt.NDArray[np.uint64]]) -> None:
+        """Register the guest's memory for missing-page faults; the pager serves them."""
+        assert self._pager is not None
+        # A guest's own loads and stores are all a user-mode-only uffd must serve (what a
+        # normal user gets on a stock kernel); a syscall into a page not there yet would
+        # fail with EFAULT instead of waiting (see _sys/uffd.py).
+        fd, way = uffd.open_userfaultfd(user_mode_ok=True)
+        self._uffd = fd
+        if not way.kernel_faults:
+            log.info("postcopy: userfaultfd for user-mode faults only (%s=0)", uffd.SYSCTL)
+        uffd.api(fd, UffdFeature.MISSING_SHMEM)
+        self._kept_digests = digests
+        self._initial = []
+        for region in guest.regions:
+            uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
+            (extent,) = region.extents()
+            assert extent.memfd is not None
+            self._initial.append(present_pages(extent.memfd.fd, region.size // PAGE_SIZE))
+        self._send_start(guest)
+
+    def _send_start(self, guest: Guest) -> None:
+        """Give the uffd and the memory to the (new) pager; wait until it took them."""
+        assert self._pager is not None and self._setup is not None
+        memfds = []
+        layout = []
+        for region, info in zip(guest.regions, self._setup.regions, strict=True):
+            (extent,) = region.extents()
+            assert extent.memfd is not None
+            memfds.append(extent.memfd.fd)
+            layout.append(
+                {
+                    "guest_address": region.address,
+                    "size": region.size,
+                    "src_address": info.src_address,
+                    "fd_offset": extent.fd_offset,
+                }
+            )
+        self._pager.send(
+            {"start": {"src_pid": self._setup.src_pid, "regions": layout}}, [self._uffd, *memfds]
+        )
+        message = self._pager_message(self.timeout)
+        if message is None or "started" not in message:
+            why = (message or {}).get("error", "it went away")
+            raise MigrationError(
+                f"the postcopy pager did not take the guest's memory: {why}",
+                phase=self.phase.value,
+                guest="source",
+            )
+
+    def _restart_pager(self, guest: Guest, why: str) -> None:
+        """The pager died or hung after the commit point: a new one takes the same uffd."""
+        log.error("postcopy pager: %s; starting a new one", why)
+        self._stop_pager(keep_uffd=True)
+        if self._pager_starts > PAGER_RESTARTS:
+            raise self._lost(guest, f"the postcopy pager failed {self._pager_starts} times: {why}")
+        try:
+            self._start_pager()
+            self._send_start(guest)
+        except (PageflipError, OSError) as err:
+            raise self._lost(guest, f"the postcopy pager failed ({why}) and {err}") from err
+
+    def _postcopy(self, guest: Guest) -> None:
+        """Running: follow the pager until every page is here, then check the digests.
+
+        The source's connection may break meanwhile: a local pager needs none to pull pages,
+        so we go on, and take the source back if it reconnects (RECOVER) within the timeout.
+        A guest whose every page arrived is kept whatever the source does afterwards.
+        """
+        st = _Followed(report=self.postcopy, silent_since=time.monotonic())
+        while st.report is None or not self._postcopy_over(st):
+            link = None if self._link is None or self._link.closed else self._link
+            ready = self._wait_postcopy(link)
+            pager = self._pager
+            if pager is not None and (pager.buffered() or pager.sock.fileno() in ready):
+                self._from_pager(guest, st, link)
+            if link is not None and (link.decoder.buffered or link.conn.fileno() in ready):
+                self._from_source(st, link)
+            elif link is None and self._listener.fileno() in ready and self._take_recovery():
+                st.lost_link_at = None
+                st.silent_since = time.monotonic()
+        self._finish_postcopy(guest, st.report, st.theirs)
+
+    def _wait_postcopy(self, link: Link | None) -> set[int]:
+        """Wait (a quarter second at most) for the pager, the source, or a reconnection."""
+        fds = [self._pager.sock.fileno()] if self._pager is not None else []
+        if link is not None:
+            fds.append(link.conn.fileno())
+        elif not self._listener.closed:
+            fds.append(self._listener.fileno())
+        buffered = (self._pager is not None and self._pager.buffered()) or (
+            link is not None and link.decoder.buffered > 0
+        )
+        ready, _, _ = select.select(fds, [], [], 0 if buffered else 0.25)
+        return set(ready)
+
+    def _from_pager(self, guest: Guest, st: _Followed, link: Link | None) -> None:
+        message = self._pager_message(0)
+        if message is None:
+            self._restart_pager(guest, "it went away")
+        elif "progress" in message:
+            progress = message["progress"]
+            self._remaining = int(progress["remaining"])
+            pushed, requested = int(progress["pushed"]), int(progress["requested"])
+            self._emit(PostcopyEvent(self._t(), pushed, requested, self._remaining))
+            now = time.monotonic()
+            if link is not None and now - st.last_forward >= PROGRESS_EVERY:
+                st.last_forward = now
+                with contextlib.suppress(PageflipError, OSError):
+                    link.send(
+                        stream.PostcopyProgress(self._remaining, pushed, requested), "postcopy"
+                    )
+        elif "complete" in message:
+            st.report = dict(message["complete"])
+            self._remaining = 0
+            st.silent_since = time.monotonic()
+        elif "lost" in message:
+            raise self._lost(guest, str(message["lost"]))
+        elif "error" in message:
+            self._restart_pager(guest, f"it failed: {message['error']}")
+
+    def _from_source(self, st: _Followed, link: Link) -> None:
+        try:
+            event = link.poll("postcopy")
+        except (PeerClosed, RemoteProtocolError, OSError) as err:
+            st.lost_link_at = self._link_lost(err)
+            return
+        if isinstance(event, stream.PostcopyEnd):
+            st.theirs = list(event.digests)
+            st.silent_since = time.monotonic()
+        elif isinstance(event, stream.Abort):
+            st.lost_link_at = self._link_lost(
+                PeerAborted(f"the source gave up after the commit point: {event.reason}")
+            )
+        elif event is not None:
+            st.lost_link_at = self._link_lost(
+                RemoteProtocolError(
+                    f"unexpected {type(event).__name__.upper()} in postcopy",
+                    frame=type(event).__name__.upper(),
+                )
+            )
+
+    def _postcopy_over(self, st: _Followed) -> bool:
+        """Every page is here: whether to stop waiting for the source's digests now."""
+        if st.theirs is not None:
+            return True
+        now = time.monotonic()
+        if self._link is None or self._link.closed:
+            # The connection broke: wait for a live source to come back.
+            if st.lost_link_at is None or not self._source_alive():
+                return True
+            waited = now - st.lost_link_at
+        else:
+            waited = now - st.silent_since
+        if self.timeout is None or waited <= self.timeout:
+            return False
+        log.warning(
+            "postcopy: every page is here but the source sent no digests for %g s: "
+            "finishing without the final check",
+            self.timeout,
+        )
+        return True
+
+    def _source_alive(self) -> bool:
+        return self._peer is None or self._peer.alive()
+
+    def _link_lost(self, err: BaseException) -> float:
+        """The source's connection broke after the commit point: go on without it."""
+        if self._link is not None:
+            self._link.close()
+        alive = self._source_alive()
+        log.warning(
+            "postcopy: the source's connection broke (%s); %s",
+            err,
+            "it lives: waiting for it to come back (pageflip migrate --resume)"
+            if alive
+            else "the source process is gone",
+        )
+        self._emit(RecoveringEvent(self._t(), reason=str(err), timeout=self.timeout))
+        return time.monotonic()
+
+    def _take_recovery(self) -> bool:
+        """A connection while the source's was broken: take it if it continues our session."""
+        try:
+            conn = self._listener.accept(1.0)
+        except (PageflipError, OSError) as err:
+            log.warning("postcopy: refused a connection: %s", err)
+            return False
+        link = Link(conn)
+        self._link = link
+        try:
+            hello = link.expect((stream.Hello,), "recovering", 5.0)
+            if hello.session != self._session:
+                link.send(
+                    stream.Reject(reason="busy: this destination is finishing a postcopy"),
+                    "recovering",
+                )
+                raise RemoteProtocolError("a HELLO from another session", frame="HELLO")
+            self._welcome(hello)
+            link.expect((stream.Recover,), "recovering", 5.0)
+            link.send(stream.Accepted(), "recovering")
+        except (PageflipError, OSError) as err:
+            log.warning("postcopy: a connection that did not recover the migration: %s", err)
+            link.close()
+            return False
+        log.warning("postcopy: the source came back")
+        return True
+
+    def _finish_postcopy(
+        self, guest: Guest, report: dict[str, Any] | None, theirs: list[int] | None
+    ) -> None:
+        """Every page is here: check the digests where the source sent them; report."""
+        assert report is not None and self._setup is not None
+        if theirs is not None:
+            ours = self._merged_digests(guest)
+            bad = [
+                self._setup.regions[i].name
+                for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+                if a != b
+            ]
+            report["digests"] = "mismatch in " + ", ".join(bad) if bad else "verified"
+        else:
+            bad = []
+            report["digests"] = "unchecked: the source did not send its digests"
+        self._stop_pager()
+        self.postcopy = report
+        if self._link is not None and not self._link.closed:
+            with contextlib.suppress(PageflipError, OSError):
+                self._link.send(stream.Verified(ok=not bad, message=json.dumps(report)), "postcopy")
+        if bad:
+            raise self._lost(guest, f"after postcopy the pages of {', '.join(bad)} differ")
+        if theirs is None:
+            log.warning("postcopy complete; the final check could not run (no digests)")
             self._emit(
                 DoneEvent(
                     self._t(),
-                    mode=str(stats.get("mode", "")),
-                    total_seconds=float(stats.get("total_seconds", 0.0)),
-                    downtime=float(stats.get("downtime", 0.0)),
-                    bytes_on_wire=int(stats.get("bytes_on_wire", 0)),
-                    pages_moved=int(stats.get("pages_moved", 0)),
-                    pages_copied=int(stats.get("pages_copied", 0)),
-                    pages_zero=int(stats.get("pages_zero", 0)),
-                    pages_requested=int(stats.get("pages_requested", 0)),
-                    rounds=int(stats.get("rounds", 0)),
-                    digest=str(stats.get("digest", "")),
+                    mode="postcopy",
+                    total_seconds=self._t(),
+                    downtime=0.0,
+                    bytes_on_wire=0,
+                    pages_moved=0,
+                    pages_copied=0,
+                    pages_zero=0,
+                    pages_requested=int(report.get("fault_pages", 0)),
+                    rounds=0,
+                    digest="unchecked",
+                    details=report,
                 )
             )
-        self._phases.advance(DestinationPhase.DONE)
+
+    def _merged_digests(self, guest: Guest) -> list[int]:
+        """Region digests: ours for the pages that came in rounds, the pager's for the rest."""
+        assert self._pager is not None
+        memfd = mm.memfd_create("pageflip:digests")
+        try:
+            parts = [d.tobytes() for d in self._kept_digests]
+            parts += [np.packbits(m).tobytes() for m in self._initial]
+            os.pwrite(memfd, b"".join(parts), 0)
+            self._pager.send({"digests": True}, [memfd])
+        finally:
+            os.close(memfd)
+        message = self._pager_message(self.timeout)
+        if message is None or "digests" not in message:
+            raise self._lost(guest, "the pager did not give its digests")
+        return [int(d, 16) for d in message["digests"]]
+
+    def _lost(self, guest: Guest, why: str) -> GuestLost:
+        """After the commit point the guest cannot be completed here: stop it, for good.
+
+        The pager fills the pages that never came with a marker (never zeros), so that no
+        thread of the guest stays blocked on them; then the guest is stopped and its threads
+        joined. Only then is the uffd closed: closing it earlier would let a missing page
+        read as zeros. Its memory stays mapped until the guest is closed, for inspection.
+        """
+        self._phases.advance(DestinationPhase.LOST)
+        log.error("postcopy: the guest is lost: %s", why)
+        self._emit(
+            FailedEvent(
+                self._t(),
+                phase="postcopy",
+                error=f"the guest is lost: {why}",
+                error_type="GuestLost",
+                guest="lost",
+            )
+        )
+        marked = self._pager is not None
+        if marked:  # no page is missing any more: every thread can reach its pause
+            with contextlib.suppress(Exception):
+                guest.pause()
+        else:  # pages may be missing with nobody to mark them: never close the uffd
+            threading.Thread(target=guest.pause, name="pageflip-stop-lost", daemon=True).start()
+        self._stop_pager(keep_uffd=not marked)
+        if self._link is not None:
+            self._link.close()
+        return GuestLost(
+            f"postcopy could not complete: {why}; the guest was stopped",
+            phase="postcopy",
+            guest="lost",
+        )
+
+    def _drop_peer(self) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            peer.close()
+
+
+@dataclass
+class _Followed:
+    """What a postcopy destination has seen so far (see Destination._postcopy)."""
+
+    #: The pager's report once every page is in.
+    report: dict[str, Any] | None
+    #: When the source last said something that matters (its digests, our last wait).
+    silent_since: float
+    #: The source's region digests (POSTCOPY_END), once they came.
+    theirs: list[int] | None = None
+    #: When the source's connection broke (None while it holds).
+    lost_link_at: float | None = None
+    #: When the last progress frame went to the source.
+    last_forward: float = 0.0
+
+
+_NOT_RUNNING = frozenset(
+    {
+        DestinationPhase.LISTENING,
+        DestinationPhase.SETUP,
+        DestinationPhase.RECEIVING,
+        DestinationPhase.VERIFYING,
+        DestinationPhase.PREPARED,
+        DestinationPhase.FAILED,
+    }
+)
+
+
+def _done_event(t: float, stats: dict[str, Any]) -> DoneEvent:
+    """The source's DONE figures as our own event."""
+    return DoneEvent(
+        t,
+        mode=str(stats.get("mode", "")),
+        total_seconds=float(stats.get("total_seconds", 0.0)),
+        downtime=float(stats.get("downtime", 0.0)),
+        bytes_on_wire=int(stats.get("bytes_on_wire", 0)),
+        pages_moved=int(stats.get("pages_moved", 0)),
+        pages_copied=int(stats.get("pages_copied", 0)),
+        pages_zero=int(stats.get("pages_zero", 0)),
+        pages_requested=int(stats.get("pages_requested", 0)),
+        rounds=int(stats.get("rounds", 0)),
+        digest=str(stats.get("digest", "")),
+        guest_pause=stats.get("guest_pause"),
+        regions=list(stats.get("regions", [])),
+    )

@@ -9,8 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with floats rounded to microseconds and NaN or infinities as None (JSON has
+    neither), through lists and dicts."""
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +35,11 @@ class MigrationEvent:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.kind}
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = round(value, 6) if isinstance(value, float) else value
+            out[f.name] = jsonable(getattr(self, f.name))
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), separators=(",", ":"))
+        return json.dumps(self.as_dict(), separators=(",", ":"), allow_nan=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,7 @@ class RoundEvent(MigrationEvent):
     bandwidth: float  # bytes per second the round achieved, end to end
     dirty_pages: int  # written while the round ran: what the next round must send
     dirty_rate: float  # bytes per second
-    expected_downtime: float  # seconds, if we switched over now
+    expected_downtime: float  # seconds, if we switched over now (None in JSON: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +95,38 @@ class SwitchoverEvent(MigrationEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class PreparedEvent(MigrationEvent):
+    """The destination did everything that can fail; the source commits now."""
+
+    kind: ClassVar[str] = "prepared"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitEvent(MigrationEvent):
+    """The commit point: the source let go; the guest is the destination's from here."""
+
+    kind: ClassVar[str] = "commit"
+
+
+@dataclass(frozen=True, slots=True)
 class ResumedEvent(MigrationEvent):
-    """The destination runs the guest (the commit point)."""
+    """The destination runs the guest. ``downtime`` is the engine's figure (pause to
+    resume); ``guest_pause`` the gap the guest saw by its own clock, when it can tell."""
 
     kind: ClassVar[str] = "resumed"
     downtime: float
+    guest_pause: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveringEvent(MigrationEvent):
+    """Postcopy after the commit point: the connection broke while both sides live. Each
+    waits up to ``timeout`` seconds for a new connection (``pageflip migrate --resume``);
+    the destination's pager goes on pulling pages meanwhile."""
+
+    kind: ClassVar[str] = "recovering"
+    reason: str
+    timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +137,9 @@ class PostcopyEvent(MigrationEvent):
     pushed_pages: int
     requested_pages: int
     remaining_pages: int
+    #: Fault service times (microseconds), when the pager reported them.
+    fault_median_us: float | None = None
+    fault_p99_us: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +156,23 @@ class DoneEvent(MigrationEvent):
     pages_zero: int
     pages_requested: int
     rounds: int
-    digest: str  # "verified" (xxh3 of every page), or "identity" for flip
+    digest: str  # "verified" (xxh3 of every page), "identity" for flip, or "unchecked"
     details: dict[str, Any] = field(default_factory=dict)
+    #: The pause the guest itself saw (seconds), when it can tell.
+    guest_pause: float | None = None
+    #: Per region: name, pages, and how many were moved, copied and zero.
+    regions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class FailedEvent(MigrationEvent):
-    """The migration failed in ``phase``; ``guest`` says where the guest runs now."""
+    """The migration failed in ``phase``; ``guest`` says where the guest is now: "source"
+    (it runs there again, intact: a failure before the commit point) or "lost" (after it)."""
 
     kind: ClassVar[str] = "failed"
     phase: str
     error: str
     error_type: str
-    guest: str  # "source" (resumed, intact) or "lost" (after the commit point)
+    guest: str  # "source" or "lost"
+    #: After a loss: whether the source kept its paused, stale copy (--keep-source-on-loss).
+    stale_copy: bool = False

@@ -1,35 +1,53 @@
 """A process that hosts a guest and takes commands on a control socket (JSON lines).
 
 ``pageflip workload`` and ``pageflip incoming`` are such hosts; ``pageflip migrate`` and the
-tests talk to them through :class:`ControlClient`. One request per line, one JSON object
-per answer line::
+tests talk to them through :class:`ControlClient`. The control socket is bound before the
+guest exists (a workload still filling its memory, an incoming migration not yet running):
+``status`` answers at once, and ``verify`` or ``migrate`` wait (bounded) for the guest.
+One request per line, one JSON object per answer line::
 
-    {"cmd": "status"}                      -> {"ok": true, "status": {...}}
+    {"cmd": "status"}                      -> {"ok": true, "status": {...}, "host": ...}
     {"cmd": "verify"}                      -> {"ok": true, "report": {...}}
     {"cmd": "pause"} / {"cmd": "resume"}   -> {"ok": true, "t": ...}
     {"cmd": "migrate", "to": ADDR, "mode": "flip", ...}
                                            -> one {"event": ...} line per migration event,
                                               the last one "done" or "failed"
-    {"cmd": "cancel"}                      -> {"ok": true}   (a migration in progress)
+    {"cmd": "migrate", "resume": true [, "to": ADDR]}
+                                           -> takes up a postcopy whose connection broke;
+                                              its events until "done" or "failed"
+    {"cmd": "cancel"}                      -> {"ok": true}   (a migration before its commit)
     {"cmd": "quit"}                        -> {"ok": true}   (stops the guest, ends the host)
 
-An error answers ``{"ok": false, "error": "Type: message"}``.
+An error answers ``{"ok": false, "error": "Type: message"}``. A migrate request whose
+client goes away before the commit point is cancelled: the guest keeps running here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import select
 import socket
 import socketserver
+import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import LocalProtocolError, MigrationError, PageflipError, PeerClosed, StateError
+from ..errors import (
+    GuestLost,
+    LocalProtocolError,
+    MigrationError,
+    PageflipError,
+    PeerClosed,
+    PeerTimeout,
+    StateError,
+)
 from ..guests import Guest
 from .events import MigrationEvent
 from .source import MigrationOptions, Source
@@ -38,36 +56,63 @@ log = logging.getLogger("pageflip.host")
 
 #: Longest request line a host reads.
 MAX_LINE = 64 << 10
+#: Longest a verify or migrate request waits for a guest that is not here yet.
+GUEST_WAIT = 600.0
+#: Options a migrate request may carry (those of MigrationOptions).
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(MigrationOptions))
 
 
 class GuestHost:
-    """Hold ``guest``, serve its control socket at ``path``, migrate it away on request.
+    """Hold a guest, serve its control socket at ``path``, migrate it away on request.
 
+    ``guest`` may come later (:meth:`attach`): until then ``status`` answers with what
+    ``status()`` (a callable) says, e.g. a fill in progress. The socket is bound here, so a
+    path in use by a live host is refused at once (a stale socket file is replaced).
     :meth:`wait` returns when the guest is gone: quit, or migrated to another host.
     """
 
-    def __init__(self, guest: Guest, path: str) -> None:
+    def __init__(
+        self,
+        guest: Guest | None,
+        path: str,
+        *,
+        status: Callable[[], dict[str, Any]] | None = None,
+        outcome: str = "running",
+    ) -> None:
         self.guest: Guest | None = guest
         self.path = path
+        self._status = status
         self._lock = threading.Lock()
+        self._arrived = threading.Condition()
         self._source: Source | None = None
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._finished = threading.Event()
-        self.outcome = "running"
+        #: What the host is doing: "filling", "incoming", "running", "migrated", "lost",
+        #: "stale", "quit".
+        self.outcome = outcome if guest is None else "running"
+        #: Why the guest here is stale (a loss after the commit point kept it), or None.
+        self.stale: str | None = None
         host = self
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
-                host._serve(self.rfile, self.wfile)
+                host._serve(self.connection, self.rfile, self.wfile)
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
             allow_reuse_address = False
 
-        if os.path.exists(path) and _stale(path):
-            os.unlink(path)
+        claim_socket_path(path)
         self._server = Server(path, Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="pageflip-control")
         self._thread.start()
+
+    def attach(self, guest: Guest) -> None:
+        """The guest is here now (filled, or resumed after an incoming migration)."""
+        with self._arrived:
+            self.guest = guest
+            self.outcome = "running"
+            self._arrived.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the guest left this host; True if it did."""
@@ -84,6 +129,8 @@ class GuestHost:
         if guest is not None:
             guest.close()
         self._finished.set()
+        with self._arrived:
+            self._arrived.notify_all()
 
     def __enter__(self) -> GuestHost:
         return self
@@ -93,9 +140,9 @@ class GuestHost:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _serve(self, rfile: Any, wfile: Any) -> None:
+    def _serve(self, conn: socket.socket, rfile: Any, wfile: Any) -> None:
         def send(obj: dict[str, Any]) -> None:
-            wfile.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+            wfile.write(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n")
             wfile.flush()
 
         while True:
@@ -108,10 +155,10 @@ class GuestHost:
                     raise LocalProtocolError("a request is a JSON object")
                 cmd = request.get("cmd")
                 if cmd == "migrate":
-                    self._migrate(request, send)
+                    self._migrate(request, send, conn)
                     continue
                 send({"ok": True, **self._simple(cmd, request)})
-            except (PageflipError, ValueError, TypeError) as err:
+            except (PageflipError, ValueError, TypeError, KeyError) as err:
                 with contextlib.suppress(OSError):
                     send({"ok": False, "error": f"{type(err).__name__}: {err}"})
             except OSError:
@@ -119,16 +166,32 @@ class GuestHost:
             if self._finished.is_set():
                 return
 
-    def _guest(self) -> Guest:
-        if self.guest is None:
-            raise StateError("the guest has left this host", phase=self.outcome, needed="running")
-        return self.guest
+    def _guest(self, wait: float = 0.0) -> Guest:
+        """The guest; waits up to ``wait`` seconds for one that is still coming."""
+        deadline = time.monotonic() + wait
+        with self._arrived:
+            while self.guest is None and self.outcome in ("filling", "incoming"):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._finished.is_set():
+                    break
+                self._arrived.wait(left)
+            guest = self.guest
+        if guest is None:
+            raise StateError(
+                f"there is no guest here ({self.outcome})", phase=self.outcome, needed="running"
+            )
+        return guest
 
     def _simple(self, cmd: Any, request: dict[str, Any]) -> dict[str, Any]:
         if cmd == "status":
-            return {"status": self._guest().status(), "pid": os.getpid(), "host": self.outcome}
+            return self._status_answer()
         if cmd == "verify":
-            return {"report": dataclasses.asdict(self._guest().verify())}
+            report = self._guest(_wait(request)).verify()
+            if self.stale is not None:
+                report = dataclasses.replace(
+                    report, ok=False, problems=[self.stale, *report.problems]
+                )
+            return {"report": dataclasses.asdict(report)}
         if cmd == "pause":
             return {"t": self._guest().pause()}
         if cmd == "resume":
@@ -136,7 +199,7 @@ class GuestHost:
         if cmd == "cancel":
             source = self._source
             if source is None:
-                raise StateError("no migration is running", phase="running", needed="migrating")
+                raise StateError("no migration is running", phase=self.outcome, needed="migrating")
             source.cancel()
             return {}
         if cmd == "quit":
@@ -145,38 +208,139 @@ class GuestHost:
             if guest is not None:
                 guest.close()
             self._finished.set()
+            with self._arrived:
+                self._arrived.notify_all()
             return {}
         raise LocalProtocolError(f"unknown command {cmd!r}")
 
-    def _migrate(self, request: dict[str, Any], send: Any) -> None:
-        options = MigrationOptions(**{k: v for k, v in request.items() if k not in ("cmd", "to")})
+    def _status_answer(self) -> dict[str, Any]:
+        guest = self.guest
+        status: dict[str, Any] = dict(guest.status()) if guest is not None else {}
+        if self._status is not None:
+            status.update(self._status())
+        if self.stale is not None:
+            status["stale"] = self.stale
+        source = self._source
+        if source is not None:
+            status["migration"] = {"phase": source.phase.value, "to": str(source.address)}
+        return {"status": status, "pid": os.getpid(), "host": self.outcome}
+
+    def _migrate(self, request: dict[str, Any], send: Any, conn: socket.socket) -> None:
+        def deliver(event: dict[str, Any]) -> None:
+            with contextlib.suppress(OSError, ValueError):
+                send(event)
+
+        if request.get("resume"):
+            self._resume_migration(request, deliver)
+            return
+        unknown = set(request) - _OPTIONS - {"cmd", "to", "wait"}
+        if unknown:
+            raise LocalProtocolError(f"unknown migrate option(s): {', '.join(sorted(unknown))}")
+        options = MigrationOptions(**{k: v for k, v in request.items() if k in _OPTIONS})
+        guest = self._guest(_wait(request))
         with self._lock:
-            guest = self._guest()
             if self._source is not None:
                 raise StateError(
                     "a migration is already running", phase="migrating", needed="running"
                 )
-            self._source = Source(
-                guest,
-                str(request["to"]),
-                options,
-                on_event=lambda event: _send_event(send, event),
+            if self.stale is not None:
+                raise StateError(self.stale, phase="stale", needed="running")
+            self._subscribers = [deliver]
+            source = self._source = Source(
+                guest, str(request["to"]), options, on_event=self._broadcast
             )
+        watch = _ClientWatch(conn, source)
         try:
-            self._source.run()
+            source.run()
+        except GuestLost:
+            if source.stale is not None:
+                self.stale = source.stale
+                self.outcome = "stale"
+            else:
+                self._gone("lost")
         except MigrationError:
             pass  # the failed event went out; the guest runs here again
         else:
-            self.outcome = "migrated"
-            self.guest = None
-            self._finished.set()
+            self._gone("migrated")
         finally:
+            watch.stop()
             self._source = None
+            self._subscribers = []
+
+    def _resume_migration(self, request: dict[str, Any], deliver: Any) -> None:
+        source = self._source
+        if source is None:
+            raise StateError("no migration is running here", phase=self.outcome, needed="postcopy")
+        source.recover(request.get("to"))
+        self._subscribers.append(deliver)
+        # Stay on this connection until the migration ends, so that its events reach us.
+        while self._source is source:
+            time.sleep(0.05)
+
+    def _broadcast(self, event: MigrationEvent) -> None:
+        data = event.as_dict()
+        for subscriber in list(self._subscribers):
+            subscriber(data)
+
+    def _gone(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.guest = None
+        self._finished.set()
 
 
-def _send_event(send: Any, event: MigrationEvent) -> None:
-    with contextlib.suppress(OSError):
-        send(event.as_dict())
+def _wait(request: dict[str, Any]) -> float:
+    value = request.get("wait", GUEST_WAIT)
+    return float(value) if isinstance(value, (int, float)) else GUEST_WAIT
+
+
+class _ClientWatch:
+    """Cancel a migration whose client went away (closed, killed) before its commit point."""
+
+    def __init__(self, conn: socket.socket, source: Source) -> None:
+        self._conn = conn
+        self._source = source
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pageflip-client-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                readable, _, _ = select.select([self._conn], [], [], 0)
+                gone = bool(readable) and not self._conn.recv(1, socket.MSG_PEEK)
+            except (OSError, ValueError):
+                gone = True
+            if gone:
+                if not self._source.committed:
+                    log.warning("the migrate command went away: cancelling the migration")
+                    with contextlib.suppress(StateError):
+                        self._source.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for a new listening socket: remove a stale one (nothing listens),
+    refuse one in use by a live process, and refuse a path that is not a socket."""
+    if path.startswith("@"):
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, f"{path} exists and is not a socket: choose another path"
+        )
+    if not _stale(path):
+        raise FileExistsError(
+            errno.EADDRINUSE,
+            f"{path} is in use: a live process listens there (stop it, or choose another path)",
+        )
+    os.unlink(path)
 
 
 def _stale(path: str) -> bool:
@@ -192,41 +356,96 @@ def _stale(path: str) -> bool:
 
 
 class ControlClient:
-    """Talk to a :class:`GuestHost` at ``path``."""
+    """Talk to a :class:`GuestHost` at ``path``.
 
-    def __init__(self, path: str, timeout: float | None = 30.0) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(path)
-        except OSError as err:
-            self._sock.close()
-            raise type(err)(err.errno, f"connect({path!r}): {err.strerror or err}") from None
+    ``wait`` seconds are given for a host that is just starting (its socket file not there
+    yet); after that a missing or dead socket is a one-line error naming the path. A socket
+    that answers something other than the control protocol (a migration listener, say) is
+    refused as such.
+    """
+
+    def __init__(self, path: str, timeout: float | None = 30.0, wait: float = 0.0) -> None:
+        self.path = path
+        self._timeout = timeout
+        self._sock = self._connect(path, timeout, wait)
         self._file = self._sock.makefile("rwb")
 
+    @staticmethod
+    def _connect(path: str, timeout: float | None, wait: float) -> socket.socket:
+        deadline = time.monotonic() + wait
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                sock.close()
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                why = (
+                    "there is no such socket"
+                    if isinstance(err, FileNotFoundError)
+                    else "nothing listens there (a stale socket file)"
+                )
+                raise type(err)(
+                    err.errno,
+                    f"no guest at {path}: {why}; start one with pageflip workload "
+                    f"--control {path}, or give --control",
+                ) from None
+            except OSError as err:
+                sock.close()
+                raise type(err)(err.errno, f"connect({path!r}): {err.strerror or err}") from None
+
     def _line(self) -> dict[str, Any]:
-        line = self._file.readline(1 << 20)
+        try:
+            line = self._file.readline(1 << 20)
+        except TimeoutError:
+            raise PeerTimeout(
+                f"{self.path} did not answer within {self._timeout:g} s: is it a pageflip "
+                "control socket?",
+                phase="control",
+            ) from None
         if not line:
-            raise PeerClosed("the guest host closed the control connection", phase="control")
-        answer = json.loads(line)
+            raise PeerClosed(
+                f"{self.path} closed the connection without an answer: it is not a pageflip "
+                "control socket (a migration listener?)",
+                phase="control",
+            )
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise LocalProtocolError(
+                f"{self.path} is not a pageflip control socket: it answered {line[:40]!r}"
+            ) from None
         if not isinstance(answer, dict):
-            raise LocalProtocolError("the host answered something that is not an object")
+            raise LocalProtocolError(f"{self.path} answered something that is not an object")
         return answer
+
+    def _send(self, request: dict[str, Any]) -> None:
+        try:
+            self._file.write(json.dumps(request).encode() + b"\n")
+            self._file.flush()
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise PeerClosed(f"{self.path} closed the connection", phase="control") from err
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Send one command; return its answer, raising PageflipError when it failed."""
-        self._file.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        self._file.flush()
+        self._send({"cmd": cmd, **args})
         answer = self._line()
         if not answer.get("ok", False):
             raise StateError(str(answer.get("error", "failed")), phase="control", needed=cmd)
         return answer
 
-    def migrate(self, to: str, **options: Any) -> Iterator[dict[str, Any]]:
-        """Start a migration; yields its events until "done" or "failed"."""
+    def migrate(self, to: str | None, **options: Any) -> Iterator[dict[str, Any]]:
+        """Start (or, with ``resume=True``, take up) a migration; yields its events until
+        "done" or "failed"."""
         self._sock.settimeout(None)
-        self._file.write(json.dumps({"cmd": "migrate", "to": to, **options}).encode() + b"\n")
-        self._file.flush()
+        request: dict[str, Any] = {"cmd": "migrate", **options}
+        if to is not None:
+            request["to"] = to
+        self._send(request)
         while True:
             event = self._line()
             if event.get("ok") is False:

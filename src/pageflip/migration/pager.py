@@ -13,8 +13,16 @@ few after it), between those the rest in order, until every page is there. It ha
 page it installs (xxh3), so that the destination can check the whole memory against the
 source's digests at the end, and it times each fault it serves.
 
-Run as ``python -m pageflip._pager FD`` where FD is one end of a Unix socket pair;
-the conversation on it is JSON lines with fds attached (see :class:`PagerLink`).
+Its threads start before it says it is ready, so that a process that cannot have them (a
+pids limit) fails before the commit point. If the source process dies with pages still
+missing, the pager installs :data:`~pageflip.memory.LOST_PAGE` over each of them instead,
+so that no page ever reads as zeros and no guest thread stays blocked, and reports the loss.
+If the pager itself dies, the destination (which keeps its own uffd) starts another: it
+finds the pages already in by SEEK_DATA on the memfds and goes on.
+
+Run as ``python -m pageflip._pager FD`` where FD is one end of a Unix socket pair; the
+conversation on it is JSON lines with fds attached (see :class:`PagerLink`). The pager logs
+to its stderr, which is the destination's.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from .._sys import fds as _fds
 from .._sys import io, mm, uffd
 from .._sys.flags import Map, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
-from ..errors import PeerClosed, RemoteProtocolError
+from ..errors import PeerClosed, PeerTimeout, RemoteProtocolError
+from ..memory import LOST_PAGE
 from .digests import hash_pages, region_digest
 
 log = logging.getLogger("pageflip.pager")
@@ -48,6 +57,10 @@ log = logging.getLogger("pageflip.pager")
 STEP_PAGES = 64
 #: Pages after a faulting one installed with it (most guests read on).
 FAULT_AHEAD = 15
+#: Longest message line either side accepts.
+MAX_LINE = 1 << 20
+#: Seconds between progress messages.
+PROGRESS_EVERY = 0.1
 
 
 class PagerLink:
@@ -60,26 +73,44 @@ class PagerLink:
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        sent = _fds.sendmsg(self.sock, data, fds)
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        try:
+            sent = _fds.sendmsg(self.sock, data, fds)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise PeerClosed("the other end of the pager link went away", phase="pager") from err
 
     def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The next message and the fds that came with it (PeerClosed at EOF)."""
+        """The next message and the fds that came with it (PeerClosed at EOF, PeerTimeout
+        after ``timeout`` seconds of silence)."""
         while b"\n" not in self._buf:
+            if len(self._buf) > MAX_LINE:
+                raise RemoteProtocolError(
+                    f"a pager message longer than {MAX_LINE} bytes", frame="pager"
+                )
             if timeout is not None:
                 ready, _, _ = select.select([self.sock], [], [], timeout)
                 if not ready:
-                    raise TimeoutError("the pager link was silent")
+                    raise PeerTimeout(f"the pager link was silent for {timeout:g} s", phase="pager")
             view = memoryview(bytearray(1 << 16))
-            n, fds = _fds.recvmsg_into(self.sock, view)
+            try:
+                n, fds = _fds.recvmsg_into(self.sock, view)
+            except ConnectionResetError as err:
+                raise PeerClosed(
+                    "the other end of the pager link went away", phase="pager"
+                ) from err
             self._fds.extend(fds)
             if n == 0:
-                raise PeerClosed("the other end of the pager link went away", phase="postcopy")
+                raise PeerClosed("the other end of the pager link went away", phase="pager")
             self._buf += view[:n]
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError as err:
+            raise RemoteProtocolError(
+                f"a pager message is not JSON: {err}", frame="pager"
+            ) from None
         if not isinstance(message, dict):
             raise RemoteProtocolError("a pager message is not a JSON object", frame="pager")
         fds, self._fds = self._fds, []
@@ -91,6 +122,7 @@ class PagerLink:
 
     def close(self) -> None:
         _fds.close_all(self._fds)
+        self._fds = []
         self.sock.close()
 
 
@@ -103,29 +135,35 @@ class PagerRegion:
     npages: int
     filled: npt.NDArray[np.bool_]
     digests: npt.NDArray[np.uint64]
+    memfd: int = -1  # the region's memfd (for pages an earlier pager installed)
+    fd_offset: int = 0
     cursor: int = 0  # next page the background fill looks at
 
     def __post_init__(self) -> None:
-        #: The pages that were there before the pager started (precopy rounds).
-        self.initial = self.filled.copy()
+        #: Pages this pager installed with their data (their digests are in ``digests``).
+        self.installed = np.zeros(self.npages, np.bool_)
 
     @property
     def end(self) -> int:
         return self.guest_address + self.npages * PAGE_SIZE
 
 
-def present_pages(memfd: int, npages: int) -> npt.NDArray[np.bool_]:
-    """Which pages of a memfd hold data (SEEK_DATA / SEEK_HOLE), without touching them."""
+def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:
+    """Which pages of a memfd (from ``offset``) hold data (SEEK_DATA / SEEK_HOLE), without
+    touching them."""
     present = np.zeros(npages, np.bool_)
-    size = npages * PAGE_SIZE
-    pos = 0
-    while pos < size:
+    end = offset + npages * PAGE_SIZE
+    pos = offset
+    while pos < end:
         try:
             data = os.lseek(memfd, pos, os.SEEK_DATA)
         except OSError:  # ENXIO: no data after pos
             break
-        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), size)
-        present[data // PAGE_SIZE : (hole + PAGE_SIZE - 1) // PAGE_SIZE] = True
+        if data >= end:
+            break
+        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), end)
+        first = (data - offset) // PAGE_SIZE
+        present[first : (hole - offset + PAGE_SIZE - 1) // PAGE_SIZE] = True
         pos = hole
     return present
 
@@ -144,38 +182,58 @@ class _Buffer:
 
 
 class Pager:
-    """Fill every missing page of ``regions`` from process ``src_pid``, faults first.
+    """Fill every missing page of the regions from the source process, faults first.
 
     One thread waits on the uffd and serves faults as they come; ``workers`` threads sweep
-    the regions in order meanwhile. A page is *claimed* (under a lock) before it is read, so
-    no two threads install the same page; a fault on a page another thread is installing
-    is left to that thread's UFFDIO_COPY, which wakes the faulting thread. Several sweeping
-    threads help even on two CPUs: installing a page waits on the host more than it works.
+    the regions in order meanwhile. All of them start with the object and wait for
+    :meth:`start`. A page is *claimed* (under a lock) before it is read, so no two threads
+    install the same page; a fault on a page another thread is installing is left to that
+    thread's UFFDIO_COPY, which wakes the faulting thread. Several sweeping threads help even
+    on two CPUs: installing a page waits on the host more than it works.
     """
 
-    def __init__(
-        self, uffd_fd: int, src_pid: int, regions: list[PagerRegion], workers: int = 3
-    ) -> None:
-        self.uffd = uffd_fd
-        self.src_pid = src_pid
-        self.regions = regions
+    def __init__(self, workers: int = 3) -> None:
+        self.uffd = -1
+        self.src_pid = 0
+        self.regions: list[PagerRegion] = []
         self._lock = threading.Lock()
-        self._claimed = [r.filled.copy() for r in regions]
+        self._claimed: list[npt.NDArray[np.bool_]] = []
+        self._go = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        #: Why the source can no longer give pages (then missing ones get LOST_PAGE).
+        self.source_gone: str | None = None
+        self.lost_pages = 0
         self.fault_times: list[float] = []
         self.requested = 0
         self.fault_pages = 0
         self.pushed = 0
         self.started = time.monotonic()
-        self._faults = threading.Thread(target=self._guard, args=(self._serve_faults,), daemon=True)
+        self._faults = threading.Thread(
+            target=self._guard, args=(self._serve_faults,), name="pager-faults", daemon=True
+        )
         self._sweepers = [
-            threading.Thread(target=self._guard, args=(self._sweep,), daemon=True)
-            for _ in range(workers)
+            threading.Thread(
+                target=self._guard, args=(self._sweep,), name=f"pager-sweep-{i}", daemon=True
+            )
+            for i in range(workers)
         ]
-        self._faults.start()
-        for thread in self._sweepers:
-            thread.start()
+        threads = [self._faults, *self._sweepers]
+        try:
+            for thread in threads:
+                thread.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, uffd_fd: int, src_pid: int, regions: list[PagerRegion]) -> None:
+        """Begin: serve faults on ``uffd_fd`` and sweep ``regions`` from process ``src_pid``."""
+        self.uffd = uffd_fd
+        self.src_pid = src_pid
+        self.regions = regions
+        self._claimed = [r.filled.copy() for r in regions]
+        self.started = time.monotonic()
+        self._go.set()
 
     @property
     def remaining(self) -> int:
@@ -197,10 +255,15 @@ class Pager:
 
     def close(self) -> None:
         self._stop.set()
+        self._go.set()
         for thread in (self._faults, *self._sweepers):
-            thread.join()
+            if thread.is_alive():
+                thread.join()
 
     def _guard(self, body: Any) -> None:
+        self._go.wait()
+        if self._stop.is_set():
+            return
         try:
             body()
         except BaseException as err:  # handed to the main thread by wait()
@@ -223,24 +286,61 @@ class Pager:
                 if not len(free):
                     return None
             first = start + int(free[0])
-            stop = min(first + limit, len(claimed))
-            taken = np.flatnonzero(claimed[first:stop])
-            if len(taken):
-                stop = first + int(taken[0])
-            claimed[first:stop] = True
-            return first, stop - first
+            return self._take(claimed, first, limit)
+
+    def _claim_at(self, index: int, page: int, limit: int) -> tuple[int, int] | None:
+        """Claim ``page`` and the unclaimed pages after it (at most ``limit``), or None if
+        ``page`` is claimed already."""
+        claimed = self._claimed[index]
+        with self._lock:
+            if claimed[page]:
+                return None
+            return self._take(claimed, page, limit)
+
+    @staticmethod
+    def _take(claimed: npt.NDArray[np.bool_], first: int, limit: int) -> tuple[int, int]:
+        """Claim the run at ``first`` up to ``limit`` pages or the next claimed page."""
+        stop = min(first + limit, len(claimed))
+        taken = np.flatnonzero(claimed[first:stop])
+        if len(taken):
+            stop = first + int(taken[0])
+        claimed[first:stop] = True
+        return first, stop - first
+
+    def _read(self, buffer: _Buffer, region: PagerRegion, first: int, nbytes: int) -> bool:
+        """Read pages from the source into ``buffer``; False once the source is gone."""
+        if self.source_gone is None:
+            local = io.iovecs([(buffer.address, nbytes)])
+            remote = io.iovecs([(region.src_address + first * PAGE_SIZE, nbytes)])
+            try:
+                done = io.pull_remote(self.src_pid, local, remote)
+            except OSError as err:
+                done, why = -1, f"process_vm_readv(pid={self.src_pid}): {err.strerror or err}"
+            else:
+                why = f"read {done} of {nbytes} bytes from process {self.src_pid}"
+            if done == nbytes:
+                return True
+            with self._lock:
+                if self.source_gone is None:
+                    self.source_gone = why
+                    log.error("the source can no longer give pages (%s): marking them lost", why)
+        return False
 
     def _install(self, buffer: _Buffer, index: int, first: int, count: int) -> None:
-        """Read ``count`` claimed pages from the source and UFFDIO_COPY them in."""
+        """Read ``count`` claimed pages from the source and UFFDIO_COPY them in (or, with
+        the source gone, LOST_PAGE in their place)."""
         region = self.regions[index]
         nbytes = count * PAGE_SIZE
-        local = io.iovecs([(buffer.address, nbytes)])
-        remote = io.iovecs([(region.src_address + first * PAGE_SIZE, nbytes)])
-        if io.pull_remote(self.src_pid, local, remote) != nbytes:
-            raise PeerClosed(
-                "the source process is gone: its pages cannot be read", phase="postcopy"
+        if self._read(buffer, region, first, nbytes):
+            region.digests[first : first + count] = hash_pages(
+                buffer.view, range(0, nbytes, PAGE_SIZE)
             )
-        region.digests[first : first + count] = hash_pages(buffer.view, range(0, nbytes, PAGE_SIZE))
+            region.installed[first : first + count] = True
+        else:
+            for offset in range(0, nbytes, PAGE_SIZE):
+                buffer.view[offset : offset + PAGE_SIZE] = LOST_PAGE
+            with self._lock:
+                self.lost_pages += count
         dst = region.guest_address + first * PAGE_SIZE
         done = 0
         while done < nbytes:
@@ -283,20 +383,6 @@ class Pager:
         finally:
             buffer.close()
 
-    def _claim_at(self, index: int, page: int, limit: int) -> tuple[int, int] | None:
-        """Claim ``page`` and the unclaimed pages after it (at most ``limit``), or None if
-        ``page`` is claimed already."""
-        claimed = self._claimed[index]
-        with self._lock:
-            if claimed[page]:
-                return None
-            stop = min(page + limit, len(claimed))
-            taken = np.flatnonzero(claimed[page:stop])
-            if len(taken):
-                stop = page + int(taken[0])
-            claimed[page:stop] = True
-            return page, stop - page
-
     def _sweep(self) -> None:
         buffer = _Buffer(STEP_PAGES)
         try:
@@ -317,6 +403,12 @@ class Pager:
         finally:
             buffer.close()
 
+    def wake_all(self) -> None:
+        """Wake every thread waiting on a fault in the regions (all pages are in by now)."""
+        for region in self.regions:
+            with contextlib.suppress(OSError):
+                uffd.wake(self.uffd, region.guest_address, region.npages * PAGE_SIZE)
+
     def stats(self) -> dict[str, Any]:
         times = np.array(self.fault_times) * 1e6
         return {
@@ -330,90 +422,146 @@ class Pager:
             "fault_max_us": float(times.max()) if len(times) else 0.0,
         }
 
+    def progress(self) -> dict[str, int]:
+        return {"remaining": self.remaining, "pushed": self.pushed, "requested": self.requested}
 
-def run(link: PagerLink) -> None:
-    """The pager process: wait for the start message, fill everything, report, exit."""
-    link.send({"ready": True, "pid": os.getpid()})
-    message, fds = link.recv()
-    if "start" not in message:
-        _fds.close_all(fds)
-        return
-    start = message["start"]
-    uffd_fd, *memfds = fds
+    def merged_digests(self, digest_fd: int) -> list[int]:
+        """Region digests: the destination's for the pages it had when postcopy began, ours
+        for the pages we installed, and for pages an earlier pager installed, read anew.
+
+        ``digest_fd`` holds the destination's page digests (u64, region after region) and
+        then, per region, its bitmap of pages present when postcopy began (np.packbits).
+        """
+        try:
+            raw = os.pread(digest_fd, mm.fstat_size(digest_fd), 0)
+        finally:
+            os.close(digest_fd)
+        total = sum(r.npages for r in self.regions)
+        theirs = np.frombuffer(raw, np.uint64, count=total)
+        offset = total * 8
+        out = []
+        at = 0
+        for region in self.regions:
+            nbits = (region.npages + 7) // 8
+            initial = np.unpackbits(
+                np.frombuffer(raw, np.uint8, count=nbits, offset=offset), count=region.npages
+            ).astype(np.bool_)
+            offset += nbits
+            merged = np.where(initial, theirs[at : at + region.npages], region.digests)
+            others = np.flatnonzero(~initial & ~region.installed)
+            if len(others):
+                merged[others] = _hash_memfd_pages(region, others)
+            out.append(region_digest(merged))
+            at += region.npages
+        return out
+
+
+def _hash_memfd_pages(region: PagerRegion, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """The digests of ``pages`` of a region, read from its memfd (installed by a pager
+    before us: every page is present now, so reading allocates nothing)."""
+    out = np.empty(len(pages), np.uint64)
+    for i, page in enumerate(pages.tolist()):
+        data = os.pread(region.memfd, PAGE_SIZE, region.fd_offset + page * PAGE_SIZE)
+        out[i] = hash_pages(memoryview(data), [0])[0]
+    return out
+
+
+def _regions(start: dict[str, Any], memfds: list[int]) -> list[PagerRegion]:
     regions = []
     for info, memfd in zip(start["regions"], memfds, strict=True):
-        npages = info["size"] // PAGE_SIZE
+        npages = int(info["size"]) // PAGE_SIZE
+        offset = int(info.get("fd_offset", 0))
         regions.append(
             PagerRegion(
-                guest_address=info["guest_address"],
-                src_address=info["src_address"],
+                guest_address=int(info["guest_address"]),
+                src_address=int(info["src_address"]),
                 npages=npages,
-                filled=present_pages(memfd, npages),
+                filled=present_pages(memfd, npages, offset),
                 digests=np.zeros(npages, np.uint64),
+                memfd=memfd,
+                fd_offset=offset,
             )
         )
-        os.close(memfd)
-    pager = Pager(uffd_fd, start["src_pid"], regions)
+    return regions
+
+
+def run(link: PagerLink) -> None:
+    """The pager process: threads up, ready; take the memory; fill it; report; exit."""
+    pager = Pager()
+    uffd_fd = -1
+    memfds: list[int] = []
     try:
-        last = 0.0
-        while not pager.wait(0.1):
-            now = time.monotonic()
-            if now - last >= 0.1:  # at most ten progress messages a second
-                last = now
-                progress = {
-                    "remaining": pager.remaining,
-                    "pushed": pager.pushed,
-                    "requested": pager.requested,
-                }
-                link.send({"progress": progress})
-        final = {"remaining": 0, "pushed": pager.pushed, "requested": pager.requested}
-        link.send({"progress": final})
-        report = pager.stats()
-        link.send({"complete": report})
-        # The destination merges digests: it sends the ones it kept, gets ours back.
+        link.send({"ready": True, "pid": os.getpid()})
         message, fds = link.recv()
-        if "digests" in message:
-            (digest_fd,) = fds
-            merged = _merge_digests(pager, digest_fd)
-            link.send({"digests": [f"{d:016x}" for d in merged]})
-        else:
+        if "start" not in message:
             _fds.close_all(fds)
-        link.recv(timeout=60)  # "exit"
-    except (PeerClosed, TimeoutError):
-        pass
+            return
+        start = message["start"]
+        uffd_fd, *memfds = fds
+        pager.start(uffd_fd, int(start["src_pid"]), _regions(start, memfds))
+        link.send({"started": True})
+        last = 0.0
+        while not pager.wait(0.05):
+            if _exit_asked(link):
+                return
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY:
+                last = now
+                link.send({"progress": pager.progress()})
+        pager.wake_all()
+        link.send({"progress": pager.progress()})
+        if pager.source_gone is not None:
+            link.send({"lost": f"{pager.lost_pages} pages never came: {pager.source_gone}"})
+        else:
+            link.send({"complete": pager.stats()})
+        # The destination merges digests: it sends the ones it kept, gets ours back.
+        while True:
+            message, fds = link.recv(timeout=600)
+            if "digests" in message:
+                (digest_fd,) = fds
+                merged = pager.merged_digests(digest_fd)
+                link.send({"digests": [f"{d:016x}" for d in merged]})
+                continue
+            _fds.close_all(fds)
+            return  # "exit", or anything else
+    except (PeerClosed, PeerTimeout):
+        pass  # the destination went away: nothing more to serve
     finally:
         pager.close()
-        os.close(uffd_fd)
+        _fds.close_all([fd for fd in (uffd_fd, *memfds) if fd >= 0])
 
 
-def _merge_digests(pager: Pager, digest_fd: int) -> list[int]:
-    """Region digests: ours for the pages we installed, the destination's for the rest."""
-    try:
-        total = sum(r.npages for r in pager.regions) * 8
-        raw = os.pread(digest_fd, total, 0)
-    finally:
-        os.close(digest_fd)
-    theirs = np.frombuffer(raw, np.uint64)
-    out = []
-    offset = 0
-    for region in pager.regions:
-        kept = theirs[offset : offset + region.npages]
-        merged = np.where(region.initial, kept, region.digests)
-        out.append(region_digest(merged))
-        offset += region.npages
-    return out
+def _exit_asked(link: PagerLink) -> bool:
+    """Whether the destination said "exit" (or went away) while we work."""
+    if not link.buffered():
+        ready, _, _ = select.select([link.sock], [], [], 0)
+        if not ready:
+            return False
+    message, fds = link.recv()
+    _fds.close_all(fds)
+    return "exit" in message
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"pageflip pager[{os.getpid()}]: %(levelname)s: %(message)s",
+    )
     sock = socket.socket(fileno=int(args[0]))
     link = PagerLink(sock)
     try:
         run(link)
-    except Exception:
+    except Exception as err:
         log.exception("the pager failed")
         with contextlib.suppress(Exception):
-            link.send({"error": "the pager failed; see its log"})
+            link.send(
+                {
+                    "error": f"{type(err).__name__}: {err} (pager pid {os.getpid()}, "
+                    "traceback on the destination's stderr)"
+                }
+            )
         return 1
     finally:
         link.close()

@@ -14,10 +14,15 @@ postcopy
     switch over early: the destination resumes at once and a pager process there fetches
     each missing page on first touch while we push the rest in the background.
 
-Until the destination confirms it runs the guest (RESUMED), any failure resumes the guest
-here, with all its data, and raises :class:`~pageflip.errors.MigrationError` naming the
-phase. After that point the source releases its memory (flip: unmaps it; the destination
-holds the only mapping) and reports the figures in a :class:`~.events.DoneEvent`.
+The handover has one commit point (drawn in :mod:`.phases`): the destination does
+everything that can fail and answers PREPARED; only then does the source send COMMIT. Until
+then any failure resumes the guest here, with all its data, and raises
+:class:`~pageflip.errors.MigrationError` naming the phase. After COMMIT the guest is the
+destination's: the source releases its memory once the destination runs it (flip: unmaps
+it; the destination holds the only mapping) and reports the figures in a
+:class:`~.events.DoneEvent`. If the destination fails after COMMIT, the guest is lost and
+:class:`~pageflip.errors.GuestLost` says so; the source's paused copy, stale by then, is
+dropped unless ``keep_source_on_loss`` asks to keep it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -41,25 +47,40 @@ from .._sys import io
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import sysctl
 from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages
-from ..errors import DigestMismatch, MigrationError, PageflipError, SpanError
+from ..errors import (
+    DigestMismatch,
+    GuestLost,
+    MigrationError,
+    PageflipError,
+    PeerAborted,
+    PeerClosed,
+    PeerRejected,
+    PeerTimeout,
+    RemoteProtocolError,
+    SpanError,
+    StateError,
+)
 from ..guests import Guest
 from ..memory import Region
-from ..transport import Address
+from ..transport import Address, TcpAuth, refusal
 from ._gil import responsive
 from .digests import PageDigests, gc_paused, sample_digest
 from .events import (
+    CommitEvent,
     DoneEvent,
     FailedEvent,
     MigrationEvent,
     PostcopyEvent,
+    PreparedEvent,
     ProgressEvent,
+    RecoveringEvent,
     ResumedEvent,
     RoundEvent,
     SetupEvent,
     SwitchoverEvent,
 )
-from .link import Link
-from .phases import SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
+from .link import Link, ProcessWatch
+from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
 
 log = logging.getLogger("pageflip.migration")
 
@@ -70,6 +91,17 @@ CHUNK_PAGES = (32 << 20) // PAGE_SIZE
 #: A postcopy switchover asks the destination to drop stale pages range by range (each a
 #: syscall inside the downtime); stale pages this close are dropped as one range.
 DISCARD_MERGE_GAP = 16
+#: Seconds the source waits for a destination that does not listen yet (started a moment
+#: before, as in the README's walkthrough) before it says nobody listens.
+CONNECT_GRACE = 3.0
+#: Seconds a destination has to answer our HELLO: a pageflip destination answers at once,
+#: so silence means the address is something else (or busy with another migration).
+HANDSHAKE_TIMEOUT = 1.0
+#: Seconds the source polls for the destination's PREPARED and RESUMED before sleeping:
+#: the guest is paused meanwhile (see Link.recv).
+SWITCHOVER_SPIN = 0.25
+#: Seconds to wait after RESUMED for the pause the guest observed (GUEST_PAUSE).
+GUEST_PAUSE_WAIT = 1.0
 
 
 @dataclass
@@ -94,8 +126,14 @@ class MigrationOptions:
     postcopy_after_rounds: int = 0
     #: zstd level for page data over TCP (None: raw).
     compress: int | None = None
-    #: Seconds to wait for the destination at each step (None: forever).
+    #: Seconds to wait for the destination at each step, and, after the commit point, for a
+    #: postcopy's broken connection to be taken up again (None: forever).
     timeout: float | None = 60.0
+    #: After the commit point, if the destination fails, keep our paused copy of the guest
+    #: (marked stale) instead of dropping it.
+    keep_source_on_loss: bool = False
+    #: How to authenticate to a TCP destination (None: loopback only; see TcpAuth).
+    auth: TcpAuth | None = None
     #: Locally, let the destination pull pages with process_vm_readv (else bytes on the socket).
     pull: bool = True
     #: Seconds between progress events.
@@ -112,6 +150,8 @@ class MigrationOptions:
             raise SpanError(f"max_bandwidth must be positive, not {self.max_bandwidth}")
         if self.max_rounds < 1:
             raise SpanError(f"max_rounds must be at least 1, not {self.max_rounds}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise SpanError(f"the timeout must be positive, not {self.timeout}")
 
 
 def _flippable(region: Region) -> str | None:
@@ -133,6 +173,8 @@ class Source:
     """Migrate ``guest`` to the destination at ``to`` (see the module docstring).
 
     ``on_event`` receives every :class:`~.events.MigrationEvent` (from the migrating thread).
+    :meth:`cancel` (from any thread) gives up before the commit point; :meth:`recover` takes
+    up a postcopy whose connection broke after it.
     """
 
     def __init__(
@@ -149,37 +191,76 @@ class Source:
         self._on_event = on_event
         self._phases = PhaseMachine(SOURCE_TRANSITIONS, SourcePhase.IDLE)
         self._cancel = threading.Event()
+        self._recover: queue.Queue[Address] = queue.Queue()
         self._link: Link | None = None
+        self._peer: ProcessWatch | None = None
+        self._session = os.urandom(16)
         self._start = 0.0
         self._paused_at: float | None = None
         self._mode = ""
         self._features = stream.Feature(0)
         self._rounds = 0
-        self._pages_copied = 0
-        self._pages_zero = 0
-        self._pages_moved = 0
         self._pages_requested = 0
         self._digest_kind = "verified"
         self._ptracer = False
-        self._committed = False
         self._committed_at: float | None = None
+        self._resumed: stream.Resumed | None = None
+        self._guest_pause: float | None = None
         self._postcopy = False
         self._digests: list[PageDigests] = []
         self._sent: list[npt.NDArray[np.bool_]] = []
+        #: Per region: pages moved, copied and sent as zero markers.
+        self._moved = [0] * len(guest.regions)
+        self._copied = [0] * len(guest.regions)
+        self._zero = [0] * len(guest.regions)
         self._details: dict[str, Any] = {}
+        self._tracker: DirtyTracker | None = None
+        #: After a loss with keep_source_on_loss: why our paused copy is stale.
+        self.stale: str | None = None
 
     @property
     def phase(self) -> SourcePhase:
         return self._phases.phase
 
+    @property
+    def committed(self) -> bool:
+        """Whether the migration passed its commit point (the guest is no longer ours)."""
+        return self.phase in COMMITTED_PHASES
+
     def cancel(self) -> None:
-        """Give up before the commit point: the guest keeps running here."""
+        """Give up before the commit point: the guest keeps running here.
+
+        Takes effect within a fraction of a second in any phase before the commit point,
+        also while waiting for a stalled destination. After it, raises StateError.
+        """
+        if self.committed:
+            raise StateError(
+                "the migration passed its commit point: the guest is the destination's now",
+                phase=self.phase.value,
+                needed="a phase before the commit point",
+            )
         self._cancel.set()
+
+    def recover(self, to: str | Address | None = None) -> None:
+        """Take up a postcopy whose connection broke after the commit point: connect to
+        ``to`` (default: the destination's address again) and go on from there."""
+        if self.phase is not SourcePhase.RECOVERING:
+            raise StateError(
+                "there is no broken postcopy to take up",
+                phase=self.phase.value,
+                needed=SourcePhase.RECOVERING.value,
+            )
+        address = self.address if to is None else to
+        self._recover.put(address if isinstance(address, Address) else Address.parse(address))
 
     # -- the run --------------------------------------------------------------------------
 
     def run(self) -> DoneEvent:
-        """Migrate; returns the final report. On failure the guest runs here again."""
+        """Migrate; returns the final report.
+
+        Before the commit point a failure resumes the guest here and raises MigrationError
+        (``guest == "source"``); after it, a failure of the destination raises GuestLost.
+        """
         self._start = time.monotonic()
         with responsive():
             try:
@@ -187,12 +268,16 @@ class Source:
                 self._connect()
                 mode = self._negotiate()
                 if mode == "flip":
-                    resumed_at = self._flip()
+                    self._flip()
                 else:
-                    resumed_at = self._precopy(postcopy=mode == "postcopy")
+                    self._precopy(postcopy=mode == "postcopy")
+                self._await_prepared()
+                self._commit()
+            except GuestLost:
+                raise
             except BaseException as err:
                 raise self._failed(err) from err
-            return self._finish(resumed_at)
+            return self._finish()
 
     def _emit(self, event: MigrationEvent) -> None:
         if self._on_event is not None:
@@ -205,7 +290,7 @@ class Source:
         return time.monotonic() - self._start
 
     def _check_cancel(self) -> None:
-        if self._cancel.is_set():
+        if self._cancel.is_set() and not self.committed:
             raise MigrationError(
                 f"cancelled in phase {self.phase.value}", phase=self.phase.value, guest="source"
             )
@@ -218,8 +303,37 @@ class Source:
     # -- setup ----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        conn = self.address.connect(self.options.timeout)
-        self._link = Link(conn, compress=self.options.compress)
+        timeout = self.options.timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        while True:
+            self._check_cancel()
+            try:
+                conn = self.address.connect(
+                    HANDSHAKE_TIMEOUT if deadline is None else min(HANDSHAKE_TIMEOUT, timeout or 0),
+                    auth=self.options.auth,
+                )
+                break
+            except (TimeoutError, BlockingIOError):
+                # A full backlog: a destination busy with another migration, or none.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise PeerTimeout(
+                        f"{self.address} did not take the connection within {timeout:g} s",
+                        phase="setup",
+                    ) from None
+            except (FileNotFoundError, ConnectionRefusedError) as err:
+                # Nobody listens (yet): a destination started a moment ago gets a grace.
+                if time.monotonic() - started >= CONNECT_GRACE:
+                    raise MigrationError(
+                        f"nobody listens at {self.address}: start the destination there "
+                        f"(pageflip incoming --listen {self.address}) ({err.strerror})",
+                        phase="setup",
+                        guest="source",
+                    ) from None
+                time.sleep(0.1)
+        self._link = Link(conn, compress=self.options.compress, interrupt=self._check_cancel)
+        if self._link.local:
+            self._peer = ProcessWatch.of(self._link.peer_pid())
 
     def _our_features(self) -> stream.Feature:
         f = stream.Feature.XXH3
@@ -233,27 +347,58 @@ class Source:
                 f |= stream.Feature.PULL | stream.Feature.POSTCOPY
         return f
 
-    def _negotiate(self) -> str:
+    def _hello(self) -> stream.Welcome:
+        """Say HELLO; the answer must come at once and be pageflip's."""
         link = self.link
-        timeout = self.options.timeout
-        ours = self._our_features()
         link.send(
             stream.Hello(
                 version=stream.VERSION,
                 page_size=PAGE_SIZE,
-                features=ours,
+                features=self._our_features(),
                 role=stream.Role.SOURCE,
-                session=os.urandom(16),
+                session=self._session,
                 guest_kind=self.guest.kind,
             ),
             "setup",
         )
-        answer = link.expect((stream.Welcome, stream.Reject), "setup", timeout)
+        limit = HANDSHAKE_TIMEOUT
+        if self.options.timeout is not None:
+            limit = min(limit, self.options.timeout)
+        try:
+            answer = link.expect((stream.Welcome, stream.Reject), "setup", limit)
+        except PeerTimeout:
+            raise MigrationError(
+                f"{self.address} did not answer within {limit:g} s: it is not a pageflip "
+                "destination (pageflip incoming), or it is busy with another migration",
+                phase="setup",
+                guest="source",
+            ) from None
+        except (RemoteProtocolError, PeerClosed) as err:
+            why = refusal(link.head)
+            if why is not None:
+                raise PeerRejected(why, phase="setup") from None
+            if isinstance(err, PeerClosed):
+                raise
+            if err.offset is not None and err.offset < stream.HEADER.size:
+                raise MigrationError(
+                    f"{self.address} is not a pageflip destination: it answered {link.head[:24]!r}",
+                    phase="setup",
+                    guest="source",
+                ) from None
+            raise
         if isinstance(answer, stream.Reject):
             raise MigrationError(
                 f"the destination refused: {answer.reason}", phase="setup", guest="source"
             )
-        self._features = stream.Feature(answer.features) & ours
+        welcome: stream.Welcome = answer
+        return welcome
+
+    def _negotiate(self) -> str:
+        link = self.link
+        timeout = self.options.timeout
+        ours = self._our_features()
+        welcome = self._hello()
+        self._features = stream.Feature(welcome.features) & ours
         mode = self._choose_mode()
         self._mode = mode
         regions = self.guest.regions
@@ -272,7 +417,11 @@ class Source:
             ),
             "setup",
         )
-        link.expect((stream.Prepared,), "setup", timeout)
+        answer = link.expect((stream.Accepted, stream.Reject), "setup", timeout)
+        if isinstance(answer, stream.Reject):
+            raise MigrationError(
+                f"the destination refused: {answer.reason}", phase="setup", guest="source"
+            )
         self._emit(
             SetupEvent(
                 self._t(),
@@ -314,7 +463,7 @@ class Source:
 
     # -- flip -----------------------------------------------------------------------------
 
-    def _flip(self) -> float:
+    def _flip(self) -> None:
         link = self.link
         regions = self.guest.regions
         self._phases.advance(SourcePhase.SWITCHOVER)
@@ -354,10 +503,7 @@ class Source:
             switchover = stream.Switchover(paused_at=self._paused_at, digests=samples, state=state)
             link.send(switchover, "switchover")
         self._digest_kind = "identity"
-        self._pages_moved = sum(r.size for r in regions) // PAGE_SIZE
-        resumed = link.expect((stream.Resumed,), "switchover", self.options.timeout)
-        self._committed_at = time.monotonic()
-        return float(resumed.resumed_at)
+        self._moved = [r.size // PAGE_SIZE for r in regions]
 
     # -- precopy --------------------------------------------------------------------------
 
@@ -370,8 +516,9 @@ class Source:
                 self._ptracer = True
         return True
 
-    def _precopy(self, *, postcopy: bool) -> float:
-        """Rounds of pages, then a switchover: the copy modes. Returns the resume time."""
+    def _precopy(self, *, postcopy: bool) -> None:
+        """Rounds of pages, then a switchover (the copy modes): returns once SWITCHOVER went,
+        the guest paused here."""
         link = self.link
         opts = self.options
         regions = self.guest.regions
@@ -379,109 +526,138 @@ class Source:
         digests = [PageDigests(r.address, r.size // PAGE_SIZE, r.view()) for r in regions]
         self._digests = digests
         self._sent = [np.zeros(d.npages, np.bool_) for d in digests]
-        tracker = DirtyTracker(regions)
+        # Unregistering write-protection walks every page table entry (about 8 ms per 256
+        # MiB): the tracker stays until the pause is over (closed by _finish or _failed).
+        tracker = self._tracker = DirtyTracker(regions)
         total_pages = sum(d.npages for d in digests)
-        try:
-            rounds_before_postcopy = opts.postcopy_after_rounds if postcopy else None
-            if rounds_before_postcopy != 0:
-                tracker.start()  # a pure postcopy sends nothing twice: no tracking
-            self._phases.advance(SourcePhase.PRECOPY)
-            todo: list[Runs] = [np.array([[0, d.npages]], np.uint64) for d in digests]
-            reason = "converged"
-            bandwidth = 0.0
-            expected = float("inf")
-            while rounds_before_postcopy != 0:
-                self._rounds += 1
-                started = time.monotonic()
-                stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
-                link.send(
-                    stream.RoundEnd(
-                        self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started
-                    ),
-                    "precopy",
-                )
-                link.expect((stream.RoundAck,), "precopy", opts.timeout)
-                seconds = time.monotonic() - started
-                scan_started = time.monotonic()
-                todo = tracker.collect()
-                scan = time.monotonic() - scan_started
-                dirty = sum(runs_pages(r) for r in todo)
-                moved_bytes = stats.pages * PAGE_SIZE
-                bandwidth = moved_bytes / seconds if seconds > 0 and moved_bytes else bandwidth
-                expected = expected_downtime(dirty * PAGE_SIZE, bandwidth, scan)
-                self._emit(
-                    RoundEvent(
-                        self._t(),
-                        round=self._rounds,
-                        pages=stats.pages,
-                        bytes=stats.bytes,
-                        zero_pages=stats.zero_pages,
-                        seconds=seconds,
-                        bandwidth=bandwidth,
-                        dirty_pages=dirty,
-                        dirty_rate=dirty * PAGE_SIZE / seconds if seconds else 0.0,
-                        expected_downtime=expected,
-                    )
-                )
-                self._check_cancel()
-                if postcopy and self._rounds >= opts.postcopy_after_rounds:
-                    reason = "postcopy"
-                    break
-                if expected <= SWITCHOVER_HEADROOM * opts.downtime_limit:
-                    break
-                if self._rounds >= opts.max_rounds:
-                    reason = "postcopy" if opts.on_no_convergence == "postcopy" else "forced"
-                    break
-            if postcopy and rounds_before_postcopy == 0:
-                reason = "postcopy"
-            if reason == "postcopy" and stream.Feature.POSTCOPY not in self._features:
-                reason = "forced"  # the destination cannot page on demand
-            self._phases.advance(SourcePhase.SWITCHOVER)
+        rounds_before_postcopy = opts.postcopy_after_rounds if postcopy else None
+        if rounds_before_postcopy != 0:
+            tracker.start()  # a pure postcopy sends nothing twice: no tracking
+        self._phases.advance(SourcePhase.PRECOPY)
+        todo: list[Runs] = [np.array([[0, d.npages]], np.uint64) for d in digests]
+        reason = "converged"
+        bandwidth = 0.0
+        expected = float("inf")
+        while rounds_before_postcopy != 0:
+            self._rounds += 1
+            started = time.monotonic()
+            stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
+            link.send(
+                stream.RoundEnd(
+                    self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started
+                ),
+                "precopy",
+            )
+            link.expect((stream.RoundAck,), "precopy", opts.timeout)
+            seconds = time.monotonic() - started
+            scan_started = time.monotonic()
+            todo = tracker.collect()
+            scan = time.monotonic() - scan_started
+            dirty = sum(runs_pages(r) for r in todo)
+            moved_bytes = stats.pages * PAGE_SIZE
+            bandwidth = moved_bytes / seconds if seconds > 0 and moved_bytes else bandwidth
+            expected = expected_downtime(dirty * PAGE_SIZE, bandwidth, scan)
             self._emit(
-                SwitchoverEvent(
+                RoundEvent(
                     self._t(),
-                    round=self._rounds + 1,
-                    remaining_pages=sum(runs_pages(r) for r in todo),
+                    round=self._rounds,
+                    pages=stats.pages,
+                    bytes=stats.bytes,
+                    zero_pages=stats.zero_pages,
+                    seconds=seconds,
+                    bandwidth=bandwidth,
+                    dirty_pages=dirty,
+                    dirty_rate=dirty * PAGE_SIZE / seconds if seconds else 0.0,
                     expected_downtime=expected,
-                    reason=reason,
                 )
             )
-            with gc_paused():
-                self._paused_at = self.guest.pause()
-                # Unregistering write-protection walks every page table entry (about 8 ms
-                # per 256 MiB): it waits until the destination has all (finally, below).
-                if tracker.active:
-                    written = tracker.collect()
-                    final = [
-                        _union(a, b, d.npages)
-                        for a, b, d in zip(todo, written, digests, strict=True)
-                    ]
-                else:
-                    final = todo  # nothing was sent yet: everything is still to come
-                if reason == "postcopy":
-                    self._postcopy = True
-                    return self._postcopy_switchover(final)
-                self._rounds += 1
-                self._send_round(self._rounds, final, digests, pull, total_pages)
-                state = self.guest.save_state()
-                link.send(
-                    stream.Switchover(
-                        paused_at=self._paused_at,
-                        digests=[d.region_digest() for d in digests],
-                        state=state,
-                    ),
-                    "switchover",
-                )
-            resumed = link.expect((stream.Resumed,), "switchover", opts.timeout)
-            self._committed_at = time.monotonic()
-            return float(resumed.resumed_at)
-        finally:
-            tracker.close()
+            self._check_cancel()
+            if postcopy and self._rounds >= opts.postcopy_after_rounds:
+                reason = "postcopy"
+                break
+            if expected <= SWITCHOVER_HEADROOM * opts.downtime_limit:
+                break
+            if self._rounds >= opts.max_rounds:
+                reason = "postcopy" if opts.on_no_convergence == "postcopy" else "forced"
+                break
+        if postcopy and rounds_before_postcopy == 0:
+            reason = "postcopy"
+        if reason == "postcopy" and stream.Feature.POSTCOPY not in self._features:
+            reason = "forced"  # the destination cannot page on demand
+        self._phases.advance(SourcePhase.SWITCHOVER)
+        self._check_cancel()
+        self._emit(
+            SwitchoverEvent(
+                self._t(),
+                round=self._rounds + 1,
+                remaining_pages=sum(runs_pages(r) for r in todo),
+                expected_downtime=expected,
+                reason=reason,
+            )
+        )
+        with gc_paused():
+            self._paused_at = self.guest.pause()
+            if tracker.active:
+                written = tracker.collect()
+                final = [
+                    _union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)
+                ]
+            else:
+                final = todo  # nothing was sent yet: everything is still to come
+            if reason == "postcopy":
+                self._postcopy = True
+                self._postcopy_switchover(final)
+                return
+            self._rounds += 1
+            self._send_round(self._rounds, final, digests, pull, total_pages)
+            state = self.guest.save_state()
+            link.send(
+                stream.Switchover(
+                    paused_at=self._paused_at,
+                    digests=[d.region_digest() for d in digests],
+                    state=state,
+                ),
+                "switchover",
+            )
+
+    # -- the commit point -----------------------------------------------------------------
+
+    def _await_prepared(self) -> None:
+        """The guest is paused here: wait for the destination to have done all that can fail."""
+        self.link.expect((stream.Prepared,), "switchover", self.options.timeout, SWITCHOVER_SPIN)
+        self._emit(PreparedEvent(self._t()))
+        self._check_cancel()
+
+    def _commit(self) -> None:
+        """Send COMMIT (the commit point) and wait for the destination to run the guest."""
+        link = self.link
+        try:
+            link.send(stream.Commit(), "commit")
+        except PeerClosed:
+            # Nothing of COMMIT reached the destination, which resumes only on COMMIT.
+            raise
+        self._phases.advance(SourcePhase.COMMITTED)
+        self._committed_at = time.monotonic()
+        self._emit(CommitEvent(self._t()))
+        try:
+            self._resumed = link.expect(
+                (stream.Resumed,), "commit", self.options.timeout, SWITCHOVER_SPIN
+            )
+        except PeerAborted as err:
+            # The destination says it could not resume, before the guest ran there: the
+            # guest is ours again, intact.
+            raise MigrationError(
+                f"the destination could not resume the guest: {err.reason}",
+                phase="commit",
+                guest="source",
+            ) from err
+        except (PeerClosed, PeerTimeout, RemoteProtocolError, OSError) as err:
+            raise self._lost(err, "commit") from err
 
     # -- postcopy -------------------------------------------------------------------------
 
-    def _postcopy_switchover(self, stale: list[Runs]) -> float:
-        """Paused: drop the destination's stale pages, send the state, let it run."""
+    def _postcopy_switchover(self, stale: list[Runs]) -> None:
+        """Paused: drop the destination's stale pages, send the state."""
         link = self.link
         self._mode = "postcopy"
         for index, runs in enumerate(stale):
@@ -501,40 +677,133 @@ class Source:
             stream.Switchover(paused_at=self._paused_at or 0.0, digests=[], state=state),
             "switchover",
         )
-        resumed = link.expect((stream.Resumed,), "switchover", self.options.timeout)
-        self._committed_at = time.monotonic()
-        return float(resumed.resumed_at)
 
     def _postcopy_finish(self) -> None:
-        """Committed: hash what the pager reads from us, then wait for its verdict."""
-        link = self.link
+        """Committed: hash what the pager reads from us, then wait for its verdict; a broken
+        connection waits (bounded) for :meth:`recover`."""
         for index, digests in enumerate(self._digests):
             digests.update_pages(np.flatnonzero(~self._sent[index]))
-        link.send(stream.PostcopyEnd([d.region_digest() for d in self._digests]), "postcopy")
-        verdict = link.expect((stream.Verified,), "postcopy", None)
+        end = stream.PostcopyEnd([d.region_digest() for d in self._digests])
+        while True:
+            try:
+                verdict = self._postcopy_verdict(end)
+                break
+            except (PeerClosed, PeerTimeout, RemoteProtocolError, OSError) as err:
+                self._await_recovery(err)
         details: dict[str, Any] = {}
         with contextlib.suppress(ValueError):
             parsed = json.loads(verdict.message) if verdict.message else {}
             details = parsed if isinstance(parsed, dict) else {}
         self._details.update(details)
         self._committed_at = time.monotonic()  # postcopy is complete only now
-        self._pages_copied += int(details.get("pushed", 0)) + int(details.get("fault_pages", 0))
-        self._pages_requested = int(details.get("fault_pages", 0))
+        fault_pages = int(details.get("fault_pages", 0))
+        pushed = int(details.get("pushed", 0))
+        self._pages_requested = fault_pages
+        for index, sent in enumerate(self._sent):
+            self._copied[index] += int(np.count_nonzero(~sent))
         self._emit(
             PostcopyEvent(
                 self._t(),
-                pushed_pages=int(details.get("pushed", 0)),
+                pushed_pages=pushed,
                 requested_pages=int(details.get("requested", 0)),
                 remaining_pages=0,
+                fault_median_us=details.get("fault_median_us"),
+                fault_p99_us=details.get("fault_p99_us"),
             )
         )
         if not verdict.ok:
-            raise DigestMismatch(
-                f"after postcopy the destination's pages differ from ours: {verdict.message}",
-                phase="postcopy",
-                guest="destination",
-                region=None,
+            raise self._lost(
+                DigestMismatch(
+                    f"after postcopy the destination's pages differ from ours: {verdict.message}",
+                    phase="postcopy",
+                    guest="lost",
+                    region=None,
+                ),
+                "postcopy",
             )
+
+    def _postcopy_verdict(self, end: stream.PostcopyEnd) -> stream.Verified:
+        """Send our digests, follow the destination's progress, return its VERIFIED."""
+        link = self.link
+        link.send(end, "postcopy")
+        while True:
+            event = link.expect(
+                (stream.Verified, stream.PostcopyProgress), "postcopy", self.options.timeout
+            )
+            if isinstance(event, stream.Verified):
+                return event
+            self._emit(
+                PostcopyEvent(
+                    self._t(),
+                    pushed_pages=event.pushed,
+                    requested_pages=event.requested,
+                    remaining_pages=event.remaining,
+                )
+            )
+
+    def _await_recovery(self, err: BaseException) -> None:
+        """The postcopy connection broke after the commit point. If the destination still
+        lives, wait (bounded) for :meth:`recover`; then reconnect and go on."""
+        if self._link is not None:
+            self._link.close()
+        if self._peer is not None and not self._peer.alive():
+            raise self._lost(
+                PeerClosed(f"the destination process died ({err})", phase="postcopy"),
+                "postcopy",
+            ) from err
+        timeout = self.options.timeout
+        self._phases.advance(SourcePhase.RECOVERING)
+        self._emit(RecoveringEvent(self._t(), reason=str(err), timeout=timeout))
+        log.warning("postcopy: connection lost (%s); waiting for a recovery", err)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise self._lost(
+                    PeerTimeout(
+                        f"the postcopy connection broke ({err}) and was not taken up again "
+                        f"within {timeout:g} s (pageflip migrate --resume)",
+                        phase="recovering",
+                    ),
+                    "recovering",
+                ) from err
+            if self._peer is not None and not self._peer.alive():
+                raise self._lost(
+                    PeerClosed("the destination process died", phase="recovering"), "recovering"
+                ) from err
+            try:
+                address = self._recover.get(timeout=min(0.2, left) if left is not None else 0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._reconnect(address)
+            except (PageflipError, OSError) as again:
+                log.warning("postcopy recovery through %s failed: %s", address, again)
+                self._emit(RecoveringEvent(self._t(), reason=str(again), timeout=left))
+                continue
+            self._phases.advance(SourcePhase.POSTCOPY)
+            return
+
+    def _reconnect(self, address: Address) -> None:
+        """A new connection for the same session: HELLO, RECOVER, ACCEPTED."""
+        conn = address.connect(self.options.timeout, auth=self.options.auth)
+        self._link = Link(conn, compress=self.options.compress)
+        try:
+            self._hello()
+            self.link.send(stream.Recover(), "recovering")
+            answer = self.link.expect(
+                (stream.Accepted, stream.Reject), "recovering", self.options.timeout
+            )
+            if isinstance(answer, stream.Reject):
+                raise MigrationError(
+                    f"the destination refused the recovery: {answer.reason}",
+                    phase="recovering",
+                    guest="lost",
+                )
+        except BaseException:
+            self.link.close()
+            raise
+        self.address = address
 
     def _send_round(
         self,
@@ -561,7 +830,7 @@ class Source:
                     zero_runs = pages_to_runs(pages[zero])
                     stats.bytes += link.send(stream.ZeroPages(index, number, zero_runs), "precopy")
                     stats.zero_pages += zeros
-                    self._pages_zero += zeros
+                    self._zero[index] += zeros
                 data_runs = pages_to_runs(pages[~zero] if zeros else pages)
                 if len(data_runs):
                     if pull:
@@ -574,7 +843,7 @@ class Source:
                 self._sent[index][pages] = True
                 count = len(pages)
                 stats.pages += count
-                self._pages_copied += count - zeros
+                self._copied[index] += count - zeros
                 now = time.monotonic()
                 if opts.max_bandwidth:
                     ahead = stats.pages * PAGE_SIZE / opts.max_bandwidth - (now - started)
@@ -598,45 +867,61 @@ class Source:
 
     # -- the end --------------------------------------------------------------------------
 
-    def _finish(self, resumed_at: float) -> DoneEvent:
+    def _finish(self) -> DoneEvent:
         """After RESUMED: the destination runs the guest. Release ours and report."""
-        link = self.link
+        resumed = self._resumed
+        assert resumed is not None
         received = time.monotonic()
         paused = self._paused_at or received
-        downtime = (resumed_at if self.address.local else received) - paused
-        self._committed = True
-        self._emit(ResumedEvent(self._t(), downtime=downtime))
+        downtime = (resumed.resumed_at if self.address.local else received) - paused
+        self._close_tracker()
+        self._guest_pause = self._read_guest_pause()
+        self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=self._guest_pause))
         try:
             if self._postcopy:
                 self._phases.advance(SourcePhase.POSTCOPY)
                 self._postcopy_finish()
-            else:
-                self._phases.advance(SourcePhase.COMMITTED)
+        except GuestLost:
+            raise
         except BaseException as err:
-            raise self._failed(err) from err
+            raise self._lost(err, self.phase.value) from err
         finally:
             for digests in self._digests:
                 digests.release()
             self._digests = []
+        link = self.link
         # The migration is complete here: the destination runs the guest on its own pages.
         total = (self._committed_at or time.monotonic()) - self._start
+        regions = [
+            {
+                "name": r.name,
+                "pages": r.size // PAGE_SIZE,
+                "moved": self._moved[i],
+                "copied": self._copied[i],
+                "zero": self._zero[i],
+            }
+            for i, r in enumerate(self.guest.regions)
+        ]
         done = DoneEvent(
             self._t(),
             mode=self._mode,
             total_seconds=total,
             downtime=downtime,
             bytes_on_wire=link.bytes_sent + link.bytes_received,
-            pages_moved=self._pages_moved,
-            pages_copied=self._pages_copied,
-            pages_zero=self._pages_zero,
+            pages_moved=sum(self._moved),
+            pages_copied=sum(self._copied),
+            pages_zero=sum(self._zero),
             pages_requested=self._pages_requested,
             rounds=self._rounds,
             digest=self._digest_kind,
             details=self._details,
+            guest_pause=self._guest_pause,
+            regions=regions,
         )
         with contextlib.suppress(PageflipError, OSError):
             link.send(stream.Done(stats=done.as_dict()), "done")
         link.close()
+        self._release_ptracer()
         # Then let go of our memory: unmapping populated pages costs about 30 ms per GiB,
         # which is reported, but is not part of the migration the guest waited for.
         started = time.monotonic()
@@ -652,45 +937,115 @@ class Source:
         self._emit(done)
         return done
 
-    def _failed(self, err: BaseException) -> MigrationError:
-        """Before the commit point: resume the guest here, tell the peer, report.
+    def _read_guest_pause(self) -> float | None:
+        """The destination's GUEST_PAUSE, if it comes soon (it follows RESUMED)."""
+        try:
+            event = self.link.recv("resumed", GUEST_PAUSE_WAIT)
+        except (PageflipError, OSError):
+            return None  # not worth failing a finished migration for: the figure is missing
+        if isinstance(event, stream.GuestPause):
+            return event.seconds
+        log.debug("expected GUEST_PAUSE after RESUMED, got %s", type(event).__name__)
+        return None
 
-        After it (postcopy), the guest runs on the destination whatever happens here.
-        """
+    def _close_tracker(self) -> None:
+        tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            with contextlib.suppress(Exception):
+                tracker.close()
+
+    def _release_ptracer(self) -> None:
+        """Undo what the run set up for the peer: the ptracer grant and the process watch."""
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            peer.close()
+        if self._ptracer:
+            self._ptracer = False
+            with contextlib.suppress(OSError):
+                io.set_ptracer(0)
+
+    def _failed(self, err: BaseException) -> MigrationError:
+        """Before the commit point: resume the guest here, tell the peer, report."""
         phase = self.phase.value
-        where = "destination" if self._committed else "source"
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()
         self._digests = []
-        if self._paused_at is not None and not self._committed:
+        if self._paused_at is not None:
             with contextlib.suppress(Exception):
                 self.guest.resume()
+        self._close_tracker()
         if self._link is not None:
             with contextlib.suppress(Exception):
                 self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
             self._link.close()
-        if self._ptracer:
-            with contextlib.suppress(OSError):
-                io.set_ptracer(0)
+        self._release_ptracer()
         with contextlib.suppress(Exception):
             self._phases.advance(SourcePhase.FAILED)
+        if isinstance(err, MigrationError):
+            result = err
+        elif isinstance(err, KeyboardInterrupt):
+            result = MigrationError(f"interrupted in phase {phase}", phase=phase, guest="source")
+        else:
+            result = MigrationError(
+                f"migration failed in phase {phase}: {type(err).__name__}: {err}",
+                phase=phase,
+                guest="source",
+            )
         self._emit(
             FailedEvent(
                 self._t(),
                 phase=phase,
-                error=str(err),
+                error=str(result),
                 error_type=type(err).__name__,
-                guest=where,
+                guest="source",
             )
         )
-        if isinstance(err, MigrationError):
-            return err
-        return MigrationError(
-            f"migration failed in phase {phase}: {type(err).__name__}: {err}",
+        return result
+
+    def _lost(self, err: BaseException, phase: str) -> GuestLost:
+        """After the commit point the destination failed or vanished: the guest is lost.
+
+        Our paused copy is stale (the guest may have run on over there): dropped, unless
+        ``keep_source_on_loss`` keeps it, paused and marked stale.
+        """
+        for digests in self._digests:
+            with contextlib.suppress(Exception):
+                digests.release()
+        self._digests = []
+        self._close_tracker()
+        if self._link is not None:
+            self._link.close()
+        self._release_ptracer()
+        with contextlib.suppress(Exception):
+            self._phases.advance(SourcePhase.LOST)
+        why = f"{type(err).__name__}: {err}"
+        lost = GuestLost(
+            f"after the commit point ({phase}) the destination failed: {why}; the guest is lost",
             phase=phase,
-            guest=where,
+            guest="lost",
         )
+        keep = self.options.keep_source_on_loss
+        if keep:
+            self.stale = (
+                f"stale copy: the guest was handed over at the commit point and then lost "
+                f"({phase}: {why}); this is its state at the pause"
+            )
+        else:
+            with contextlib.suppress(Exception):
+                self.guest.close()
+        log.error("%s", lost)
+        self._emit(
+            FailedEvent(
+                self._t(),
+                phase=phase,
+                error=str(lost),
+                error_type=type(err).__name__,
+                guest="lost",
+                stale_copy=keep,
+            )
+        )
+        return lost
 
 
 #: The last round runs while the guest is paused and costs more than its bytes at the last

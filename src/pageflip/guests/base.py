@@ -125,6 +125,12 @@ class Guest(abc.ABC):
         byte of any region changes. Pausing a paused guest returns the earlier moment.
         """
 
+    def prepare_resume(self) -> None:
+        """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
+        resume() itself cannot fail: a destination calls it before it answers PREPARED.
+        The default does nothing."""
+        return
+
     @abc.abstractmethod
     def resume(self) -> float:
         """Let the writers run again; returns ``time.monotonic()`` when they were released."""

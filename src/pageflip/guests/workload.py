@@ -89,7 +89,7 @@ import numpy.typing as npt
 
 from .._sys import procfs
 from ..errors import ClosedError, StateError
-from ..memory import PAGE_SIZE, Region
+from ..memory import LOST_PAGE, PAGE_SIZE, Region
 from .base import MAX_STATE_BYTES, BadGuestState, Guest, VerifyReport, register
 
 __all__ = ["Pattern", "Workload"]
@@ -134,6 +134,11 @@ HB_MAGIC = int.from_bytes(b"pfbeat01", "little")
 HB_CLOCK = slice(1, 4)
 HB_STAMP = 4
 
+#: The first two words of a page that never arrived (see pageflip.memory.LOST_PAGE).
+_LOST_WORDS = (
+    int.from_bytes(LOST_PAGE[:8], "little"),
+    int.from_bytes(LOST_PAGE[8:16], "little"),
+)
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -357,6 +362,11 @@ def _diagnose(
 ) -> str:
     """Say what is wrong with one inconsistent page, from one read of its header words and
     journal entry; ``content_is(v)`` tells whether its body is that of version ``v``."""
+    if (word0, word1) == _LOST_WORDS:
+        return (
+            f"page {page}: it never arrived: postcopy lost its source, and pageflip marked "
+            "the page in place of its data"
+        )
     header = word1 >> 1
     if word1 & 1:
         return (
@@ -466,6 +476,8 @@ class Workload(Guest):
         #: Set when no launch of the workers is in flight (see _start_workers).
         self._launched = threading.Event()
         self._launched.set()
+        #: Why the last launch could not start every thread (see prepare_resume).
+        self._launch_error: BaseException | None = None
         self._run_epoch = 0
         self._paused_at: float | None = time.monotonic()
         self._paused_wall = time.time()
@@ -748,6 +760,26 @@ class Workload(Guest):
             logger.debug("workload resumed")
             return self._resumed_at
 
+    def prepare_resume(self) -> None:
+        """Start the worker and heartbeat threads now, parked, so that resume() only lets
+        them go: a process that cannot have them (a pids limit) fails here, before a
+        migration's commit point, not in resume()."""
+        self._check_usable("prepare to resume")
+        with self._cond:
+            if self._parked:
+                return  # started already
+            self._parked = [False] * (self._threads + 1)
+            self._launched.clear()
+        self._launch()
+        error = self._launch_error
+        if error is not None:
+            self._stop_workers()
+            with self._cond:
+                self._parked = []
+                self._stopping = False
+            self._launch_error = None
+            raise error
+
     def _start_workers(self) -> None:
         # With self._cond held. Thread.start() waits until the new thread runs, which on an
         # idle vCPU can take milliseconds, and resume() sits inside a migration's downtime:
@@ -758,6 +790,9 @@ class Workload(Guest):
         _thread.start_new_thread(self._launch, ())
 
     def _launch(self) -> None:
+        """Start the heartbeat and the workers. A thread that cannot start is recorded as a
+        problem (and its slot as parked, so that pause() does not wait for it forever)."""
+        slots = [self._threads, *range(self._threads)]
         try:
             # The heartbeat first: its first beat marks the end of the pause it observes.
             beat = threading.Thread(
@@ -769,10 +804,19 @@ class Workload(Guest):
                 )
                 for t in range(self._threads)
             ]
-            for worker in [beat, *workers]:
+            for slot, worker in zip(slots, [beat, *workers], strict=True):
+                try:
+                    worker.start()
+                except RuntimeError as err:  # "can't start new thread": EAGAIN, a pids limit
+                    self._launch_error = err
+                    self._add_problem(None, f"thread {worker.name} could not start: {err}")
+                    with self._cond:
+                        for rest in slots[slots.index(slot) :]:
+                            self._parked[rest] = True
+                        self._cond.notify_all()
+                    return
                 with self._cond:
                     self._workers.append(worker)
-                worker.start()
         finally:
             self._launched.set()
 

@@ -209,7 +209,8 @@ class Destination:
     ``prepare(guest)`` runs once the guest is restored, paused, before PREPARED: anything
     the caller must set up for it that can fail (a control socket, say) belongs there, so
     that its failure leaves the guest on the source. ``timeout`` bounds every wait for the
-    source; ``accept_timeout`` the wait for it to connect. ``auth`` says how TCP peers
+    source; ``accept_timeout`` the wait for it to connect. ``on_resumed(guest)`` is told at
+    once when the guest runs here (it must not fail: to serve it, say). ``auth`` says how TCP peers
     must authenticate (see :class:`~pageflip.transport.TcpAuth`; a listener given here
     brings its own).
 
@@ -225,6 +226,7 @@ class Destination:
         timeout: float | None = 60.0,
         accept_timeout: float | None = None,
         prepare: Callable[[Guest], None] | None = None,
+        on_resumed: Callable[[Guest], None] | None = None,
         auth: TcpAuth | None = None,
     ) -> None:
         if isinstance(listen, (str, Address)):
@@ -238,6 +240,7 @@ class Destination:
         self.timeout = timeout
         self.accept_timeout = accept_timeout
         self._prepare = prepare
+        self._on_resumed = on_resumed
         self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
         self._link: Link | None = None
         self._peer: ProcessWatch | None = None
@@ -649,6 +652,7 @@ class Destination:
         guest = self._guest_class.restore(list(self._regions), switchover.state)
         self._regions = []  # the guest owns them now
         self._guest = guest
+        guest.prepare_resume()
         if postcopy:
             self._hand_to_pager(guest, digests_kept)
         if self._prepare is not None:
@@ -730,6 +734,11 @@ class Destination:
             self._gc.resume()
         postcopy = self._uffd >= 0
         self._phases.advance(DestinationPhase.POSTCOPY if postcopy else DestinationPhase.RUNNING)
+        if self._on_resumed is not None:
+            try:
+                self._on_resumed(guest)
+            except Exception:  # the guest runs here now, whatever an observer does
+                log.exception("on_resumed failed")
         downtime = resumed_at - switchover.paused_at
         if committed:
             with contextlib.suppress(PageflipError, OSError):

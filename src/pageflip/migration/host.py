@@ -49,6 +49,7 @@ from ..errors import (
     StateError,
 )
 from ..guests import Guest
+from ..transport import TcpAuth
 from .events import MigrationEvent
 from .source import MigrationOptions, Source
 
@@ -236,7 +237,19 @@ class GuestHost:
         unknown = set(request) - _OPTIONS - {"cmd", "to", "wait"}
         if unknown:
             raise LocalProtocolError(f"unknown migrate option(s): {', '.join(sorted(unknown))}")
-        options = MigrationOptions(**{k: v for k, v in request.items() if k in _OPTIONS})
+        options = MigrationOptions(
+            **{k: v for k, v in request.items() if k in _OPTIONS and k != "auth"}
+        )
+        if request.get("auth"):
+            given = dict(request["auth"])
+            options.auth = TcpAuth.from_options(
+                key_file=given.get("key_file"),
+                tls_cert=given.get("tls_cert"),
+                tls_key=given.get("tls_key"),
+                tls_ca=given.get("tls_ca"),
+                tls_server_name=given.get("tls_server_name"),
+                insecure=bool(given.get("insecure")),
+            )
         guest = self._guest(_wait(request))
         with self._lock:
             if self._source is not None:

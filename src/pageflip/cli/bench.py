@@ -1,0 +1,412 @@
+"""``pageflip bench``: benchmarks that run real processes, report JSON, tables and targets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..bench import format_size
+from ._base import DURATION, SIZE, main
+from ._base import stderr_console as _stderr_console
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that run real processes and report JSON."""
+
+
+def _split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m.strip() for value in values for m in value.split(",") if m.strip())
+
+
+def _report_options(command: Any) -> Any:
+    """The options every benchmark shares: how to report, and whether to show progress."""
+    for option in reversed(
+        [
+            click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+            click.option("--markdown", is_flag=True, help="Print the tables as Markdown."),
+            click.option(
+                "--output",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="Also write the JSON results to this file.",
+            ),
+            click.option(
+                "--progress/--no-progress",
+                default=True,
+                show_default=True,
+                help="Show progress on stderr.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _with_progress(show: bool, label: str, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``). When stderr is
+    not a terminal (a log file, CI), each step is a plain line there instead."""
+    if not show:
+        return run(None)
+    console = _stderr_console()
+    if not console.is_terminal:
+        started = time.monotonic()
+
+        def print_line(done: int, total: int, what: str) -> None:
+            elapsed = time.monotonic() - started
+            click.echo(f"{label}: {done}/{total} [{elapsed:6.0f} s] {what}", err=True)
+
+        return run(print_line)
+    with Progress(
+        TextColumn(f"[bold]{escape(label)}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        return run(on_progress)
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    """Date and machine of a benchmark result, for a table's caption."""
+    machine = result["machine"]
+    return (
+        f"{result['date']} · Linux {machine['kernel']} · {machine.get('cpus')} x "
+        f"{machine.get('cpu')} · {machine.get('memory_gib')} GiB"
+    )
+
+
+def _targets_table(title: str, rows: Iterable[tuple[str, str, bool | None]]) -> Table:
+    """A benchmark's speed targets, each with what was measured and whether it was met."""
+    table = Table(title=title)
+    table.add_column("target")
+    table.add_column("measured")
+    table.add_column("met")
+    for text, measured, passed in rows:
+        verdict = "[dim]n/a[/]" if passed is None else ("[green]yes[/]" if passed else "[red]no[/]")
+        table.add_row(escape(text), escape(measured), verdict)
+    return table
+
+
+def _write_json(output: Path | None, text: str) -> None:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
+@bench.command()
+@click.option("--size", type=SIZE, default="1G", show_default=True, help="Bytes to hand over.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Runs of each method (interleaved); the median is reported.",
+)
+@click.option(
+    "--methods",
+    multiple=True,
+    metavar="M[,M...]",
+    help="Methods to run (default: all). Repeat the option or separate by commas.",
+)
+@click.option(
+    "--overhead-rounds",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="One-page gift + receive round trips for the overhead figure (0: skip).",
+)
+@click.option(
+    "--touch-threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Threads that touch the moved pages (0: two if there are two CPUs).",
+)
+@_report_options
+def handoff(
+    size: int,
+    repeat: int,
+    methods: tuple[str, ...],
+    overhead_rounds: int,
+    touch_threads: int,
+    as_json: bool,
+    markdown: bool,
+    output: Path | None,
+    progress: bool,
+) -> None:
+    """Time handing SIZE bytes to another process: a move against every copy path.
+
+    Methods: move, process_vm_readv, vmsplice-gift, vmsplice, stream (warm targets), the
+    same copies into fresh memory (*-fresh), shared-memory and pickle-pipe. Each runs
+    between two real processes; access time is until the receiver holds the data, "all
+    pages" until every page was touched too. Ratios are to the move; copy rates are a
+    fraction of a single-thread memcpy measured in the same run.
+    """
+    from ..bench import handoff as bench_handoff
+
+    chosen = _split_methods(methods) or bench_handoff.DEFAULT_METHODS
+    unknown = [m for m in chosen if m not in bench_handoff.DEFAULT_METHODS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(bench_handoff.DEFAULT_METHODS)}",
+            param_hint="--methods",
+        )
+    try:
+        config = bench_handoff.HandoffConfig(
+            size=size,
+            repeat=repeat,
+            methods=chosen,
+            overhead_rounds=overhead_rounds,
+            touch_threads=touch_threads,
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    console = _stderr_console()
+    result = _with_progress(
+        progress,
+        f"handoff {format_size(config.nbytes)}",
+        lambda on_progress: bench_handoff.run(config, on_progress),
+    )
+    text = json.dumps(result, indent=2)
+    _write_json(output, text)
+    if as_json:
+        click.echo(text)
+    elif markdown:
+        click.echo(bench_handoff.markdown_table(result), nl=False)
+    else:
+        _print_handoff(result)
+    if output is not None:
+        console.print(f"results written to {output}")
+
+
+def _print_handoff(result: dict[str, Any]) -> None:
+    from ..bench import handoff as bench_handoff
+
+    console = Console()
+    table = Table(
+        title=f"handoff of {result['size_label']}: median of {result['repeat']}",
+        caption=(
+            f"{_machine_line(result)}\n"
+            f"warm: already-touched target · fresh: allocated by the handoff · mapped: the "
+            f"sender's pages\nall pages: for the move, plus {result['notes']['touch']}"
+        ),
+    )
+    for i, name in enumerate(bench_handoff.COLUMNS):
+        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    rows = bench_handoff.table_rows(result)
+    for cells in rows:
+        style = "bold green" if cells[0] == "move" else ("dim" if "reference" in cells[0] else "")
+        table.add_row(*map(escape, cells), style=style)
+    console.print(table)
+    for row in result["results"].values():
+        if row["semantics"] == "move":
+            console.print(
+                f"{row['key']}: fastest of {result['repeat']}: access "
+                f"{row['access_min'] * 1e3:.2f} ms, every page {row['touched_min'] * 1e3:.1f} ms"
+            )
+    console.print(
+        _targets_table("speed targets (from the numbers above)", bench_handoff.target_rows(result))
+    )
+    over = result["overhead"]
+    if over:
+        console.print(
+            f"one-page round trips ({over['rounds']}): median "
+            f"{over['round_trip_median_us']:.0f} us (p10 {over['round_trip_p10_us']:.0f}, p90 "
+            f"{over['round_trip_p90_us']:.0f}); CPU per call: gift "
+            f"{over['gift_cpu_median_us']:.0f} us, receive {over['receive_cpu_median_us']:.0f} us"
+        )
+
+
+@bench.command(name="migrate")
+@click.option(
+    "--sizes",
+    default="256M,1G,4G",
+    show_default=True,
+    metavar="SIZE[,SIZE...]",
+    help="Guest memory sizes.",
+)
+@click.option(
+    "--rates",
+    default="0,64M,256M",
+    show_default=True,
+    metavar="RATE[,RATE...]",
+    help="Dirty rates, bytes per second (0: idle).",
+)
+@click.option(
+    "--modes",
+    default="flip,precopy,postcopy",
+    show_default=True,
+    metavar="MODE[,MODE...]",
+    help="Migration modes.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs of each (size, rate, mode), interleaved; tables show the median.",
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Precopy's downtime limit.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the workload's fill and the migration.",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between runs (15 or more: cold memory, see docs/kernel.md, 'Memory warmth').",
+)
+@click.option(
+    "--prewarm/--no-prewarm",
+    default=True,
+    show_default=True,
+    help="Touch and free the guest's size of memory before each migration (warm memory); "
+    "--no-prewarm with --settle 15 gives cold runs.",
+)
+@_report_options
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw downtime and total time against size into this PNG (needs matplotlib).",
+)
+def bench_migrate(
+    sizes: str,
+    rates: str,
+    modes: str,
+    repeat: int,
+    downtime_limit: float,
+    warmup: float,
+    settle: float,
+    prewarm: bool,
+    as_json: bool,
+    markdown: bool,
+    output: Path | None,
+    plot_path: Path | None,
+    progress: bool,
+) -> None:
+    """Migrate a running workload for every (size, dirty rate, mode) and compare.
+
+    Each run starts a destination and a source process; the source fills a workload of
+    SIZE bytes whose threads rewrite pages at RATE, waits --warmup seconds, and migrates it
+    by flip, precopy or postcopy; the destination checks that no write was lost (a run
+    that fails the check is an error). Recorded per run: total time, downtime, bytes on
+    the wire, pages moved/copied, rounds, postcopy fault times, and the peak memory (Pss)
+    of source and destination together. Runs are interleaved; the targets table is
+    computed from the measured numbers.
+    """
+    from ..bench import migrate as bench_migrate_module
+
+    def split(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    try:
+        size_list = tuple(SIZE.convert(v, None, None) for v in split(sizes))
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="--sizes") from None
+    rate_list = []
+    for value in split(rates):
+        text = value.lower().removesuffix("/s")
+        if text in ("0", "idle"):
+            rate_list.append(0)
+            continue
+        try:
+            rate_list.append(SIZE.convert(text, None, None))
+        except click.BadParameter as err:
+            raise click.BadParameter(err.message, param_hint="--rates") from None
+    try:
+        config = bench_migrate_module.MigrateConfig(
+            sizes=size_list,
+            rates=tuple(rate_list),
+            modes=tuple(split(modes)),
+            repeat=repeat,
+            downtime_limit=downtime_limit,
+            warmup=warmup,
+            settle=settle,
+            prewarm=prewarm,
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if plot_path is not None:
+        bench_migrate_module.check_plot()  # before a long run, not after it
+    console = _stderr_console()
+    try:
+        result = _with_progress(
+            progress,
+            "migrate",
+            lambda on_progress: bench_migrate_module.run(config, on_progress),
+        )
+    except bench_migrate_module.MigrateBenchmarkError as err:
+        if output is not None and err.partial is not None:
+            _write_json(output, json.dumps(err.partial, indent=2))
+            console.print(f"results of the runs before the failure written to {output}")
+        raise click.ClickException(f"MigrateBenchmarkError: {err}") from None
+    text = json.dumps(result, indent=2, allow_nan=False)
+    _write_json(output, text)
+    if plot_path is not None:
+        bench_migrate_module.plot(result, plot_path)
+    if as_json:
+        click.echo(text)
+    elif markdown:
+        click.echo(bench_migrate_module.markdown_table(result), nl=False)
+    else:
+        out = Console()
+        shown = (
+            "size",
+            "dirty rate",
+            "mode",
+            "total",
+            "downtime",
+            "on the wire",
+            "peak memory (x guest)",
+            "rounds",
+            "verified",
+            "faults: n, median / p99",
+        )
+        picks = [bench_migrate_module.COLUMNS.index(name) for name in shown]
+        table = Table(
+            title=f"migration matrix: median of {result['config']['repeat']}",
+            caption=f"{_machine_line(result)}\n"
+            "all columns: --markdown; every run and event: --json",
+        )
+        for i, name in enumerate(shown):
+            table.add_column(name, justify="left" if i < 3 else "right")
+        for cells in bench_migrate_module.cell_rows(result):
+            table.add_row(*(escape(cells[i]) for i in picks))
+        out.print(table)
+        out.print(
+            _targets_table(
+                "targets (from the numbers above)", bench_migrate_module.target_rows(result)
+            )
+        )
+    if output is not None:
+        console.print(f"results written to {output}")
+    if plot_path is not None:
+        console.print(f"plot written to {plot_path}")

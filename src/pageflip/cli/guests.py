@@ -1,0 +1,658 @@
+"""Hosting and migrating guests: ``workload``, ``incoming``, ``migrate``, ``status``,
+``verify``, ``stop`` and ``cancel``.
+
+A host binds its control socket first (refusing a path a live process holds, replacing a
+stale socket file) and only then does its long work, so that ``status`` answers at once and
+``verify`` or ``migrate`` can wait for a guest still filling its memory. Every socket file a
+command makes is removed when it ends, also on SIGINT and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..bench import format_size, human_size
+from ..errors import GuestLost, MigrationError, PageflipError, SpanError
+from ._base import (
+    DURATION,
+    EXIT_FAILED,
+    EXIT_LOST,
+    SIZE,
+    Interrupted,
+    emit,
+    log_to,
+    main,
+    one_line,
+    stderr_console,
+)
+
+#: Seconds a client waits for a control socket that is not there yet (a host starting up).
+CONTROL_WAIT = 10.0
+#: Seconds after the start of its writes that a workload checks the rate it reaches.
+RATE_CHECK_AFTER = 2.0
+#: A workload warns when it writes less than this share of the rate asked for.
+RATE_SHORTFALL = 0.8
+
+
+def _default_control() -> str:
+    return os.environ.get("PAGEFLIP_CONTROL", "/tmp/pageflip-workload.sock")
+
+
+_control_option = click.option(
+    "--control",
+    default=_default_control,
+    show_default="$PAGEFLIP_CONTROL or /tmp/pageflip-workload.sock",
+    help="The guest's control socket (a path, or @name for an abstract socket).",
+)
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print events as JSON lines on stdout."
+)
+
+
+def _auth_options(command: Any) -> Any:
+    """How TCP peers authenticate (see pageflip.transport.TcpAuth)."""
+    for option in reversed(
+        [
+            click.option(
+                "--key-file",
+                type=click.Path(dir_okay=False),
+                help="TCP: a shared key both sides hold (mode 600; e.g. "
+                "`openssl rand -hex 32`); peers prove it before anything else.",
+            ),
+            click.option(
+                "--tls-cert", type=click.Path(dir_okay=False), help="TCP: our TLS certificate."
+            ),
+            click.option(
+                "--tls-key", type=click.Path(dir_okay=False), help="TCP: its private key."
+            ),
+            click.option(
+                "--tls-ca",
+                type=click.Path(dir_okay=False),
+                help="TCP: the CA that signed the peer's certificate.",
+            ),
+            click.option(
+                "--insecure",
+                is_flag=True,
+                help="TCP beyond loopback without authentication: anyone who reaches the "
+                "port is taken.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _auth_dict(**given: Any) -> dict[str, Any] | None:
+    """The authentication options that were given (None: none)."""
+    chosen = {k: v for k, v in given.items() if v}
+    return chosen or None
+
+
+def _serve(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> None:
+    """Serve the guest until it leaves (migrated away, stopped); SIGINT/SIGTERM end it."""
+    try:
+        while not host.wait(0.2):
+            if tick is not None:
+                tick()
+    finally:
+        outcome = host.outcome
+        host.close()
+    emit(as_json, {"event": "exit", "outcome": outcome}, f"guest {outcome}; host exiting")
+    if outcome == "lost":
+        sys.exit(EXIT_LOST)
+
+
+# -- workload -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--size", type=SIZE, default="1G", show_default=True, help="Bytes of memory.")
+@click.option(
+    "--dirty-rate",
+    type=SIZE,
+    default="256M",
+    show_default=True,
+    help="Bytes per second the worker threads rewrite (0: idle).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker threads that write (each owns a share of the pages).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the page contents (the guest's identity in its own checks).",
+)
+@_control_option
+@_json_option
+def workload(
+    size: int, dirty_rate: int, threads: int, seed: int, control: str, as_json: bool
+) -> None:
+    """Start the reference workload and serve it on --control until it migrates away.
+
+    It fills SIZE bytes of movable memory with incompressible pages, then its worker threads
+    rewrite random pages at --dirty-rate, journalling every write, so that after any
+    migration `pageflip verify` can prove that no write made before the pause was lost. Its
+    heartbeat says how long the guest itself saw a migration pause it. The control socket
+    answers while it fills (status: filling).
+    """
+    from ..guests import Workload
+    from ..migration import room
+    from ..migration.host import GuestHost
+
+    if size <= 0:
+        raise click.BadParameter("must be more than 0 bytes", param_hint="--size")
+    why = room.shortfall(size + size // 1024 + (1 << 20), 0)
+    if why is not None:
+        raise SpanError(f"--size {format_size(size)} is more than this host can hold: {why}")
+    filled = [0]
+    host = GuestHost(
+        None,
+        control,
+        outcome="filling",
+        status=lambda: (
+            {"state": "filling", "size": size, "filled": filled[0]} if host.guest is None else {}
+        ),
+    )
+    try:
+        guest = _fill(Workload, size, dirty_rate, threads, seed, filled)
+        host.attach(guest)
+        emit(
+            as_json,
+            {"event": "ready", "control": control, "pid": os.getpid(), "size": guest.size},
+            f"workload of {human_size(guest.size)} at {human_size(dirty_rate)}/s, "
+            f"control socket {control} (pid {os.getpid()})",
+        )
+    except BaseException:
+        host.close()
+        raise
+    _serve(host, as_json, _rate_check(host, dirty_rate, as_json))
+
+
+def _fill(cls: Any, size: int, dirty_rate: int, threads: int, seed: int, filled: list[int]) -> Any:
+    def progress(done: int, total: int) -> None:
+        filled[0] = done
+        if bar is not None:
+            bar.update(task, completed=done, total=total)
+
+    console = stderr_console()
+    bar = None
+    if console.is_terminal:
+        bar = Progress(
+            TextColumn(f"[bold]filling {format_size(size)}[/]"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        task = bar.add_task("fill", total=size)
+        bar.start()
+    try:
+        return cls.create(
+            size, dirty_rate=dirty_rate, threads=threads, seed=seed, progress=progress
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _rate_check(host: Any, asked: int, as_json: bool) -> Callable[[], None]:
+    """Once, a moment after the writes start: warn if the guest writes well below --dirty-rate
+    (the figure it reaches is this machine's ceiling)."""
+    started = time.monotonic()
+    done = [asked == 0]
+
+    def tick() -> None:
+        guest = host.guest
+        if done[0] or guest is None or time.monotonic() - started < RATE_CHECK_AFTER:
+            return
+        done[0] = True
+        reached = guest.write_rate()
+        if reached < RATE_SHORTFALL * asked:
+            emit(
+                as_json,
+                {"event": "warning", "dirty_rate": asked, "write_rate": reached},
+                f"[yellow]warning[/]: --dirty-rate {human_size(asked)}/s is more than this "
+                f"guest can write here: it reaches {human_size(reached)}/s",
+            )
+
+    return tick
+
+
+# -- incoming -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--listen",
+    envvar="PAGEFLIP_LISTEN",
+    required=True,
+    help="Where to wait for the source: /path, @abstract or tcp:HOST:PORT (PORT 0: any).",
+)
+@_control_option
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="Longest silence from the source in any phase, also after the commit point.",
+)
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False),
+    help="Write the engine's and the pager's log here (default: stderr, warnings only).",
+)
+@_auth_options
+@_json_option
+def incoming(
+    listen: str,
+    control: str,
+    timeout: float,
+    log_file: str | None,
+    key_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    insecure: bool,
+    as_json: bool,
+) -> None:
+    """Wait on --listen for a migrating guest, run it, then serve it on --control.
+
+    Attempts that fail (a stray connection, a bad frame, a refused mode, a source that gives
+    up) are logged and it goes on listening, until one migration succeeds. The control
+    socket answers from the start (status: incoming) and serves the guest from the moment
+    it resumes here. Exit status 3 if a postcopy guest was lost after the commit point.
+    """
+    from ..migration.destination import Destination
+    from ..migration.host import GuestHost, claim_socket_path
+    from ..transport import Address, TcpAuth
+
+    log_to(log_file)
+    auth = TcpAuth.from_options(
+        key_file=key_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_server_name=None,
+        insecure=insecure,
+    )
+    address = Address.parse(listen)
+    current: list[Any] = [None]
+
+    def status() -> dict[str, Any]:
+        dest = current[0]
+        if dest is None:
+            return {}
+        info: dict[str, Any] = {"listen": dest.address, "phase": dest.phase.value}
+        if dest.postcopy_remaining is not None:
+            info["postcopy"] = f"{dest.postcopy_remaining} pages still at the source"
+        return {"migration": info}
+
+    host = GuestHost(None, control, outcome="incoming", status=status)
+    try:
+        if address.local:
+            claim_socket_path(address.path)
+        listener = address.listen(auth=auth)
+        try:
+            where = listener.path
+            emit(
+                as_json,
+                {"event": "listening", "listen": where, "pid": os.getpid(), "control": control},
+                f"waiting for a guest on {where} (pid {os.getpid()}); control socket {control}",
+            )
+            _receive(Destination, listener, host, current, timeout, as_json)
+        finally:
+            listener.close()
+        emit(
+            as_json,
+            {"event": "running", "control": control, "pid": os.getpid()},
+            f"the guest runs here; control socket {control}",
+        )
+    except BaseException:
+        host.close()
+        raise
+    _serve(host, as_json)
+
+
+def _receive(
+    cls: Any, listener: Any, host: Any, current: list[Any], timeout: float, as_json: bool
+) -> None:
+    """Run Destinations on ``listener`` until one migration succeeds."""
+
+    def on_event(event: Any) -> None:
+        data = event.as_dict()
+        emit(as_json, data, f"incoming: {event.kind} {_event_text(data)}")
+
+    while True:
+        dest = cls(listener, on_event=on_event, timeout=timeout, on_resumed=host.attach)
+        current[0] = dest
+        try:
+            dest.run()
+            return
+        except GuestLost:
+            host.outcome = "lost"
+            raise
+        except MigrationError as err:
+            if isinstance(err.__cause__, KeyboardInterrupt):
+                raise err.__cause__ from None
+            emit(
+                as_json,
+                {"event": "attempt-failed", "error": one_line(err), "phase": err.phase},
+                f"[yellow]incoming: that attempt failed[/] ({one_line(err)}); still listening",
+            )
+        finally:
+            current[0] = None
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    from ..display import fmt_seconds
+
+    kind = event.get("event")
+    if kind == "resumed":
+        seen = event.get("guest_pause")
+        return f"downtime {fmt_seconds(event['downtime'])}" + (
+            f", the guest saw {fmt_seconds(seen)}" if seen is not None else ""
+        )
+    if kind == "done":
+        return (
+            f"{event['mode']} in {fmt_seconds(event['total_seconds'])}, digests {event['digest']}"
+        )
+    if kind == "failed":
+        return f"in {event['phase']}: {event['error']}"
+    if kind == "setup":
+        return f"{event['mode']} of {human_size(event['total_bytes'])}"
+    if kind == "postcopy":
+        return f"{event['remaining_pages']} pages still at the source"
+    if kind == "recovering":
+        return f"the source's connection broke ({event['reason']}); waiting for it"
+    return ""
+
+
+# -- migrate ------------------------------------------------------------------------------
+
+
+@main.command()
+@_control_option
+@click.option("--to", "to", help="The destination: /path, @name or tcp:HOST:PORT.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "flip", "precopy", "postcopy"]),
+    default="auto",
+    show_default=True,
+    help="auto: flip when local and movable, else precopy.",
+)
+@click.option(
+    "--downtime-limit",
+    type=DURATION,
+    default="300ms",
+    show_default=True,
+    help="Longest pause precopy may cause; it switches over at 3/5 of it expected.",
+)
+@click.option(
+    "--max-bandwidth", type=SIZE, default=None, help="Bytes per second (default: no cap)."
+)
+@click.option(
+    "--max-rounds",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Precopy rounds before --on-no-convergence decides.",
+)
+@click.option(
+    "--on-no-convergence",
+    type=click.Choice(["force", "postcopy"]),
+    default="force",
+    show_default=True,
+    help="After --max-rounds: switch over anyway, or go postcopy.",
+)
+@click.option(
+    "--postcopy-after-rounds",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Precopy rounds before a postcopy switchover.",
+)
+@click.option("--compress", type=click.IntRange(1, 22), default=None, help="zstd level (TCP).")
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="Longest wait for the destination: to connect, in each phase, and after the "
+    "commit point for a broken postcopy to be taken up again (--resume).",
+)
+@click.option(
+    "--keep-source-on-loss",
+    is_flag=True,
+    help="If the destination fails after the commit point, keep the source's paused copy "
+    "(status and verify call it stale) instead of dropping it.",
+)
+@click.option(
+    "--resume",
+    "resume",
+    is_flag=True,
+    help="Take up the postcopy at --control whose connection broke (--to: a new address).",
+)
+@_auth_options
+@click.option("--json", "as_json", is_flag=True, help="Print every event as a JSON line.")
+def migrate(
+    control: str,
+    to: str | None,
+    mode: str,
+    downtime_limit: float,
+    max_bandwidth: int | None,
+    max_rounds: int,
+    on_no_convergence: str,
+    postcopy_after_rounds: int,
+    compress: int | None,
+    timeout: float,
+    keep_source_on_loss: bool,
+    resume: bool,
+    key_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    insecure: bool,
+    as_json: bool,
+) -> None:
+    """Migrate the guest served at --control to the destination at --to.
+
+    Prints a live progress display (or JSON lines with --json) and ends with the report:
+    total time, downtime (the engine's and the guest's own), bytes on the wire, pages moved,
+    copied and zero per region, rounds, postcopy fault times. Ctrl-C or SIGTERM cancels a
+    migration before its commit point: the guest runs on at the source. Exit status 1: it
+    failed before the commit point (the guest runs on the source, intact); 3: after it
+    (the guest is lost).
+    """
+    from ..migration.host import ControlClient
+
+    if to is None and not resume:
+        raise click.UsageError("give --to (the destination), or --resume")
+    if to is not None:
+        from ..transport import Address
+
+        Address.parse(to)  # a bad address is refused here, not in the host
+    options: dict[str, Any] = {
+        "mode": mode,
+        "downtime_limit": downtime_limit,
+        "max_bandwidth": max_bandwidth,
+        "max_rounds": max_rounds,
+        "on_no_convergence": on_no_convergence,
+        "postcopy_after_rounds": postcopy_after_rounds,
+        "compress": compress,
+        "timeout": timeout,
+        "keep_source_on_loss": keep_source_on_loss,
+        "wait": CONTROL_WAIT + timeout,
+    }
+    auth = _auth_dict(
+        key_file=key_file, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure
+    )
+    if auth is not None:
+        options["auth"] = auth
+    if resume:
+        options = {"resume": True}
+    last: dict[str, Any] = {}
+    with ControlClient(control, timeout=10, wait=CONTROL_WAIT) as client:
+        events = _cancel_on_interrupt(client.migrate(to, **options), control)
+        if as_json:
+            for event in events:
+                click.echo(json.dumps(event, allow_nan=False))
+                sys.stdout.flush()
+                last = event
+        else:
+            from ..display import MigrationDisplay, summary_table
+
+            title = f"{control} -> {to}" if to else f"{control}: resuming"
+            with MigrationDisplay(stderr_console(), title=title) as view:
+                for event in events:
+                    view.event(event)
+                    last = event
+            if view.done is not None:
+                Console().print(summary_table([(view.done["mode"], view.done)], "migration"))
+    _outcome(last)
+
+
+def _cancel_on_interrupt(events: Any, control: str) -> Any:
+    """The migration's events; on SIGINT/SIGTERM, ask the host to cancel (once) and go on
+    reading until it says how the migration ended."""
+    from ..migration.host import ControlClient
+
+    cancelled: Interrupted | KeyboardInterrupt | None = None
+    iterator = iter(events)
+    while True:
+        try:
+            event = next(iterator)
+        except StopIteration:
+            return
+        except KeyboardInterrupt as err:
+            if cancelled is not None:
+                raise  # a second signal: stop waiting
+            cancelled = err
+            try:
+                with ControlClient(control, timeout=5) as other:
+                    other.request("cancel")
+            except (OSError, PageflipError) as why:
+                click.echo(f"could not cancel: {one_line(why)}", err=True)
+                raise err from None
+            continue
+        yield event
+        if cancelled is not None and event.get("event") in ("done", "failed"):
+            if event.get("event") == "failed" and event.get("guest") == "source":
+                raise cancelled
+            return
+
+
+def _outcome(last: dict[str, Any]) -> None:
+    """The exit status from the last event: 0 done, 1 failed (guest on the source), 3 lost."""
+    if last.get("event") == "failed":
+        lost = last.get("guest") == "lost"
+        where = (
+            "the guest is lost"
+            + (" (the source keeps a stale, paused copy)" if last.get("stale_copy") else "")
+            if lost
+            else "the guest runs on the source"
+        )
+        click.echo(
+            f"{'GuestLost' if lost else 'MigrationError'}: failed in phase {last['phase']} "
+            f"({last['error_type']}: {' '.join(str(last['error']).split())}); {where}",
+            err=True,
+        )
+        sys.exit(EXIT_LOST if lost else EXIT_FAILED)
+    if last.get("event") != "done":
+        click.echo("MigrationError: the host ended the migration without a report", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+# -- status, verify, stop, cancel ---------------------------------------------------------
+
+
+@main.command()
+@_control_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(control: str, as_json: bool) -> None:
+    """Show the status of the guest at --control (or what its host is doing)."""
+    from ..migration.host import ControlClient
+
+    with ControlClient(control, timeout=5) as client:
+        answer = client.request("status")
+    if as_json:
+        click.echo(json.dumps(answer, allow_nan=False))
+        return
+    table = Table(title=f"guest at {control} (pid {answer['pid']}): {answer['host']}")
+    table.add_column("")
+    table.add_column("")
+    for key, value in answer["status"].items():
+        table.add_row(escape(str(key)), escape(_plain(value)))
+    Console().print(table)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_plain(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@main.command()
+@_control_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def verify(control: str, as_json: bool) -> None:
+    """Ask the guest at --control to check its memory; exit 1 if it found a problem."""
+    from ..display import fmt_seconds
+    from ..migration.host import ControlClient
+
+    with ControlClient(control, timeout=None, wait=CONTROL_WAIT) as client:
+        report = client.request("verify")["report"]
+    if as_json:
+        click.echo(json.dumps(report, allow_nan=False))
+    else:
+        verdict = "[green]ok[/]" if report["ok"] else "[red]PROBLEMS[/]"
+        seen = report.get("observed_pause")
+        Console().print(
+            f"{verdict}: {report['pages_checked']} pages checked, {report['pages_skipped']} "
+            f"skipped (being written), in {report['seconds']:.2f} s"
+            + (f"; the last pause the guest saw: {fmt_seconds(seen)}" if seen is not None else "")
+        )
+        for problem in report["problems"]:
+            Console().print(f"  [red]-[/] {escape(problem)}")
+    if not report["ok"]:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@_control_option
+def stop(control: str) -> None:
+    """Stop the guest at --control (its host process exits)."""
+    from ..migration.host import ControlClient
+
+    with ControlClient(control, timeout=10) as client:
+        client.request("quit")
+
+
+@main.command()
+@_control_option
+def cancel(control: str) -> None:
+    """Cancel the migration running at --control (before its commit point: the guest runs on
+    at the source)."""
+    from ..migration.host import ControlClient
+
+    with ControlClient(control, timeout=10) as client:
+        client.request("cancel")

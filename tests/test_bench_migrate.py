@@ -142,7 +142,9 @@ def test_peak_memory_is_measured_for_both_processes(matrix: dict[str, Any]) -> N
     for run in matrix["runs"]:
         memory = run["memory"]
         assert memory["peak"] > 0
-        assert memory["guest_bytes"] == run["guest_bytes"] > run["size"]  # ram + journal
+        # ram + journal + heartbeat
+        assert memory["guest_bytes"] == run["guest_bytes"] > run["size"]
+        assert list(run["regions"]) == ["ram", "journal", "heartbeat"]
         assert memory["ratio"] == pytest.approx(memory["peak"] / run["guest_bytes"])
         baseline = memory["baseline"]
         assert set(baseline["by_role"]) == {"source", "destination"}
@@ -164,6 +166,29 @@ def test_events_carry_the_timing(matrix: dict[str, Any]) -> None:
         assert run["write_rate"] >= 0
         if run["rate"] == 0:
             assert run["write_rate"] == 0
+
+
+def test_the_pause_the_guest_saw_stands_beside_the_downtime(matrix: dict[str, Any]) -> None:
+    """Each run keeps the guest's own figure (source's done event, destination's resumed
+    event: the same GUEST_PAUSE), and the cells, the Markdown and the JSON show it."""
+    for run in matrix["runs"]:
+        assert "guest_pause" in run and "guest_pause_destination" in run
+        assert run["guest_pause"] == run["done"]["guest_pause"]
+        resumed = [e for e in run["destination_events"] if e["event"] == "resumed"]
+        assert len(resumed) == 1
+        assert run["guest_pause_destination"] == resumed[0]["guest_pause"]
+        for key in ("guest_pause", "guest_pause_destination"):
+            assert run[key] is None or run[key] > 0, (key, run[key])
+        if run["guest_pause"] is not None and run["guest_pause_destination"] is not None:
+            assert run["guest_pause"] == run["guest_pause_destination"]
+    assert any(run["guest_pause"] is not None for run in matrix["runs"])
+    for cell in matrix["cells"]:
+        assert "guest_pause" in cell and "guest_pause_max" in cell
+    columns = list(bench_migrate.COLUMNS)
+    assert columns.index("guest saw") == columns.index("downtime") + 1
+    text = bench_migrate.markdown_table(matrix)
+    assert "| downtime | guest saw |" in text
+    assert "guest saw: the pause the guest measured itself" in matrix["notes"]["clock"]
 
 
 def test_the_order_is_interleaved_and_stated(matrix: dict[str, Any]) -> None:
@@ -294,6 +319,8 @@ def test_cli_writes_json_output_and_plot(tmp_path: Path) -> None:
     assert json.loads(output.read_text()) == data
     assert data["config"]["downtime_limit"] == pytest.approx(0.2)
     assert data["config"]["rates"] == [0, 8 * MiB]
+    assert all("guest_pause" in r for r in data["runs"])
+    assert all("guest_pause" in c for c in data["cells"])
     assert sorted((r["rate"], r["mode"]) for r in data["runs"]) == [
         (0, "flip"),
         (0, "postcopy"),

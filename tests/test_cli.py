@@ -1,4 +1,5 @@
-"""The ``pageflip`` command: probe, bench handoff and demo, run in-process with CliRunner.
+"""The ``pageflip`` command: probe, bench handoff and demo, run in-process with CliRunner;
+and the help of every option of every command.
 
 These tests check what the commands say and that their JSON is complete and consistent (the
 move row moved, copy rows copied); they never assert on timings. Each run uses a few MiB.
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -110,6 +112,55 @@ def test_probe_json_lists_every_feature(runner: CliRunner) -> None:
         assert isinstance(feature["available"], bool)
         assert feature["detail"] and feature["purpose"]
     assert report["kernel"] and report["machine"]
+
+
+def test_probe_json_is_one_compact_line(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["probe", "--json"])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line) == pageflip.probe().as_dict()
+    assert '", "' not in line  # compact separators
+
+
+def test_probe_table_names_the_seals(runner: CliRunner) -> None:
+    if not pageflip.probe()["memfd_seals"].available:
+        pytest.skip("no memfd seals here")
+    result = runner.invoke(main, ["probe"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "seals SHRINK|GROW" in result.stdout
+    assert "<Seal" not in result.stdout
+
+
+# -- help -------------------------------------------------------------------------------------
+
+
+def _commands(
+    command: click.Command, path: str = "pageflip"
+) -> Iterator[tuple[str, click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, f"{path} {name}")
+
+
+def test_every_command_and_option_has_help() -> None:
+    missing = []
+    for path, command in _commands(main):
+        if not (command.help or "").strip():
+            missing.append(f"{path}: no docstring")
+        with click.Context(command, info_name=path) as ctx:
+            for param in command.get_params(ctx):
+                if isinstance(param, click.Option) and not (param.help or "").strip():
+                    missing.append(f"{path} {'/'.join(param.opts)}: no help")
+    assert missing == []
+
+
+def test_every_command_shows_its_help(runner: CliRunner) -> None:
+    for path, _ in _commands(main):
+        args = path.split()[1:]
+        result = runner.invoke(main, [*args, "--help"], terminal_width=120)
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage:" in result.stdout
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -219,6 +270,17 @@ def test_bench_handoff_move_moved_and_copies_copied(
             assert row["fraction_of_memcpy"] > 0
         elif not method.pageflip:
             assert row["pages_moved"] is None and row["transfers"] == [None]
+
+
+def test_bench_handoff_json_is_strict(handoff_4m: tuple[dict[str, Any], Path, str]) -> None:
+    """No NaN or Infinity (which json.loads would have read back as floats)."""
+    data, out, _ = handoff_4m
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    assert json.loads(out.read_text(), parse_constant=refuse) == data
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
 def test_bench_handoff_writes_the_same_json_to_output(

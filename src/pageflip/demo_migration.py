@@ -29,7 +29,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from .bench import human_size
-from .display import MigrationDisplay, summary_table
+from .display import MigrationDisplay, fmt_seconds, summary_table
 from .errors import MigrationError, PageflipError, StateError
 from .memory import PAGE_SIZE
 from .migration.host import ControlClient
@@ -38,6 +38,8 @@ __all__ = ["run_migration_demo"]
 
 #: Longest wait for a process to say it is ready (filling 1 GiB of cold memory is slow).
 READY_TIMEOUT = 300.0
+#: Longest wait for the last host to exit after it was asked to quit.
+QUIT_WAIT = 10.0
 
 
 class _Host:
@@ -173,11 +175,15 @@ def run_migration_demo(size: int, dirty_rate: int, console: Console) -> bool:
         if len(results) == 2:
             flip, precopy = results[0][1], results[1][1]
             console.print(
-                f"flip paused the guest for {flip['downtime'] * 1e3:.2f} ms and put "
-                f"{flip['bytes_on_wire']} bytes on the wire; precopy paused it for "
-                f"{precopy['downtime'] * 1e3:.1f} ms after copying "
+                f"flip paused the guest for {fmt_seconds(flip.get('downtime'))} (it saw "
+                f"{fmt_seconds(flip.get('guest_pause'))}) and put {flip['bytes_on_wire']} bytes "
+                f"on the wire; precopy paused it for {fmt_seconds(precopy.get('downtime'))} (it "
+                f"saw {fmt_seconds(precopy.get('guest_pause'))}) after copying "
                 f"{human_size(precopy['pages_copied'] * PAGE_SIZE)} in {precopy['rounds']} rounds."
             )
         with contextlib.suppress(PageflipError, OSError), ControlClient(sockets["c"]) as c:
             c.request("quit")
+        # Let the last host exit of its own accord, rather than be terminated (and say so).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            hosts[-1].proc.wait(QUIT_WAIT)
         return ok and len(results) == 2

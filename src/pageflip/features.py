@@ -41,7 +41,7 @@ class ProbeReport(Mapping[str, Feature]):
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), allow_nan=False)
+        return json.dumps(self.as_dict(), separators=(",", ":"), allow_nan=False)
 
 
 _lock = threading.Lock()

@@ -81,7 +81,7 @@ def scan(
                 raise os_error(
                     err,
                     f"ioctl(fd={pagemap_fd}, PAGEMAP_SCAN, start={pos:#x}, end={end:#x}, "
-                    f"flags={flags!r})",
+                    f"flags={PmScan(flags).name})",
                 )
         if n:
             chunk = vec[:n].copy()

@@ -96,7 +96,7 @@ def _check_memfd() -> str:
         seals = _mm.get_seals(fd)
         if not seals & Seal.SHRINK:
             raise OSError(errno.EINVAL, "F_SEAL_SHRINK did not stick")
-        return f"seals {seals!r}"
+        return f"seals {seals.name}"
     finally:
         os.close(fd)
 

@@ -273,7 +273,7 @@ def enabling_settings() -> str:
 def api(fd: int, features: UffdFeature) -> tuple[UffdFeature, int]:
     """UFFDIO_API: enable ``features``; returns (features the kernel has, ioctls bitmask)."""
     arg = UffdioApi(api=UFFD_API, features=int(features))
-    _call(fd, "UFFDIO_API", UFFDIO_API, arg, f"features={int(features):#x}")
+    _call(fd, "UFFDIO_API", UFFDIO_API, arg, f"features={UffdFeature(features).name}")
     return UffdFeature(arg.features), int(arg.ioctls)
 
 
@@ -284,7 +284,7 @@ def _span(start: int, length: int) -> str:
 def register(fd: int, start: int, length: int, mode: UffdRegister) -> int:
     """UFFDIO_REGISTER a range; returns the ioctls allowed on it (bitmask)."""
     arg = UffdioRegister(range=UffdioRange(start, length), mode=int(mode))
-    _call(fd, "UFFDIO_REGISTER", UFFDIO_REGISTER, arg, f"{_span(start, length)}, mode={mode!r}")
+    _call(fd, "UFFDIO_REGISTER", UFFDIO_REGISTER, arg, f"{_span(start, length)}, mode={mode.name}")
     return int(arg.ioctls)
 
 

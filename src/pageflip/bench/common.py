@@ -1,8 +1,9 @@
-"""What the benchmarks share: their error, their clock, the machine they ran on, and the
-Markdown table of speed targets."""
+"""What the benchmarks share: their error, their clock, the machine they ran on, strict JSON
+(:func:`finite`), and the Markdown table of speed targets."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 from .. import __version__
 from .._sys.procfs import procfs_path
 
-__all__ = ["BenchmarkError", "machine", "markdown_targets", "now"]
+__all__ = ["BenchmarkError", "finite", "machine", "markdown_targets", "now"]
 
 
 class BenchmarkError(RuntimeError):
@@ -26,6 +27,18 @@ class BenchmarkError(RuntimeError):
 def now() -> float:
     """CLOCK_MONOTONIC: one clock for every process of a run."""
     return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (numpy's too) replaced by None, through
+    dicts, lists and tuples: JSON has neither, and a result must pass ``allow_nan=False``."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _read(path: str) -> str | None:

@@ -62,7 +62,7 @@ from .._sys.procfs import proc
 from ..errors import FeatureUnavailable, PageflipError
 from ..memory import PAGE_SIZE, Region
 from . import format_size, human_size
-from .common import BenchmarkError, machine, markdown_targets, now
+from .common import BenchmarkError, finite, machine, markdown_targets, now
 
 __all__ = [
     "DEFAULT_RATES",
@@ -168,8 +168,11 @@ PEAK = (
 )
 CLOCK = (
     "downtime: the source's pause until the destination's resume (the source's DoneEvent); "
-    "total: the source's Source.run() start until done; switchover to running: the source's "
-    "switchover event until the destination's resumed event, both stamped with "
+    "guest saw: the pause the guest measured itself, the longest gap in its own heartbeat "
+    "around the migration (the DoneEvent's guest_pause; the destination's resumed event "
+    "gives the same figure, kept as guest_pause_destination; '-' when the guest could not "
+    "tell); total: the source's Source.run() start until done; switchover to running: the "
+    "source's switchover event until the destination's resumed event, both stamped with "
     "CLOCK_MONOTONIC (system-wide)"
 )
 
@@ -696,6 +699,8 @@ def _record(
         "mode_run": done["mode"],
         "total_seconds": done["total_seconds"],
         "downtime": done["downtime"],
+        "guest_pause": done.get("guest_pause"),
+        "guest_pause_destination": dst_resumed.get("guest_pause") if dst_resumed else None,
         "expected_downtime": switchover["expected_downtime"] if switchover else None,
         "switchover_reason": switchover["reason"] if switchover else None,
         "switchover_to_running": switch_to_running,
@@ -872,6 +877,11 @@ def _cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "total_seconds": _median(r["total_seconds"] for r in rs),
                 "downtime": _median(r["downtime"] for r in rs),
                 "downtime_max": max(r["downtime"] for r in rs),
+                "guest_pause": _median(r.get("guest_pause") for r in rs),
+                "guest_pause_max": max(
+                    (r["guest_pause"] for r in rs if r.get("guest_pause") is not None),
+                    default=None,
+                ),
                 "expected_downtime": _median(r["expected_downtime"] for r in rs),
                 "switchover_to_running": _median(r["switchover_to_running"] for r in rs),
                 "bytes_on_wire": _median(r["bytes_on_wire"] for r in rs),
@@ -892,17 +902,6 @@ def _cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return cells
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every infinite or NaN float replaced by None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _results(
@@ -936,8 +935,9 @@ def _results(
         "notes": {
             "clock": CLOCK,
             "peak": PEAK.format(interval=config.sample_interval, share=PSS_SHARE),
-            "guest_memory": "guest memory = the workload's regions: ram + journal (4 bytes "
-            "per page of ram, rounded up to a page)",
+            "guest_memory": "guest memory = the workload's regions: ram, journal (4 bytes "
+            "per page of ram, rounded up to a page) and heartbeat (one page); each run's "
+            "'regions' gives their sizes and its done event's 'regions' the pages of each",
             "write_rate": "the workload's own count of bytes written over the last second, "
             "read just before Source.run()",
             "statistic": f"median of {config.repeat} repeat(s) per (size, rate, mode)",
@@ -962,15 +962,15 @@ def _results(
         "qemu_reference": [dict(r) for r in QEMU_REFERENCE],
     }
     result["targets"] = _targets(result)
-    finite: dict[str, Any] = _finite(result)
-    return finite
+    strict: dict[str, Any] = finite(result)
+    return strict
 
 
 # -- targets ------------------------------------------------------------------------------------
 
 
 def _ms(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     ms = seconds * 1e3
     if ms < 10:
@@ -1170,6 +1170,7 @@ COLUMNS = (
     "writes measured",
     "total",
     "downtime",
+    "guest saw",
     "expected",
     "switchover to running",
     "on the wire",
@@ -1185,7 +1186,7 @@ COLUMNS = (
 
 
 def _count(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0f}"
 
 
 def cell_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -1194,7 +1195,10 @@ def cell_rows(result: dict[str, Any]) -> list[list[str]]:
     for c in result["cells"]:
         faults = "-"
         if c["mode"] == "postcopy" and c["faults"] is not None:
-            faults = f"{c['faults']:.0f}, {c['fault_median_us']:.0f} / {c['fault_p99_us']:.0f} us"
+            faults = (
+                f"{_count(c['faults'])}, {_count(c['fault_median_us'])} / "
+                f"{_count(c['fault_p99_us'])} us"
+            )
         rows.append(
             [
                 c["size_label"],
@@ -1203,10 +1207,12 @@ def cell_rows(result: dict[str, Any]) -> list[list[str]]:
                 "-" if c["write_rate"] is None else f"{human_size(c['write_rate'])}/s",
                 _ms(c["total_seconds"]),
                 _ms(c["downtime"]),
+                _ms(c.get("guest_pause")),
                 _ms(c["expected_downtime"]) if c["mode"] == "precopy" else "-",
                 _ms(c["switchover_to_running"]),
                 human_size(c["bytes_on_wire"] or 0),
-                f"{human_size(c['peak'] or 0)} ({c['ratio']:.2f}x)",
+                f"{human_size(c['peak'] or 0)} "
+                + ("(-)" if c["ratio"] is None else f"({c['ratio']:.2f}x)"),
                 human_size(c["added"] or 0),
                 human_size(c["peak_rss"] or 0),
                 _count(c["rounds"]),

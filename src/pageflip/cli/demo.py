@@ -12,7 +12,13 @@ from ._base import SIZE, main
 
 @main.group(invoke_without_command=True)
 @click.option("--size", type=SIZE, default="1G", show_default=True, help="Guest memory.")
-@click.option("--dirty-rate", type=SIZE, default="256M", show_default=True)
+@click.option(
+    "--dirty-rate",
+    type=SIZE,
+    default="256M",
+    show_default=True,
+    help="Bytes per second the workload's threads rewrite while it migrates.",
+)
 @click.pass_context
 def demo(ctx: click.Context, size: int, dirty_rate: int) -> None:
     """Migrate a running 1 GiB workload twice: by flip, then by precopy, each verified.

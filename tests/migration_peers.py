@@ -75,6 +75,16 @@ def source(
             return original(self, event, phase)
 
         Link.send = corrupting  # type: ignore[method-assign]
+    if fault == "kill-after-commit":
+        sending = Link.send
+
+        def dying(self: Link, event: Any, phase: str) -> int:
+            sent = sending(self, event, phase)
+            if type(event).__name__ == "Commit":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return sent
+
+        Link.send = dying  # type: ignore[method-assign]
     if fault == "corrupt-frame-header":
         original_send = Link.send
 

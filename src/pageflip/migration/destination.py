@@ -18,6 +18,7 @@ is stopped: the missing pages are marked, never left to read as zeros.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -58,7 +59,7 @@ from ..memory import Memfd, Region, check_peer_memfd
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
-from .digests import PageDigests, sample_digest
+from .digests import PageDigests, region_digest, sample_digest
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -69,7 +70,7 @@ from .events import (
     SetupEvent,
 )
 from .link import Link, ProcessWatch
-from .pager import PagerLink, present_pages
+from .pager import Ledger, PagerLink, present_pages
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
@@ -79,8 +80,15 @@ log = logging.getLogger("pageflip.migration")
 FLIP_SPIN = 0.25
 #: Seconds to wait for the guest's own figure of its pause after resuming it.
 GUEST_PAUSE_WAIT = 0.5
+#: Seconds a source whose connection closed has to count as exited (a process being killed
+#: closes its sockets before its exit shows) before we take it for alive.
+SOURCE_EXIT_GRACE = 1.0
 #: New pagers started when one dies or hangs after the commit point, before giving up.
 PAGER_RESTARTS = 3
+#: Environment variables that size the thread pools of numpy's BLAS.
+_BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Seconds of silence after which a pager that has pages to bring counts as hung.
+PAGER_SILENCE = 5.0
 #: Seconds between the postcopy progress frames sent to the source.
 PROGRESS_EVERY = 0.25
 
@@ -262,7 +270,12 @@ class Destination:
         self._flip_samples: dict[int, stream.FlipRegion] = {}
         self._remaining: int | None = None
         self._kept_digests: list[npt.NDArray[np.uint64]] = []
+        #: Postcopy: what the pagers installed, shared with them (see pager.Ledger).
+        self._ledger: Ledger | None = None
+        self._ledger_fd = -1
         self._gc = GcPause()
+        self._downtime = 0.0
+        self._pause: float | None = None
         self.done: dict[str, object] | None = None
         #: The pager's report after a postcopy (fault times, pages, digests).
         self.postcopy: dict[str, Any] | None = None
@@ -691,7 +704,7 @@ class Destination:
             self.link.expect((stream.Commit,), "prepared", self.timeout, FLIP_SPIN)
             return True
         except PeerClosed as err:
-            if self._peer is None or self._peer.alive():
+            if self._peer is None or self._peer.alive(grace=SOURCE_EXIT_GRACE):
                 raise  # it may have resumed the guest itself: ours is not the guest
             # A source resumes its copy only after saying ABORT: one that died without a
             # word never ran the guest after its pause. What we hold is the guest.
@@ -709,7 +722,7 @@ class Destination:
         assert self._pager is not None
         deadline = time.monotonic() + (self.timeout or 60.0)
         while time.monotonic() < deadline:
-            message = self._pager_message(deadline - time.monotonic())
+            message = self._pager_message(max(deadline - time.monotonic(), 0.001))
             if message is None:
                 return False
             if "complete" in message:
@@ -749,24 +762,48 @@ class Destination:
                 self.link.send(stream.GuestPause(pause), "resumed")
         else:
             self.link.close()
+        self._downtime, self._pause = downtime, pause
         self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=pause))
 
     def _await_done(self) -> None:
-        """The guest runs here: wait (bounded) for the source's DONE with its figures."""
+        """The guest runs here: wait (bounded) for the source's DONE with its figures. A late
+        POSTCOPY_END (from a source that was stalled) is passed over: we answered already.
+        Without the source's DONE (it left, or stayed silent), the report is our own."""
         link = self.link
-        if not link.closed:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        stats: dict[str, Any] | None = None
+        while not link.closed:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             try:
-                event = link.recv("running", self.timeout)
+                event = link.recv("running", left)
             except (PageflipError, OSError) as err:
                 log.info("the source left after RESUMED (%s); the guest keeps running here", err)
-                event = None
-            link.close()
+                break
             if isinstance(event, stream.Done):
-                self.done = dict(event.stats)
-                self._emit(_done_event(self._t(), event.stats))
+                stats = self.done = dict(event.stats)
+                break
+        link.close()
+        self._emit(self._done_event(stats))
         if self.phase is DestinationPhase.POSTCOPY:
             self._phases.advance(DestinationPhase.RUNNING)
         self._phases.advance(DestinationPhase.DONE)
+
+    def _done_event(self, stats: dict[str, Any] | None) -> DoneEvent:
+        """The report: the source's figures, with what we checked ourselves."""
+        assert self._setup is not None
+        mode = stream.Mode(self._setup.mode)
+        if self.postcopy is not None:
+            digest = str(self.postcopy.get("digests", "verified"))
+        else:
+            digest = "identity" if mode is stream.Mode.FLIP else "verified"
+        if stats is None:
+            stats = {
+                "mode": "postcopy" if self.postcopy is not None else mode.name.lower(),
+                "total_seconds": self._t(),
+                "downtime": self._downtime,
+                "details": {"source": "left before its DONE: these are the destination's figures"},
+            }
+        return _done_event(self._t(), {**stats, "digest": digest, "guest_pause": self._pause})
 
     # -- postcopy -------------------------------------------------------------------------
 
@@ -778,6 +815,9 @@ class Destination:
             self._pager_proc = subprocess.Popen(
                 [sys.executable, "-m", "pageflip._pager", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
+                # The pager does no linear algebra: no BLAS thread pools (one thread each
+                # per CPU otherwise), so that its own threads are all it needs.
+                env={**os.environ, **dict.fromkeys(_BLAS_THREADS, "1")},
             )
         except OSError as err:
             ours.close()
@@ -789,19 +829,22 @@ class Destination:
         self._pager = PagerLink(ours)
         message = self._pager_message(self.timeout)
         if message is None or not message.get("ready"):
-            why = (message or {}).get("error", "it exited before it was ready")
+            why = _pager_silence(message, self.timeout)
             raise MigrationError(
-                f"the postcopy pager did not start: {why} (its log is on this process's stderr)",
+                f"the postcopy pager did not start: {why}",
                 phase=self.phase.value,
                 guest="source",
             )
 
     def _pager_message(self, timeout: float | None) -> dict[str, Any] | None:
-        """The pager's next message (fds closed); None if it went away or stayed silent."""
+        """The pager's next message (its fds closed): {} if none came within ``timeout``
+        seconds, None if the pager went away."""
         assert self._pager is not None
         try:
             message, fds = self._pager.recv(timeout=timeout)
-        except (PeerClosed, PeerTimeout, OSError):
+        except PeerTimeout:
+            return {}
+        except (PeerClosed, RemoteProtocolError, OSError):
             return None
         close_all(fds)
         return message
@@ -822,6 +865,7 @@ class Destination:
         if self._uffd >= 0 and not keep_uffd:
             os.close(self._uffd)
             self._uffd = -1
+            self._close_ledger()
 
     def _hand_to_pager(self, guest: Guest, digests: list[npt.NDArray[np.uint64]]) -> None:
         """Register the guest's memory for missing-page faults; the pager serves them."""
@@ -836,6 +880,8 @@ class Destination:
         uffd.api(fd, UffdFeature.MISSING_SHMEM)
         self._kept_digests = digests
         self._initial = []
+        self._ledger_fd = mm.memfd_create("pageflip:postcopy-ledger")
+        self._ledger = Ledger(self._ledger_fd, [r.size // PAGE_SIZE for r in guest.regions])
         for region in guest.regions:
             uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
             (extent,) = region.extents()
@@ -861,11 +907,12 @@ class Destination:
                 }
             )
         self._pager.send(
-            {"start": {"src_pid": self._setup.src_pid, "regions": layout}}, [self._uffd, *memfds]
+            {"start": {"src_pid": self._setup.src_pid, "regions": layout}},
+            [self._uffd, self._ledger_fd, *memfds],
         )
         message = self._pager_message(self.timeout)
         if message is None or "started" not in message:
-            why = (message or {}).get("error", "it went away")
+            why = _pager_silence(message, self.timeout)
             raise MigrationError(
                 f"the postcopy pager did not take the guest's memory: {why}",
                 phase=self.phase.value,
@@ -875,6 +922,8 @@ class Destination:
     def _restart_pager(self, guest: Guest, why: str) -> None:
         """The pager died or hung after the commit point: a new one takes the same uffd."""
         log.error("postcopy pager: %s; starting a new one", why)
+        if self._pager_proc is not None and self._pager_proc.poll() is None:
+            self._pager_proc.kill()  # hung: it would not hear "exit"
         self._stop_pager(keep_uffd=True)
         if self._pager_starts > PAGER_RESTARTS:
             raise self._lost(guest, f"the postcopy pager failed {self._pager_starts} times: {why}")
@@ -897,7 +946,11 @@ class Destination:
             ready = self._wait_postcopy(link)
             pager = self._pager
             if pager is not None and (pager.buffered() or pager.sock.fileno() in ready):
+                st.pager_heard = time.monotonic()
                 self._from_pager(guest, st, link)
+            elif st.report is None and time.monotonic() - st.pager_heard > PAGER_SILENCE:
+                self._restart_pager(guest, f"it said nothing for {PAGER_SILENCE:g} s (hung?)")
+                st.pager_heard = time.monotonic()
             if link is not None and (link.decoder.buffered or link.conn.fileno() in ready):
                 self._from_source(st, link)
             elif link is None and self._listener.fileno() in ready and self._take_recovery():
@@ -922,6 +975,8 @@ class Destination:
         message = self._pager_message(0)
         if message is None:
             self._restart_pager(guest, "it went away")
+        elif not message:
+            return  # only part of a message is in
         elif "progress" in message:
             progress = message["progress"]
             self._remaining = int(progress["remaining"])
@@ -986,7 +1041,7 @@ class Destination:
         return True
 
     def _source_alive(self) -> bool:
-        return self._peer is None or self._peer.alive()
+        return self._peer is None or self._peer.alive(grace=SOURCE_EXIT_GRACE)
 
     def _link_lost(self, err: BaseException) -> float:
         """The source's connection broke after the commit point: go on without it."""
@@ -1055,38 +1110,29 @@ class Destination:
             raise self._lost(guest, f"after postcopy the pages of {', '.join(bad)} differ")
         if theirs is None:
             log.warning("postcopy complete; the final check could not run (no digests)")
-            self._emit(
-                DoneEvent(
-                    self._t(),
-                    mode="postcopy",
-                    total_seconds=self._t(),
-                    downtime=0.0,
-                    bytes_on_wire=0,
-                    pages_moved=0,
-                    pages_copied=0,
-                    pages_zero=0,
-                    pages_requested=int(report.get("fault_pages", 0)),
-                    rounds=0,
-                    digest="unchecked",
-                    details=report,
-                )
-            )
 
     def _merged_digests(self, guest: Guest) -> list[int]:
-        """Region digests: ours for the pages that came in rounds, the pager's for the rest."""
-        assert self._pager is not None
-        memfd = mm.memfd_create("pageflip:digests")
-        try:
-            parts = [d.tobytes() for d in self._kept_digests]
-            parts += [np.packbits(m).tobytes() for m in self._initial]
-            os.pwrite(memfd, b"".join(parts), 0)
-            self._pager.send({"digests": True}, [memfd])
-        finally:
-            os.close(memfd)
-        message = self._pager_message(self.timeout)
-        if message is None or "digests" not in message:
-            raise self._lost(guest, "the pager did not give its digests")
-        return [int(d, 16) for d in message["digests"]]
+        """Region digests: ours for the pages that came in rounds, the pagers' (from the
+        ledger) for the rest."""
+        assert self._ledger is not None
+        out = []
+        for index, initial in enumerate(self._initial):
+            digests, installed = self._ledger.region(index)
+            unknown = int(np.count_nonzero(~initial & (installed == 0)))
+            if unknown:
+                raise self._lost(guest, f"{unknown} pages of region {index} have no digest")
+            merged = np.where(initial, self._kept_digests[index], digests)
+            out.append(region_digest(merged))
+            del digests, installed
+        return out
+
+    def _close_ledger(self) -> None:
+        ledger, self._ledger = self._ledger, None
+        if ledger is not None:
+            ledger.close()
+        if self._ledger_fd >= 0:
+            os.close(self._ledger_fd)
+            self._ledger_fd = -1
 
     def _lost(self, guest: Guest, why: str) -> GuestLost:
         """After the commit point the guest cannot be completed here: stop it, for good.
@@ -1128,6 +1174,15 @@ class Destination:
             peer.close()
 
 
+def _pager_silence(message: dict[str, Any] | None, timeout: float | None) -> str:
+    """Why the pager did not say what we waited for."""
+    if message is None:
+        return "it exited (its log is on this process's stderr)"
+    if not message:
+        return f"it said nothing for {timeout:g} s" if timeout else "it said nothing"
+    return str(message.get("error", f"it said {message!r}"))
+
+
 @dataclass
 class _Followed:
     """What a postcopy destination has seen so far (see Destination._postcopy)."""
@@ -1142,6 +1197,8 @@ class _Followed:
     lost_link_at: float | None = None
     #: When the last progress frame went to the source.
     last_forward: float = 0.0
+    #: When the pager last said something (it reports progress ten times a second).
+    pager_heard: float = dataclasses.field(default_factory=time.monotonic)
 
 
 _NOT_RUNNING = frozenset(
@@ -1170,6 +1227,7 @@ def _done_event(t: float, stats: dict[str, Any]) -> DoneEvent:
         pages_requested=int(stats.get("pages_requested", 0)),
         rounds=int(stats.get("rounds", 0)),
         digest=str(stats.get("digest", "")),
+        details=dict(stats.get("details", {})),
         guest_pause=stats.get("guest_pause"),
         regions=list(stats.get("regions", [])),
     )

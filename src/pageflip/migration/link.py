@@ -175,10 +175,12 @@ class ProcessWatch:
                 return cls(-1)  # it is gone already
             return None
 
-    def alive(self) -> bool:
+    def alive(self, grace: float = 0.0) -> bool:
+        """Whether the process still lives; waits up to ``grace`` seconds for it to end (a
+        killed process closes its sockets a moment before it counts as exited)."""
         if self._fd < 0:
             return False
-        readable, _, _ = select.select([self._fd], [], [], 0)
+        readable, _, _ = select.select([self._fd], [], [], grace)
         return not readable  # a pidfd becomes readable when its process exits
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import mmap
 import os
 import select
 import socket
@@ -49,7 +50,7 @@ from .._sys.flags import Map, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
 from ..errors import PeerClosed, PeerTimeout, RemoteProtocolError
 from ..memory import LOST_PAGE
-from .digests import hash_pages, region_digest
+from .digests import hash_pages
 
 log = logging.getLogger("pageflip.pager")
 
@@ -128,24 +129,54 @@ class PagerLink:
 
 @dataclass
 class PagerRegion:
-    """One registered region, as the pager sees it."""
+    """One registered region, as the pager sees it.
+
+    ``digests`` and ``installed`` are views of memory shared with the destination (see
+    :class:`Ledger`): a page's digest and its installed mark are written there before the
+    page goes in, so that they outlive this pager.
+    """
 
     guest_address: int  # in the destination (guest) process
     src_address: int  # in the source process
     npages: int
     filled: npt.NDArray[np.bool_]
     digests: npt.NDArray[np.uint64]
-    memfd: int = -1  # the region's memfd (for pages an earlier pager installed)
-    fd_offset: int = 0
+    installed: npt.NDArray[np.uint8]
     cursor: int = 0  # next page the background fill looks at
-
-    def __post_init__(self) -> None:
-        #: Pages this pager installed with their data (their digests are in ``digests``).
-        self.installed = np.zeros(self.npages, np.bool_)
 
     @property
     def end(self) -> int:
         return self.guest_address + self.npages * PAGE_SIZE
+
+
+class Ledger:
+    """Per page of every region, in one memfd the destination and its pagers share: the
+    digest of the data a pager installed (u64), then whether it installed it (u8).
+
+    A pager writes both before its UFFDIO_COPY: if it dies between the two, the page is
+    still missing and the next pager installs (and records) it again from the source, which
+    is paused and gives the same bytes. So the record survives any pager, and the digests
+    are those of the pages as they arrived, not as the running guest has changed them since.
+    """
+
+    def __init__(self, fd: int, counts: list[int]) -> None:
+        total = sum(counts)
+        self.size = max(mm.page_round_up(total * 9), PAGE_SIZE)
+        if mm.fstat_size(fd) < self.size:
+            mm.ftruncate(fd, self.size)
+        self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
+        self._digests = np.frombuffer(self._map, np.uint64, count=total)
+        self._installed = np.frombuffer(self._map, np.uint8, count=total, offset=total * 8)
+        self._offsets = np.concatenate(([0], np.cumsum(counts))).astype(int).tolist()
+
+    def region(self, index: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
+        """The digests and installed marks of region ``index`` (views)."""
+        lo, hi = self._offsets[index], self._offsets[index + 1]
+        return self._digests[lo:hi], self._installed[lo:hi]
+
+    def close(self) -> None:
+        del self._digests, self._installed
+        self._map.close()
 
 
 def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:
@@ -332,10 +363,11 @@ class Pager:
         region = self.regions[index]
         nbytes = count * PAGE_SIZE
         if self._read(buffer, region, first, nbytes):
+            # Recorded before the page goes in: see Ledger.
             region.digests[first : first + count] = hash_pages(
                 buffer.view, range(0, nbytes, PAGE_SIZE)
             )
-            region.installed[first : first + count] = True
+            region.installed[first : first + count] = 1
         else:
             for offset in range(0, nbytes, PAGE_SIZE):
                 buffer.view[offset : offset + PAGE_SIZE] = LOST_PAGE
@@ -425,61 +457,20 @@ class Pager:
     def progress(self) -> dict[str, int]:
         return {"remaining": self.remaining, "pushed": self.pushed, "requested": self.requested}
 
-    def merged_digests(self, digest_fd: int) -> list[int]:
-        """Region digests: the destination's for the pages it had when postcopy began, ours
-        for the pages we installed, and for pages an earlier pager installed, read anew.
 
-        ``digest_fd`` holds the destination's page digests (u64, region after region) and
-        then, per region, its bitmap of pages present when postcopy began (np.packbits).
-        """
-        try:
-            raw = os.pread(digest_fd, mm.fstat_size(digest_fd), 0)
-        finally:
-            os.close(digest_fd)
-        total = sum(r.npages for r in self.regions)
-        theirs = np.frombuffer(raw, np.uint64, count=total)
-        offset = total * 8
-        out = []
-        at = 0
-        for region in self.regions:
-            nbits = (region.npages + 7) // 8
-            initial = np.unpackbits(
-                np.frombuffer(raw, np.uint8, count=nbits, offset=offset), count=region.npages
-            ).astype(np.bool_)
-            offset += nbits
-            merged = np.where(initial, theirs[at : at + region.npages], region.digests)
-            others = np.flatnonzero(~initial & ~region.installed)
-            if len(others):
-                merged[others] = _hash_memfd_pages(region, others)
-            out.append(region_digest(merged))
-            at += region.npages
-        return out
-
-
-def _hash_memfd_pages(region: PagerRegion, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-    """The digests of ``pages`` of a region, read from its memfd (installed by a pager
-    before us: every page is present now, so reading allocates nothing)."""
-    out = np.empty(len(pages), np.uint64)
-    for i, page in enumerate(pages.tolist()):
-        data = os.pread(region.memfd, PAGE_SIZE, region.fd_offset + page * PAGE_SIZE)
-        out[i] = hash_pages(memoryview(data), [0])[0]
-    return out
-
-
-def _regions(start: dict[str, Any], memfds: list[int]) -> list[PagerRegion]:
+def _regions(start: dict[str, Any], memfds: list[int], ledger: Ledger) -> list[PagerRegion]:
     regions = []
-    for info, memfd in zip(start["regions"], memfds, strict=True):
+    for index, (info, memfd) in enumerate(zip(start["regions"], memfds, strict=True)):
         npages = int(info["size"]) // PAGE_SIZE
-        offset = int(info.get("fd_offset", 0))
+        digests, installed = ledger.region(index)
         regions.append(
             PagerRegion(
                 guest_address=int(info["guest_address"]),
                 src_address=int(info["src_address"]),
                 npages=npages,
-                filled=present_pages(memfd, npages, offset),
-                digests=np.zeros(npages, np.uint64),
-                memfd=memfd,
-                fd_offset=offset,
+                filled=present_pages(memfd, npages, int(info.get("fd_offset", 0))),
+                digests=digests,
+                installed=installed,
             )
         )
     return regions
@@ -488,17 +479,18 @@ def _regions(start: dict[str, Any], memfds: list[int]) -> list[PagerRegion]:
 def run(link: PagerLink) -> None:
     """The pager process: threads up, ready; take the memory; fill it; report; exit."""
     pager = Pager()
-    uffd_fd = -1
-    memfds: list[int] = []
+    fds: list[int] = []
+    ledger: Ledger | None = None
     try:
         link.send({"ready": True, "pid": os.getpid()})
         message, fds = link.recv()
         if "start" not in message:
-            _fds.close_all(fds)
             return
         start = message["start"]
-        uffd_fd, *memfds = fds
-        pager.start(uffd_fd, int(start["src_pid"]), _regions(start, memfds))
+        uffd_fd, ledger_fd, *memfds = fds
+        counts = [int(r["size"]) // PAGE_SIZE for r in start["regions"]]
+        ledger = Ledger(ledger_fd, counts)
+        pager.start(uffd_fd, int(start["src_pid"]), _regions(start, memfds, ledger))
         link.send({"started": True})
         last = 0.0
         while not pager.wait(0.05):
@@ -514,27 +506,22 @@ def run(link: PagerLink) -> None:
             link.send({"lost": f"{pager.lost_pages} pages never came: {pager.source_gone}"})
         else:
             link.send({"complete": pager.stats()})
-        # The destination merges digests: it sends the ones it kept, gets ours back.
-        while True:
-            message, fds = link.recv(timeout=600)
-            if "digests" in message:
-                (digest_fd,) = fds
-                merged = pager.merged_digests(digest_fd)
-                link.send({"digests": [f"{d:016x}" for d in merged]})
-                continue
-            _fds.close_all(fds)
-            return  # "exit", or anything else
+        while not _exit_asked(link, wait=600):
+            pass
     except (PeerClosed, PeerTimeout):
         pass  # the destination went away: nothing more to serve
     finally:
         pager.close()
-        _fds.close_all([fd for fd in (uffd_fd, *memfds) if fd >= 0])
+        pager.regions = []  # the ledger's views go with them
+        if ledger is not None:
+            ledger.close()
+        _fds.close_all(fds)
 
 
-def _exit_asked(link: PagerLink) -> bool:
-    """Whether the destination said "exit" (or went away) while we work."""
+def _exit_asked(link: PagerLink, wait: float = 0.0) -> bool:
+    """Whether the destination said "exit" (waiting up to ``wait`` seconds for a word)."""
     if not link.buffered():
-        ready, _, _ = select.select([link.sock], [], [], 0)
+        ready, _, _ = select.select([link.sock], [], [], wait)
         if not ready:
             return False
     message, fds = link.recv()

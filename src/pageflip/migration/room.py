@@ -18,6 +18,8 @@ MEMORY_MARGIN = 64 << 20
 #: fds a migration needs besides two per region (sockets, the uffd, the pager's pipes).
 FD_MARGIN = 32
 _CGROUP_ROOT = "/sys/fs/cgroup"
+#: cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages) rather than "max".
+_NO_LIMIT = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,36 +41,44 @@ def _meminfo_available() -> int:
 
 
 def _cgroup_left() -> tuple[int, str] | None:
-    """Bytes the process's cgroup v2 may still charge, and the cgroup; None: no limit."""
+    """Bytes the process's memory cgroup may still charge, and which cgroup limits it; None
+    where no cgroup limits it. cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``
+    of the memory hierarchy) alike; a limit anywhere up the tree applies: the tightest."""
     try:
         with open(proc("self", "cgroup")) as f:
             lines = f.read().splitlines()
     except OSError:
         return None
+    best: tuple[int, str] | None = None
     for line in lines:
-        hierarchy, _, path = line.partition("::")
-        if hierarchy != "0":
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            root, files = _CGROUP_ROOT, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            root, files = (
+                f"{_CGROUP_ROOT}/memory",
+                ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+            )
+        else:
             continue
-        best: tuple[int, str] | None = None
-        # A limit anywhere up the tree applies: take the tightest.
         parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), 0, -1):
+        for depth in range(len(parts), -1, -1):
             group = "/" + "/".join(parts[:depth])
-            base = f"{_CGROUP_ROOT}{group}"
+            base = f"{root}{group}".rstrip("/")
             try:
-                with open(f"{base}/memory.max") as f:
+                with open(f"{base}/{files[0]}") as f:
                     limit = f.read().strip()
-                with open(f"{base}/memory.current") as f:
+                with open(f"{base}/{files[1]}") as f:
                     current = int(f.read())
             except (OSError, ValueError):
                 continue
-            if limit == "max":
+            if limit == "max" or int(limit) >= _NO_LIMIT:
                 continue
             left = max(int(limit) - current, 0)
             if best is None or left < best[0]:
-                best = (left, f"cgroup {group} memory.max")
-        return best
-    return None
+                best = (left, f"cgroup {group} {files[0]}")
+    return best
 
 
 def room() -> Room:

@@ -699,6 +699,7 @@ class Source:
         fault_pages = int(details.get("fault_pages", 0))
         pushed = int(details.get("pushed", 0))
         self._pages_requested = fault_pages
+        self._digest_kind = str(details.get("digests", "verified"))
         for index, sent in enumerate(self._sent):
             self._copied[index] += int(np.count_nonzero(~sent))
         self._emit(
@@ -723,9 +724,16 @@ class Source:
             )
 
     def _postcopy_verdict(self, end: stream.PostcopyEnd) -> stream.Verified:
-        """Send our digests, follow the destination's progress, return its VERIFIED."""
+        """Send our digests, follow the destination's progress, return its VERIFIED.
+
+        A destination that finished on its own (we were silent too long) sent its VERIFIED
+        and may have closed the connection since: what it sent is read all the same.
+        """
         link = self.link
-        link.send(end, "postcopy")
+        try:
+            link.send(end, "postcopy")
+        except PeerClosed:
+            log.info("postcopy: the destination closed the connection; reading what it said")
         while True:
             event = link.expect(
                 (stream.Verified, stream.PostcopyProgress), "postcopy", self.options.timeout
@@ -746,7 +754,7 @@ class Source:
         lives, wait (bounded) for :meth:`recover`; then reconnect and go on."""
         if self._link is not None:
             self._link.close()
-        if self._peer is not None and not self._peer.alive():
+        if self._peer is not None and not self._peer.alive(grace=1.0):
             raise self._lost(
                 PeerClosed(f"the destination process died ({err})", phase="postcopy"),
                 "postcopy",
@@ -996,7 +1004,7 @@ class Source:
             FailedEvent(
                 self._t(),
                 phase=phase,
-                error=str(result),
+                error=str(err) if isinstance(err, PageflipError) else str(result),
                 error_type=type(err).__name__,
                 guest="source",
             )

@@ -1,0 +1,117 @@
+"""Run the real ``pageflip`` command with a failure injected at a named point.
+
+``python tests/cli_inject.py ARGS...`` with ``PAGEFLIP_TEST_FAULTS=name[,name...]`` in the
+environment: the faults are installed by patching the engine in this process (the
+workload's, or incoming's), then ``pageflip.cli.main(ARGS)`` runs as the console script
+would. Each fault really happens: a process stops (SIGSTOP) or dies (SIGKILL) at that
+point, a socket is shut down in the kernel, or a call raises.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pageflip import stream
+from pageflip.guests import BadGuestState, Workload
+from pageflip.migration.destination import Destination
+from pageflip.migration.link import Link
+from pageflip.migration.source import Source
+
+
+def _stop_self() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _before(cls: type[Any], name: str, action: Callable[[Any], None]) -> None:
+    """Run ``action(self)`` at the start of ``cls.name``, then the method itself."""
+    original = getattr(cls, name)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        action(self)
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, patched)
+
+
+def _restore_fails(cls: type[Workload], regions: Any, state: bytes) -> Workload:
+    raise BadGuestState("injected: the state cannot be loaded", kind="workload", field="state")
+
+
+def _resume_fails_after_restore(self: Workload) -> float:
+    raise RuntimeError("injected: resuming failed")
+
+
+def _kill_after_commit(self: Link, event: Any, phase: str) -> int:
+    sent = _send(self, event, phase)
+    if isinstance(event, stream.Commit):
+        _kill_self()
+    return sent
+
+
+def _cut(self: Source) -> None:
+    """Shut the connection down in the kernel: both processes live, the link is gone."""
+    self.link.conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _kill_pager(self: Destination, *args: Any) -> None:
+    """Kill the postcopy pager (our child) right after the guest resumed."""
+    proc = self._pager_proc
+    if proc is not None:
+        proc.kill()
+        proc.wait()
+
+
+def _stop_at_round_end(self: Link, event: Any, phase: str) -> int:
+    if isinstance(event, stream.RoundAck):
+        _stop_self()
+    return _send(self, event, phase)
+
+
+_send = Link.send
+_resume = Workload.resume
+
+
+def _resume_unless_restored(self: Workload) -> float:
+    if self.migrations > 0:
+        return _resume_fails_after_restore(self)
+    return _resume(self)
+
+
+FAULTS: dict[str, Callable[[], None]] = {
+    # the destination (pageflip incoming)
+    "dest-restore-fails": lambda: setattr(Workload, "restore", classmethod(_restore_fails)),
+    "dest-resume-fails": lambda: setattr(Workload, "resume", _resume_unless_restored),
+    "dest-stop-in-setup": lambda: _before(Destination, "_handshake", lambda s: _stop_self()),
+    "dest-stop-at-round-end": lambda: setattr(Link, "send", _stop_at_round_end),
+    "dest-stop-before-prepared": lambda: _before(
+        Destination, "_verify_and_prepare", lambda s: _stop_self()
+    ),
+    "dest-kill-after-commit": lambda: _before(Destination, "_resume", lambda s: _kill_self()),
+    "dest-kill-pager-after-resume": lambda: _before(Destination, "_postcopy", _kill_pager),
+    # the source (pageflip workload)
+    "src-stop-before-prepared": lambda: _before(Source, "_await_prepared", lambda s: _stop_self()),
+    "src-stop-after-commit": lambda: _before(Source, "_finish", lambda s: _stop_self()),
+    "src-kill-after-commit": lambda: setattr(Link, "send", _kill_after_commit),
+    "src-cut-in-postcopy": lambda: _before(Source, "_postcopy_finish", _cut),
+}
+
+
+def main() -> None:
+    for name in filter(None, os.environ.get("PAGEFLIP_TEST_FAULTS", "").split(",")):
+        FAULTS[name]()
+    from pageflip.cli import main as pageflip
+
+    sys.exit(pageflip(sys.argv[1:], prog_name="pageflip"))
+
+
+if __name__ == "__main__":
+    main()

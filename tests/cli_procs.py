@@ -1,0 +1,188 @@
+"""Real ``pageflip`` processes for the tests: hosts that print JSON lines, one-shot commands,
+and faults injected through tests/cli_inject.py. Every process started here is ended by its
+PID when the test ends (the ``hosts`` fixture), also when the test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PAGEFLIP = [sys.executable, "-m", "pageflip"]
+#: In the environment of every process started here (and of their children, such as the
+#: postcopy pager), so that a test finds its own among the machine's processes.
+TAG = f"pageflip-test-{os.getpid()}"
+INJECT = [sys.executable, str(Path(__file__).with_name("cli_inject.py"))]
+
+
+class Host:
+    """A long-running pageflip process (workload, incoming) whose stdout is JSON lines."""
+
+    def __init__(self, *args: str, faults: str = "", stderr_to: Path | None = None) -> None:
+        env = dict(os.environ)
+        env["PAGEFLIP_TEST_TAG"] = TAG
+        if faults:
+            env["PAGEFLIP_TEST_FAULTS"] = faults
+        command = [*(INJECT if faults else PAGEFLIP), *args, "--json"]
+        self._stderr_file = open(stderr_to, "w") if stderr_to else None  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr_file if self._stderr_file is not None else subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stderr_path = stderr_to
+        self._stderr_text: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            self._lines.put(message)
+        self._lines.put(None)
+
+    def wait_for(self, kind: str, timeout: float = 120, **match: Any) -> dict[str, Any]:
+        """The next event of ``kind`` (with the fields in ``match``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind} event in {timeout} s; saw {self.kinds()}")
+            try:
+                message = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if message is None:
+                self._lines.put(None)
+                raise AssertionError(
+                    f"exited ({self.proc.wait()}) before {kind}; saw {self.kinds()}: "
+                    f"{self.stderr()}"
+                )
+            self.events.append(message)
+            if message.get("event") == kind and all(message.get(k) == v for k, v in match.items()):
+                return message
+
+    def drain(self) -> None:
+        """Take in every event printed so far."""
+        while True:
+            try:
+                message = self._lines.get_nowait()
+            except queue.Empty:
+                return
+            if message is None:
+                self._lines.put(None)
+                return
+            self.events.append(message)
+
+    def kinds(self) -> list[str]:
+        return [str(e.get("event")) for e in self.events]
+
+    def stderr(self) -> str:
+        """What the process wrote on stderr (once it has exited)."""
+        if self.proc.poll() is None:
+            return ""
+        if self.stderr_path is not None:
+            return self.stderr_path.read_text()
+        if self._stderr_text is None:
+            assert self.proc.stderr is not None
+            self._stderr_text = self.proc.stderr.read()
+        return self._stderr_text
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def finish(self, timeout: float = 60) -> int:
+        """Wait for the process to exit; kill it if it does not. Returns its exit status."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return -999
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+        self.stderr()  # kept for after the pipes are closed
+        for stream in (self.proc.stdout, self.proc.stderr, self._stderr_file):
+            if stream is not None:
+                stream.close()
+
+
+def run(*args: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """A one-shot pageflip command; its exit status is not checked."""
+    env = dict(os.environ)
+    if faults:
+        env["PAGEFLIP_TEST_FAULTS"] = faults
+    return subprocess.run(
+        [*(INJECT if faults else PAGEFLIP), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def one_line(stderr: str) -> str:
+    """The command's error: exactly one line, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    started: list[Host] = []
+    yield started
+    for host in started:
+        host.end()
+
+
+def pagers() -> list[int]:
+    """Pager processes started (through a host) by this test session, alive now."""
+    found = []
+    tag = f"PAGEFLIP_TEST_TAG={TAG}".encode()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if b"pageflip._pager" not in f.read():
+                        continue
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if tag in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found

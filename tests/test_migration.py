@@ -384,3 +384,44 @@ def test_responsive_lowers_the_switch_interval_while_any_migration_runs() -> Non
     with pytest.raises(RuntimeError), responsive():
         raise RuntimeError("a failed migration restores it too")
     assert sys.getswitchinterval() == before
+
+
+def test_postcopy_drops_stale_pages_only_after_hashing_them(
+    spawn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow hasher (a loaded machine) must not read a page after DISCARD dropped it:
+    reading a hole of a memfd allocates a zero page there, which the pager would then take
+    for a page that arrived, and the guest would read zeros."""
+    from pageflip.migration import destination as dest_module
+    from pageflip.migration.digests import PageDigests
+
+    slow_update = PageDigests.update
+
+    def slowly(self: PageDigests, runs: Any) -> Any:
+        import time
+
+        time.sleep(0.02)
+        return slow_update(self, runs)
+
+    monkeypatch.setattr(PageDigests, "update", slowly)
+    listen = str(tmp_path / "in.sock")
+    reader, writer = spawn.Pipe(duplex=False)
+    dest = dest_module.Destination(listen, timeout=30)
+    options = {"mode": "postcopy", "postcopy_after_rounds": 1, "pull": True}
+    source = spawn.Process(target=peers.source, args=(listen, 32 * MiB, 128 * MiB, options, writer))
+    source.start()
+    try:
+        guest = dest.run()
+        try:
+            assert dest.postcopy is not None and dest.postcopy["digests"] == "verified"
+            assert guest.verify().ok
+        finally:
+            guest.close()
+        report = reader.recv() if reader.poll(30) else None
+        assert report is not None and report["ok"], report
+    finally:
+        source.join(30)
+        source.close()
+        reader.close()
+        writer.close()
+        dest.close()

@@ -580,7 +580,12 @@ class Destination:
 
     def _discard(self, event: stream.DiscardPages) -> None:
         """Postcopy: these pages changed after they were sent; drop ours (the pager fetches
-        them again when they are touched or in its sweep)."""
+        them again when they are touched or in its sweep).
+
+        The hasher must be done with them first: reading a hole of a memfd allocates a zero
+        page there, which would then count as present, so that the pager never fetched the
+        page and the guest read zeros (the final digest check caught it)."""
+        self._hasher.drain()
         self._punch(event.region, event.runs)
 
     def _punch(self, index: int, runs: Runs) -> tuple[Region, PageDigests]:

@@ -109,16 +109,6 @@ def region_line(region: dict[str, Any]) -> str:
     )
 
 
-def _where(event: dict[str, Any]) -> str:
-    """Where a failed migration left the guest, in words."""
-    if event.get("guest") == "lost":
-        stale = event.get("stale_copy")
-        return "the guest is lost" + (" (the source keeps a stale, paused copy)" if stale else "")
-    if event.get("guest") == "source":
-        return "the guest runs on the source, intact"
-    return "where the guest is was not reported"
-
-
 class MigrationDisplay:
     """A live progress view of one migration on ``console``."""
 
@@ -240,14 +230,8 @@ class MigrationDisplay:
             if self._postcopy is not None:
                 p.update(self._postcopy, total=1, completed=1)
         elif kind == "failed":
+            # The command ends with the failure, on one line of its own: not said here too.
             self.failed = event
-            lost = event.get("guest") == "lost"
-            colour = "red" if lost else "yellow"
-            self._say(
-                f"[{colour}]failed in phase {escape(str(event.get('phase')))}[/]: "
-                f"{escape(str(event.get('error_type')))}: {escape(str(event.get('error')))}; "
-                f"[{colour}]{_where(event)}[/]"
-            )
 
 
 def summary_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table:

@@ -227,7 +227,7 @@ class UnixListener(_Listening):
             sock.listen(backlog)
         except OSError as err:
             sock.close()
-            raise type(err)(err.errno, f"bind({path!r}): {err.strerror or err}") from None
+            raise _bind_error(path, err) from None
         self._sock: socket.socket | None = sock
         self._inode = None if path.startswith("@") else os.stat(path).st_ino
 
@@ -264,6 +264,28 @@ class UnixListener(_Listening):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bind_error(path: str, err: OSError) -> OSError:
+    """Why a Unix socket cannot listen at ``path``, naming it and what to do."""
+    why = err.strerror or str(err)
+    if err.errno == errno.EADDRINUSE:
+        why = (
+            "a live process listens there (stop it, or choose another name)"
+            if path.startswith("@")
+            else "a file is in the way (remove it, or choose another path)"
+        )
+    elif err.errno == errno.ENOENT:
+        why = f"its directory {os.path.dirname(path) or '.'} does not exist"
+    elif err.errno == errno.EINVAL and len(os.fsencode(path)) > 107:
+        why = "the path is longer than a socket address may be (107 bytes)"
+    return type(err)(err.errno, f"cannot listen on {path}: {why}")
+
+
+def _unresolved(host: str, port: int, err: socket.gaierror) -> OSError:
+    """A host name that does not resolve, as a plain OSError naming it (getaddrinfo's codes
+    are not errnos, so none is set)."""
+    return OSError(f"cannot resolve {host!r} of {_tcp_text(host, port)}: {err.strerror or err}")
 
 
 def tell_refused(sock: socket.socket, reason: str) -> None:
@@ -544,8 +566,9 @@ class TcpAuth:
         return None
 
 
-def _require_auth(action: str, host: str, port: int, auth: TcpAuth | None) -> None:
-    """Refuse to listen or connect beyond loopback with no authentication chosen."""
+def require_auth(action: str, host: str, port: int, auth: TcpAuth | None) -> None:
+    """Refuse to listen or connect beyond loopback with no authentication chosen (PeerRejected
+    naming the options that choose one); ``action`` is "listen on" or "connect to"."""
     if auth is None and not is_loopback(host):
         raise PeerRejected(
             f"refusing to {action} {_tcp_text(host, port)} without authentication: beyond "
@@ -813,15 +836,17 @@ class TcpConnection(_Connected):
         may first be busy refusing someone else. PeerRejected if the listener refused us or
         failed to prove itself, PeerTimeout if it did not answer.
         """
-        _require_auth("connect to", host, port, auth)
+        require_auth("connect to", host, port, auth)
         ctx = None
         if auth is not None and auth.tls is not None:
             ctx = auth.tls.client_context()
         where = _tcp_text(host, port)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as err:
+            raise _unresolved(host, port, err) from None
         except OSError as err:
-            raise type(err)(err.errno, f"connect({host}:{port}): {err.strerror or err}") from None
+            raise type(err)(err.errno, f"connect({where}): {err.strerror or err}") from None
         if auth is None or auth.insecure:
             sock.settimeout(None)
             return cls(sock, auth_mode="loopback" if auth is None else "insecure")
@@ -939,7 +964,7 @@ class TcpListener(_Listening):
     def __init__(
         self, host: str, port: int, backlog: int = 16, *, auth: TcpAuth | None = None
     ) -> None:
-        _require_auth("listen on", host, port, auth)
+        require_auth("listen on", host, port, auth)
         self.auth = auth
         self._tls_context: ssl.SSLContext | None = None
         if auth is not None and auth.tls is not None:
@@ -949,9 +974,25 @@ class TcpListener(_Listening):
         try:
             sock.bind((host, port))
             sock.listen(backlog)
+        except socket.gaierror as err:
+            sock.close()
+            raise _unresolved(host, port, err) from None
         except OSError as err:
             sock.close()
-            raise type(err)(err.errno, f"bind({host}:{port}): {err.strerror or err}") from None
+            where = _tcp_text(host, port)
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(
+                    err.errno,
+                    f"cannot listen on {where}: the port is in use (another process has it: "
+                    "choose another port, or 0 for any free one)",
+                ) from None
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise OSError(
+                    err.errno,
+                    f"cannot listen on {where}: {host} is not an address of this host "
+                    "(0.0.0.0 for all of them)",
+                ) from None
+            raise type(err)(err.errno, f"cannot listen on {where}: {err.strerror or err}") from None
         self._sock: socket.socket | None = sock
         self.host = host
         self.port: int = sock.getsockname()[1]
@@ -1027,6 +1068,7 @@ class Address:
         (``tcp:[::1]:port`` for IPv6)."""
         if text.startswith("unix:"):
             return cls("unix", path=text[5:])
+        given = text
         if text.startswith("tcp:"):
             text = text[4:]
         elif text.startswith(("/", ".", "@")) or ":" not in text:
@@ -1035,9 +1077,13 @@ class Address:
         try:
             number = int(port)
         except ValueError:
-            raise SpanError(f"bad address {text!r}: the port must be a number") from None
+            raise SpanError(
+                f"bad address {given!r}: the port must be a number (tcp:HOST:PORT)"
+            ) from None
         if not 0 <= number < 65536:
-            raise SpanError(f"bad address {text!r}: port {number} is out of range")
+            raise SpanError(
+                f"bad address {given!r}: port {number} is out of range (0 to 65535; 0: any)"
+            )
         return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=number)
 
     @property

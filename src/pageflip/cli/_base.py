@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
@@ -55,12 +55,22 @@ class Group(click.Group):
     a usage error (2), a PageflipError or OSError (1; 3 for a guest lost after the commit
     point), an interrupt (128 + signal). Anything else is a bug and shows a traceback."""
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; an interrupt leaves it as :class:`_Stopped`, which click
+        passes on untouched (it would print a blank line for a KeyboardInterrupt)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise _Stopped(getattr(err, "signum", signal.SIGINT)) from err
+
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Run the command; its return value is the exit status (None: 0)."""
         kwargs["standalone_mode"] = False
         try:
             with _sigterm_interrupts():
                 return super().main(*args, **kwargs)
+        except _Stopped as stop:
+            _interrupted(stop.signum)
         except click.UsageError as err:
             hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
             click.echo(f"UsageError: {' '.join(err.format_message().split())}{hint}", err=True)
@@ -69,16 +79,31 @@ class Group(click.Group):
             click.echo(f"{type(err).__name__}: {' '.join(err.format_message().split())}", err=True)
             sys.exit(err.exit_code)
         except (click.Abort, KeyboardInterrupt) as err:
-            # click turns KeyboardInterrupt into Abort: the signal is on its cause.
-            signum = getattr(err, "signum", getattr(err.__cause__, "signum", signal.SIGINT))
-            click.echo(f"Interrupted: {signal.Signals(signum).name}", err=True)
-            sys.exit(128 + signum)
+            # Before a subcommand runs, click turns KeyboardInterrupt into Abort: the signal
+            # is on its cause.
+            _interrupted(getattr(err, "signum", getattr(err.__cause__, "signum", signal.SIGINT)))
         except GuestLost as err:
             click.echo(one_line(err), err=True)
             sys.exit(EXIT_LOST)
         except (PageflipError, OSError) as err:
             click.echo(one_line(err), err=True)
             sys.exit(EXIT_FAILED)
+
+
+class _Stopped(Exception):
+    """An interrupt on its way out of click (see :meth:`Group.invoke`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted(signum: int) -> NoReturn:
+    """Say which signal ended the command, on one line, and exit with 128 + its number."""
+    if signum == signal.SIGINT and sys.stderr.isatty():
+        click.echo(err=True)  # end the line of the terminal's ^C echo
+    click.echo(f"Interrupted: {signal.Signals(signum).name}", err=True)
+    sys.exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -108,20 +133,38 @@ else:  # click before 8.3 has no type parameters
 
 
 class Size(_ParamType):
-    """A byte count with an optional K, M, G or T suffix (powers of 1024): ``64M``, ``1G``."""
+    """A byte count with an optional K, M, G or T suffix (powers of 1024): ``64M``, ``1G``.
+    With ``zero``, 0 (or ``idle``) is taken too: a rate where 0 means none."""
 
     name = "size"
 
+    def __init__(self, *, zero: bool = False) -> None:
+        self.zero = zero
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+        if isinstance(value, int) and (value > 0 or (self.zero and value == 0)):
             return value
+        text = str(value).strip().removesuffix("/s")
+        if self.zero and (text.lower() == "idle" or _is_zero(text)):
+            return 0
         try:
-            return parse_size(str(value).removesuffix("/s"))
+            return parse_size(text)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
 
+def _is_zero(text: str) -> bool:
+    """Whether ``text`` is a size of nothing: ``0``, ``0M``, ``0.0 KiB``."""
+    number = text.upper().rstrip("B").rstrip("I").rstrip("KMGT").strip()
+    try:
+        return float(number) == 0 and number.replace(".", "").isdigit()
+    except ValueError:
+        return False
+
+
 SIZE = Size()
+#: Bytes per second where 0 (or ``idle``) means none.
+RATE = Size(zero=True)
 
 
 class Duration(_DurationType):

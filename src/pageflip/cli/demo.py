@@ -7,17 +7,17 @@ import sys
 import click
 from rich.console import Console
 
-from ._base import SIZE, main
+from ._base import RATE, SIZE, main
 
 
 @main.group(invoke_without_command=True)
 @click.option("--size", type=SIZE, default="1G", show_default=True, help="Guest memory.")
 @click.option(
     "--dirty-rate",
-    type=SIZE,
+    type=RATE,
     default="256M",
     show_default=True,
-    help="Bytes per second the workload's threads rewrite while it migrates.",
+    help="Bytes per second the workload's threads rewrite while it migrates (0: idle).",
 )
 @click.pass_context
 def demo(ctx: click.Context, size: int, dirty_rate: int) -> None:

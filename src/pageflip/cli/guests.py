@@ -9,11 +9,16 @@ command makes is removed when it ends, also on SIGINT and SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import select
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -28,6 +33,7 @@ from ._base import (
     DURATION,
     EXIT_FAILED,
     EXIT_LOST,
+    RATE,
     SIZE,
     Interrupted,
     emit,
@@ -43,6 +49,8 @@ CONTROL_WAIT = 10.0
 RATE_CHECK_AFTER = 2.0
 #: A workload warns when it writes less than this share of the rate asked for.
 RATE_SHORTFALL = 0.8
+#: Seconds between the looks of a waiting ``incoming`` at whether it was told to stop.
+STOP_POLL = 0.2
 
 
 def _default_control() -> str:
@@ -94,9 +102,20 @@ def _auth_options(command: Any) -> Any:
 
 
 def _auth_dict(**given: Any) -> dict[str, Any] | None:
-    """The authentication options that were given (None: none)."""
-    chosen = {k: v for k, v in given.items() if v}
+    """The authentication options that were given (None: none), file names made absolute:
+    the host that reads them has its own working directory."""
+    chosen = {k: os.path.abspath(v) if isinstance(v, str) else v for k, v in given.items() if v}
     return chosen or None
+
+
+def _address(text: str, option: str) -> Any:
+    """The Address in ``text``; a bad one is a usage error of ``option``."""
+    from ..transport import Address
+
+    try:
+        return Address.parse(text)
+    except SpanError as err:
+        raise click.BadParameter(str(err), param_hint=f"'{option}'") from None
 
 
 def _serve(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> None:
@@ -120,7 +139,7 @@ def _serve(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> 
 @click.option("--size", type=SIZE, default="1G", show_default=True, help="Bytes of memory.")
 @click.option(
     "--dirty-rate",
-    type=SIZE,
+    type=RATE,
     default="256M",
     show_default=True,
     help="Bytes per second the worker threads rewrite (0: idle).",
@@ -278,11 +297,12 @@ def incoming(
     Attempts that fail (a stray connection, a bad frame, a refused mode, a source that gives
     up) are logged and it goes on listening, until one migration succeeds. The control
     socket answers from the start (status: incoming) and serves the guest from the moment
-    it resumes here. Exit status 3 if a postcopy guest was lost after the commit point.
+    it resumes here; `pageflip stop` ends it while it waits. Exit status 3 if a postcopy
+    guest was lost after the commit point.
     """
     from ..migration.destination import Destination
     from ..migration.host import GuestHost, claim_socket_path
-    from ..transport import Address, TcpAuth
+    from ..transport import TcpAuth
 
     log_to(log_file)
     auth = TcpAuth.from_options(
@@ -293,13 +313,18 @@ def incoming(
         tls_server_name=None,
         insecure=insecure,
     )
-    address = Address.parse(listen)
-    current: list[Any] = [None]
+    address = _address(listen, "--listen")
+    if address.local and _same_socket(address.path, control):
+        raise click.UsageError(f"--listen and --control are both {listen}: give each its own")
+    current: list[Any] = [None]  # the Destination of the attempt under way
+    listening: list[str] = []  # where, once it listens
 
     def status() -> dict[str, Any]:
         dest = current[0]
         if dest is None:
-            return {}
+            if not listening:
+                return {}
+            return {"migration": {"listen": listening[0], "phase": "listening"}}
         info: dict[str, Any] = {"listen": dest.address, "phase": dest.phase.value}
         if dest.postcopy_remaining is not None:
             info["postcopy"] = f"{dest.postcopy_remaining} pages still at the source"
@@ -312,40 +337,65 @@ def incoming(
         listener = address.listen(auth=auth)
         try:
             where = listener.path
+            listening.append(where)
             emit(
                 as_json,
                 {"event": "listening", "listen": where, "pid": os.getpid(), "control": control},
                 f"waiting for a guest on {where} (pid {os.getpid()}); control socket {control}",
             )
-            _receive(Destination, listener, host, current, timeout, as_json)
+            arrived = _receive(Destination, listener, host, current, timeout, as_json)
         finally:
             listener.close()
-        emit(
-            as_json,
-            {"event": "running", "control": control, "pid": os.getpid()},
-            f"the guest runs here; control socket {control}",
-        )
+        if arrived:
+            emit(
+                as_json,
+                {"event": "running", "control": control, "pid": os.getpid()},
+                f"the guest runs here; control socket {control}",
+            )
     except BaseException:
         host.close()
         raise
     _serve(host, as_json)
 
 
+def _same_socket(a: str, b: str) -> bool:
+    if a.startswith("@") or b.startswith("@"):
+        return a == b
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _receive(
     cls: Any, listener: Any, host: Any, current: list[Any], timeout: float, as_json: bool
-) -> None:
-    """Run Destinations on ``listener`` until one migration succeeds."""
+) -> bool:
+    """Run Destinations on ``listener`` until one migration succeeds (True), or until the
+    host is told to stop (``pageflip stop``) while it waits for one (False)."""
 
     def on_event(event: Any) -> None:
         data = event.as_dict()
         emit(as_json, data, f"incoming: {event.kind} {_event_text(data)}")
 
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
     while True:
-        dest = cls(listener, on_event=on_event, timeout=timeout, on_resumed=host.attach)
+        # Wait for a source, looking now and then whether the host was told to stop.
+        while not poller.poll(STOP_POLL * 1000):
+            if host.wait(0):
+                return False
+        dest = cls(
+            listener,
+            on_event=on_event,
+            timeout=timeout,
+            on_resumed=host.attach,
+            accept_timeout=STOP_POLL,
+        )
         current[0] = dest
         try:
             dest.run()
-            return
+            return True
+        except (TimeoutError, BlockingIOError):
+            if dest.phase.value != "listening":
+                raise
+            continue  # nobody came (a peer was refused before it was taken): look again
         except GuestLost:
             host.outcome = "lost"
             raise
@@ -486,9 +536,11 @@ def migrate(
     if to is None and not resume:
         raise click.UsageError("give --to (the destination), or --resume")
     if to is not None:
-        from ..transport import Address
+        from ..transport import require_auth
 
-        Address.parse(to)  # a bad address is refused here, not in the host
+        address = _address(to, "--to")  # a bad address is refused here, not in the host
+        if not address.local and not (key_file or tls_cert or tls_key or tls_ca or insecure):
+            require_auth("connect to", address.host, address.port, None)
     options: dict[str, Any] = {
         "mode": mode,
         "downtime_limit": downtime_limit,
@@ -509,8 +561,11 @@ def migrate(
     if resume:
         options = {"resume": True}
     last: dict[str, Any] = {}
-    with ControlClient(control, timeout=10, wait=CONTROL_WAIT) as client:
-        events = _cancel_on_interrupt(client.migrate(to, **options), control)
+    with (
+        ControlClient(control, timeout=10, wait=CONTROL_WAIT) as client,
+        _cancel_on_signal(control) as interrupted,
+    ):
+        events = client.migrate(to, **options)
         if as_json:
             for event in events:
                 click.echo(json.dumps(event, allow_nan=False))
@@ -519,44 +574,55 @@ def migrate(
         else:
             from ..display import MigrationDisplay, summary_table
 
+            # The first event before the display starts: a request that fails (no guest, not
+            # a control socket) is then one line, without the display's empty frame.
+            events = iter(events)
+            first = next(events, None)
             title = f"{control} -> {to}" if to else f"{control}: resuming"
             with MigrationDisplay(stderr_console(), title=title) as view:
-                for event in events:
+                for event in itertools.chain([first] if first is not None else [], events):
                     view.event(event)
                     last = event
             if view.done is not None:
                 Console().print(summary_table([(view.done["mode"], view.done)], "migration"))
+    if interrupted and last.get("event") == "failed" and last.get("guest") == "source":
+        click.echo(
+            f"Interrupted: {signal.Signals(interrupted[0]).name}: the migration was cancelled "
+            f"in phase {last.get('phase')}; the guest runs on the source",
+            err=True,
+        )
+        sys.exit(128 + interrupted[0])
     _outcome(last)
 
 
-def _cancel_on_interrupt(events: Any, control: str) -> Any:
-    """The migration's events; on SIGINT/SIGTERM, ask the host to cancel (once) and go on
-    reading until it says how the migration ended."""
+@contextlib.contextmanager
+def _cancel_on_signal(control: str) -> Iterator[list[int]]:
+    """While a migration runs: the first SIGINT or SIGTERM asks the host to cancel it (the
+    events go on until it says how the migration ended); a second one stops waiting. Yields
+    a list that holds the signal's number once one came."""
     from ..migration.host import ControlClient
 
-    cancelled: Interrupted | KeyboardInterrupt | None = None
-    iterator = iter(events)
-    while True:
+    came: list[int] = []
+
+    def ask_cancel() -> None:
         try:
-            event = next(iterator)
-        except StopIteration:
-            return
-        except KeyboardInterrupt as err:
-            if cancelled is not None:
-                raise  # a second signal: stop waiting
-            cancelled = err
-            try:
-                with ControlClient(control, timeout=5) as other:
-                    other.request("cancel")
-            except (OSError, PageflipError) as why:
-                click.echo(f"could not cancel: {one_line(why)}", err=True)
-                raise err from None
-            continue
-        yield event
-        if cancelled is not None and event.get("event") in ("done", "failed"):
-            if event.get("event") == "failed" and event.get("guest") == "source":
-                raise cancelled
-            return
+            with ControlClient(control, timeout=5) as other:
+                other.request("cancel")
+        except (OSError, PageflipError) as why:
+            click.echo(f"could not cancel: {one_line(why)}", err=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if came:
+            raise Interrupted(signum)
+        came.append(signum)
+        threading.Thread(target=ask_cancel, daemon=True).start()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _outcome(last: dict[str, Any]) -> None:
@@ -569,14 +635,20 @@ def _outcome(last: dict[str, Any]) -> None:
             if lost
             else "the guest runs on the source"
         )
+        kind = "GuestLost" if lost else "MigrationError"
+        cause = "" if last["error_type"] == kind else f"{last['error_type']}: "
         click.echo(
-            f"{'GuestLost' if lost else 'MigrationError'}: failed in phase {last['phase']} "
-            f"({last['error_type']}: {' '.join(str(last['error']).split())}); {where}",
+            f"{kind}: failed in phase {last['phase']}: {cause}"
+            f"{' '.join(str(last['error']).split())}; {where}",
             err=True,
         )
         sys.exit(EXIT_LOST if lost else EXIT_FAILED)
     if last.get("event") != "done":
-        click.echo("MigrationError: the host ended the migration without a report", err=True)
+        click.echo(
+            "MigrationError: the source's host went away (killed?) before the migration "
+            "ended: ask the destination where the guest is (pageflip status)",
+            err=True,
+        )
         sys.exit(EXIT_FAILED)
 
 

@@ -78,6 +78,7 @@ import math
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -558,7 +559,9 @@ class Workload(Guest):
             regions.append(journal := Region.movable(journal_bytes, name="journal"))
             regions.append(heartbeat := Region.movable(PAGE_SIZE, name="heartbeat"))
             guest = cls(ram, journal, heartbeat, seed=seed, threads=threads, dirty_rate=dirty_rate)
-        except BaseException:
+        except BaseException as err:
+            # A half-built guest in the traceback's frames still holds views: let them go.
+            traceback.clear_frames(err.__traceback__)
             for region in regions:
                 region.close()
             raise
@@ -573,7 +576,9 @@ class Workload(Guest):
             )
             if not paused:
                 guest.resume()
-        except BaseException:
+        except BaseException as err:
+            # The frames of the traceback still hold views of the memory: let them go first.
+            traceback.clear_frames(err.__traceback__)
             guest.close()
             raise
         return guest

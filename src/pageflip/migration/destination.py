@@ -313,7 +313,9 @@ class Destination:
         logged and the wait goes on, within ``accept_timeout``."""
         deadline = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"nobody connected to {self.address} in {self.accept_timeout} s")
             try:
                 return self._listener.accept(left)
             except PeerRejected as err:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .. import errors
 from ..errors import (
     GuestLost,
     LocalProtocolError,
@@ -49,8 +50,9 @@ from ..errors import (
     StateError,
 )
 from ..guests import Guest
-from ..transport import TcpAuth
-from .events import MigrationEvent
+from ..stream import MAGIC
+from ..transport import TcpAuth, refusal, socket_address
+from .events import MigrationEvent, jsonable
 from .source import MigrationOptions, Source
 
 log = logging.getLogger("pageflip.host")
@@ -103,10 +105,48 @@ class GuestHost:
             daemon_threads = True
             allow_reuse_address = False
 
+            def serve_forever(self, poll_interval: float = 0.5) -> None:
+                try:
+                    super().serve_forever(poll_interval)
+                except (OSError, ValueError):
+                    if self.socket.fileno() != -1:
+                        raise
+                    # Closed under it: an interrupt while the host was starting.
+
         claim_socket_path(path)
-        self._server = Server(path, Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pageflip-control")
-        self._thread.start()
+        server = None
+        try:
+            server = Server(socket_address(path), Handler)
+            # A daemon, so that an interrupt that leaves it serving cannot keep the process
+            # alive.
+            self._thread = threading.Thread(
+                target=server.serve_forever, name="pageflip-control", daemon=True
+            )
+            self._thread.start()
+        except OSError as err:
+            if server is None and err.errno == errno.EADDRINUSE:  # someone took it meanwhile
+                raise FileExistsError(
+                    err.errno,
+                    f"{path} is in use: a live process listens there (stop it, or choose "
+                    "another path)",
+                ) from None
+            self._abandon(server)
+            raise type(err)(
+                err.errno, f"cannot serve a control socket at {path}: {err.strerror or err}"
+            ) from None
+        except BaseException:  # an interrupt: the caller has no host to close
+            self._abandon(server)
+            raise
+        self._server = server
+
+    def _abandon(self, server: socketserver.BaseServer | None) -> None:
+        """Undo a start that failed: the socket closed, its file (ours: claim_socket_path
+        made the path free before we bound it) removed."""
+        if server is not None:
+            server.server_close()
+        if not self.path.startswith("@"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def attach(self, guest: Guest) -> None:
         """The guest is here now (filled, or resumed after an incoming migration)."""
@@ -124,8 +164,9 @@ class GuestHost:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if not self.path.startswith("@"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         guest, self.guest = self.guest, None
         if guest is not None:
             guest.close()
@@ -143,7 +184,8 @@ class GuestHost:
 
     def _serve(self, conn: socket.socket, rfile: Any, wfile: Any) -> None:
         def send(obj: dict[str, Any]) -> None:
-            wfile.write(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n")
+            text = json.dumps(jsonable(obj), separators=(",", ":"), allow_nan=False)
+            wfile.write(text.encode() + b"\n")
             wfile.flush()
 
         while True:
@@ -200,7 +242,11 @@ class GuestHost:
         if cmd == "cancel":
             source = self._source
             if source is None:
-                raise StateError("no migration is running", phase=self.outcome, needed="migrating")
+                raise StateError(
+                    f"no migration is running (the host is {self.outcome}): nothing to cancel",
+                    phase=self.outcome,
+                    needed="migrating",
+                )
             source.cancel()
             return {}
         if cmd == "quit":
@@ -356,6 +402,22 @@ def claim_socket_path(path: str) -> None:
     os.unlink(path)
 
 
+def _kind_of(path: str) -> str | None:
+    """What is at ``path`` if it is there and not a socket ("a directory", "a regular
+    file", ...); None for a socket, an abstract name or nothing."""
+    if path.startswith("@"):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a regular file" if stat.S_ISREG(mode) else "a file of another kind"
+
+
 def _stale(path: str) -> bool:
     """True if nothing listens at ``path`` (a socket file left by a dead host)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -390,18 +452,26 @@ class ControlClient:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(timeout)
-                sock.connect(path)
+                sock.connect(socket_address(path))
                 return sock
             except (FileNotFoundError, ConnectionRefusedError) as err:
                 sock.close()
+                kind = _kind_of(path)
+                if kind is not None:
+                    raise OSError(
+                        errno.ENOTSOCK,
+                        f"{path} is {kind}, not a socket: give --control the path of a "
+                        "guest's control socket",
+                    ) from None
                 if time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
-                why = (
-                    "there is no such socket"
-                    if isinstance(err, FileNotFoundError)
-                    else "nothing listens there (a stale socket file)"
-                )
+                if path.startswith("@"):
+                    why = "nothing listens on that abstract socket"
+                elif isinstance(err, FileNotFoundError):
+                    why = "there is no such socket"
+                else:
+                    why = "nothing listens there (a stale socket file)"
                 raise type(err)(
                     err.errno,
                     f"no guest at {path}: {why}; start one with pageflip workload "
@@ -409,7 +479,9 @@ class ControlClient:
                 ) from None
             except OSError as err:
                 sock.close()
-                raise type(err)(err.errno, f"connect({path!r}): {err.strerror or err}") from None
+                raise type(err)(
+                    err.errno, f"cannot reach a control socket at {path}: {err.strerror or err}"
+                ) from None
 
     def _line(self) -> dict[str, Any]:
         try:
@@ -425,6 +497,16 @@ class ControlClient:
                 f"{self.path} closed the connection without an answer: it is not a pageflip "
                 "control socket (a migration listener?)",
                 phase="control",
+            )
+        if line.startswith(MAGIC):
+            raise LocalProtocolError(
+                f"{self.path} is a migration listener (pageflip incoming --listen), not a "
+                "control socket: give the --control path of that incoming or of a workload"
+            )
+        reason = refusal(line)
+        if reason is not None:
+            raise LocalProtocolError(
+                f"{self.path} is not a control socket: it refused us ({reason})"
             )
         try:
             answer = json.loads(line)
@@ -448,8 +530,20 @@ class ControlClient:
         self._send({"cmd": cmd, **args})
         answer = self._line()
         if not answer.get("ok", False):
-            raise StateError(str(answer.get("error", "failed")), phase="control", needed=cmd)
+            raise self._refused(answer.get("error"), cmd)
         return answer
+
+    def _refused(self, error: Any, cmd: str) -> PageflipError:
+        """The host's error answer (``Type: message``) as that error, naming the path; one
+        of a type that is not pageflip's (a request it could not read) as a protocol error."""
+        text = str(error or "failed")
+        name, sep, message = text.partition(": ")
+        cls = getattr(errors, name, None) if sep else None
+        if isinstance(cls, type) and issubclass(cls, PageflipError):
+            return cls(f"{self.path}: {message}")
+        if sep and name.isidentifier():
+            return LocalProtocolError(f"{self.path} refused the {cmd} request: {text}")
+        return StateError(f"{self.path}: {text}", phase="control", needed=cmd)
 
     def migrate(self, to: str | None, **options: Any) -> Iterator[dict[str, Any]]:
         """Start (or, with ``resume=True``, take up) a migration; yields its events until
@@ -459,10 +553,21 @@ class ControlClient:
         if to is not None:
             request["to"] = to
         self._send(request)
+        seen = False
         while True:
-            event = self._line()
+            try:
+                event = self._line()
+            except PeerClosed:
+                if not seen:
+                    raise
+                raise PeerClosed(
+                    f"the guest's host at {self.path} went away (killed?) before the migration "
+                    "ended: ask the destination where the guest is (pageflip status)",
+                    phase="control",
+                ) from None
+            seen = True
             if event.get("ok") is False:
-                raise StateError(str(event.get("error")), phase="control", needed="migrate")
+                raise self._refused(event.get("error"), "migrate")
             yield event
             if event.get("event") in ("done", "failed"):
                 return

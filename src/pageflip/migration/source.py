@@ -1004,7 +1004,7 @@ class Source:
             FailedEvent(
                 self._t(),
                 phase=phase,
-                error=str(err) if isinstance(err, PageflipError) else str(result),
+                error=str(err) if str(err) else str(result),
                 error_type=type(err).__name__,
                 guest="source",
             )

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..bench import format_size, human_size
+from ..display import fmt_seconds
 from ..errors import GuestLost, MigrationError, PageflipError, SpanError
 from ._base import (
     DURATION,
@@ -377,10 +378,8 @@ def _receive(
     poller = select.poll()
     poller.register(listener.fileno(), select.POLLIN)
     while True:
-        # Wait for a source, looking now and then whether the host was told to stop.
-        while not poller.poll(STOP_POLL * 1000):
-            if host.wait(0):
-                return False
+        # Made before a source comes: its one-time costs (probes, warm-ups) do not keep
+        # a source waiting.
         dest = cls(
             listener,
             on_event=on_event,
@@ -389,6 +388,11 @@ def _receive(
             accept_timeout=STOP_POLL,
         )
         current[0] = dest
+        # Wait for a source, looking now and then whether the host was told to stop.
+        while not poller.poll(STOP_POLL * 1000):
+            if host.wait(0):
+                current[0] = None
+                return False
         try:
             dest.run()
             return True
@@ -412,8 +416,6 @@ def _receive(
 
 
 def _event_text(event: dict[str, Any]) -> str:
-    from ..display import fmt_seconds
-
     kind = event.get("event")
     if kind == "resumed":
         seen = event.get("guest_pause")
@@ -688,7 +690,6 @@ def _plain(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def verify(control: str, as_json: bool) -> None:
     """Ask the guest at --control to check its memory; exit 1 if it found a problem."""
-    from ..display import fmt_seconds
     from ..migration.host import ControlClient
 
     with ControlClient(control, timeout=None, wait=CONTROL_WAIT) as client:

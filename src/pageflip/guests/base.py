@@ -125,6 +125,13 @@ class Guest(abc.ABC):
         byte of any region changes. Pausing a paused guest returns the earlier moment.
         """
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """Do the one-time work this kind of guest needs in a new process (lazy imports,
+        tables built on first use) now: a destination calls it when a migration begins, so
+        that none of it lands in the guest's pause. The default does nothing."""
+        return
+
     def prepare_resume(self) -> None:
         """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
         resume() itself cannot fail: a destination calls it before it answers PREPARED.

@@ -750,7 +750,9 @@ class Workload(Guest):
             return self._paused_at
 
     def resume(self) -> float:
-        """Release the workers (starting them the first time); returns the monotonic time."""
+        """Release the workers (starting them the first time); returns the monotonic time.
+
+        After :meth:`prepare_resume` the threads are there already: nothing can fail."""
         self._check_usable("resume")
         with self._cond:
             if not self._pause_requested and self._resumed_at is not None:
@@ -765,10 +767,16 @@ class Workload(Guest):
             logger.debug("workload resumed")
             return self._resumed_at
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """numpy's first random generator in a process costs about 20 ms (it loads and seeds
+        its machinery); every worker makes one when it starts: pay that here."""
+        np.random.default_rng(0).integers(0, 2, 1)
+
     def prepare_resume(self) -> None:
         """Start the worker and heartbeat threads now, parked, so that resume() only lets
-        them go: a process that cannot have them (a pids limit) fails here, before a
-        migration's commit point, not in resume()."""
+        them go and cannot fail on them: a process that cannot have them (a pids limit)
+        fails here, before a migration's commit point."""
         self._check_usable("prepare to resume")
         with self._cond:
             if self._parked:
@@ -776,14 +784,15 @@ class Workload(Guest):
             self._parked = [False] * (self._threads + 1)
             self._launched.clear()
         self._launch()
-        error = self._launch_error
+        error, self._launch_error = self._launch_error, None
         if error is not None:
             self._stop_workers()
             with self._cond:
                 self._parked = []
                 self._stopping = False
-            self._launch_error = None
             raise error
+        with self._cond:  # each has done its start-up work: resume() only wakes them
+            self._cond.wait_for(self._all_parked)
 
     def _start_workers(self) -> None:
         # With self._cond held. Thread.start() waits until the new thread runs, which on an

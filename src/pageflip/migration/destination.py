@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -54,12 +53,12 @@ from ..errors import (
     PeerTimeout,
     RemoteProtocolError,
 )
-from ..guests import Guest, guest_class
+from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Memfd, Region, check_peer_memfd
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
-from .digests import PageDigests, region_digest, sample_digest
+from .digests import GcPause, PageDigests, region_digest, sample_digest
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -91,24 +90,6 @@ _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PAGER_SILENCE = 5.0
 #: Seconds between the postcopy progress frames sent to the source.
 PROGRESS_EVERY = 0.25
-
-
-class GcPause:
-    """Cyclic garbage collection off while a guest is paused waiting for us (a collection
-    can take milliseconds); on again, as it was, when it resumes. Idempotent both ways."""
-
-    def __init__(self) -> None:
-        self._was: bool | None = None
-
-    def pause(self) -> None:
-        if self._was is None:
-            self._was = gc.isenabled()
-            gc.disable()
-
-    def resume(self) -> None:
-        was, self._was = self._was, None
-        if was:
-            gc.enable()
 
 
 class Hasher:
@@ -249,6 +230,12 @@ class Destination:
         self.accept_timeout = accept_timeout
         self._prepare = prepare
         self._on_resumed = on_resumed
+        # One-time costs now, not while a source waits: the kernel features this side
+        # offers (each probed once per process) and each guest kind's first use.
+        for name in ("process_vm_readv", "uffd_missing_shmem"):
+            features.has(name)
+        for kind in guest_kinds():
+            guest_class(kind).warm_up()
         self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
         self._link: Link | None = None
         self._peer: ProcessWatch | None = None
@@ -486,7 +473,8 @@ class Destination:
                 )
             if mode is stream.Mode.PRECOPY:
                 self._prefault = Prefault(self._regions)
-        link.send(stream.Accepted(), "setup")
+        # Told before ACCEPTED: a flip's source pauses the guest as soon as it has it, and
+        # an observer of ours (a display) must not take a CPU from the pause.
         self._emit(
             SetupEvent(
                 self._t(),
@@ -500,6 +488,7 @@ class Destination:
                 downtime_limit=0.0,
             )
         )
+        link.send(stream.Accepted(), "setup")
 
     # -- receiving ------------------------------------------------------------------------
 

@@ -112,3 +112,22 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+class GcPause:
+    """Cyclic garbage collection off while a guest is paused waiting for us (a collection
+    can take milliseconds); on again, as it was, once it runs. Unlike :func:`gc_paused`, the
+    two ends may be in different places. Idempotent both ways."""
+
+    def __init__(self) -> None:
+        self._was: bool | None = None
+
+    def pause(self) -> None:
+        if self._was is None:
+            self._was = gc.isenabled()
+            gc.disable()
+
+    def resume(self) -> None:
+        was, self._was = self._was, None
+        if was:
+            gc.enable()

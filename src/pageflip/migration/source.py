@@ -64,7 +64,7 @@ from ..guests import Guest
 from ..memory import Region
 from ..transport import Address, TcpAuth, refusal
 from ._gil import responsive
-from .digests import PageDigests, gc_paused, sample_digest
+from .digests import GcPause, PageDigests, sample_digest
 from .events import (
     CommitEvent,
     DoneEvent,
@@ -100,6 +100,8 @@ HANDSHAKE_TIMEOUT = 1.0
 #: Seconds the source polls for the destination's PREPARED and RESUMED before sleeping:
 #: the guest is paused meanwhile (see Link.recv).
 SWITCHOVER_SPIN = 0.25
+#: Seconds of a pause after which the events held back during it go out all the same.
+HOLD_EVENTS = 0.05
 #: Seconds to wait after RESUMED for the pause the guest observed (GUEST_PAUSE).
 GUEST_PAUSE_WAIT = 1.0
 
@@ -215,6 +217,11 @@ class Source:
         self._zero = [0] * len(guest.regions)
         self._details: dict[str, Any] = {}
         self._tracker: DirtyTracker | None = None
+        #: No cyclic garbage collection from the pause until the guest runs again.
+        self._gc = GcPause()
+        #: Events held back while the guest is paused (see _hold_events).
+        self._held: list[MigrationEvent] | None = None
+        self._held_since = 0.0
         #: After a loss with keep_source_on_loss: why our paused copy is stale.
         self.stale: str | None = None
 
@@ -280,11 +287,38 @@ class Source:
             return self._finish()
 
     def _emit(self, event: MigrationEvent) -> None:
+        if self._held is not None:
+            self._held.append(event)
+            return
         if self._on_event is not None:
             try:
                 self._on_event(event)
             except Exception:  # an observer's bug must not break a migration
                 log.exception("migration event handler failed")
+
+    def _hold_events(self) -> None:
+        """From the switchover until the guest runs again, events wait: an observer woken
+        by one (a display that draws it) would take a CPU the pause needs. A pause that
+        lasts longer than :data:`HOLD_EVENTS` (a stalled destination) lets them go: then
+        being told matters more."""
+        if self._held is None:
+            self._held = []
+            self._held_since = time.monotonic()
+
+    def _waiting(self) -> None:
+        """Called while a receive waits: a cancel ends the wait; held events go out once
+        the pause has lasted long."""
+        self._check_cancel()
+        if self._held and time.monotonic() - self._held_since > HOLD_EVENTS:
+            held, self._held = self._held, None
+            for event in held:
+                self._emit(event)
+            self._held = []
+
+    def _release_events(self) -> None:
+        held, self._held = self._held, None
+        for event in held or ():
+            self._emit(event)
 
     def _t(self) -> float:
         return time.monotonic() - self._start
@@ -331,7 +365,7 @@ class Source:
                         guest="source",
                     ) from None
                 time.sleep(0.1)
-        self._link = Link(conn, compress=self.options.compress, interrupt=self._check_cancel)
+        self._link = Link(conn, compress=self.options.compress, interrupt=self._waiting)
         if self._link.local:
             self._peer = ProcessWatch.of(self._link.peer_pid())
 
@@ -468,6 +502,7 @@ class Source:
         regions = self.guest.regions
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
+        self._hold_events()
         self._emit(SwitchoverEvent(self._t(), 0, 0, 0.0, "flip"))
         # What does not change while the guest runs is gathered before it pauses.
         handles = []
@@ -476,32 +511,32 @@ class Source:
             assert extent.memfd is not None
             inode = os.fstat(extent.memfd.fd).st_ino
             handles.append((region, extent.memfd.fd, extent.fd_offset, inode))
-        with gc_paused():
-            self._paused_at = self.guest.pause()
-            state = self.guest.save_state()
-            flips: list[stream.FlipRegion] = []
-            samples: list[int] = []
-            for index, (region, _, offset, inode) in enumerate(handles):
-                view = region.view()
-                try:
-                    sample = sample_digest(view, region.size // PAGE_SIZE, seed=inode)
-                finally:
-                    view.release()
-                samples.append(sample)
-                flips.append(
-                    stream.FlipRegion(
-                        index=index,
-                        fd_index=index,
-                        offset=offset,
-                        size=region.size,
-                        inode=inode,
-                        sample_digest=sample,
-                    )
+        self._gc.pause()  # until the guest runs again (here or there)
+        self._paused_at = self.guest.pause()
+        state = self.guest.save_state()
+        flips: list[stream.FlipRegion] = []
+        samples: list[int] = []
+        for index, (region, _, offset, inode) in enumerate(handles):
+            view = region.view()
+            try:
+                sample = sample_digest(view, region.size // PAGE_SIZE, seed=inode)
+            finally:
+                view.release()
+            samples.append(sample)
+            flips.append(
+                stream.FlipRegion(
+                    index=index,
+                    fd_index=index,
+                    offset=offset,
+                    size=region.size,
+                    inode=inode,
+                    sample_digest=sample,
                 )
-            fds = [fd for _, fd, _, _ in handles]
-            link.send(stream.Flip(regions=flips, fds=fds), "switchover")
-            switchover = stream.Switchover(paused_at=self._paused_at, digests=samples, state=state)
-            link.send(switchover, "switchover")
+            )
+        fds = [fd for _, fd, _, _ in handles]
+        link.send(stream.Flip(regions=flips, fds=fds), "switchover")
+        switchover = stream.Switchover(paused_at=self._paused_at, digests=samples, state=state)
+        link.send(switchover, "switchover")
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]
 
@@ -586,6 +621,7 @@ class Source:
             reason = "forced"  # the destination cannot page on demand
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
+        self._hold_events()
         self._emit(
             SwitchoverEvent(
                 self._t(),
@@ -595,36 +631,37 @@ class Source:
                 reason=reason,
             )
         )
-        with gc_paused():
-            self._paused_at = self.guest.pause()
-            if tracker.active:
-                written = tracker.collect()
-                final = [
-                    _union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)
-                ]
-            else:
-                final = todo  # nothing was sent yet: everything is still to come
-            if reason == "postcopy":
-                self._postcopy = True
-                self._postcopy_switchover(final)
-                return
-            self._rounds += 1
-            self._send_round(self._rounds, final, digests, pull, total_pages)
-            state = self.guest.save_state()
-            link.send(
-                stream.Switchover(
-                    paused_at=self._paused_at,
-                    digests=[d.region_digest() for d in digests],
-                    state=state,
-                ),
-                "switchover",
-            )
+        self._gc.pause()  # until the guest runs again (here or there)
+        self._paused_at = self.guest.pause()
+        if tracker.active:
+            written = tracker.collect()
+            final = [_union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)]
+        else:
+            final = todo  # nothing was sent yet: everything is still to come
+        if reason == "postcopy":
+            self._postcopy = True
+            self._postcopy_switchover(final)
+            return
+        self._rounds += 1
+        self._send_round(self._rounds, final, digests, pull, total_pages)
+        state = self.guest.save_state()
+        link.send(
+            stream.Switchover(
+                paused_at=self._paused_at,
+                digests=[d.region_digest() for d in digests],
+                state=state,
+            ),
+            "switchover",
+        )
 
     # -- the commit point -----------------------------------------------------------------
 
     def _await_prepared(self) -> None:
-        """The guest is paused here: wait for the destination to have done all that can fail."""
-        self.link.expect((stream.Prepared,), "switchover", self.options.timeout, SWITCHOVER_SPIN)
+        """The guest is paused here: wait for the destination to have done all that can fail.
+
+        Asleep, not spinning: on two CPUs the destination needs both for that work (its
+        guest's threads start meanwhile)."""
+        self.link.expect((stream.Prepared,), "switchover", self.options.timeout)
         self._emit(PreparedEvent(self._t()))
         self._check_cancel()
 
@@ -882,6 +919,8 @@ class Source:
         received = time.monotonic()
         paused = self._paused_at or received
         downtime = (resumed.resumed_at if self.address.local else received) - paused
+        self._gc.resume()
+        self._release_events()
         self._close_tracker()
         self._guest_pause = self._read_guest_pause()
         self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=self._guest_pause))
@@ -973,8 +1012,17 @@ class Source:
                 io.set_ptracer(0)
 
     def _failed(self, err: BaseException) -> MigrationError:
-        """Before the commit point: resume the guest here, tell the peer, report."""
+        """Before the commit point: tell the peer (ABORT), then resume the guest here, then
+        report. In that order: a destination that holds a complete copy and sees the source
+        die without a word may take the guest over, because a source resumes its copy only
+        after ABORT went (see phases)."""
         phase = self.phase.value
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
+            self._link.close()
+        self._gc.resume()
+        self._release_events()
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()
@@ -983,10 +1031,6 @@ class Source:
             with contextlib.suppress(Exception):
                 self.guest.resume()
         self._close_tracker()
-        if self._link is not None:
-            with contextlib.suppress(Exception):
-                self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
-            self._link.close()
         self._release_ptracer()
         with contextlib.suppress(Exception):
             self._phases.advance(SourcePhase.FAILED)
@@ -1017,6 +1061,8 @@ class Source:
         Our paused copy is stale (the guest may have run on over there): dropped, unless
         ``keep_source_on_loss`` keeps it, paused and marked stale.
         """
+        self._gc.resume()
+        self._release_events()
         for digests in self._digests:
             with contextlib.suppress(Exception):
                 digests.release()

@@ -176,6 +176,18 @@ class MigrationError(PageflipError):
     guest: str | None
 
 
+def migration_failure(err: BaseException, phase: str, what: str = "migration") -> MigrationError:
+    """``err`` as the MigrationError of a failure before the commit point (the guest is on
+    the source): itself if it is one already."""
+    if isinstance(err, MigrationError):
+        return err
+    if isinstance(err, KeyboardInterrupt):
+        return MigrationError(f"interrupted in phase {phase}", phase=phase, guest="source")
+    return MigrationError(
+        f"{what} failed in phase {phase}: {type(err).__name__}: {err}", phase=phase, guest="source"
+    )
+
+
 class DigestMismatch(MigrationError):
     """The destination's copy of a region does not hash like the source's: it does not run."""
 

@@ -280,7 +280,8 @@ def _rate_label(rate: float) -> str:
 def _event_recorder(events: list[dict[str, Any]]) -> Callable[[Any], None]:
     def on_event(event: Any) -> None:
         data: dict[str, Any] = event.as_dict()
-        data["mono"] = now()
+        # When it happened (held-back events come late, stamped with their moment).
+        data["mono"] = data.get("at", now())
         events.append(data)
 
     return on_event

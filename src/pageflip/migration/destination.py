@@ -52,6 +52,7 @@ from ..errors import (
     PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
+    migration_failure,
 )
 from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Memfd, Region, check_peer_memfd
@@ -383,16 +384,7 @@ class Destination:
             self._link.close()
         with contextlib.suppress(Exception):
             self._phases.advance(DestinationPhase.FAILED)
-        if isinstance(err, MigrationError):
-            result = err
-        elif isinstance(err, KeyboardInterrupt):
-            result = MigrationError(f"interrupted in phase {phase}", phase=phase, guest="source")
-        else:
-            result = MigrationError(
-                f"incoming migration failed in phase {phase}: {type(err).__name__}: {err}",
-                phase=phase,
-                guest="source",
-            )
+        result = migration_failure(err, phase, "incoming migration")
         self._emit(
             FailedEvent(
                 self._t(),
@@ -752,14 +744,19 @@ class Destination:
         if committed:
             with contextlib.suppress(PageflipError, OSError):
                 self.link.send(stream.Resumed(resumed_at=resumed_at), "resumed")
-        pause = guest.observed_pause(GUEST_PAUSE_WAIT)
+        try:  # from here on nothing may fail: the guest runs here
+            pause = guest.observed_pause(GUEST_PAUSE_WAIT)
+        except Exception:
+            log.exception("the guest could not say how long it was paused")
+            pause = None
         if committed:
             with contextlib.suppress(PageflipError, OSError):
                 self.link.send(stream.GuestPause(pause), "resumed")
         else:
             self.link.close()
         self._downtime, self._pause = downtime, pause
-        self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=pause))
+        t = resumed_at - self._start  # told after the guest's figure came: dated by resume
+        self._emit(ResumedEvent(t, downtime=downtime, guest_pause=pause, at=resumed_at))
 
     def _await_done(self) -> None:
         """The guest runs here: wait (bounded) for the source's DONE with its figures. A late

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +32,9 @@ class MigrationEvent:
     kind: ClassVar[str] = "event"
     #: Seconds since the migration started.
     t: float
+    #: When it happened: CLOCK_MONOTONIC (system-wide), so that the events of the two sides
+    #: of a local migration line up. Events held back while a guest is paused keep theirs.
+    at: float = field(default_factory=time.monotonic, kw_only=True)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.kind}

@@ -59,6 +59,7 @@ from ..errors import (
     RemoteProtocolError,
     SpanError,
     StateError,
+    migration_failure,
 )
 from ..guests import Guest
 from ..memory import Region
@@ -923,7 +924,14 @@ class Source:
         self._release_events()
         self._close_tracker()
         self._guest_pause = self._read_guest_pause()
-        self._emit(ResumedEvent(self._t(), downtime=downtime, guest_pause=self._guest_pause))
+        self._emit(
+            ResumedEvent(
+                received - self._start,  # dated when RESUMED came, not when the figure did
+                downtime=downtime,
+                guest_pause=self._guest_pause,
+                at=received,
+            )
+        )
         try:
             if self._postcopy:
                 self._phases.advance(SourcePhase.POSTCOPY)
@@ -1034,16 +1042,7 @@ class Source:
         self._release_ptracer()
         with contextlib.suppress(Exception):
             self._phases.advance(SourcePhase.FAILED)
-        if isinstance(err, MigrationError):
-            result = err
-        elif isinstance(err, KeyboardInterrupt):
-            result = MigrationError(f"interrupted in phase {phase}", phase=phase, guest="source")
-        else:
-            result = MigrationError(
-                f"migration failed in phase {phase}: {type(err).__name__}: {err}",
-                phase=phase,
-                guest="source",
-            )
+        result = migration_failure(err, phase, "migration")
         self._emit(
             FailedEvent(
                 self._t(),

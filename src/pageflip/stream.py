@@ -247,8 +247,11 @@ class Mode(enum.IntEnum):
     FLIP = 1
     #: Rounds of dirty pages while the guest runs, then stop-and-copy what is left.
     PRECOPY = 2
-    #: Resume on the destination early; it asks for missing pages (REQUEST).
+    #: Resume on the destination at once; its pager pulls the pages it misses.
     POSTCOPY = 3
+    #: Precopy rounds first; the switchover may then go postcopy (a fallback, or rounds
+    #: before a postcopy): the destination gets its pager ready, not its memory registered.
+    PRECOPY_POSTCOPY = 4
 
 
 class Role(enum.IntEnum):
@@ -485,7 +488,7 @@ class FlipRegion:
     size: int
     #: The memfd's inode, so the destination can check it got the file it was meant to.
     inode: int
-    #: Digest of a sample of the region, checked after mapping.
+    #: 0 (was a digest of sampled pages; the memfd is checked by identity instead).
     sample_digest: int
 
 

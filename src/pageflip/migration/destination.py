@@ -3,7 +3,7 @@
 It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
 digest is kept as pages arrive and the region digests must equal the source's at
 switchover; with flip, each memfd must pass :func:`~pageflip.memory.check_peer_memfd` as the
-very one the source named and a sample of its pages must hash alike. Everything that can
+very one the source named (device, inode, seals, size). Everything that can
 fail happens before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room
 for the guest is checked at SETUP, the guest is restored paused, the caller's ``prepare``
 runs, a postcopy's pager takes the memory. Then it resumes the guest only on COMMIT.
@@ -59,7 +59,7 @@ from ..memory import Memfd, Region, check_peer_memfd
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
-from .digests import GcPause, PageDigests, region_digest, sample_digest
+from .digests import GcPause, PageDigests, region_digest
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -255,7 +255,6 @@ class Destination:
         self._uffd = -1
         #: Per region, the pages present when the pager took over (hashed by us).
         self._initial: list[npt.NDArray[np.bool_]] = []
-        self._flip_samples: dict[int, stream.FlipRegion] = {}
         self._remaining: int | None = None
         self._kept_digests: list[npt.NDArray[np.uint64]] = []
         #: Postcopy: what the pagers installed, shared with them (see pager.Ledger).
@@ -452,7 +451,8 @@ class Destination:
                 f"SETUP names pid {setup.src_pid}, the socket's peer is {link.peer_pid()}",
                 frame="SETUP",
             )
-        if mode is stream.Mode.POSTCOPY:
+        postcopy = mode in (stream.Mode.POSTCOPY, stream.Mode.PRECOPY_POSTCOPY)
+        if postcopy:
             if stream.Feature.POSTCOPY not in shared:
                 raise self._refuse("postcopy needs userfaultfd here and the source on this host")
             self._start_pager()
@@ -465,12 +465,14 @@ class Destination:
                 )
             if mode is stream.Mode.PRECOPY:
                 self._prefault = Prefault(self._regions)
+            elif mode is stream.Mode.POSTCOPY:  # no rounds: the memory goes to the pager now
+                self._hand_to_pager(self._regions, [d.digests for d in self._digests], go=False)
         # Told before ACCEPTED: a flip's source pauses the guest as soon as it has it, and
         # an observer of ours (a display) must not take a CPU from the pause.
         self._emit(
             SetupEvent(
                 self._t(),
-                mode=mode.name.lower(),
+                mode=_MODE_NAMES[mode],
                 transport="unix" if link.local else "tcp",
                 regions=[
                     {"name": r.name, "size": r.size, "movable": r.movable} for r in setup.regions
@@ -618,7 +620,6 @@ class Destination:
                     own.close()
                     raise
                 self._regions.append(region)
-            self._flip_samples = {fr.index: fr for fr in event.regions}
         finally:
             for holder in holders:
                 holder.close()
@@ -654,28 +655,26 @@ class Destination:
         self._regions = []  # the guest owns them now
         self._guest = guest
         guest.prepare_resume()
-        if postcopy:
-            self._hand_to_pager(guest, digests_kept)
+        if postcopy and self._uffd >= 0:  # handed over at SETUP: the source is paused now
+            assert self._pager is not None
+            self._pager.send({"go": True})
+        elif postcopy:
+            self._hand_to_pager(guest.regions, digests_kept, go=True)
         if self._prepare is not None:
             self._prepare(guest)
         return guest
 
     def _check_digests(self, switchover: stream.Switchover) -> None:
+        """Copies: every region's digest must be the source's. (A flip's memfds were checked
+        by identity as they came: they are the very files the source maps.)"""
+        if stream.Mode(self._setup.mode) is stream.Mode.FLIP:  # type: ignore[union-attr]
+            return
         if len(switchover.digests) != len(self._regions):
             raise RemoteProtocolError(
                 "SWITCHOVER digests do not match the regions", frame="SWITCHOVER"
             )
-        flip = stream.Mode(self._setup.mode) is stream.Mode.FLIP  # type: ignore[union-attr]
         for index, region in enumerate(self._regions):
-            if flip:
-                fr = self._flip_samples[index]
-                view = region.view()
-                try:
-                    ours = sample_digest(view, region.size // PAGE_SIZE, seed=fr.inode)
-                finally:
-                    view.release()
-            else:
-                ours = self._digests[index].region_digest()
+            ours = self._digests[index].region_digest()
             if ours != switchover.digests[index]:
                 raise DigestMismatch(
                     f"region {region.name!r}: our pages hash to {ours:#018x}, the source's to "
@@ -791,7 +790,7 @@ class Destination:
             digest = "identity" if mode is stream.Mode.FLIP else "verified"
         if stats is None:
             stats = {
-                "mode": "postcopy" if self.postcopy is not None else mode.name.lower(),
+                "mode": "postcopy" if self.postcopy is not None else _MODE_NAMES[mode],
                 "total_seconds": self._t(),
                 "downtime": self._downtime,
                 "details": {"source": "left before its DONE: these are the destination's figures"},
@@ -860,8 +859,12 @@ class Destination:
             self._uffd = -1
             self._close_ledger()
 
-    def _hand_to_pager(self, guest: Guest, digests: list[npt.NDArray[np.uint64]]) -> None:
-        """Register the guest's memory for missing-page faults; the pager serves them."""
+    def _hand_to_pager(
+        self, regions: list[Region], digests: list[npt.NDArray[np.uint64]], *, go: bool
+    ) -> None:
+        """Register the guest's memory for missing-page faults and give it to the pager,
+        which starts pulling at once (``go``) or on the word "go" (a pure postcopy hands its
+        memory over at SETUP, before the source pauses, and says go at the switchover)."""
         assert self._pager is not None
         # A guest's own loads and stores are all a user-mode-only uffd must serve (what a
         # normal user gets on a stock kernel); a syscall into a page not there yet would
@@ -874,20 +877,20 @@ class Destination:
         self._kept_digests = digests
         self._initial = []
         self._ledger_fd = mm.memfd_create("pageflip:postcopy-ledger")
-        self._ledger = Ledger(self._ledger_fd, [r.size // PAGE_SIZE for r in guest.regions])
-        for region in guest.regions:
+        self._ledger = Ledger(self._ledger_fd, [r.size // PAGE_SIZE for r in regions])
+        for region in regions:
             uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
             (extent,) = region.extents()
             assert extent.memfd is not None
             self._initial.append(present_pages(extent.memfd.fd, region.size // PAGE_SIZE))
-        self._send_start(guest)
+        self._send_start(regions, go=go)
 
-    def _send_start(self, guest: Guest) -> None:
+    def _send_start(self, regions: list[Region], *, go: bool = True) -> None:
         """Give the uffd and the memory to the (new) pager; wait until it took them."""
         assert self._pager is not None and self._setup is not None
         memfds = []
         layout = []
-        for region, info in zip(guest.regions, self._setup.regions, strict=True):
+        for region, info in zip(regions, self._setup.regions, strict=True):
             (extent,) = region.extents()
             assert extent.memfd is not None
             memfds.append(extent.memfd.fd)
@@ -900,7 +903,7 @@ class Destination:
                 }
             )
         self._pager.send(
-            {"start": {"src_pid": self._setup.src_pid, "regions": layout}},
+            {"start": {"src_pid": self._setup.src_pid, "regions": layout, "go": go}},
             [self._uffd, self._ledger_fd, *memfds],
         )
         message = self._pager_message(self.timeout)
@@ -922,7 +925,7 @@ class Destination:
             raise self._lost(guest, f"the postcopy pager failed {self._pager_starts} times: {why}")
         try:
             self._start_pager()
-            self._send_start(guest)
+            self._send_start(guest.regions)
         except (PageflipError, OSError) as err:
             raise self._lost(guest, f"the postcopy pager failed ({why}) and {err}") from err
 
@@ -1174,6 +1177,15 @@ def _pager_silence(message: dict[str, Any] | None, timeout: float | None) -> str
     if not message:
         return f"it said nothing for {timeout:g} s" if timeout else "it said nothing"
     return str(message.get("error", f"it said {message!r}"))
+
+
+#: What each SETUP mode is called in events.
+_MODE_NAMES = {
+    stream.Mode.FLIP: "flip",
+    stream.Mode.PRECOPY: "precopy",
+    stream.Mode.POSTCOPY: "postcopy",
+    stream.Mode.PRECOPY_POSTCOPY: "precopy",
+}
 
 
 @dataclass

@@ -8,9 +8,7 @@ A page digest of :data:`ZERO_PAGE_DIGEST` marks a page of zeros.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -70,54 +68,10 @@ class PageDigests:
         self.view.release()
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = x
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return z ^ (z >> 31)
-
-
-def sample_pages(npages: int, seed: int, samples: int = 8) -> list[int]:
-    """The pages flip's identity check hashes: the first, the last, and some by ``seed``.
-
-    Plain integer arithmetic: it runs inside the downtime, where even numpy's random
-    module importing itself (milliseconds) would show.
-    """
-    picks = {0, npages - 1}
-    x = seed
-    for _ in range(min(samples, npages)):
-        x = _splitmix64(x)
-        picks.add(x % npages)
-    return sorted(picks)
-
-
-def sample_digest(view: memoryview, npages: int, seed: int, samples: int = 8) -> int:
-    """xxh3 of the pages :func:`sample_pages` picks: flip's check that both sides map the
-    same memory at the same offsets."""
-    h = xxhash.xxh3_64()
-    for p in sample_pages(npages, seed, samples):
-        h.update(view[p * PAGE_SIZE : (p + 1) * PAGE_SIZE])
-    return h.intdigest()
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: a full collection can take milliseconds, and
-    this wraps the moments a guest is paused waiting for us."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 class GcPause:
     """Cyclic garbage collection off while a guest is paused waiting for us (a collection
-    can take milliseconds); on again, as it was, once it runs. Unlike :func:`gc_paused`, the
-    two ends may be in different places. Idempotent both ways."""
+    can take milliseconds); on again, as it was, once it runs: the two ends may be in
+    different places. Idempotent both ways."""
 
     def __init__(self) -> None:
         self._was: bool | None = None

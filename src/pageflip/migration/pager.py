@@ -490,8 +490,11 @@ def run(link: PagerLink) -> None:
         uffd_fd, ledger_fd, *memfds = fds
         counts = [int(r["size"]) // PAGE_SIZE for r in start["regions"]]
         ledger = Ledger(ledger_fd, counts)
-        pager.start(uffd_fd, int(start["src_pid"]), _regions(start, memfds, ledger))
+        regions = _regions(start, memfds, ledger)
         link.send({"started": True})
+        if not start.get("go", True) and not _go_asked(link):
+            return  # "exit" before "go": the migration ended before its switchover
+        pager.start(uffd_fd, int(start["src_pid"]), regions)
         last = 0.0
         while not pager.wait(0.05):
             if _exit_asked(link):
@@ -516,6 +519,17 @@ def run(link: PagerLink) -> None:
         if ledger is not None:
             ledger.close()
         _fds.close_all(fds)
+
+
+def _go_asked(link: PagerLink) -> bool:
+    """Wait for the destination's "go" (the source is paused now); False on "exit"."""
+    while True:
+        message, fds = link.recv()
+        _fds.close_all(fds)
+        if "go" in message:
+            return True
+        if "exit" in message:
+            return False
 
 
 def _exit_asked(link: PagerLink, wait: float = 0.0) -> bool:

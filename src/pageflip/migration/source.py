@@ -65,7 +65,7 @@ from ..guests import Guest
 from ..memory import Region
 from ..transport import Address, TcpAuth, refusal
 from ._gil import responsive
-from .digests import GcPause, PageDigests, sample_digest
+from .digests import GcPause, PageDigests
 from .events import (
     CommitEvent,
     DoneEvent,
@@ -437,15 +437,21 @@ class Source:
         mode = self._choose_mode()
         self._mode = mode
         regions = self.guest.regions
-        # A precopy that may fall back to postcopy asks the destination to get ready for it.
-        may_postcopy = mode == "postcopy" or (
+        # Rounds that may end in postcopy ask the destination to get its pager ready; a pure
+        # postcopy lets it hand its memory to the pager before the pause, too.
+        if mode == "postcopy" and self.options.postcopy_after_rounds == 0:
+            wire = stream.Mode.POSTCOPY
+        elif mode == "postcopy" or (
             mode == "precopy"
             and self.options.on_no_convergence == "postcopy"
             and stream.Feature.POSTCOPY in self._features
-        )
+        ):
+            wire = stream.Mode.PRECOPY_POSTCOPY
+        else:
+            wire = stream.Mode[mode.upper()]
         link.send(
             stream.Setup(
-                mode=stream.Mode.POSTCOPY if may_postcopy else stream.Mode[mode.upper()],
+                mode=wire,
                 chunk_pages=1,
                 src_pid=os.getpid(),
                 regions=[stream.RegionInfo(r.name, r.size, r.address, r.movable) for r in regions],
@@ -515,28 +521,22 @@ class Source:
         self._gc.pause()  # until the guest runs again (here or there)
         self._paused_at = self.guest.pause()
         state = self.guest.save_state()
-        flips: list[stream.FlipRegion] = []
-        samples: list[int] = []
-        for index, (region, _, offset, inode) in enumerate(handles):
-            view = region.view()
-            try:
-                sample = sample_digest(view, region.size // PAGE_SIZE, seed=inode)
-            finally:
-                view.release()
-            samples.append(sample)
-            flips.append(
-                stream.FlipRegion(
-                    index=index,
-                    fd_index=index,
-                    offset=offset,
-                    size=region.size,
-                    inode=inode,
-                    sample_digest=sample,
-                )
+        # The destination checks each memfd by identity (device, inode, seals, size): it is
+        # this very file, so nothing of its pages needs hashing inside the pause.
+        flips = [
+            stream.FlipRegion(
+                index=index,
+                fd_index=index,
+                offset=offset,
+                size=region.size,
+                inode=inode,
+                sample_digest=0,
             )
+            for index, (region, _, offset, inode) in enumerate(handles)
+        ]
         fds = [fd for _, fd, _, _ in handles]
         link.send(stream.Flip(regions=flips, fds=fds), "switchover")
-        switchover = stream.Switchover(paused_at=self._paused_at, digests=samples, state=state)
+        switchover = stream.Switchover(paused_at=self._paused_at, digests=[], state=state)
         link.send(switchover, "switchover")
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]

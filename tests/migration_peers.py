@@ -176,6 +176,7 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
             "status": guest.status(),
             "frames": frames_sample(guest),
             "done": dest.done,
+            "pager_exits": dest.pager_exits,
         }
     )
     guest.close()

@@ -326,6 +326,7 @@ def test_postcopy_runs_early_and_faults_pages_in(run: Run) -> None:
     kinds = _kinds(src["events"])
     assert kinds == ["setup", "switchover", "prepared", "commit", "resumed", "postcopy", "done"]
     assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert dst["pager_exits"] == [0]  # the pager finished cleanly, too
     assert src["memfds_left"] == []
     assert _pagers() == []
 

@@ -249,6 +249,7 @@ class Destination:
         self._start = 0.0
         self._pager: PagerLink | None = None
         self._pager_proc: subprocess.Popen[bytes] | None = None
+        self.pager_exits: list[int] = []  # each pager's exit status (negative: a signal)
         self._pager_starts = 0
         self._prefault: Prefault | None = None
         self._hasher = Hasher()
@@ -854,6 +855,9 @@ class Destination:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            self.pager_exits.append(proc.returncode)
+            if proc.returncode != 0:
+                log.warning("the postcopy pager exited with status %s", proc.returncode)
         if self._uffd >= 0 and not keep_uffd:
             os.close(self._uffd)
             self._uffd = -1

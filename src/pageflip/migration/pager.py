@@ -175,8 +175,10 @@ class Ledger:
         return self._digests[lo:hi], self._installed[lo:hi]
 
     def close(self) -> None:
+        """Unmap, once every view of :meth:`region` is gone (else the views keep it)."""
         del self._digests, self._installed
-        self._map.close()
+        with contextlib.suppress(BufferError):  # a view still held: freed with it
+            self._map.close()
 
 
 def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:
@@ -481,6 +483,7 @@ def run(link: PagerLink) -> None:
     pager = Pager()
     fds: list[int] = []
     ledger: Ledger | None = None
+    regions: list[PagerRegion] = []
     try:
         link.send({"ready": True, "pid": os.getpid()})
         message, fds = link.recv()
@@ -515,7 +518,8 @@ def run(link: PagerLink) -> None:
         pass  # the destination went away: nothing more to serve
     finally:
         pager.close()
-        pager.regions = []  # the ledger's views go with them
+        pager.regions = []
+        regions.clear()  # the ledger's views go with them
         if ledger is not None:
             ledger.close()
         _fds.close_all(fds)

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pageflip import stream
+from pageflip.channel import Endpoint as Link
 from pageflip.guests import BadGuestState, Workload
 from pageflip.migration.destination import Destination
-from pageflip.migration.link import Link
 from pageflip.migration.source import Source
 
 

@@ -13,9 +13,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import pageflip as pf
+from pageflip.channel import Endpoint as Link
 from pageflip.guests import Workload
 from pageflip.migration.destination import Destination
-from pageflip.migration.link import Link
 from pageflip.migration.source import MigrationOptions, Source
 
 
@@ -143,7 +143,7 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
         dest_module.Destination._handshake = die_in_handshake  # type: ignore[method-assign]
         del original_handshake
     if fault in ("kill-mid-round", "close-mid-round"):
-        original_pull = dest_module.Destination._pull
+        original_pull = dest_module.Destination._copy_in
 
         def fail_in_pull(self: Destination, event: Any) -> None:
             if fault == "kill-mid-round":
@@ -151,7 +151,7 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
             self.link.conn.close()
             raise pf.PeerClosed("closed on purpose", phase="receiving")
 
-        dest_module.Destination._pull = fail_in_pull  # type: ignore[method-assign]
+        dest_module.Destination._copy_in = fail_in_pull  # type: ignore[method-assign]
         del original_pull
     if fault == "kill-at-switchover":
 

@@ -114,7 +114,7 @@ def offer_fd_then_gift(
     """Gift ``length`` bytes at ``offset`` of the passed fd as if it were a memfd, twice
     (the reader refuses it in receive() and in receive_into()); report what the channel
     said each time; then gift a good region and report its digest."""
-    from pageflip.channel import _Piece
+    from pageflip.channel.transfer import _Piece
     from pageflip.memory import Memfd
 
     memfd = Memfd(passed.fd)

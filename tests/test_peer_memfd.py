@@ -30,7 +30,8 @@ import peers
 from pageflip._sys import mm
 from pageflip._sys.flags import Memfd as MemfdFlags
 from pageflip._sys.flags import Seal
-from pageflip.memory import Memfd, check_peer_memfd
+from pageflip.channel import check_peer_memfd
+from pageflip.memory import Memfd
 
 PAGE = pf.PAGE_SIZE
 

@@ -13,14 +13,15 @@ we are asked to build wrong is a :class:`LocalProtocolError`.
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from ._sys.fds import MAX_FDS, close_all
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, PeerAborted, RemoteProtocolError
 
 MAGIC = b"PFCH"
 VERSION = 1
@@ -40,6 +41,7 @@ class FrameType(enum.IntEnum):
     PIPE = 4
     DONE = 5
     REFUSE = 6
+    NOTE = 7
 
 
 class PullMethod(enum.IntEnum):
@@ -119,7 +121,15 @@ class Refuse:
     reason: str
 
 
-Frame = Hello | Offer | Pull | Pipe | Done | Refuse
+@dataclass
+class Note:
+    """A JSON object and fds: what a destination and its postcopy pager tell each other."""
+
+    message: dict[str, Any]
+    fds: list[int] = field(default_factory=list)
+
+
+Frame = Hello | Offer | Pull | Pipe | Done | Refuse | Note
 
 
 def _text(data: str, what: str, limit: int) -> bytes:
@@ -159,6 +169,9 @@ def encode(frame: Frame) -> tuple[bytes, list[int]]:
     elif isinstance(frame, Refuse):
         reason = _text(frame.reason, "reason", MAX_TEXT)
         kind, payload = FrameType.REFUSE, _REFUSE.pack(len(reason)) + reason
+    elif isinstance(frame, Note):
+        kind, payload = FrameType.NOTE, json.dumps(frame.message, separators=(",", ":")).encode()
+        fds = frame.fds
     else:  # pragma: no cover - the union is closed
         raise LocalProtocolError(f"cannot encode {frame!r}")
     if len(fds) > MAX_FDS:
@@ -332,6 +345,15 @@ class Decoder:
         except UnicodeDecodeError:
             raise self._error("reason is not UTF-8", "REFUSE", HEADER.size + _REFUSE.size) from None
 
+    def _note(self, payload: bytes, fds: list[int]) -> Frame:
+        try:
+            message = json.loads(payload)
+        except ValueError as err:
+            raise self._error(f"not JSON: {err}", "NOTE", HEADER.size) from None
+        if not isinstance(message, dict):
+            raise self._error("not a JSON object", "NOTE", HEADER.size)
+        return Note(message, fds)
+
     _parsers: ClassVar[dict[FrameType, Callable[[Decoder, bytes, list[int]], Frame]]] = {
         FrameType.HELLO: _hello,
         FrameType.OFFER: _offer,
@@ -339,6 +361,7 @@ class Decoder:
         FrameType.PIPE: _pipe,
         FrameType.DONE: _done,
         FrameType.REFUSE: _refuse,
+        FrameType.NOTE: _note,
     }
 
     def _check_spans(self, spans: list[SpanRow], nbytes: int, nfds: int, at: int) -> None:
@@ -361,3 +384,15 @@ class Decoder:
             raise self._error(f"spans do not add up to {nbytes} bytes", "OFFER", at)
         if nfds and not set(range(nfds)) <= used:
             raise self._error("an fd that no span uses", "OFFER", at)
+
+
+class WireCodec(Decoder):
+    """The channel's frames as a codec for :class:`pageflip.channel.Endpoint`: the decoder
+    and :func:`encode`. The channel has no frame that aborts a conversation (a REFUSE is an
+    answer), so :meth:`aborted` is always None."""
+
+    def encode(self, frame: Frame) -> tuple[bytes, list[int]]:
+        return encode(frame)
+
+    def aborted(self, frame: Any) -> PeerAborted | None:
+        return None

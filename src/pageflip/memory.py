@@ -17,11 +17,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
-import errno
 import functools
 import gc
 import os
-import stat
 import threading
 import types
 import weakref
@@ -35,7 +33,7 @@ import numpy.typing as npt
 from ._sys import mm, pagemap
 from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Map, Seal
 from ._sys.mm import PAGE_SIZE
-from .errors import BufferInUse, ClosedError, FeatureUnavailable, RemoteProtocolError, SpanError
+from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError
 
 __all__ = ["PAGE_SIZE", "Region", "Span", "physical_frames"]
 
@@ -64,110 +62,11 @@ class Memfd:
         return f"Memfd(fd={self.fd}{', shared' if self.shared else ''})"
 
 
-#: Seals that forbid the writable shared mapping a receiver makes of a peer's memfd.
-_NO_WRITES = int(Seal.WRITE | Seal.FUTURE_WRITE)
-_SHRINK = int(Seal.SHRINK)
-
-
-@functools.cache
-def _memfd_device() -> int:
-    """The device of the kernel's internal shmem mount, where every (non-hugetlb) memfd lives.
-
-    Probed once from a memfd of our own: one mount for the whole system, in every namespace.
-    """
-    fd = mm.memfd_create("pageflip:probe")
-    try:
-        return os.fstat(fd).st_dev
-    finally:
-        os.close(fd)
-
-
 #: What a page that never arrived holds instead of its data: postcopy writes it over every
 #: page it could no longer bring (its source died), so that such a page never reads as
 #: zeros, which a guest could take for data. 64 bytes of text, repeated over the page.
 LOST_PAGE_LINE = b"pageflip: this page never arrived: its source was lost mid-copy\n"
 LOST_PAGE = LOST_PAGE_LINE * (PAGE_SIZE // len(LOST_PAGE_LINE))
-
-
-def check_peer_memfd(
-    fd: int, *, offset: int, length: int, what: str, frame: str, inode: int | None = None
-) -> os.stat_result:
-    """Refuse, with a RemoteProtocolError, an fd a peer sent unless we may map bytes
-    ``[offset, offset+length)`` of it writable and shared, now and for as long as we like.
-
-    The one place that decides it, for the channel's OFFER and the migration's FLIP alike.
-    ``what`` names the fd's role in the message ("memfd 0 of the offer"), ``frame`` goes to
-    the error. The rules, each named in the message that refuses it:
-
-    * *not a memfd*: F_GET_SEALS fails (a pipe, socket, directory, a file on disk), or the
-      file is not a regular file on the kernel's internal shmem mount (a tmpfs file opened
-      by path, a hugetlb memfd);
-    * *not the memfd announced*: ``inode`` is given and differs (the device needs no field
-      of its own: the rule above already fixed it to the memfd mount);
-    * *not sealed against shrinking*: the peer could truncate it under our mapping, and
-      touching the lost pages would be a SIGBUS;
-    * *sealed against writes* (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE): we map it writable;
-    * *offset not page-aligned*, or *an empty range*: mmap cannot map that;
-    * *too short*: its size is less than ``offset + length``.
-
-    Seals are only ever added, never removed, so a memfd that passed carries SHRINK for
-    good: from the moment the seals were read, its size can never go down again (the
-    kernel refuses an ftruncate to a smaller size with EPERM, whoever holds the fd). That
-    is why the size is read after the seals: the returned stat (fstat after F_GET_SEALS)
-    has a size that stays a lower bound forever, and "truncated after the check" cannot
-    happen. (A write seal added after the check is harmless too: F_SEAL_WRITE fails with
-    EBUSY once we map the memfd writable, and F_SEAL_FUTURE_WRITE spares existing maps.)
-
-    Other errors (EBADF: the fd is not open) are ours, not the peer's: they propagate as
-    plain OSError.
-    """
-    try:
-        seals = mm.seal_bits(fd)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
-        raise RemoteProtocolError(
-            f"{what} is not a memfd (F_GET_SEALS: not a shmem file)", frame=frame
-        ) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_dev != _memfd_device():
-        raise RemoteProtocolError(
-            f"{what} is not a memfd (a file on device "
-            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}, memfds live on "
-            f"{os.major(_memfd_device())}:{os.minor(_memfd_device())})",
-            frame=frame,
-        )
-    if inode is not None and st.st_ino != inode:
-        raise RemoteProtocolError(
-            f"{what} is not the memfd announced: inode {st.st_ino}, announced {inode}",
-            frame=frame,
-        )
-    if not seals & _SHRINK:
-        raise RemoteProtocolError(
-            f"{what} is not sealed against shrinking (it could be truncated under our "
-            "mapping: SIGBUS)",
-            frame=frame,
-        )
-    if seals & _NO_WRITES:
-        which = "F_SEAL_WRITE" if seals & Seal.WRITE else "F_SEAL_FUTURE_WRITE"
-        raise RemoteProtocolError(
-            f"{what} is sealed against writes ({which}): a receiver maps it writable",
-            frame=frame,
-        )
-    if offset % PAGE_SIZE or offset < 0:
-        raise RemoteProtocolError(
-            f"{what}: offset {offset} is not page-aligned (a multiple of {PAGE_SIZE})",
-            frame=frame,
-        )
-    if length <= 0:
-        raise RemoteProtocolError(f"{what}: an empty range of {length} bytes", frame=frame)
-    if st.st_size < offset + length:
-        raise RemoteProtocolError(
-            f"{what} is too short: {st.st_size} bytes, bytes [{offset}, {offset + length}) "
-            "were announced",
-            frame=frame,
-        )
-    return st
 
 
 @dataclass(slots=True)
@@ -333,8 +232,8 @@ class Region:
     def from_memfds(cls, pieces: Sequence[tuple[Memfd, int, int]], name: str) -> Region:
         """A region mapping ``(memfd, fd_offset, length)`` pieces one after the other.
 
-        The memfds become the region's. A peer's memfds must have passed
-        :func:`check_peer_memfd` for their piece first.
+        The memfds become the region's. A peer's memfds are mapped through
+        :func:`pageflip.channel.map_peer_memfds`, which checks each piece first.
         """
         size = sum(length for _, _, length in pieces)
         size = _check_size(size)

@@ -2,7 +2,7 @@
 
 It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
 digest is kept as pages arrive and the region digests must equal the source's at
-switchover; with flip, each memfd must pass :func:`~pageflip.memory.check_peer_memfd` as the
+switchover; with flip, each memfd must pass :func:`~pageflip.channel.check_peer_memfd` as the
 very one the source named (device, inode, seals, size). Everything that can
 fail happens before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room
 for the guest is checked at SETUP, the guest is restored paused, the caller's ``prepare``
@@ -37,10 +37,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import features, stream
-from .._sys import io, mm, uffd
+from .._sys import mm, uffd
 from .._sys.fds import close_all
 from .._sys.flags import Madv, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
+from ..channel import Endpoint, ProcessWatch, map_peer_memfds, pull_from
 from ..dirty import Runs
 from ..errors import (
     DigestMismatch,
@@ -55,10 +56,11 @@ from ..errors import (
     migration_failure,
 )
 from ..guests import Guest, guest_class, guest_kinds
-from ..memory import Memfd, Region, check_peer_memfd
+from ..memory import Region
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
+from .codec import open_link
 from .digests import GcPause, PageDigests, region_digest
 from .events import (
     DoneEvent,
@@ -69,8 +71,7 @@ from .events import (
     ResumedEvent,
     SetupEvent,
 )
-from .link import Link, ProcessWatch
-from .pager import Ledger, PagerLink, present_pages
+from .pager import Ledger, open_pager_link, present_pages, recv_note, send_note
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
@@ -238,7 +239,7 @@ class Destination:
         for kind in guest_kinds():
             guest_class(kind).warm_up()
         self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
-        self._link: Link | None = None
+        self._link: Endpoint | None = None
         self._peer: ProcessWatch | None = None
         self._session = b""
         self._regions: list[Region] = []
@@ -247,7 +248,7 @@ class Destination:
         self._guest_class: type[Guest] | None = None
         self._guest: Guest | None = None
         self._start = 0.0
-        self._pager: PagerLink | None = None
+        self._pager: Endpoint | None = None
         self._pager_proc: subprocess.Popen[bytes] | None = None
         self.pager_exits: list[int] = []  # each pager's exit status (negative: a signal)
         self._pager_starts = 0
@@ -289,7 +290,7 @@ class Destination:
         return self._listener.path
 
     @property
-    def link(self) -> Link:
+    def link(self) -> Endpoint:
         assert self._link is not None
         return self._link
 
@@ -333,7 +334,7 @@ class Destination:
         try:
             conn = self._accept()
             self._start = time.monotonic()
-            self._link = Link(conn)
+            self._link = open_link(conn)
             if self._link.local:
                 self._peer = ProcessWatch.of(self._link.peer_pid())
             with responsive():
@@ -496,7 +497,7 @@ class Destination:
         while True:
             event = link.recv("receiving", self.timeout, spin=spin)
             if isinstance(event, stream.PullPages):
-                self._pull(event)
+                self._copy_in(event)
             elif isinstance(event, stream.Pages):
                 self._write(event)
             elif isinstance(event, stream.ZeroPages):
@@ -506,7 +507,7 @@ class Destination:
             elif isinstance(event, stream.RoundEnd):
                 link.send(stream.RoundAck(event.round), "receiving")
             elif isinstance(event, stream.Flip):
-                self._map_flip(event)
+                self._take_flip(event)
             elif isinstance(event, stream.Switchover):
                 return event
             elif isinstance(event, stream.Abort):
@@ -533,7 +534,8 @@ class Destination:
                 f"pages past the end of region {region.name!r} ({npages} pages)", frame="PAGES"
             )
 
-    def _pull(self, event: stream.PullPages) -> None:
+    def _copy_in(self, event: stream.PullPages) -> None:
+        """PULL_PAGES: copy these pages out of the source process (the channel's peer read)."""
         region, digests = self._region(event.region)
         self._check_runs(region, event.runs)
         assert self._setup is not None
@@ -542,10 +544,7 @@ class Destination:
         lengths = event.runs[:, 1].astype(np.uint64) * np.uint64(PAGE_SIZE)
         local = np.ascontiguousarray(np.stack([offsets + np.uint64(region.address), lengths], 1))
         remote = np.ascontiguousarray(np.stack([offsets + np.uint64(src), lengths], 1))
-        try:
-            io.pull_remote_parallel(self._setup.src_pid, local, remote)
-        except ProcessLookupError as err:
-            raise PeerClosed(f"the source process is gone: {err}", phase="receiving") from err
+        pull_from(self._setup.src_pid, local, remote, phase="receiving")
         self._hasher.submit(digests, event.runs)
 
     def _write(self, event: stream.Pages) -> None:
@@ -584,28 +583,19 @@ class Destination:
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
         return region, digests
 
-    def _map_flip(self, event: stream.Flip) -> None:
+    def _take_flip(self, event: stream.Flip) -> None:
+        """The source's memfds become the guest's regions here (checked and mapped by the
+        channel's rules for a peer's memory)."""
         assert self._setup is not None
         # The guest is paused from here until it resumes: no garbage collection meanwhile.
         self._gc.pause()
         infos = self._setup.regions
-        fds = list(event.fds)
-        event.fds = []
-        holders = [Memfd(fd, shared=True) for fd in fds]
+        fds, event.fds = list(event.fds), []
         try:
             if sorted(r.index for r in event.regions) != list(range(len(infos))):
                 raise RemoteProtocolError("FLIP does not name every region once", frame="FLIP")
             for fr in sorted(event.regions, key=lambda r: r.index):
                 info = infos[fr.index]
-                fd = holders[fr.fd_index].fd
-                check_peer_memfd(
-                    fd,
-                    offset=fr.offset,
-                    length=fr.size,
-                    what=f"memfd of region {info.name!r}",
-                    frame="FLIP",
-                    inode=fr.inode,
-                )
                 if fr.size != info.size:
                     raise RemoteProtocolError(
                         f"FLIP gives region {info.name!r} {fr.size} bytes, the setup "
@@ -614,16 +604,18 @@ class Destination:
                     )
                 # Not "shared": until the source lets go, both map the same range, and
                 # closing ours (on failure) must leave the source's pages alone.
-                own = Memfd(os.dup(fd))
-                try:
-                    region = Region.from_memfds([(own, fr.offset, fr.size)], info.name)
-                except BaseException:
-                    own.close()
-                    raise
+                region = map_peer_memfds(
+                    fds,
+                    [(fr.fd_index, fr.offset, fr.size)],
+                    info.name,
+                    frame="FLIP",
+                    what=[f"memfd of region {info.name!r}"],
+                    inodes=[fr.inode],
+                    shared=False,
+                )
                 self._regions.append(region)
         finally:
-            for holder in holders:
-                holder.close()
+            close_all(fds)
 
     # -- switchover: everything that can fail, then PREPARED -----------------------------
 
@@ -658,7 +650,7 @@ class Destination:
         guest.prepare_resume()
         if postcopy and self._uffd >= 0:  # handed over at SETUP: the source is paused now
             assert self._pager is not None
-            self._pager.send({"go": True})
+            send_note(self._pager, {"go": True})
         elif postcopy:
             self._hand_to_pager(guest.regions, digests_kept, go=True)
         if self._prepare is not None:
@@ -819,7 +811,7 @@ class Destination:
             ) from err
         finally:
             theirs.close()
-        self._pager = PagerLink(ours)
+        self._pager = open_pager_link(ours)
         message = self._pager_message(self.timeout)
         if message is None or not message.get("ready"):
             why = _pager_silence(message, self.timeout)
@@ -834,7 +826,7 @@ class Destination:
         seconds, None if the pager went away."""
         assert self._pager is not None
         try:
-            message, fds = self._pager.recv(timeout=timeout)
+            message, fds = recv_note(self._pager, timeout)
         except PeerTimeout:
             return {}
         except (PeerClosed, RemoteProtocolError, OSError):
@@ -847,7 +839,7 @@ class Destination:
         proc, self._pager_proc = self._pager_proc, None
         if pager is not None:
             with contextlib.suppress(Exception):
-                pager.send({"exit": True})
+                send_note(pager, {"exit": True})
             pager.close()
         if proc is not None:
             try:
@@ -906,7 +898,8 @@ class Destination:
                     "fd_offset": extent.fd_offset,
                 }
             )
-        self._pager.send(
+        send_note(
+            self._pager,
             {"start": {"src_pid": self._setup.src_pid, "regions": layout, "go": go}},
             [self._uffd, self._ledger_fd, *memfds],
         )
@@ -945,33 +938,33 @@ class Destination:
             link = None if self._link is None or self._link.closed else self._link
             ready = self._wait_postcopy(link)
             pager = self._pager
-            if pager is not None and (pager.buffered() or pager.sock.fileno() in ready):
+            if pager is not None and (pager.pending or pager.fileno() in ready):
                 st.pager_heard = time.monotonic()
                 self._from_pager(guest, st, link)
             elif st.report is None and time.monotonic() - st.pager_heard > PAGER_SILENCE:
                 self._restart_pager(guest, f"it said nothing for {PAGER_SILENCE:g} s (hung?)")
                 st.pager_heard = time.monotonic()
-            if link is not None and (link.decoder.buffered or link.conn.fileno() in ready):
+            if link is not None and (link.pending or link.fileno() in ready):
                 self._from_source(st, link)
             elif link is None and self._listener.fileno() in ready and self._take_recovery():
                 st.lost_link_at = None
                 st.silent_since = time.monotonic()
         self._finish_postcopy(guest, st.report, st.theirs)
 
-    def _wait_postcopy(self, link: Link | None) -> set[int]:
+    def _wait_postcopy(self, link: Endpoint | None) -> set[int]:
         """Wait (a quarter second at most) for the pager, the source, or a reconnection."""
-        fds = [self._pager.sock.fileno()] if self._pager is not None else []
+        fds = [self._pager.fileno()] if self._pager is not None else []
         if link is not None:
-            fds.append(link.conn.fileno())
+            fds.append(link.fileno())
         elif not self._listener.closed:
             fds.append(self._listener.fileno())
-        buffered = (self._pager is not None and self._pager.buffered()) or (
-            link is not None and link.decoder.buffered > 0
+        buffered = (self._pager is not None and self._pager.pending) or (
+            link is not None and link.pending
         )
         ready, _, _ = select.select(fds, [], [], 0 if buffered else 0.25)
         return set(ready)
 
-    def _from_pager(self, guest: Guest, st: _Followed, link: Link | None) -> None:
+    def _from_pager(self, guest: Guest, st: _Followed, link: Endpoint | None) -> None:
         message = self._pager_message(0)
         if message is None:
             self._restart_pager(guest, "it went away")
@@ -998,7 +991,7 @@ class Destination:
         elif "error" in message:
             self._restart_pager(guest, f"it failed: {message['error']}")
 
-    def _from_source(self, st: _Followed, link: Link) -> None:
+    def _from_source(self, st: _Followed, link: Endpoint) -> None:
         try:
             event = link.poll("postcopy")
         except (PeerClosed, RemoteProtocolError, OSError) as err:
@@ -1065,7 +1058,7 @@ class Destination:
         except (PageflipError, OSError) as err:
             log.warning("postcopy: refused a connection: %s", err)
             return False
-        link = Link(conn)
+        link = open_link(conn)
         self._link = link
         try:
             hello = link.expect((stream.Hello,), "recovering", 5.0)

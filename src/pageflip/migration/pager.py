@@ -21,15 +21,14 @@ If the pager itself dies, the destination (which keeps its own uffd) starts anot
 finds the pages already in by SEEK_DATA on the memfds and goes on.
 
 Run as ``python -m pageflip._pager FD`` where FD is one end of a Unix socket pair; the
-conversation on it is JSON lines with fds attached (see :class:`PagerLink`). The pager logs
-to its stderr, which is the destination's.
+conversation on it is the channel's framing, one JSON object (with fds) per frame (see
+:func:`open_pager_link`). The pager logs to its stderr, which is the destination's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import mmap
 import os
@@ -48,8 +47,11 @@ from .._sys import fds as _fds
 from .._sys import io, mm, uffd
 from .._sys.flags import Map, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
-from ..errors import PeerClosed, PeerTimeout, RemoteProtocolError
+from .._wire import Note, WireCodec
+from ..channel import Endpoint, read_from
+from ..errors import PeerClosed, PeerTimeout
 from ..memory import LOST_PAGE
+from ..transport import UnixConnection
 from .digests import hash_pages
 
 log = logging.getLogger("pageflip.pager")
@@ -58,73 +60,27 @@ log = logging.getLogger("pageflip.pager")
 STEP_PAGES = 64
 #: Pages after a faulting one installed with it (most guests read on).
 FAULT_AHEAD = 15
-#: Longest message line either side accepts.
-MAX_LINE = 1 << 20
 #: Seconds between progress messages.
 PROGRESS_EVERY = 0.1
 
 
-class PagerLink:
-    """JSON lines with fds over a Unix socket: between the destination and its pager."""
+def open_pager_link(sock: socket.socket) -> Endpoint:
+    """The conversation between a destination and its pager over their socket pair: the
+    channel's framing, one :class:`~pageflip._wire.Note` (a JSON object and fds) per
+    message, bounded like every frame."""
+    return Endpoint(UnixConnection(sock), WireCodec())
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = bytearray()
-        self._fds: list[int] = []
 
-    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        try:
-            sent = _fds.sendmsg(self.sock, data, fds)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
-        except (BrokenPipeError, ConnectionResetError) as err:
-            raise PeerClosed("the other end of the pager link went away", phase="pager") from err
+def send_note(link: Endpoint, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send ``message`` (with ``fds``, which stay the caller's)."""
+    link.send(Note(message, list(fds or [])), "pager")
 
-    def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The next message and the fds that came with it (PeerClosed at EOF, PeerTimeout
-        after ``timeout`` seconds of silence)."""
-        while b"\n" not in self._buf:
-            if len(self._buf) > MAX_LINE:
-                raise RemoteProtocolError(
-                    f"a pager message longer than {MAX_LINE} bytes", frame="pager"
-                )
-            if timeout is not None:
-                ready, _, _ = select.select([self.sock], [], [], timeout)
-                if not ready:
-                    raise PeerTimeout(f"the pager link was silent for {timeout:g} s", phase="pager")
-            view = memoryview(bytearray(1 << 16))
-            try:
-                n, fds = _fds.recvmsg_into(self.sock, view)
-            except ConnectionResetError as err:
-                raise PeerClosed(
-                    "the other end of the pager link went away", phase="pager"
-                ) from err
-            self._fds.extend(fds)
-            if n == 0:
-                raise PeerClosed("the other end of the pager link went away", phase="pager")
-            self._buf += view[:n]
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        try:
-            message = json.loads(line)
-        except ValueError as err:
-            raise RemoteProtocolError(
-                f"a pager message is not JSON: {err}", frame="pager"
-            ) from None
-        if not isinstance(message, dict):
-            raise RemoteProtocolError("a pager message is not a JSON object", frame="pager")
-        fds, self._fds = self._fds, []
-        return message, fds
 
-    def buffered(self) -> bool:
-        """Whether a whole message is already read and waiting (recv() will not block)."""
-        return b"\n" in self._buf
-
-    def close(self) -> None:
-        _fds.close_all(self._fds)
-        self._fds = []
-        self.sock.close()
+def recv_note(link: Endpoint, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
+    """The next message and the fds that came with it (now the caller's): PeerClosed at
+    EOF, PeerTimeout after ``timeout`` seconds of silence."""
+    note = link.expect((Note,), "pager", timeout)
+    return note.message, note.fds
 
 
 @dataclass
@@ -346,7 +302,7 @@ class Pager:
             local = io.iovecs([(buffer.address, nbytes)])
             remote = io.iovecs([(region.src_address + first * PAGE_SIZE, nbytes)])
             try:
-                done = io.pull_remote(self.src_pid, local, remote)
+                done = read_from(self.src_pid, local, remote)
             except OSError as err:
                 done, why = -1, f"process_vm_readv(pid={self.src_pid}): {err.strerror or err}"
             else:
@@ -478,15 +434,15 @@ def _regions(start: dict[str, Any], memfds: list[int], ledger: Ledger) -> list[P
     return regions
 
 
-def run(link: PagerLink) -> None:
+def run(link: Endpoint) -> None:
     """The pager process: threads up, ready; take the memory; fill it; report; exit."""
     pager = Pager()
     fds: list[int] = []
     ledger: Ledger | None = None
     regions: list[PagerRegion] = []
     try:
-        link.send({"ready": True, "pid": os.getpid()})
-        message, fds = link.recv()
+        send_note(link, {"ready": True, "pid": os.getpid()})
+        message, fds = recv_note(link)
         if "start" not in message:
             return
         start = message["start"]
@@ -494,7 +450,7 @@ def run(link: PagerLink) -> None:
         counts = [int(r["size"]) // PAGE_SIZE for r in start["regions"]]
         ledger = Ledger(ledger_fd, counts)
         regions = _regions(start, memfds, ledger)
-        link.send({"started": True})
+        send_note(link, {"started": True})
         if not start.get("go", True) and not _go_asked(link):
             return  # "exit" before "go": the migration ended before its switchover
         pager.start(uffd_fd, int(start["src_pid"]), regions)
@@ -505,13 +461,13 @@ def run(link: PagerLink) -> None:
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY:
                 last = now
-                link.send({"progress": pager.progress()})
+                send_note(link, {"progress": pager.progress()})
         pager.wake_all()
-        link.send({"progress": pager.progress()})
+        send_note(link, {"progress": pager.progress()})
         if pager.source_gone is not None:
-            link.send({"lost": f"{pager.lost_pages} pages never came: {pager.source_gone}"})
+            send_note(link, {"lost": f"{pager.lost_pages} pages never came: {pager.source_gone}"})
         else:
-            link.send({"complete": pager.stats()})
+            send_note(link, {"complete": pager.stats()})
         while not _exit_asked(link, wait=600):
             pass
     except (PeerClosed, PeerTimeout):
@@ -525,10 +481,10 @@ def run(link: PagerLink) -> None:
         _fds.close_all(fds)
 
 
-def _go_asked(link: PagerLink) -> bool:
+def _go_asked(link: Endpoint) -> bool:
     """Wait for the destination's "go" (the source is paused now); False on "exit"."""
     while True:
-        message, fds = link.recv()
+        message, fds = recv_note(link)
         _fds.close_all(fds)
         if "go" in message:
             return True
@@ -536,15 +492,14 @@ def _go_asked(link: PagerLink) -> bool:
             return False
 
 
-def _exit_asked(link: PagerLink, wait: float = 0.0) -> bool:
+def _exit_asked(link: Endpoint, wait: float = 0.0) -> bool:
     """Whether the destination said "exit" (waiting up to ``wait`` seconds for a word)."""
-    if not link.buffered():
-        ready, _, _ = select.select([link.sock], [], [], wait)
-        if not ready:
-            return False
-    message, fds = link.recv()
+    note = link.poll("pager", wait)
+    if note is None:
+        return False
+    fds = getattr(note, "fds", [])
     _fds.close_all(fds)
-    return "exit" in message
+    return isinstance(note, Note) and "exit" in note.message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,17 +510,18 @@ def main(argv: list[str] | None = None) -> int:
         format=f"pageflip pager[{os.getpid()}]: %(levelname)s: %(message)s",
     )
     sock = socket.socket(fileno=int(args[0]))
-    link = PagerLink(sock)
+    link = open_pager_link(sock)
     try:
         run(link)
     except Exception as err:
         log.exception("the pager failed")
         with contextlib.suppress(Exception):
-            link.send(
+            send_note(
+                link,
                 {
                     "error": f"{type(err).__name__}: {err} (pager pid {os.getpid()}, "
                     "traceback on the destination's stderr)"
-                }
+                },
             )
         return 1
     finally:

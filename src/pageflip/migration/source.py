@@ -43,9 +43,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import features, stream
-from .._sys import io
 from .._sys.mm import PAGE_SIZE
-from .._sys.procfs import sysctl
+from ..channel import Endpoint, ProcessWatch, allow_peer_read, forbid_peer_read
 from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages
 from ..errors import (
     DigestMismatch,
@@ -54,7 +53,6 @@ from ..errors import (
     PageflipError,
     PeerAborted,
     PeerClosed,
-    PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
     SpanError,
@@ -63,8 +61,9 @@ from ..errors import (
 )
 from ..guests import Guest
 from ..memory import Region
-from ..transport import Address, TcpAuth, refusal
+from ..transport import Address, TcpAuth
 from ._gil import responsive
+from .codec import open_link
 from .digests import GcPause, PageDigests
 from .events import (
     CommitEvent,
@@ -80,7 +79,6 @@ from .events import (
     SetupEvent,
     SwitchoverEvent,
 )
-from .link import Link, ProcessWatch
 from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
 
 log = logging.getLogger("pageflip.migration")
@@ -99,7 +97,7 @@ CONNECT_GRACE = 3.0
 #: so silence means the address is something else (or busy with another migration).
 HANDSHAKE_TIMEOUT = 1.0
 #: Seconds the source polls for the destination's PREPARED and RESUMED before sleeping:
-#: the guest is paused meanwhile (see Link.recv).
+#: the guest is paused meanwhile (see Endpoint.recv).
 SWITCHOVER_SPIN = 0.25
 #: Seconds of a pause after which the events held back during it go out all the same.
 HOLD_EVENTS = 0.05
@@ -195,7 +193,7 @@ class Source:
         self._phases = PhaseMachine(SOURCE_TRANSITIONS, SourcePhase.IDLE)
         self._cancel = threading.Event()
         self._recover: queue.Queue[Address] = queue.Queue()
-        self._link: Link | None = None
+        self._link: Endpoint | None = None
         self._peer: ProcessWatch | None = None
         self._session = os.urandom(16)
         self._start = 0.0
@@ -331,7 +329,7 @@ class Source:
             )
 
     @property
-    def link(self) -> Link:
+    def link(self) -> Endpoint:
         assert self._link is not None
         return self._link
 
@@ -366,7 +364,7 @@ class Source:
                         guest="source",
                     ) from None
                 time.sleep(0.1)
-        self._link = Link(conn, compress=self.options.compress, interrupt=self._waiting)
+        self._link = open_link(conn, compress=self.options.compress, interrupt=self._waiting)
         if self._link.local:
             self._peer = ProcessWatch.of(self._link.peer_pid())
 
@@ -408,12 +406,7 @@ class Source:
                 phase="setup",
                 guest="source",
             ) from None
-        except (RemoteProtocolError, PeerClosed) as err:
-            why = refusal(link.head)
-            if why is not None:
-                raise PeerRejected(why, phase="setup") from None
-            if isinstance(err, PeerClosed):
-                raise
+        except RemoteProtocolError as err:
             if err.offset is not None and err.offset < stream.HEADER.size:
                 raise MigrationError(
                     f"{self.address} is not a pageflip destination: it answered {link.head[:24]!r}",
@@ -543,13 +536,11 @@ class Source:
 
     # -- precopy --------------------------------------------------------------------------
 
-    def _pull_allowed(self) -> bool:
+    def _peer_may_read(self) -> bool:
         if stream.Feature.PULL not in self._features:
             return False
-        if not self._ptracer and sysctl("kernel.yama.ptrace_scope") == "1":
-            with contextlib.suppress(OSError):
-                io.set_ptracer(self.link.peer_pid())
-                self._ptracer = True
+        if not self._ptracer:
+            self._ptracer = allow_peer_read(self.link.peer_pid())
         return True
 
     def _precopy(self, *, postcopy: bool) -> None:
@@ -558,7 +549,7 @@ class Source:
         link = self.link
         opts = self.options
         regions = self.guest.regions
-        pull = self._pull_allowed()
+        pull = self._peer_may_read()
         digests = [PageDigests(r.address, r.size // PAGE_SIZE, r.view()) for r in regions]
         self._digests = digests
         self._sent = [np.zeros(d.npages, np.bool_) for d in digests]
@@ -833,7 +824,7 @@ class Source:
     def _reconnect(self, address: Address) -> None:
         """A new connection for the same session: HELLO, RECOVER, ACCEPTED."""
         conn = address.connect(self.options.timeout, auth=self.options.auth)
-        self._link = Link(conn, compress=self.options.compress)
+        self._link = open_link(conn, compress=self.options.compress)
         try:
             self._hello()
             self.link.send(stream.Recover(), "recovering")
@@ -1016,8 +1007,7 @@ class Source:
             peer.close()
         if self._ptracer:
             self._ptracer = False
-            with contextlib.suppress(OSError):
-                io.set_ptracer(0)
+            forbid_peer_read()
 
     def _failed(self, err: BaseException) -> MigrationError:
         """Before the commit point: tell the peer (ABORT), then resume the guest here, then

@@ -36,14 +36,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import features
-from ._sys import io, mm
-from ._sys.fds import close_all
-from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
-from ._sys.mm import PAGE_SIZE
-from ._sys.procfs import mappings, sysctl
-from ._wire import (
-    Decoder,
+from .. import features
+from .._sys import io, mm
+from .._sys.fds import close_all
+from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
+from .._sys.mm import PAGE_SIZE
+from .._sys.procfs import mappings
+from .._wire import (
     Done,
     Frame,
     Hello,
@@ -54,21 +53,22 @@ from ._wire import (
     PullMethod,
     Refuse,
     SpanRow,
-    encode,
+    WireCodec,
 )
-from .errors import (
+from ..errors import (
     ClosedError,
     LocalProtocolError,
     PageflipError,
     PeerClosed,
     PeerRefused,
-    PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
     SpanError,
 )
-from .memory import Memfd, Region, Span, check_peer_memfd, region_at, writable_address
-from .transport import UnixConnection, UnixListener, refusal
+from ..memory import Memfd, Region, Span, region_at, writable_address
+from ..transport import UnixConnection, UnixListener
+from .endpoint import Endpoint
+from .peer import allow_peer_read, check_peer_memfd, forbid_peer_read, map_peer_memfds, pull_from
 
 __all__ = ["Channel", "CopyMethod", "Listener", "Transfer", "channel_pair", "vmsplice"]
 
@@ -339,7 +339,7 @@ class Channel:
         self, connection: UnixConnection, *, name: str = "channel", timeout: float | None = None
     ) -> None:
         self._conn = connection
-        self._decoder = Decoder()
+        self._ep = Endpoint(connection, WireCodec())
         self._lock = threading.RLock()
         self._hello_sent = False
         self._peer_hello: Hello | None = None
@@ -372,8 +372,7 @@ class Channel:
 
     def close(self) -> None:
         """Close the connection (idempotent). The peer sees PeerClosed."""
-        self._decoder.close()
-        self._conn.close()
+        self._ep.close()
 
     def __enter__(self) -> Channel:
         return self
@@ -397,7 +396,7 @@ class Channel:
                 "a Channel can only be passed to a child process when it starts "
                 "(multiprocessing.Process args)"
             )
-        if self._decoder.buffered:
+        if self._ep.codec.buffered:
             raise LocalProtocolError("cannot hand over a channel with unread frames")
         return (_rebuild_channel, (reduction.DupFd(self.fileno()), self.name, self.timeout))
 
@@ -414,46 +413,25 @@ class Channel:
     def _say_hello(self) -> None:
         if not self._hello_sent:
             self._hello_sent = True
-            data, _ = encode(Hello(page_size=PAGE_SIZE))
-            self._conn.send(data, None, "handshake")
+            self._ep.send(Hello(page_size=PAGE_SIZE), "handshake")
 
     def _send(self, frame: Frame, phase: str) -> None:
         self._say_hello()
-        data, fds = encode(frame)
-        self._conn.send(data, fds, phase)
+        self._ep.send(frame, phase)
 
     def _recv(self, phase: str) -> Frame:
         """The next frame from the peer (after its hello), waiting for it."""
         self._say_hello()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
-                frame = self._decoder.next_frame()
+                frame: Frame = self._ep.recv(phase, self.timeout)
             except RemoteProtocolError as err:
                 self._broken = err
                 raise
-            if frame is not None:
-                if self._peer_hello is None:
-                    self._check_hello(frame)
-                    continue
-                return frame
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._conn.wait_readable(left):
-                    raise PeerTimeout(
-                        f"the peer sent nothing for {self.timeout} s ({phase})", phase=phase
-                    )
-            try:
-                data, fds = self._conn.recv()
-            except ConnectionResetError as err:
-                raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
-            if not data:
-                close_all(fds)
-                raise PeerClosed(f"the peer closed the channel ({phase})", phase=phase)
-            if self._peer_hello is None and (why := refusal(data)) is not None:
-                close_all(fds)
-                raise PeerRejected(why, phase=phase)
-            self._decoder.feed(data, fds)
+            if self._peer_hello is None:
+                self._check_hello(frame)
+                continue
+            return frame
 
     def _check_hello(self, frame: Frame) -> None:
         if not isinstance(frame, Hello):
@@ -548,7 +526,7 @@ class Channel:
         ptracer = False
         if copies and features.has("process_vm_readv"):
             flags |= OfferFlags.PEER_READ
-            ptracer = self._allow_peer_read()
+            ptracer = allow_peer_read(self._ep.sender_pid())
         try:
             self._send(Offer(flags, nbytes, name, spans, fds), "offer")
             while True:
@@ -573,8 +551,7 @@ class Channel:
                     )
         finally:
             if ptracer:
-                with contextlib.suppress(OSError):
-                    io.set_ptracer(0)
+                forbid_peer_read()
         if frame.nbytes != nbytes:
             raise self._fail(
                 RemoteProtocolError(
@@ -589,17 +566,6 @@ class Channel:
             frame.reason or None,
             time.perf_counter() - start,
         )
-
-    def _allow_peer_read(self) -> bool:
-        """Under Yama ptrace_scope 1, let the reader read our memory for this transfer."""
-        if sysctl("kernel.yama.ptrace_scope") != "1":
-            return False
-        pid = self._conn.peer()[0] if self._conn.last_pid == 0 else self._conn.last_pid
-        try:
-            io.set_ptracer(pid)
-        except OSError:
-            return False
-        return True
 
     def _push(self, method: PullMethod, pieces: list[_Piece], gift: bool) -> None:
         """Push the bytes of ``pieces`` the way the reader asked."""
@@ -743,17 +709,19 @@ class Channel:
             except RemoteProtocolError as err:
                 raise self._refuse(err) from None
 
-    def _map_offer(self, offer: Offer, name: str) -> Region:
+    @staticmethod
+    def _map_offer(offer: Offer, name: str) -> Region:
         """A new region mapping the offer's memfds: the move."""
-        holders = [Memfd(fd, shared=True) for fd in offer.fds]
-        offer.fds = []  # the holders own them now
-        try:
-            pieces = [(holders[row.fd_index], row.fd_offset, row.length) for row in offer.spans]
-            return Region.from_memfds(pieces, name)
-        except BaseException:
-            for holder in holders:
-                holder.close()
-            raise
+        region = map_peer_memfds(
+            offer.fds,
+            [(row.fd_index, row.fd_offset, row.length) for row in offer.spans],
+            name,
+            frame="OFFER",
+            what=[f"memfd {row.fd_index} of the offer" for row in offer.spans],
+        )
+        fds, offer.fds = offer.fds, []
+        close_all(fds)  # the region holds its own
+        return region
 
     def _take(
         self,
@@ -854,10 +822,8 @@ class Channel:
         if want in ("auto", "process_vm_readv") and offer.flags & _PEER_READ and pid > 0:
             remote = io.iovecs((s.src, s.length) for s in segs)
             try:
-                io.pull_remote_parallel(pid, local, remote)
+                pull_from(pid, local, remote, phase="process_vm_readv")
                 return "process_vm_readv"
-            except ProcessLookupError as err:
-                raise PeerClosed(f"the writer is gone: {err}", phase="process_vm_readv") from err
             except PermissionError as err:
                 if want == "process_vm_readv":
                     raise
@@ -887,17 +853,11 @@ class Channel:
         return "stream"
 
     def _stream_into(self, local: io.IovArray) -> None:
-        for base, length in local.tolist():
-            view = _bytes_at(int(base), int(length))
-            filled = 0
-            raw = self._decoder.take_raw(length)
-            view[: len(raw)] = raw
-            filled = len(raw)
-            while filled < length:
-                n = self._conn.recv_into(view[filled:])
-                if n == 0:
-                    raise self._fail(PeerClosed("the writer closed mid-stream", phase="stream"))
-                filled += n
+        try:
+            for base, length in local.tolist():
+                self._ep.read_raw_into(_bytes_at(int(base), int(length)), "stream")
+        except PeerClosed as err:
+            raise self._fail(err) from None
 
 
 def _check_copy_method(method: str) -> None:

@@ -1,0 +1,283 @@
+"""One connection's I/O loop: the frames of any sans-I/O codec over a socket, with deadlines.
+
+Every conversation pageflip holds runs through an :class:`Endpoint`: a channel's transfers
+(:mod:`pageflip._wire`), a migration (:mod:`pageflip.stream`) and a postcopy destination's
+talk with its pager (:class:`~pageflip._wire.Note` frames). The endpoint owns the socket and
+the codec; it is the one place that waits for a peer, and so the one place that decides
+what a silent, vanished, refusing or giving-up peer becomes:
+
+* no byte within the deadline: :class:`~pageflip.errors.PeerTimeout`;
+* end of stream or a reset: :class:`~pageflip.errors.PeerClosed`;
+* a listener's refusal marker as the first bytes: :class:`~pageflip.errors.PeerRejected`
+  with its reason (see :func:`pageflip.transport.tell_refused`);
+* the codec's own "I give up" frame (the migration's ABORT) where a caller :meth:`expects
+  <Endpoint.expect>` another: :class:`~pageflip.errors.PeerAborted`.
+
+A codec is bytes in, frames out and frames in, bytes out (:class:`Codec`); it never touches
+the socket, so each is tested without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .._sys.fds import close_all, pidfd_open
+from ..errors import PeerAborted, PeerClosed, PeerRejected, PeerTimeout, RemoteProtocolError
+from ..transport import Connection, UnixConnection, refusal
+
+#: Bytes asked of the socket per read, unless an endpoint is told otherwise (a migration
+#: asks for more: its frames carry page data).
+READ_SIZE = 64 << 10
+#: Longest sleep between two looks at ``interrupt`` while waiting for the peer.
+POLL_SLICE = 0.05
+#: How many of the peer's first bytes are kept (to say what answered, when it is not us).
+HEAD_SIZE = 64
+
+
+class Codec(Protocol):
+    """A sans-I/O codec: what an :class:`Endpoint` needs of one."""
+
+    def encode(self, frame: Any) -> tuple[bytes, list[int]]:
+        """The bytes of ``frame`` and the fds to attach to its first byte."""
+        ...
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        """Bytes (and fds) as they arrived; the codec owns the fds from here."""
+        ...
+
+    def next_frame(self) -> Any | None:
+        """The next whole frame, or None until more bytes arrive."""
+        ...
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes wait in the codec, not yet taken as frames."""
+        ...
+
+    def take_raw(self, n: int) -> bytes:
+        """Up to ``n`` buffered bytes that are not frames (raw data after a request)."""
+        ...
+
+    def aborted(self, frame: Any) -> PeerAborted | None:
+        """The error to raise if ``frame`` says the peer gave up, else None."""
+        ...
+
+    def close(self) -> None:
+        """Close the fds no frame took."""
+        ...
+
+
+class Endpoint:
+    """Frames of ``codec`` over ``conn``: send, receive with deadlines, expect.
+
+    ``interrupt`` is called every :data:`POLL_SLICE` seconds while a receive waits; it
+    raises to stop the wait (a cancel). ``read_size`` bytes are asked of the socket per
+    read. ``bytes_sent`` and ``bytes_received`` count what went over the socket.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        codec: Codec,
+        *,
+        interrupt: Callable[[], None] | None = None,
+        read_size: int = READ_SIZE,
+    ) -> None:
+        self.conn = conn
+        self.codec = codec
+        self.interrupt = interrupt
+        self.read_size = read_size
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        #: The first bytes the peer sent (to say what answered, when it is not pageflip).
+        self.head = b""
+
+    @property
+    def local(self) -> bool:
+        """True for a Unix socket: same host, fds can travel, memory can be pulled."""
+        return isinstance(self.conn, UnixConnection)
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes already read wait in the codec (a frame may be ready without the
+        socket being readable: look here before sleeping on it)."""
+        return self.codec.buffered > 0
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def peer_pid(self) -> int:
+        """The peer's pid as the kernel saw it at connect time (0 over TCP)."""
+        return self.conn.peer()[0]
+
+    def sender_pid(self) -> int:
+        """The pid stamped on the last message received (the connect-time pid if none)."""
+        last = getattr(self.conn, "last_pid", 0)
+        return int(last) or self.peer_pid()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, frame: Any, phase: str) -> int:
+        """Send ``frame`` whole; returns its size in bytes."""
+        data, fds = self.codec.encode(frame)
+        self.conn.send(data, fds, phase)
+        self.bytes_sent += len(data)
+        return len(data)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def recv(self, phase: str, timeout: float | None = None, spin: float = 0.0) -> Any:
+        """The next frame; PeerClosed at EOF, PeerTimeout after ``timeout`` seconds of
+        silence (None: as long as the peer lives).
+
+        ``spin`` seconds are spent polling before sleeping in the kernel: waking a process
+        from a blocking read can take milliseconds on an idle virtual CPU, which matters
+        only where a guest is paused waiting for us.
+        """
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + spin if spin else 0.0
+        while True:
+            frame = self.codec.next_frame()
+            if frame is not None:
+                return frame
+            if spin_until:
+                while time.monotonic() < spin_until and not self.conn.wait_readable(0):
+                    pass
+                spin_until = 0.0
+            self._wait(phase, deadline, timeout)
+            self._read(phase)
+
+    def poll(self, phase: str, wait: float = 0.0) -> Any | None:
+        """A frame if one is ready within ``wait`` seconds (now, by default), else None."""
+        frame = self.codec.next_frame()
+        if frame is not None:
+            return frame
+        if not self.conn.wait_readable(wait):
+            return None
+        self._read(phase)
+        return self.codec.next_frame()
+
+    def expect(
+        self,
+        kinds: tuple[type[Any], ...],
+        phase: str,
+        timeout: float | None = None,
+        spin: float = 0.0,
+    ) -> Any:
+        """The next frame, which must be one of ``kinds`` (the peer giving up is raised as
+        PeerAborted; anything else is a RemoteProtocolError)."""
+        frame = self.recv(phase, timeout, spin)
+        if isinstance(frame, kinds):
+            return frame
+        aborted = self.codec.aborted(frame)
+        if aborted is not None:
+            raise aborted
+        close_all(list(getattr(frame, "fds", [])))
+        names = " or ".join(k.__name__.upper() for k in kinds)
+        raise RemoteProtocolError(
+            f"{phase}: expected {names}, got {type(frame).__name__.upper()}",
+            frame=type(frame).__name__.upper(),
+        )
+
+    def read_raw_into(self, view: memoryview, phase: str) -> None:
+        """Fill ``view`` with raw bytes that follow the last frame (a stream copy)."""
+        raw = self.codec.take_raw(len(view))
+        view[: len(raw)] = raw
+        filled = len(raw)
+        while filled < len(view):
+            n = self.conn.recv_into(view[filled:])
+            if n == 0:
+                raise PeerClosed(f"the peer closed mid-stream ({phase})", phase=phase)
+            filled += n
+        self.bytes_received += len(view)
+
+    def _wait(self, phase: str, deadline: float | None, limit: float | None) -> None:
+        """Until the socket is readable; PeerTimeout once ``deadline`` has passed (a
+        deadline already passed still gets one look, so that a zero timeout polls)."""
+        while True:
+            wait = POLL_SLICE if self.interrupt is not None else None
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                wait = left if wait is None else min(wait, left)
+            if self.conn.wait_readable(wait):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PeerTimeout(
+                    f"the peer sent nothing for {_seconds(limit)} ({phase})", phase=phase
+                )
+            if self.interrupt is not None:
+                self.interrupt()
+
+    def _read(self, phase: str) -> None:
+        try:
+            data, fds = self.conn.recv(self.read_size)
+        except ConnectionResetError as err:
+            raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
+        if not data:
+            close_all(fds)
+            raise PeerClosed(f"the peer closed the connection ({phase})", phase=phase)
+        if not self.bytes_received and (why := refusal(data)) is not None:
+            close_all(fds)
+            raise PeerRejected(why, phase=phase)
+        if len(self.head) < HEAD_SIZE:
+            self.head += data[: HEAD_SIZE - len(self.head)]
+        self.bytes_received += len(data)
+        self.codec.feed(data, fds)
+
+    def close(self) -> None:
+        """Close the connection and any fds no frame took (idempotent)."""
+        with contextlib.suppress(Exception):
+            self.codec.close()
+        self.conn.close()
+
+
+def _seconds(value: float | None) -> str:
+    return "ever" if value is None else f"{value:g} s"
+
+
+class ProcessWatch:
+    """Whether a local peer process still lives, by a pidfd taken when it connected (so a
+    pid reused later by another process cannot pass for it)."""
+
+    def __init__(self, pidfd: int) -> None:
+        self._fd = pidfd
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessWatch | None:
+        """A watch on ``pid``, or None where it cannot be had (no pid, no pidfd_open)."""
+        if pid <= 0:
+            return None
+        try:
+            return cls(pidfd_open(pid))
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                return cls(-1)  # it is gone already
+            return None
+
+    def alive(self, grace: float = 0.0) -> bool:
+        """Whether the process still lives; waits up to ``grace`` seconds for it to end (a
+        killed process closes its sockets a moment before it counts as exited)."""
+        if self._fd < 0:
+            return False
+        readable, _, _ = select.select([self._fd], [], [], grace)
+        return not readable  # a pidfd becomes readable when its process exits
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

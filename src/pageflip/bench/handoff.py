@@ -58,7 +58,7 @@ from .._children import end_process, raise_failure, serve, stop_on_signals
 from ..channel import Channel, CopyMethod
 from ..errors import PageflipError
 from ..memory import PAGE_SIZE, Region
-from . import format_size
+from ..units import format_size
 from .common import BenchmarkError, machine, markdown_targets, now
 from .pattern import fill, page_sample, sample_expected
 

@@ -61,7 +61,7 @@ from .._sys.flags import Madv
 from .._sys.procfs import proc
 from ..errors import FeatureUnavailable, PageflipError
 from ..memory import PAGE_SIZE, Region
-from . import format_size, human_size
+from ..units import format_size, human_size
 from .common import BenchmarkError, finite, machine, markdown_targets, now
 
 __all__ = [

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench import format_size
 from ..bench.common import finite
+from ..units import format_size
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
 

@@ -653,6 +653,24 @@ def _check_run(key: str, size: int, received: dict[str, Any]) -> None:
         )
 
 
+class _Steps:
+    """Progress of a run: each step is announced before it starts."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self.on_progress = on_progress
+
+    def __call__(self, what: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total, what)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.total, self.total, "done")
+
+
 def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run the handoff benchmark and return its results as a JSON-ready dict.
 
@@ -660,19 +678,11 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> d
     (interleaved), the memcpy reference and the overhead rounds, then stops both processes,
     also when something fails.
     """
-    size = config.nbytes
     keys = config.keys()
     steps = 3 + config.repeat * (len(keys) + 1) + (1 if config.overhead_rounds else 0)
-    done = 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        if on_progress is not None:
-            on_progress(done, steps, what)
-        done += 1
-
+    step = _Steps(steps, on_progress)
     started = datetime.datetime.now(datetime.UTC)
-    runs = {k: _Runs(GIB if k == "move@1G" else size) for k in keys}
+    runs = {k: _Runs(GIB if k == "move@1G" else config.nbytes) for k in keys}
     memcpy: list[float] = []
     overhead: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -690,50 +700,69 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> d
                 end.close()
         sender, receiver = workers
         _gather(workers, "ready")
-        step(f"writing {format_size(size)} of pattern (sender), touching the target (receiver)")
-        sender.send("setup", size)
-        receiver.send("setup", size, config.threads)
-        _gather(workers)
-        step("warm-up: every method once, untimed")
-        for key in keys:
-            _, received = _handoff(sender, receiver, key, min(WARMUP_SIZE, size))
-            _check_run(key, min(WARMUP_SIZE, size), received)
+        _set_up(sender, receiver, config, step)
         for r in range(config.repeat):
-            for key in keys:
-                step(f"repeat {r + 1}/{config.repeat}: {key}")
-                row = runs[key]
-                sent, received = _handoff(sender, receiver, key, row.size)
-                _check_run(key, row.size, received)
-                row.access.append(received["t_access"] - sent["t0"])
-                row.touched.append(received["t_touched"] - sent["t0"])
-                row.transfers.append(received["transfer"])
-                row.sender_transfers.append(sent["transfer"])
+            _repeat(sender, receiver, runs, step, f"repeat {r + 1}/{config.repeat}")
             step(f"repeat {r + 1}/{config.repeat}: memcpy reference")
-            receiver.send("memcpy", size)
+            receiver.send("memcpy", config.nbytes)
             memcpy.extend(_gather([receiver]))
         if config.overhead_rounds:
             step(f"overhead: {config.overhead_rounds} one-page round trips")
-            rounds = OVERHEAD_WARMUP + config.overhead_rounds
-            receiver.send("overhead", rounds)
-            sender.send("overhead", rounds)
-            sent_o, received_o = _gather([sender, receiver])
-            overhead = {
-                "wall": sent_o["wall"][OVERHEAD_WARMUP:],
-                "gift_cpu": sent_o["cpu"][OVERHEAD_WARMUP:],
-                "receive_cpu": received_o["cpu"][OVERHEAD_WARMUP:],
-                "gift_user": sent_o["user"],
-                "gift_system": sent_o["system"],
-                "receive_user": received_o["user"],
-                "receive_system": received_o["system"],
-            }
+            overhead = _overhead_rounds(sender, receiver, config.overhead_rounds)
         finished = True
     finally:
         # After a failure or Ctrl-C a worker may be stuck in a transfer: do not wait long.
         for worker in workers:
             worker.stop(10.0 if finished else 1.0)
-    if on_progress is not None:
-        on_progress(steps, steps, "done")
+    step.finish()
     return _results(config, started, runs, memcpy, overhead)
+
+
+def _set_up(sender: _Worker, receiver: _Worker, config: HandoffConfig, step: _Steps) -> None:
+    """Fill the sender's data and the receiver's targets, then run every method once,
+    untimed (code paths, imports, the handshake)."""
+    size = config.nbytes
+    step(f"writing {format_size(size)} of pattern (sender), touching the target (receiver)")
+    sender.send("setup", size)
+    receiver.send("setup", size, config.threads)
+    _gather([sender, receiver])
+    step("warm-up: every method once, untimed")
+    methods = config.keys()
+    for key in methods:
+        _, received = _handoff(sender, receiver, key, min(WARMUP_SIZE, size))
+        _check_run(key, min(WARMUP_SIZE, size), received)
+
+
+def _repeat(
+    sender: _Worker, receiver: _Worker, runs: dict[str, _Runs], step: _Steps, label: str
+) -> None:
+    """One timed handoff of every method, in table order."""
+    for key, row in runs.items():
+        step(f"{label}: {key}")
+        sent, received = _handoff(sender, receiver, key, row.size)
+        _check_run(key, row.size, received)
+        row.access.append(received["t_access"] - sent["t0"])
+        row.touched.append(received["t_touched"] - sent["t0"])
+        row.transfers.append(received["transfer"])
+        row.sender_transfers.append(sent["transfer"])
+
+
+def _overhead_rounds(sender: _Worker, receiver: _Worker, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` one-page gift + receive round trips (after untimed warm-up rounds): wall
+    and CPU time of each, and getrusage's user/system split."""
+    total = OVERHEAD_WARMUP + rounds
+    receiver.send("overhead", total)
+    sender.send("overhead", total)
+    sent, received = _gather([sender, receiver])
+    return {
+        "wall": sent["wall"][OVERHEAD_WARMUP:],
+        "gift_cpu": sent["cpu"][OVERHEAD_WARMUP:],
+        "receive_cpu": received["cpu"][OVERHEAD_WARMUP:],
+        "gift_user": sent["user"],
+        "gift_system": sent["system"],
+        "receive_user": received["user"],
+        "receive_system": received["system"],
+    }
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -834,6 +863,27 @@ def _targets(
     return out
 
 
+def _overhead(overhead: dict[str, list[float]]) -> dict[str, Any]:
+    """The overhead rounds summed up: round trip percentiles, CPU per call."""
+    wall_us = np.array(overhead["wall"]) * 1e6
+    return {
+        "rounds": len(wall_us),
+        "what": "sender's gift() of a one-page movable region until the receiver's DONE; "
+        "the receiver loops receive() + close()",
+        "round_trip_median_us": float(np.median(wall_us)),
+        "round_trip_p10_us": float(np.percentile(wall_us, 10)),
+        "round_trip_p90_us": float(np.percentile(wall_us, 90)),
+        "gift_cpu_median_us": float(np.median(overhead["gift_cpu"]) * 1e6),
+        "receive_cpu_median_us": float(np.median(overhead["receive_cpu"]) * 1e6),
+        # getrusage's split of the same calls (mean over all rounds): user-space time is
+        # the Python overhead; system time is the kernel's share (syscalls, page tables).
+        "gift_user_us": overhead["gift_user"][0] * 1e6,
+        "gift_system_us": overhead["gift_system"][0] * 1e6,
+        "receive_user_us": overhead["receive_user"][0] * 1e6,
+        "receive_system_us": overhead["receive_system"][0] * 1e6,
+    }
+
+
 def _results(
     config: HandoffConfig,
     started: datetime.datetime,
@@ -846,25 +896,7 @@ def _results(
     memcpy_rate = size / memcpy_median / GIB
     move = runs.get("move")
     rows = {key: _row(key, r, move, memcpy_rate) for key, r in runs.items()}
-    over: dict[str, Any] = {}
-    if overhead:
-        wall_us = np.array(overhead["wall"]) * 1e6
-        over = {
-            "rounds": len(wall_us),
-            "what": "sender's gift() of a one-page movable region until the receiver's DONE; "
-            "the receiver loops receive() + close()",
-            "round_trip_median_us": float(np.median(wall_us)),
-            "round_trip_p10_us": float(np.percentile(wall_us, 10)),
-            "round_trip_p90_us": float(np.percentile(wall_us, 90)),
-            "gift_cpu_median_us": float(np.median(overhead["gift_cpu"]) * 1e6),
-            "receive_cpu_median_us": float(np.median(overhead["receive_cpu"]) * 1e6),
-            # getrusage's split of the same calls (mean over all rounds): user-space time is
-            # the Python overhead; system time is the kernel's share (syscalls, page tables).
-            "gift_user_us": overhead["gift_user"][0] * 1e6,
-            "gift_system_us": overhead["gift_system"][0] * 1e6,
-            "receive_user_us": overhead["receive_user"][0] * 1e6,
-            "receive_system_us": overhead["receive_system"][0] * 1e6,
-        }
+    over = _overhead(overhead) if overhead else {}
     return {
         "benchmark": "handoff",
         "date": started.isoformat(timespec="seconds"),

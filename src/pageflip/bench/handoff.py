@@ -48,7 +48,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,9 @@ __all__ = [
     "METHODS",
     "BenchmarkError",
     "HandoffConfig",
+    "HandoffResult",
+    "HandoffRow",
+    "HandoffTarget",
     "Method",
     "ProgressCallback",
     "markdown_table",
@@ -614,8 +617,8 @@ class _Runs:
     size: int
     access: list[float] = field(default_factory=list)
     touched: list[float] = field(default_factory=list)
-    transfers: list[dict[str, Any] | None] = field(default_factory=list)
-    sender_transfers: list[dict[str, Any] | None] = field(default_factory=list)
+    transfers: list[TransferRecord] = field(default_factory=list)
+    sender_transfers: list[TransferRecord] = field(default_factory=list)
 
 
 def _handoff(sender: _Worker, receiver: _Worker, key: str, size: int) -> tuple[Any, Any]:
@@ -671,7 +674,7 @@ class _Steps:
             self.on_progress(self.total, self.total, "done")
 
 
-def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> HandoffResult:
     """Run the handoff benchmark and return its results as a JSON-ready dict.
 
     Starts a sender and a receiver process, runs every method ``config.repeat`` times
@@ -765,6 +768,103 @@ def _overhead_rounds(sender: _Worker, receiver: _Worker, rounds: int) -> dict[st
     }
 
 
+# -- records ----------------------------------------------------------------------------------
+
+
+#: A transfer as the channel reports it (``Transfer.as_dict()``); None where there is none.
+TransferRecord = dict[str, Any] | None
+
+
+class HandoffRow(TypedDict):
+    """One method's results (seconds; rates in GiB/s; ratios to the move)."""
+
+    key: str
+    how: str
+    semantics: str
+    target: str
+    fallback: bool
+    size: int
+    access_seconds: list[float]
+    touched_seconds: list[float]
+    access_median: float
+    touched_median: float
+    access_min: float
+    touched_min: float
+    gib_per_s: float
+    ratio_to_move_access: float | None
+    ratio_to_move_touched: float | None
+    fraction_of_memcpy: float | None
+    pages_moved: int | None
+    pages_copied: int | None
+    reported_method: str | None
+    transfers: list[TransferRecord]
+    sender_transfers: list[TransferRecord]
+
+
+class HandoffTarget(TypedDict):
+    """One speed target, judged: ``passed`` None when not measured."""
+
+    id: str
+    text: str
+    measured: float | None
+    limit: float | None
+    unit: str
+    passed: bool | None
+    fastest_copy: NotRequired[str]
+    best_fallback: NotRequired[str]
+
+
+class Overhead(TypedDict, total=False):
+    """The one-page round trips (microseconds); empty when none ran."""
+
+    rounds: int
+    what: str
+    round_trip_median_us: float
+    round_trip_p10_us: float
+    round_trip_p90_us: float
+    gift_cpu_median_us: float
+    receive_cpu_median_us: float
+    gift_user_us: float
+    gift_system_us: float
+    receive_user_us: float
+    receive_system_us: float
+
+
+class Memcpy(TypedDict):
+    """The single-thread memcpy reference."""
+
+    what: str
+    seconds: list[float]
+    median: float
+    gib_per_s: float
+
+
+class HandoffNotes(TypedDict):
+    clock: str
+    touch: str
+    targets: str
+    order: str
+    statistic: str
+
+
+class HandoffResult(TypedDict):
+    """What :func:`run` returns and ``--json`` prints."""
+
+    benchmark: str
+    date: str
+    machine: dict[str, Any]
+    size: int
+    size_label: str
+    repeat: int
+    touch_threads: int
+    methods: list[str]
+    notes: HandoffNotes
+    memcpy: Memcpy
+    results: dict[str, HandoffRow]
+    overhead: Overhead
+    targets: list[HandoffTarget]
+
+
 # -- results ----------------------------------------------------------------------------------
 
 
@@ -778,7 +878,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> dict[str, Any]:
+def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> HandoffRow:
     method = METHODS[key]
     access = _median(runs.access)
     touched = _median(runs.touched)
@@ -809,7 +909,7 @@ def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> dict[
     }
 
 
-def _target(key: str, measured: float | None, limit: float | None, unit: str) -> dict[str, Any]:
+def _target(key: str, measured: float | None, limit: float | None, unit: str) -> HandoffTarget:
     passed = None if measured is None or limit is None else measured < limit
     return {
         "id": key,
@@ -822,8 +922,8 @@ def _target(key: str, measured: float | None, limit: float | None, unit: str) ->
 
 
 def _targets(
-    rows: dict[str, dict[str, Any]], memcpy_rate: float, overhead: dict[str, Any]
-) -> list[dict[str, Any]]:
+    rows: dict[str, HandoffRow], memcpy_rate: float, overhead: Overhead
+) -> list[HandoffTarget]:
     move = rows.get("move")
     move_1g = rows.get("move@1G")
     copies = [r for r in rows.values() if r["semantics"] == "copy"]
@@ -863,7 +963,7 @@ def _targets(
     return out
 
 
-def _overhead(overhead: dict[str, list[float]]) -> dict[str, Any]:
+def _overhead(overhead: dict[str, list[float]]) -> Overhead:
     """The overhead rounds summed up: round trip percentiles, CPU per call."""
     wall_us = np.array(overhead["wall"]) * 1e6
     return {
@@ -890,13 +990,13 @@ def _results(
     runs: dict[str, _Runs],
     memcpy: list[float],
     overhead: dict[str, list[float]],
-) -> dict[str, Any]:
+) -> HandoffResult:
     size = config.nbytes
     memcpy_median = _median(memcpy)
     memcpy_rate = size / memcpy_median / GIB
     move = runs.get("move")
     rows = {key: _row(key, r, move, memcpy_rate) for key, r in runs.items()}
-    over = _overhead(overhead) if overhead else {}
+    over = _overhead(overhead) if overhead else Overhead()
     return {
         "benchmark": "handoff",
         "date": started.isoformat(timespec="seconds"),
@@ -961,7 +1061,7 @@ def _times(x: float | None) -> str:
     return f"{x:.2f}" if x < 10 else f"{x:.0f}"
 
 
-def table_rows(result: dict[str, Any]) -> list[list[str]]:
+def table_rows(result: HandoffResult) -> list[list[str]]:
     """The results as rows of strings under :data:`COLUMNS`, memcpy reference last."""
     rows = []
     for row in result["results"].values():
@@ -997,7 +1097,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _measured(target: dict[str, Any]) -> str:
+def _measured(target: HandoffTarget) -> str:
     value, limit, unit = target["measured"], target["limit"], target["unit"]
     if value is None:
         return "not measured"
@@ -1009,12 +1109,12 @@ def _measured(target: dict[str, Any]) -> str:
     return f"{text}, vs {extra}" if extra else text
 
 
-def target_rows(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+def target_rows(result: HandoffResult) -> list[tuple[str, str, bool | None]]:
     """(target, measured vs limit, passed) for each speed target; passed None: not measured."""
     return [(t["text"], _measured(t), t["passed"]) for t in result["targets"]]
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def markdown_table(result: HandoffResult) -> str:
     """The results, targets and overhead as Markdown (what docs/benchmarks.md shows)."""
     machine = result["machine"]
     lines = [

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -18,6 +18,9 @@ from ..bench.common import finite
 from ..units import format_size
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
+
+if TYPE_CHECKING:
+    from ..bench.handoff import HandoffResult
 
 #: What a benchmark's run returns (its JSON-ready result).
 _Result = TypeVar("_Result", bound=Mapping[str, Any])
@@ -199,7 +202,7 @@ def handoff(
         console.print(f"results written to {output}")
 
 
-def _print_handoff(result: dict[str, Any]) -> None:
+def _print_handoff(result: HandoffResult) -> None:
     from ..bench import handoff as bench_handoff
 
     console = Console()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 import pageflip as pf
-from pageflip.bench import parse_size
+from pageflip.units import parse_size
 
 
 def _receiver(channel: pf.Channel, out: Any, runs: int) -> None:

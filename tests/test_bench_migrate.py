@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 import pageflip
 from pageflip.bench import migrate as bench_migrate
+from pageflip.bench.migrate import running as migrate_running
 from pageflip.cli import main
 
 MiB = 1 << 20
@@ -354,7 +355,7 @@ def test_a_failed_run_is_an_error_and_keeps_the_runs_before_it(
             f"run {spec.index + 1} ({spec.label}): the guest failed its check: page 3: torn"
         )
 
-    monkeypatch.setattr(bench_migrate, "_one_run", failing)
+    monkeypatch.setattr(migrate_running, "_one_run", failing)
     output = tmp_path / "migrate.json"
     result = CliRunner().invoke(
         main,

@@ -23,9 +23,9 @@ import pytest
 from click.testing import CliRunner
 
 import pageflip
-from pageflip.bench import format_size, parse_size
 from pageflip.bench import handoff as bench_handoff
 from pageflip.cli import main
+from pageflip.units import format_size, parse_size
 
 IS_ROOT = os.geteuid() == 0
 PAGES_4M = (4 << 20) // pageflip.PAGE_SIZE

@@ -44,11 +44,11 @@ from rich.table import Table
 
 from . import channel_pair
 from ._children import end_process, raise_failure, serve, stop_on_signals
-from .bench import format_size
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
 from .errors import FeatureUnavailable, PageflipError
 from .memory import PAGE_SIZE, Region, physical_frames
+from .units import format_size
 
 __all__ = ["DemoError", "DemoResult", "PhaseResult", "run_demo"]
 

@@ -28,11 +28,11 @@ from typing import IO, Any
 
 from rich.console import Console
 
-from .bench import human_size
 from .display import MigrationDisplay, fmt_seconds, summary_table
 from .errors import MigrationError, PageflipError, StateError
 from .memory import PAGE_SIZE
 from .migration.host import ControlClient
+from .units import human_size
 
 __all__ = ["run_migration_demo"]
 

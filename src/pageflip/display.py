@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .bench import human_size
+from .units import human_size
 
 __all__ = [
     "MigrationDisplay",

@@ -1,51 +1,17 @@
 """Benchmarks behind ``pageflip bench``: each one runs real processes and returns plain data.
 
-The benchmarks never print: they report progress through a callback and return a JSON-ready
-dict, so that the CLI (rich tables, progress bars) and scripts under ``benchmarks/`` share one
-implementation. :func:`parse_size` and :func:`format_size` read and write the byte counts
-their options take (``64M``, ``1G``, ``4G``).
+The benchmarks are clients of the library, not part of it. They never print: they report
+progress through a callback and return a JSON-ready dict, so that the CLI (rich tables,
+progress bars) and scripts under ``benchmarks/`` share one implementation.
+
+``handoff``
+    hands N bytes from one process to another, by a move and by every copy path.
+``migrate``
+    live-migrates a running workload for every (memory size, dirty rate, mode).
+
+Sizes and durations are read and written by :mod:`pageflip.units`.
 """
 
 from __future__ import annotations
 
-import re
-
-__all__ = ["human_size", "format_size", "parse_size"]
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``text``: a number with an optional binary suffix (``4096``, ``64M``, ``1.5G``).
-
-    K, M, G and T are powers of 1024 (``KiB``, ``MB`` and ``kb`` mean the same). Raises
-    ValueError for anything else, and for sizes that are not a positive whole number of bytes.
-    """
-    match = _SIZE.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 64M")
-    number, unit = match.groups()
-    value = float(number) * _UNITS[unit.upper()]
-    if value != int(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive whole number of bytes")
-    return int(value)
-
-
-def format_size(nbytes: int) -> str:
-    """The shortest exact spelling of ``nbytes`` in the units :func:`parse_size` reads: ``1G``."""
-    for unit in ("T", "G", "M", "K"):
-        scale = _UNITS[unit]
-        if nbytes >= scale and nbytes % scale == 0:
-            return f"{nbytes // scale}{unit}"
-    return str(nbytes)
-
-
-def human_size(nbytes: float) -> str:
-    """``nbytes`` for people: ``1.5 GiB``, ``640 KiB``, ``512 B``."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+__all__: list[str] = []

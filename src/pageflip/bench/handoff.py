@@ -48,7 +48,7 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -58,7 +58,7 @@ from .._children import end_process, raise_failure, serve, stop_on_signals
 from ..channel import Channel, CopyMethod
 from ..errors import PageflipError
 from ..memory import PAGE_SIZE, Region
-from . import format_size
+from ..units import format_size
 from .common import BenchmarkError, machine, markdown_targets, now
 from .pattern import fill, page_sample, sample_expected
 
@@ -68,6 +68,9 @@ __all__ = [
     "METHODS",
     "BenchmarkError",
     "HandoffConfig",
+    "HandoffResult",
+    "HandoffRow",
+    "HandoffTarget",
     "Method",
     "ProgressCallback",
     "markdown_table",
@@ -614,8 +617,8 @@ class _Runs:
     size: int
     access: list[float] = field(default_factory=list)
     touched: list[float] = field(default_factory=list)
-    transfers: list[dict[str, Any] | None] = field(default_factory=list)
-    sender_transfers: list[dict[str, Any] | None] = field(default_factory=list)
+    transfers: list[TransferRecord] = field(default_factory=list)
+    sender_transfers: list[TransferRecord] = field(default_factory=list)
 
 
 def _handoff(sender: _Worker, receiver: _Worker, key: str, size: int) -> tuple[Any, Any]:
@@ -653,26 +656,36 @@ def _check_run(key: str, size: int, received: dict[str, Any]) -> None:
         )
 
 
-def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+class _Steps:
+    """Progress of a run: each step is announced before it starts."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self.on_progress = on_progress
+
+    def __call__(self, what: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total, what)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.total, self.total, "done")
+
+
+def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> HandoffResult:
     """Run the handoff benchmark and return its results as a JSON-ready dict.
 
     Starts a sender and a receiver process, runs every method ``config.repeat`` times
     (interleaved), the memcpy reference and the overhead rounds, then stops both processes,
     also when something fails.
     """
-    size = config.nbytes
     keys = config.keys()
     steps = 3 + config.repeat * (len(keys) + 1) + (1 if config.overhead_rounds else 0)
-    done = 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        if on_progress is not None:
-            on_progress(done, steps, what)
-        done += 1
-
+    step = _Steps(steps, on_progress)
     started = datetime.datetime.now(datetime.UTC)
-    runs = {k: _Runs(GIB if k == "move@1G" else size) for k in keys}
+    runs = {k: _Runs(GIB if k == "move@1G" else config.nbytes) for k in keys}
     memcpy: list[float] = []
     overhead: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -690,50 +703,166 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> d
                 end.close()
         sender, receiver = workers
         _gather(workers, "ready")
-        step(f"writing {format_size(size)} of pattern (sender), touching the target (receiver)")
-        sender.send("setup", size)
-        receiver.send("setup", size, config.threads)
-        _gather(workers)
-        step("warm-up: every method once, untimed")
-        for key in keys:
-            _, received = _handoff(sender, receiver, key, min(WARMUP_SIZE, size))
-            _check_run(key, min(WARMUP_SIZE, size), received)
+        _set_up(sender, receiver, config, step)
         for r in range(config.repeat):
-            for key in keys:
-                step(f"repeat {r + 1}/{config.repeat}: {key}")
-                row = runs[key]
-                sent, received = _handoff(sender, receiver, key, row.size)
-                _check_run(key, row.size, received)
-                row.access.append(received["t_access"] - sent["t0"])
-                row.touched.append(received["t_touched"] - sent["t0"])
-                row.transfers.append(received["transfer"])
-                row.sender_transfers.append(sent["transfer"])
+            _repeat(sender, receiver, runs, step, f"repeat {r + 1}/{config.repeat}")
             step(f"repeat {r + 1}/{config.repeat}: memcpy reference")
-            receiver.send("memcpy", size)
+            receiver.send("memcpy", config.nbytes)
             memcpy.extend(_gather([receiver]))
         if config.overhead_rounds:
             step(f"overhead: {config.overhead_rounds} one-page round trips")
-            rounds = OVERHEAD_WARMUP + config.overhead_rounds
-            receiver.send("overhead", rounds)
-            sender.send("overhead", rounds)
-            sent_o, received_o = _gather([sender, receiver])
-            overhead = {
-                "wall": sent_o["wall"][OVERHEAD_WARMUP:],
-                "gift_cpu": sent_o["cpu"][OVERHEAD_WARMUP:],
-                "receive_cpu": received_o["cpu"][OVERHEAD_WARMUP:],
-                "gift_user": sent_o["user"],
-                "gift_system": sent_o["system"],
-                "receive_user": received_o["user"],
-                "receive_system": received_o["system"],
-            }
+            overhead = _overhead_rounds(sender, receiver, config.overhead_rounds)
         finished = True
     finally:
         # After a failure or Ctrl-C a worker may be stuck in a transfer: do not wait long.
         for worker in workers:
             worker.stop(10.0 if finished else 1.0)
-    if on_progress is not None:
-        on_progress(steps, steps, "done")
+    step.finish()
     return _results(config, started, runs, memcpy, overhead)
+
+
+def _set_up(sender: _Worker, receiver: _Worker, config: HandoffConfig, step: _Steps) -> None:
+    """Fill the sender's data and the receiver's targets, then run every method once,
+    untimed (code paths, imports, the handshake)."""
+    size = config.nbytes
+    step(f"writing {format_size(size)} of pattern (sender), touching the target (receiver)")
+    sender.send("setup", size)
+    receiver.send("setup", size, config.threads)
+    _gather([sender, receiver])
+    step("warm-up: every method once, untimed")
+    methods = config.keys()
+    for key in methods:
+        _, received = _handoff(sender, receiver, key, min(WARMUP_SIZE, size))
+        _check_run(key, min(WARMUP_SIZE, size), received)
+
+
+def _repeat(
+    sender: _Worker, receiver: _Worker, runs: dict[str, _Runs], step: _Steps, label: str
+) -> None:
+    """One timed handoff of every method, in table order."""
+    for key, row in runs.items():
+        step(f"{label}: {key}")
+        sent, received = _handoff(sender, receiver, key, row.size)
+        _check_run(key, row.size, received)
+        row.access.append(received["t_access"] - sent["t0"])
+        row.touched.append(received["t_touched"] - sent["t0"])
+        row.transfers.append(received["transfer"])
+        row.sender_transfers.append(sent["transfer"])
+
+
+def _overhead_rounds(sender: _Worker, receiver: _Worker, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` one-page gift + receive round trips (after untimed warm-up rounds): wall
+    and CPU time of each, and getrusage's user/system split."""
+    total = OVERHEAD_WARMUP + rounds
+    receiver.send("overhead", total)
+    sender.send("overhead", total)
+    sent, received = _gather([sender, receiver])
+    return {
+        "wall": sent["wall"][OVERHEAD_WARMUP:],
+        "gift_cpu": sent["cpu"][OVERHEAD_WARMUP:],
+        "receive_cpu": received["cpu"][OVERHEAD_WARMUP:],
+        "gift_user": sent["user"],
+        "gift_system": sent["system"],
+        "receive_user": received["user"],
+        "receive_system": received["system"],
+    }
+
+
+# -- records ----------------------------------------------------------------------------------
+
+
+#: A transfer as the channel reports it (``Transfer.as_dict()``); None where there is none.
+TransferRecord = dict[str, Any] | None
+
+
+class HandoffRow(TypedDict):
+    """One method's results (seconds; rates in GiB/s; ratios to the move)."""
+
+    key: str
+    how: str
+    semantics: str
+    target: str
+    fallback: bool
+    size: int
+    access_seconds: list[float]
+    touched_seconds: list[float]
+    access_median: float
+    touched_median: float
+    access_min: float
+    touched_min: float
+    gib_per_s: float
+    ratio_to_move_access: float | None
+    ratio_to_move_touched: float | None
+    fraction_of_memcpy: float | None
+    pages_moved: int | None
+    pages_copied: int | None
+    reported_method: str | None
+    transfers: list[TransferRecord]
+    sender_transfers: list[TransferRecord]
+
+
+class HandoffTarget(TypedDict):
+    """One speed target, judged: ``passed`` None when not measured."""
+
+    id: str
+    text: str
+    measured: float | None
+    limit: float | None
+    unit: str
+    passed: bool | None
+    fastest_copy: NotRequired[str]
+    best_fallback: NotRequired[str]
+
+
+class Overhead(TypedDict, total=False):
+    """The one-page round trips (microseconds); empty when none ran."""
+
+    rounds: int
+    what: str
+    round_trip_median_us: float
+    round_trip_p10_us: float
+    round_trip_p90_us: float
+    gift_cpu_median_us: float
+    receive_cpu_median_us: float
+    gift_user_us: float
+    gift_system_us: float
+    receive_user_us: float
+    receive_system_us: float
+
+
+class Memcpy(TypedDict):
+    """The single-thread memcpy reference."""
+
+    what: str
+    seconds: list[float]
+    median: float
+    gib_per_s: float
+
+
+class HandoffNotes(TypedDict):
+    clock: str
+    touch: str
+    targets: str
+    order: str
+    statistic: str
+
+
+class HandoffResult(TypedDict):
+    """What :func:`run` returns and ``--json`` prints."""
+
+    benchmark: str
+    date: str
+    machine: dict[str, Any]
+    size: int
+    size_label: str
+    repeat: int
+    touch_threads: int
+    methods: list[str]
+    notes: HandoffNotes
+    memcpy: Memcpy
+    results: dict[str, HandoffRow]
+    overhead: Overhead
+    targets: list[HandoffTarget]
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -749,7 +878,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> dict[str, Any]:
+def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> HandoffRow:
     method = METHODS[key]
     access = _median(runs.access)
     touched = _median(runs.touched)
@@ -780,7 +909,7 @@ def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> dict[
     }
 
 
-def _target(key: str, measured: float | None, limit: float | None, unit: str) -> dict[str, Any]:
+def _target(key: str, measured: float | None, limit: float | None, unit: str) -> HandoffTarget:
     passed = None if measured is None or limit is None else measured < limit
     return {
         "id": key,
@@ -793,8 +922,8 @@ def _target(key: str, measured: float | None, limit: float | None, unit: str) ->
 
 
 def _targets(
-    rows: dict[str, dict[str, Any]], memcpy_rate: float, overhead: dict[str, Any]
-) -> list[dict[str, Any]]:
+    rows: dict[str, HandoffRow], memcpy_rate: float, overhead: Overhead
+) -> list[HandoffTarget]:
     move = rows.get("move")
     move_1g = rows.get("move@1G")
     copies = [r for r in rows.values() if r["semantics"] == "copy"]
@@ -834,37 +963,40 @@ def _targets(
     return out
 
 
+def _overhead(overhead: dict[str, list[float]]) -> Overhead:
+    """The overhead rounds summed up: round trip percentiles, CPU per call."""
+    wall_us = np.array(overhead["wall"]) * 1e6
+    return {
+        "rounds": len(wall_us),
+        "what": "sender's gift() of a one-page movable region until the receiver's DONE; "
+        "the receiver loops receive() + close()",
+        "round_trip_median_us": float(np.median(wall_us)),
+        "round_trip_p10_us": float(np.percentile(wall_us, 10)),
+        "round_trip_p90_us": float(np.percentile(wall_us, 90)),
+        "gift_cpu_median_us": float(np.median(overhead["gift_cpu"]) * 1e6),
+        "receive_cpu_median_us": float(np.median(overhead["receive_cpu"]) * 1e6),
+        # getrusage's split of the same calls (mean over all rounds): user-space time is
+        # the Python overhead; system time is the kernel's share (syscalls, page tables).
+        "gift_user_us": overhead["gift_user"][0] * 1e6,
+        "gift_system_us": overhead["gift_system"][0] * 1e6,
+        "receive_user_us": overhead["receive_user"][0] * 1e6,
+        "receive_system_us": overhead["receive_system"][0] * 1e6,
+    }
+
+
 def _results(
     config: HandoffConfig,
     started: datetime.datetime,
     runs: dict[str, _Runs],
     memcpy: list[float],
     overhead: dict[str, list[float]],
-) -> dict[str, Any]:
+) -> HandoffResult:
     size = config.nbytes
     memcpy_median = _median(memcpy)
     memcpy_rate = size / memcpy_median / GIB
     move = runs.get("move")
     rows = {key: _row(key, r, move, memcpy_rate) for key, r in runs.items()}
-    over: dict[str, Any] = {}
-    if overhead:
-        wall_us = np.array(overhead["wall"]) * 1e6
-        over = {
-            "rounds": len(wall_us),
-            "what": "sender's gift() of a one-page movable region until the receiver's DONE; "
-            "the receiver loops receive() + close()",
-            "round_trip_median_us": float(np.median(wall_us)),
-            "round_trip_p10_us": float(np.percentile(wall_us, 10)),
-            "round_trip_p90_us": float(np.percentile(wall_us, 90)),
-            "gift_cpu_median_us": float(np.median(overhead["gift_cpu"]) * 1e6),
-            "receive_cpu_median_us": float(np.median(overhead["receive_cpu"]) * 1e6),
-            # getrusage's split of the same calls (mean over all rounds): user-space time is
-            # the Python overhead; system time is the kernel's share (syscalls, page tables).
-            "gift_user_us": overhead["gift_user"][0] * 1e6,
-            "gift_system_us": overhead["gift_system"][0] * 1e6,
-            "receive_user_us": overhead["receive_user"][0] * 1e6,
-            "receive_system_us": overhead["receive_system"][0] * 1e6,
-        }
+    over = _overhead(overhead) if overhead else Overhead()
     return {
         "benchmark": "handoff",
         "date": started.isoformat(timespec="seconds"),
@@ -929,7 +1061,7 @@ def _times(x: float | None) -> str:
     return f"{x:.2f}" if x < 10 else f"{x:.0f}"
 
 
-def table_rows(result: dict[str, Any]) -> list[list[str]]:
+def table_rows(result: HandoffResult) -> list[list[str]]:
     """The results as rows of strings under :data:`COLUMNS`, memcpy reference last."""
     rows = []
     for row in result["results"].values():
@@ -965,7 +1097,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _measured(target: dict[str, Any]) -> str:
+def _measured(target: HandoffTarget) -> str:
     value, limit, unit = target["measured"], target["limit"], target["unit"]
     if value is None:
         return "not measured"
@@ -977,12 +1109,12 @@ def _measured(target: dict[str, Any]) -> str:
     return f"{text}, vs {extra}" if extra else text
 
 
-def target_rows(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+def target_rows(result: HandoffResult) -> list[tuple[str, str, bool | None]]:
     """(target, measured vs limit, passed) for each speed target; passed None: not measured."""
     return [(t["text"], _measured(t), t["passed"]) for t in result["targets"]]
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def markdown_table(result: HandoffResult) -> str:
     """The results, targets and overhead as Markdown (what docs/benchmarks.md shows)."""
     machine = result["machine"]
     lines = [

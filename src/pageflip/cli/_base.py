@@ -17,8 +17,8 @@ from rich.console import Console
 
 import pageflip
 
-from ..bench import parse_size
 from ..errors import GuestLost, PageflipError
+from ..units import parse_size
 
 #: Exit statuses, documented in ``pageflip --help`` and the README.
 EXIT_OK = 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -14,10 +14,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench import format_size
 from ..bench.common import finite
+from ..units import format_size
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
+
+if TYPE_CHECKING:
+    from ..bench.handoff import HandoffResult
+
+#: What a benchmark's run returns (its JSON-ready result).
+_Result = TypeVar("_Result", bound=Mapping[str, Any])
 
 
 @main.group()
@@ -52,7 +58,7 @@ def _report_options(command: Any) -> Any:
     return command
 
 
-def _with_progress(show: bool, label: str, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+def _with_progress(show: bool, label: str, run: Callable[[Any], _Result]) -> _Result:
     """``run(on_progress)`` under a progress bar on stderr (or ``run(None)``). When stderr is
     not a terminal (a log file, CI), each step is a plain line there instead."""
     if not show:
@@ -83,7 +89,7 @@ def _with_progress(show: bool, label: str, run: Callable[[Any], dict[str, Any]])
         return run(on_progress)
 
 
-def _machine_line(result: dict[str, Any]) -> str:
+def _machine_line(result: Mapping[str, Any]) -> str:
     """Date and machine of a benchmark result, for a table's caption."""
     machine = result["machine"]
     return (
@@ -196,7 +202,7 @@ def handoff(
         console.print(f"results written to {output}")
 
 
-def _print_handoff(result: dict[str, Any]) -> None:
+def _print_handoff(result: HandoffResult) -> None:
     from ..bench import handoff as bench_handoff
 
     console = Console()

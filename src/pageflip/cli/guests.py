@@ -27,9 +27,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench import format_size, human_size
 from ..display import fmt_seconds
 from ..errors import GuestLost, MigrationError, PageflipError, SpanError
+from ..units import format_size, human_size
 from ._base import (
     DURATION,
     EXIT_FAILED,

@@ -1,0 +1,257 @@
+"""The two processes of a run, and the benchmark's handle on each.
+
+``destination``
+    listens with :class:`~pageflip.migration.destination.Destination`, receives the guest,
+    lets it run for a moment and checks it (:meth:`~pageflip.guests.Workload.verify`).
+``source``
+    creates a :class:`~pageflip.guests.Workload` (the fill is not timed), waits for go, reads
+    the write rate the workload measured over the last second and migrates it with
+    :class:`~pageflip.migration.source.Source`.
+
+Each says what happened with one of the messages below, through a pipe to the benchmark.
+Both stamp every event with CLOCK_MONOTONIC (system-wide, so their stamps compare).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Any, TypeVar
+
+from ..._children import end_process, stop_on_signals
+from ...errors import PageflipError
+from ..common import now
+from .config import MigrateBenchmarkError
+from .records import Event
+
+__all__ = ["Child", "Failed", "Filled", "Listening", "Migrated", "Verified"]
+
+
+@dataclass(frozen=True)
+class Listening:
+    """The destination listens."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Filled:
+    """The source created and filled its workload (``regions``: name -> bytes)."""
+
+    pid: int
+    guest_bytes: int
+    regions: dict[str, int]
+    fill_seconds: float
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """The source's migration is done (``done``: its done event)."""
+
+    done: Event
+    events: list[Event]
+    write_rate: float
+    writes_before: int
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The destination checked the guest it received (``verify``: the check's report)."""
+
+    verify: dict[str, Any]
+    events: list[Event]
+    done: dict[str, object] | None
+    postcopy: dict[str, Any] | None
+    write_rate_after: float
+    status: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A process failed: ``message`` says how (an error's one line, or a traceback)."""
+
+    message: str
+    events: list[Event] = field(default_factory=list)
+
+
+_Message = TypeVar("_Message", Listening, Filled, Migrated, Verified)
+
+
+def _event_recorder(events: list[Event]) -> Callable[[Any], None]:
+    def on_event(event: Any) -> None:
+        data: Event = event.as_dict()
+        # When it happened (held-back events come late, stamped with their moment).
+        data["mono"] = data.get("at", now())
+        events.append(data)
+
+    return on_event
+
+
+def _failed(err: PageflipError, events: list[Event]) -> Failed:
+    return Failed(f"{type(err).__name__}: {err}", list(events))
+
+
+def source_main(
+    conn: Connection, to: str, size: int, rate: int, threads: int, options: dict[str, Any]
+) -> None:
+    """A run's source: create the workload, wait for go, migrate it, report."""
+    stop_on_signals()
+    from ...guests import Workload
+    from ...migration.source import MigrationOptions, Source
+
+    guest = None
+    try:
+        started = now()
+        guest = Workload.create(size, dirty_rate=rate, threads=threads)
+        guest_bytes = sum(r.size for r in guest.regions)
+        regions = {r.name: r.size for r in guest.regions}
+        conn.send(Filled(os.getpid(), guest_bytes, regions, now() - started))
+        command = conn.recv()
+        if command[0] != "go":
+            return
+        events: list[Event] = []
+        migration = Source(guest, to, MigrationOptions(**options), on_event=_event_recorder(events))
+        write_rate = guest.write_rate()
+        total_writes = guest.total_writes
+        try:
+            done = migration.run()
+        except PageflipError as err:
+            conn.send(_failed(err, events))
+            return
+        conn.send(Migrated(done.as_dict(), events, write_rate, total_writes))
+    except EOFError:
+        return  # the benchmark is gone
+    except Exception:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(Failed(traceback.format_exc()))
+    finally:
+        if guest is not None:
+            guest.close()
+        conn.close()
+
+
+def destination_main(conn: Connection, listen: str, timeout: float, verify_delay: float) -> None:
+    """A run's destination: receive the guest, let it run, check it, report."""
+    stop_on_signals()
+    from ...guests import Workload
+    from ...migration.destination import Destination
+
+    events: list[Event] = []
+    guest: Workload | None = None
+    try:
+        try:
+            destination = Destination(
+                listen, on_event=_event_recorder(events), timeout=timeout, accept_timeout=timeout
+            )
+        except PageflipError as err:
+            conn.send(_failed(err, []))
+            return
+        conn.send(Listening(os.getpid()))
+        try:
+            received = destination.run()
+        except PageflipError as err:
+            conn.send(_failed(err, events))
+            return
+        assert isinstance(received, Workload)
+        guest = received
+        time.sleep(verify_delay)
+        write_rate = guest.write_rate()
+        report = guest.verify()
+        conn.send(
+            Verified(
+                report.as_dict(),
+                events,
+                destination.done,
+                destination.postcopy,
+                write_rate,
+                guest.status(),
+            )
+        )
+    except Exception:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(Failed(traceback.format_exc(), events))
+    finally:
+        if guest is not None:
+            guest.close()
+        conn.close()
+
+
+class Child:
+    """The benchmark's handle on one process of a run."""
+
+    def __init__(self, ctx: SpawnContext, role: str, target: Any, args: tuple[Any, ...]) -> None:
+        self.role = role
+        self.conn, child = ctx.Pipe()
+        self.process: SpawnProcess = ctx.Process(
+            target=target,
+            args=(child, *args),
+            name=f"pageflip-bench-migrate-{role}",
+            daemon=True,
+        )
+        try:
+            self.process.start()
+        finally:
+            child.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def expect(self, kind: type[_Message], timeout: float, what: str) -> _Message:
+        """The next message, which must be a ``kind``; a failure or silence raises."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = mp_connection.wait([self.conn, self.process.sentinel], max(0.0, left))
+            if self.conn in ready or self.conn.poll():
+                try:
+                    message = self.conn.recv()
+                except EOFError:
+                    message = None
+                if message is not None:
+                    return self._check(message, kind, what)
+            if not self.process.is_alive():
+                self.process.join(1)
+                raise MigrateBenchmarkError(
+                    f"{what}: the {self.role} process died (exit code {self.process.exitcode})"
+                )
+            if not ready:
+                raise MigrateBenchmarkError(
+                    f"{what}: the {self.role} did not answer within {timeout:.0f} s"
+                )
+
+    def _check(self, message: object, kind: type[_Message], what: str) -> _Message:
+        if isinstance(message, kind):
+            return message
+        if isinstance(message, Failed):
+            raise MigrateBenchmarkError(f"{what}: the {self.role} failed: {message.message}")
+        name = type(message).__name__.lower()
+        raise MigrateBenchmarkError(
+            f"{what}: the {self.role} said {name!r}, expected {kind.__name__.lower()!r}"
+        )
+
+    def error(self, wait: float) -> str | None:
+        """The process's error message, if it sends one within ``wait`` seconds."""
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            if self.conn.poll(wait):
+                message = self.conn.recv()
+                if isinstance(message, Failed):
+                    return message.message
+        return None
+
+    def join(self, timeout: float, what: str) -> None:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise MigrateBenchmarkError(
+                f"{what}: the {self.role} did not exit within {timeout:.0f} s"
+            )
+
+    def stop(self, wait: float) -> None:
+        """End the process if it still runs (after ``wait`` seconds). Idempotent."""
+        end_process(self.process, self.conn, wait)

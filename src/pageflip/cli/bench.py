@@ -21,6 +21,7 @@ from ._base import stderr_console as _stderr_console
 
 if TYPE_CHECKING:
     from ..bench.handoff import HandoffResult
+    from ..bench.migrate import MigrateConfig, MigrateResult
 
 #: What a benchmark's run returns (its JSON-ready result).
 _Result = TypeVar("_Result", bound=Mapping[str, Any])
@@ -331,36 +332,7 @@ def bench_migrate(
     """
     from ..bench import migrate as bench_migrate_module
 
-    def split(text: str) -> list[str]:
-        return [part.strip() for part in text.split(",") if part.strip()]
-
-    try:
-        size_list = tuple(SIZE.convert(v, None, None) for v in split(sizes))
-    except click.BadParameter as err:
-        raise click.BadParameter(err.message, param_hint="--sizes") from None
-    rate_list = []
-    for value in split(rates):
-        text = value.lower().removesuffix("/s")
-        if text in ("0", "idle"):
-            rate_list.append(0)
-            continue
-        try:
-            rate_list.append(SIZE.convert(text, None, None))
-        except click.BadParameter as err:
-            raise click.BadParameter(err.message, param_hint="--rates") from None
-    try:
-        config = bench_migrate_module.MigrateConfig(
-            sizes=size_list,
-            rates=tuple(rate_list),
-            modes=tuple(split(modes)),
-            repeat=repeat,
-            downtime_limit=downtime_limit,
-            warmup=warmup,
-            settle=settle,
-            prewarm=prewarm,
-        )
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
+    config = _migrate_config(sizes, rates, modes, repeat, downtime_limit, warmup, settle, prewarm)
     if plot_path is not None:
         bench_migrate_module.check_plot()  # before a long run, not after it
     console = _stderr_console()
@@ -384,37 +356,95 @@ def bench_migrate(
     elif markdown:
         click.echo(bench_migrate_module.markdown_table(result), nl=False)
     else:
-        out = Console()
-        shown = (
-            "size",
-            "dirty rate",
-            "mode",
-            "total",
-            "downtime",
-            "guest saw",
-            "on the wire",
-            "peak memory (x guest)",
-            "rounds",
-            "verified",
-            "faults: n, median / p99",
-        )
-        picks = [bench_migrate_module.COLUMNS.index(name) for name in shown]
-        table = Table(
-            title=f"migration matrix: median of {result['config']['repeat']}",
-            caption=f"{_machine_line(result)}\n"
-            "all columns: --markdown; every run and event: --json",
-        )
-        for i, name in enumerate(shown):
-            table.add_column(name, justify="left" if i < 3 else "right")
-        for cells in bench_migrate_module.cell_rows(result):
-            table.add_row(*(escape(cells[i]) for i in picks))
-        out.print(table)
-        out.print(
-            _targets_table(
-                "targets (from the numbers above)", bench_migrate_module.target_rows(result)
-            )
-        )
+        _print_migrate(result)
     if output is not None:
         console.print(f"results written to {output}")
     if plot_path is not None:
         console.print(f"plot written to {plot_path}")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rate_list(rates: str) -> list[int]:
+    """--rates: sizes per second, 0 or "idle" for none."""
+    out = []
+    for value in _split(rates):
+        text = value.lower().removesuffix("/s")
+        if text in ("0", "idle"):
+            out.append(0)
+            continue
+        try:
+            out.append(SIZE.convert(text, None, None))
+        except click.BadParameter as err:
+            raise click.BadParameter(err.message, param_hint="--rates") from None
+    return out
+
+
+def _migrate_config(
+    sizes: str,
+    rates: str,
+    modes: str,
+    repeat: int,
+    downtime_limit: float,
+    warmup: float,
+    settle: float,
+    prewarm: bool,
+) -> MigrateConfig:
+    """The benchmark's configuration from its options (a bad one: click.BadParameter)."""
+    from ..bench.migrate import MigrateConfig
+
+    try:
+        size_list = tuple(SIZE.convert(v, None, None) for v in _split(sizes))
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="--sizes") from None
+    try:
+        return MigrateConfig(
+            sizes=size_list,
+            rates=tuple(_rate_list(rates)),
+            modes=tuple(_split(modes)),
+            repeat=repeat,
+            downtime_limit=downtime_limit,
+            warmup=warmup,
+            settle=settle,
+            prewarm=prewarm,
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+#: The columns of the migration matrix the terminal table shows (--markdown: all).
+_SHOWN = (
+    "size",
+    "dirty rate",
+    "mode",
+    "total",
+    "downtime",
+    "guest saw",
+    "on the wire",
+    "peak memory (x guest)",
+    "rounds",
+    "verified",
+    "faults: n, median / p99",
+)
+
+
+def _print_migrate(result: MigrateResult) -> None:
+    """The matrix (medians) and the targets table, on the terminal."""
+    from ..bench import migrate as bench_migrate_module
+
+    out = Console()
+    picks = [bench_migrate_module.COLUMNS.index(name) for name in _SHOWN]
+    table = Table(
+        title=f"migration matrix: median of {result['config']['repeat']}",
+        caption=f"{_machine_line(result)}\nall columns: --markdown; every run and event: --json",
+    )
+    for i, name in enumerate(_SHOWN):
+        table.add_column(name, justify="left" if i < 3 else "right")
+    for cells in bench_migrate_module.cell_rows(result):
+        table.add_row(*(escape(cells[i]) for i in picks))
+    out.print(table)
+    out.print(
+        _targets_table("targets (from the numbers above)", bench_migrate_module.target_rows(result))
+    )

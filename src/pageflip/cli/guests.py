@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import click
@@ -537,29 +537,24 @@ def migrate(
 
     if to is None and not resume:
         raise click.UsageError("give --to (the destination), or --resume")
-    if to is not None:
-        from ..transport import require_auth
-
-        address = _address(to, "--to")  # a bad address is refused here, not in the host
-        if not address.local and not (key_file or tls_cert or tls_key or tls_ca or insecure):
-            require_auth("connect to", address.host, address.port, None)
-    options: dict[str, Any] = {
-        "mode": mode,
-        "downtime_limit": downtime_limit,
-        "max_bandwidth": max_bandwidth,
-        "max_rounds": max_rounds,
-        "on_no_convergence": on_no_convergence,
-        "postcopy_after_rounds": postcopy_after_rounds,
-        "compress": compress,
-        "timeout": timeout,
-        "keep_source_on_loss": keep_source_on_loss,
-        "wait": CONTROL_WAIT + timeout,
-    }
-    auth = _auth_dict(
-        key_file=key_file, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure
+    options = _migrate_options(
+        to,
+        {
+            "mode": mode,
+            "downtime_limit": downtime_limit,
+            "max_bandwidth": max_bandwidth,
+            "max_rounds": max_rounds,
+            "on_no_convergence": on_no_convergence,
+            "postcopy_after_rounds": postcopy_after_rounds,
+            "compress": compress,
+            "timeout": timeout,
+            "keep_source_on_loss": keep_source_on_loss,
+            "wait": CONTROL_WAIT + timeout,
+        },
+        _auth_dict(
+            key_file=key_file, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, insecure=insecure
+        ),
     )
-    if auth is not None:
-        options["auth"] = auth
     if resume:
         options = {"resume": True}
     last: dict[str, Any] = {}
@@ -568,25 +563,8 @@ def migrate(
         _cancel_on_signal(control) as interrupted,
     ):
         events = client.migrate(to, **options)
-        if as_json:
-            for event in events:
-                click.echo(json.dumps(event, allow_nan=False))
-                sys.stdout.flush()
-                last = event
-        else:
-            from ..display import MigrationDisplay, summary_table
-
-            # The first event before the display starts: a request that fails (no guest, not
-            # a control socket) is then one line, without the display's empty frame.
-            events = iter(events)
-            first = next(events, None)
-            title = f"{control} -> {to}" if to else f"{control}: resuming"
-            with MigrationDisplay(stderr_console(), title=title) as view:
-                for event in itertools.chain([first] if first is not None else [], events):
-                    view.event(event)
-                    last = event
-            if view.done is not None:
-                Console().print(summary_table([(view.done["mode"], view.done)], "migration"))
+        title = f"{control} -> {to}" if to else f"{control}: resuming"
+        last = _follow(events, title) if not as_json else _echo_json(events)
     if interrupted and last.get("event") == "failed" and last.get("guest") == "source":
         click.echo(
             f"Interrupted: {signal.Signals(interrupted[0]).name}: the migration was cancelled "
@@ -595,6 +573,50 @@ def migrate(
         )
         sys.exit(128 + interrupted[0])
     _outcome(last)
+
+
+def _migrate_options(
+    to: str | None, options: dict[str, Any], auth: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the guest's host is asked to do; a --to beyond this host without a way to
+    authenticate is refused here (not in the host)."""
+    if to is not None:
+        from ..transport import require_auth
+
+        address = _address(to, "--to")
+        if not address.local and auth is None:
+            require_auth("connect to", address.host, address.port, None)
+    if auth is not None:
+        options["auth"] = auth
+    return options
+
+
+def _echo_json(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Each event as a JSON line as it comes; returns the last."""
+    last: dict[str, Any] = {}
+    for event in events:
+        click.echo(json.dumps(event, allow_nan=False))
+        sys.stdout.flush()
+        last = event
+    return last
+
+
+def _follow(events: Iterable[dict[str, Any]], title: str) -> dict[str, Any]:
+    """The live display of a migration, then its report; returns the last event."""
+    from ..display import MigrationDisplay, summary_table
+
+    # The first event before the display starts: a request that fails (no guest, not a
+    # control socket) is then one line, without the display's empty frame.
+    stream = iter(events)
+    first = next(stream, None)
+    last: dict[str, Any] = {}
+    with MigrationDisplay(stderr_console(), title=title) as view:
+        for event in itertools.chain([first] if first is not None else [], stream):
+            view.event(event)
+            last = event
+    if view.done is not None:
+        Console().print(summary_table([(view.done["mode"], view.done)], "migration"))
+    return last
 
 
 @contextlib.contextmanager

@@ -293,7 +293,7 @@ class Region:
 
     def view(self, start: int = 0, stop: int | None = None) -> memoryview:
         """A writable, zero-copy memoryview of bytes ``[start, stop)``."""
-        start, stop = self._bounds(start, stop)
+        start, stop = self.bounds(start, stop)
         return self._export(start, stop)
 
     def numpy(
@@ -308,7 +308,7 @@ class Region:
         Without ``shape`` the array is one-dimensional and fills the rest of the region.
         """
         dt = np.dtype(dtype)
-        start, _ = self._bounds(offset, None)
+        start, _ = self.bounds(offset, None)
         if shape is None:
             count = (self._size - start) // dt.itemsize
             shape_t: tuple[int, ...] = (count,)
@@ -331,12 +331,14 @@ class Region:
             raise TypeError("index a region with a slice of page-aligned offsets, r[start:stop]")
         if key.step not in (None, 1):
             raise SpanError("a region slice cannot have a step")
-        start, stop = self._bounds(0 if key.start is None else key.start, key.stop, need_pages=True)
+        start, stop = self.bounds(0 if key.start is None else key.start, key.stop, need_pages=True)
         return Span(self, start, stop - start)
 
-    def _bounds(
-        self, start: SupportsIndex, stop: SupportsIndex | None, *, need_pages: bool = False
+    def bounds(
+        self, start: SupportsIndex, stop: SupportsIndex | None = None, *, need_pages: bool = False
     ) -> tuple[int, int]:
+        """``[start, stop)`` as absolute offsets (negative ones count from the end), checked
+        against the region (SpanError outside it; ``need_pages``: also page-aligned)."""
         self._check_open()
         start = int(start)
         stop = self._size if stop is None else int(stop)
@@ -577,6 +579,12 @@ def writable_address(buffer: Any) -> tuple[int, int]:
         flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         with flat:
             return mm.buffer_address(flat), view.nbytes
+
+
+def bytes_at(address: int, nbytes: int) -> memoryview:
+    """A writable byte view of ``nbytes`` at ``address`` (memory that stays mapped while
+    the view is used: the caller's to guarantee)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
 def readable_address(buffer: Any) -> tuple[int, int, memoryview]:

@@ -24,7 +24,6 @@ still the writer's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import socket
@@ -65,7 +64,7 @@ from ..errors import (
     RemoteProtocolError,
     SpanError,
 )
-from ..memory import Memfd, Region, Span, region_at, writable_address
+from ..memory import Memfd, Region, Span, bytes_at, region_at, writable_address
 from ..transport import UnixConnection, UnixListener
 from .endpoint import Endpoint
 from .peer import allow_peer_read, check_peer_memfd, forbid_peer_read, map_peer_memfds, pull_from
@@ -143,10 +142,6 @@ def _pages(nbytes: int) -> int:
     return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-def _bytes_at(address: int, nbytes: int) -> memoryview:
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
-
-
 # -- what a writer offers -------------------------------------------------------------------
 
 
@@ -165,10 +160,10 @@ def _gift_spans(obj: Region | Span | Iterable[Region | Span]) -> list[Span]:
     spans: list[Span] = []
     for item in items:
         if isinstance(item, Region):
-            item._bounds(0, None)
+            item.bounds(0, None)
             spans.append(Span(item, 0, item.size))
         elif isinstance(item, Span):
-            item.region._bounds(item.offset, item.offset + item.size)
+            item.region.bounds(item.offset, item.offset + item.size)
             spans.append(item)
         else:
             raise TypeError(
@@ -245,10 +240,10 @@ def _targets(dest: Any) -> list[_Target]:
     targets: list[_Target] = []
     for item in items:
         if isinstance(item, Region):
-            item._bounds(0, None)
+            item.bounds(0, None)
             targets.append(_Target(item.address, item.size, item, 0))
         elif isinstance(item, Span):
-            item.region._bounds(item.offset, item.offset + item.size)
+            item.region.bounds(item.offset, item.offset + item.size)
             targets.append(_Target(item.address, item.size, item.region, item.offset))
         else:
             address, nbytes = writable_address(item)
@@ -257,7 +252,7 @@ def _targets(dest: Any) -> list[_Target]:
             found = region_at(address, nbytes)
             if found is not None:
                 region, offset = found
-                region._bounds(offset, offset + nbytes)
+                region.bounds(offset, offset + nbytes)
                 targets.append(_Target(address, nbytes, region, offset, keep=item))
             else:
                 block = _foreign_move_block(address, nbytes)
@@ -571,7 +566,7 @@ class Channel:
         """Push the bytes of ``pieces`` the way the reader asked."""
         if method is PullMethod.STREAM:
             self._conn.sendall_spans(
-                (_bytes_at(p.address, p.length) for p in pieces), "streaming data"
+                (bytes_at(p.address, p.length) for p in pieces), "streaming data"
             )
             return
         r, w = io.pipe(PIPE_SIZE)
@@ -855,7 +850,7 @@ class Channel:
     def _stream_into(self, local: io.IovArray) -> None:
         try:
             for base, length in local.tolist():
-                self._ep.read_raw_into(_bytes_at(int(base), int(length)), "stream")
+                self._ep.read_raw_into(bytes_at(int(base), int(length)), "stream")
         except PeerClosed as err:
             raise self._fail(err) from None
 

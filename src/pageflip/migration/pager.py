@@ -28,7 +28,6 @@ conversation on it is the channel's framing, one JSON object (with fds) per fram
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import mmap
 import os
@@ -50,7 +49,7 @@ from .._sys.mm import PAGE_SIZE
 from .._wire import Note, WireCodec
 from ..channel import Endpoint, read_from
 from ..errors import PeerClosed, PeerTimeout
-from ..memory import LOST_PAGE
+from ..memory import LOST_PAGE, bytes_at
 from ..transport import UnixConnection
 from .digests import hash_pages
 
@@ -163,7 +162,7 @@ class _Buffer:
     def __init__(self, pages: int) -> None:
         self.size = pages * PAGE_SIZE
         self.address = mm.mmap(None, self.size, Prot.READ | Prot.WRITE, Map.PRIVATE | Map.ANONYMOUS)
-        self.view = memoryview((ctypes.c_char * self.size).from_address(self.address)).cast("B")
+        self.view = bytes_at(self.address, self.size)
 
     def close(self) -> None:
         self.view.release()

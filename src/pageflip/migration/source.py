@@ -82,6 +82,7 @@ from .events import (
 )
 from .link import Link, ProcessWatch
 from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
+from .policy import Convergence, Decision, RoundFigures
 
 log = logging.getLogger("pageflip.migration")
 
@@ -115,8 +116,8 @@ class MigrationOptions:
     #: "precopy" or "postcopy".
     mode: str = "auto"
     #: The longest pause precopy may cause (QEMU's default). It switches over once the
-    #: expected downtime is at most ``SWITCHOVER_HEADROOM`` of it: the estimate's error stays
-    #: inside the limit.
+    #: expected downtime is at most ``SWITCHOVER_HEADROOM`` of it (see :mod:`.policy`): the
+    #: estimate's error stays inside the limit.
     downtime_limit: float = 0.3
     #: Cap on the page rate, bytes per second (None: as fast as it goes).
     max_bandwidth: float | None = None
@@ -553,9 +554,9 @@ class Source:
         return True
 
     def _precopy(self, *, postcopy: bool) -> None:
-        """Rounds of pages, then a switchover (the copy modes): returns once SWITCHOVER went,
-        the guest paused here."""
-        link = self.link
+        """Rounds of pages while the guest runs, each followed by the policy's decision
+        (:class:`.policy.Convergence`), then the switchover (the copy modes): returns once
+        SWITCHOVER went, the guest paused here."""
         opts = self.options
         regions = self.guest.regions
         pull = self._pull_allowed()
@@ -566,33 +567,22 @@ class Source:
         # MiB): the tracker stays until the pause is over (closed by _finish or _failed).
         tracker = self._tracker = DirtyTracker(regions)
         total_pages = sum(d.npages for d in digests)
-        rounds_before_postcopy = opts.postcopy_after_rounds if postcopy else None
-        if rounds_before_postcopy != 0:
+        policy = Convergence(
+            downtime_limit=opts.downtime_limit,
+            max_rounds=opts.max_rounds,
+            on_no_convergence=opts.on_no_convergence,
+            postcopy_after_rounds=opts.postcopy_after_rounds if postcopy else None,
+            postcopy_possible=stream.Feature.POSTCOPY in self._features,
+        )
+        decision = policy.first()
+        if decision is Decision.ANOTHER_ROUND:
             tracker.start()  # a pure postcopy sends nothing twice: no tracking
         self._phases.advance(SourcePhase.PRECOPY)
         todo: list[Runs] = [np.array([[0, d.npages]], np.uint64) for d in digests]
-        reason = "converged"
-        bandwidth = 0.0
-        expected = float("inf")
-        while rounds_before_postcopy != 0:
+        while decision is Decision.ANOTHER_ROUND:
             self._rounds += 1
-            started = time.monotonic()
-            stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
-            link.send(
-                stream.RoundEnd(
-                    self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started
-                ),
-                "precopy",
-            )
-            link.expect((stream.RoundAck,), "precopy", opts.timeout)
-            seconds = time.monotonic() - started
-            scan_started = time.monotonic()
-            todo = tracker.collect()
-            scan = time.monotonic() - scan_started
-            dirty = sum(runs_pages(r) for r in todo)
-            moved_bytes = stats.pages * PAGE_SIZE
-            bandwidth = moved_bytes / seconds if seconds > 0 and moved_bytes else bandwidth
-            expected = expected_downtime(dirty * PAGE_SIZE, bandwidth, scan)
+            stats, figures, todo = self._precopy_round(todo, digests, pull, total_pages)
+            decision = policy.after(figures)
             self._emit(
                 RoundEvent(
                     self._t(),
@@ -600,26 +590,51 @@ class Source:
                     pages=stats.pages,
                     bytes=stats.bytes,
                     zero_pages=stats.zero_pages,
-                    seconds=seconds,
-                    bandwidth=bandwidth,
-                    dirty_pages=dirty,
-                    dirty_rate=dirty * PAGE_SIZE / seconds if seconds else 0.0,
-                    expected_downtime=expected,
+                    seconds=figures.seconds,
+                    bandwidth=policy.bandwidth,
+                    dirty_pages=figures.dirty_pages,
+                    dirty_rate=figures.dirty_rate,
+                    expected_downtime=policy.expected,
                 )
             )
             self._check_cancel()
-            if postcopy and self._rounds >= opts.postcopy_after_rounds:
-                reason = "postcopy"
-                break
-            if expected <= SWITCHOVER_HEADROOM * opts.downtime_limit:
-                break
-            if self._rounds >= opts.max_rounds:
-                reason = "postcopy" if opts.on_no_convergence == "postcopy" else "forced"
-                break
-        if postcopy and rounds_before_postcopy == 0:
-            reason = "postcopy"
-        if reason == "postcopy" and stream.Feature.POSTCOPY not in self._features:
-            reason = "forced"  # the destination cannot page on demand
+        self._precopy_switchover(decision, policy.expected, todo, digests, pull, total_pages)
+
+    def _precopy_round(
+        self, todo: list[Runs], digests: list[PageDigests], pull: bool, total_pages: int
+    ) -> tuple[_Round, RoundFigures, list[Runs]]:
+        """Send round ``self._rounds``, wait for its ROUND_ACK, collect what was written
+        meanwhile: the round's figures and the pages of the next one."""
+        link = self.link
+        started = time.monotonic()
+        stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
+        link.send(
+            stream.RoundEnd(self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started),
+            "precopy",
+        )
+        link.expect((stream.RoundAck,), "precopy", self.options.timeout)
+        seconds = time.monotonic() - started
+        scan_started = time.monotonic()
+        assert self._tracker is not None
+        written = self._tracker.collect()
+        scan = time.monotonic() - scan_started
+        dirty = sum(runs_pages(r) for r in written)
+        return stats, RoundFigures(stats.pages, seconds, dirty, scan), written
+
+    def _precopy_switchover(
+        self,
+        decision: Decision,
+        expected: float,
+        todo: list[Runs],
+        digests: list[PageDigests],
+        pull: bool,
+        total_pages: int,
+    ) -> None:
+        """Pause the guest; send what is left (or, for postcopy, drop what went stale), then
+        the state."""
+        link = self.link
+        tracker = self._tracker
+        assert tracker is not None
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
         self._hold_events()
@@ -629,7 +644,7 @@ class Source:
                 round=self._rounds + 1,
                 remaining_pages=sum(runs_pages(r) for r in todo),
                 expected_downtime=expected,
-                reason=reason,
+                reason=decision.value,
             )
         )
         self._gc.pause()  # until the guest runs again (here or there)
@@ -639,7 +654,7 @@ class Source:
             final = [_union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)]
         else:
             final = todo  # nothing was sent yet: everything is still to come
-        if reason == "postcopy":
+        if decision is Decision.POSTCOPY:
             self._postcopy = True
             self._postcopy_switchover(final)
             return
@@ -1099,29 +1114,6 @@ class Source:
             )
         )
         return lost
-
-
-#: The last round runs while the guest is paused and costs more than its bytes at the last
-#: round's bandwidth: a final scan for written pages, the destination hashing the last
-#: pages and checking every digest, the restore and resume. Measured here: about 1.15 times
-#: the bytes' time plus 30 ms, plus the scan.
-SWITCHOVER_SLOWDOWN = 1.15
-SWITCHOVER_FIXED = 0.03
-#: Precopy switches over when the expected downtime is at most this fraction of the limit.
-#: On this noisy VM the paused round ran up to 1.55x longer than estimated from the round
-#: before (2 GiB under 256 MiB/s: 219 ms expected, 340 ms measured; 108 runs of
-#: ``pageflip bench migrate``). One more round costs a fraction of a second and shrinks what
-#: is left by the ratio of dirty rate to bandwidth.
-SWITCHOVER_HEADROOM = 0.6
-
-
-def expected_downtime(remaining_bytes: int, bandwidth: float, scan_seconds: float) -> float:
-    """How long a switchover now would keep the guest paused, in seconds."""
-    if remaining_bytes == 0:
-        return scan_seconds
-    if bandwidth <= 0:
-        return float("inf")
-    return SWITCHOVER_SLOWDOWN * remaining_bytes / bandwidth + SWITCHOVER_FIXED + scan_seconds
 
 
 def _union(a: Runs, b: Runs, npages: int) -> Runs:

@@ -59,13 +59,12 @@ from ..errors import (
     RemoteProtocolError,
     SpanError,
     StateError,
-    migration_failure,
 )
 from ..guests import Guest
 from ..memory import Region
 from ..transport import Address, TcpAuth, refusal
 from ._gil import responsive
-from .digests import GcPause, PageDigests
+from .digests import PageDigests
 from .events import (
     CommitEvent,
     DoneEvent,
@@ -81,7 +80,8 @@ from .events import (
     SwitchoverEvent,
 )
 from .link import Link, ProcessWatch
-from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
+from .engine import Side
+from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, SourcePhase
 from .policy import Convergence, Decision, RoundFigures
 
 log = logging.getLogger("pageflip.migration")
@@ -173,7 +173,7 @@ class _Round:
     bytes: int = 0
 
 
-class Source:
+class Source(Side[SourcePhase]):
     """Migrate ``guest`` to the destination at ``to`` (see the module docstring).
 
     ``on_event`` receives every :class:`~.events.MigrationEvent` (from the migrating thread).
@@ -188,18 +188,16 @@ class Source:
         options: MigrationOptions | None = None,
         on_event: Callable[[MigrationEvent], None] | None = None,
     ) -> None:
+        super().__init__(
+            SOURCE_TRANSITIONS, SourcePhase.IDLE, SourcePhase.FAILED, on_event, "migration"
+        )
         self.guest = guest
         self.address = to if isinstance(to, Address) else Address.parse(to)
         self.options = options or MigrationOptions()
         self.options.check()
-        self._on_event = on_event
-        self._phases = PhaseMachine(SOURCE_TRANSITIONS, SourcePhase.IDLE)
         self._cancel = threading.Event()
         self._recover: queue.Queue[Address] = queue.Queue()
-        self._link: Link | None = None
-        self._peer: ProcessWatch | None = None
         self._session = os.urandom(16)
-        self._start = 0.0
         self._paused_at: float | None = None
         self._mode = ""
         self._features = stream.Feature(0)
@@ -211,7 +209,6 @@ class Source:
         self._resumed: stream.Resumed | None = None
         self._guest_pause: float | None = None
         self._postcopy = False
-        self._digests: list[PageDigests] = []
         self._sent: list[npt.NDArray[np.bool_]] = []
         #: Per region: pages moved, copied and sent as zero markers.
         self._moved = [0] * len(guest.regions)
@@ -219,17 +216,8 @@ class Source:
         self._zero = [0] * len(guest.regions)
         self._details: dict[str, Any] = {}
         self._tracker: DirtyTracker | None = None
-        #: No cyclic garbage collection from the pause until the guest runs again.
-        self._gc = GcPause()
-        #: Events held back while the guest is paused (see _hold_events).
-        self._held: list[MigrationEvent] | None = None
-        self._held_since = 0.0
         #: After a loss with keep_source_on_loss: why our paused copy is stale.
         self.stale: str | None = None
-
-    @property
-    def phase(self) -> SourcePhase:
-        return self._phases.phase
 
     @property
     def committed(self) -> bool:
@@ -288,53 +276,17 @@ class Source:
                 raise self._failed(err) from err
             return self._finish()
 
-    def _emit(self, event: MigrationEvent) -> None:
-        if self._held is not None:
-            self._held.append(event)
-            return
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:  # an observer's bug must not break a migration
-                log.exception("migration event handler failed")
-
-    def _hold_events(self) -> None:
-        """From the switchover until the guest runs again, events wait: an observer woken
-        by one (a display that draws it) would take a CPU the pause needs. A pause that
-        lasts longer than :data:`HOLD_EVENTS` (a stalled destination) lets them go: then
-        being told matters more."""
-        if self._held is None:
-            self._held = []
-            self._held_since = time.monotonic()
-
     def _waiting(self) -> None:
         """Called while a receive waits: a cancel ends the wait; held events go out once
-        the pause has lasted long."""
+        the pause has lasted :data:`HOLD_EVENTS`."""
         self._check_cancel()
-        if self._held and time.monotonic() - self._held_since > HOLD_EVENTS:
-            held, self._held = self._held, None
-            for event in held:
-                self._emit(event)
-            self._held = []
-
-    def _release_events(self) -> None:
-        held, self._held = self._held, None
-        for event in held or ():
-            self._emit(event)
-
-    def _t(self) -> float:
-        return time.monotonic() - self._start
+        self._let_held_go(HOLD_EVENTS)
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set() and not self.committed:
             raise MigrationError(
                 f"cancelled in phase {self.phase.value}", phase=self.phase.value, guest="source"
             )
-
-    @property
-    def link(self) -> Link:
-        assert self._link is not None
-        return self._link
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -1026,48 +978,29 @@ class Source:
 
     def _release_ptracer(self) -> None:
         """Undo what the run set up for the peer: the ptracer grant and the process watch."""
-        peer, self._peer = self._peer, None
-        if peer is not None:
-            peer.close()
+        self._drop_peer()
         if self._ptracer:
             self._ptracer = False
             with contextlib.suppress(OSError):
                 io.set_ptracer(0)
 
-    def _failed(self, err: BaseException) -> MigrationError:
-        """Before the commit point: tell the peer (ABORT), then resume the guest here, then
-        report. In that order: a destination that holds a complete copy and sees the source
-        die without a word may take the guest over, because a source resumes its copy only
-        after ABORT went (see phases)."""
-        phase = self.phase.value
-        if self._link is not None:
-            with contextlib.suppress(Exception):
-                self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
-            self._link.close()
+    def _undo(self, err: BaseException, phase: str) -> None:
+        """Before the commit point: tell the peer (ABORT), then resume the guest here. In
+        that order: a destination that holds a complete copy and sees the source die without
+        a word may take the guest over, because a source resumes its copy only after ABORT
+        went (see phases)."""
+        self._abort_link(err, phase)
         self._gc.resume()
         self._release_events()
-        for digests in self._digests:
-            with contextlib.suppress(Exception):
-                digests.release()
-        self._digests = []
+        self._release_digests()
         if self._paused_at is not None:
             with contextlib.suppress(Exception):
                 self.guest.resume()
         self._close_tracker()
         self._release_ptracer()
-        with contextlib.suppress(Exception):
-            self._phases.advance(SourcePhase.FAILED)
-        result = migration_failure(err, phase, "migration")
-        self._emit(
-            FailedEvent(
-                self._t(),
-                phase=phase,
-                error=str(err) if str(err) else str(result),
-                error_type=type(err).__name__,
-                guest="source",
-            )
-        )
-        return result
+
+    def _failure_text(self, err: BaseException, result: MigrationError) -> str:
+        return str(err) if str(err) else str(result)
 
     def _lost(self, err: BaseException, phase: str) -> GuestLost:
         """After the commit point the destination failed or vanished: the guest is lost.
@@ -1077,10 +1010,7 @@ class Source:
         """
         self._gc.resume()
         self._release_events()
-        for digests in self._digests:
-            with contextlib.suppress(Exception):
-                digests.release()
-        self._digests = []
+        self._release_digests()
         self._close_tracker()
         if self._link is not None:
             self._link.close()

@@ -52,14 +52,14 @@ from ..errors import (
     PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
-    migration_failure,
 )
 from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Memfd, Region, check_peer_memfd
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
-from .digests import GcPause, PageDigests, region_digest
+from .digests import PageDigests, region_digest
+from .engine import Side
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -69,7 +69,6 @@ from .events import (
     ResumedEvent,
     SetupEvent,
 )
-from .engine import Side
 from .link import Link, ProcessWatch
 from .pager import Ledger, PagerLink, present_pages
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase

@@ -65,6 +65,7 @@ from ..memory import Region
 from ..transport import Address, TcpAuth, refusal
 from ._gil import responsive
 from .digests import PageDigests
+from .engine import Side
 from .events import (
     CommitEvent,
     DoneEvent,
@@ -80,7 +81,6 @@ from .events import (
     SwitchoverEvent,
 )
 from .link import Link, ProcessWatch
-from .engine import Side
 from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, SourcePhase
 from .policy import Convergence, Decision, RoundFigures
 

@@ -53,7 +53,6 @@ from ..errors import (
     PeerRejected,
     PeerTimeout,
     RemoteProtocolError,
-    migration_failure,
 )
 from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Region
@@ -61,7 +60,8 @@ from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
 from .codec import open_link
-from .digests import GcPause, PageDigests, region_digest
+from .digests import PageDigests, region_digest
+from .engine import Side
 from .events import (
     DoneEvent,
     FailedEvent,
@@ -72,7 +72,7 @@ from .events import (
     SetupEvent,
 )
 from .pager import Ledger, open_pager_link, present_pages, recv_note, send_note
-from .phases import DESTINATION_TRANSITIONS, DestinationPhase, PhaseMachine
+from .phases import DESTINATION_TRANSITIONS, DestinationPhase
 
 log = logging.getLogger("pageflip.migration")
 
@@ -192,7 +192,7 @@ class Prefault:
             thread.join()
 
 
-class Destination:
+class Destination(Side[DestinationPhase]):
     """Accept one migration on ``listen`` and run the guest it brings.
 
     ``listen``: an address to listen on (``/path``, ``@name``, ``tcp:host:port``) or a
@@ -220,6 +220,13 @@ class Destination:
         on_resumed: Callable[[Guest], None] | None = None,
         auth: TcpAuth | None = None,
     ) -> None:
+        super().__init__(
+            DESTINATION_TRANSITIONS,
+            DestinationPhase.LISTENING,
+            DestinationPhase.FAILED,
+            on_event,
+            "incoming migration",
+        )
         if isinstance(listen, (str, Address)):
             address = listen if isinstance(listen, Address) else Address.parse(listen)
             self._listener: Listener = address.listen(auth=auth)
@@ -227,7 +234,6 @@ class Destination:
         else:
             self._listener = listen
             self._own_listener = False
-        self._on_event = on_event
         self.timeout = timeout
         self.accept_timeout = accept_timeout
         self._prepare = prepare
@@ -238,16 +244,11 @@ class Destination:
             features.has(name)
         for kind in guest_kinds():
             guest_class(kind).warm_up()
-        self._phases = PhaseMachine(DESTINATION_TRANSITIONS, DestinationPhase.LISTENING)
-        self._link: Endpoint | None = None
-        self._peer: ProcessWatch | None = None
         self._session = b""
         self._regions: list[Region] = []
-        self._digests: list[PageDigests] = []
         self._setup: stream.Setup | None = None
         self._guest_class: type[Guest] | None = None
         self._guest: Guest | None = None
-        self._start = 0.0
         self._pager: Endpoint | None = None
         self._pager_proc: subprocess.Popen[bytes] | None = None
         self.pager_exits: list[int] = []  # each pager's exit status (negative: a signal)
@@ -262,16 +263,11 @@ class Destination:
         #: Postcopy: what the pagers installed, shared with them (see pager.Ledger).
         self._ledger: Ledger | None = None
         self._ledger_fd = -1
-        self._gc = GcPause()
         self._downtime = 0.0
         self._pause: float | None = None
         self.done: dict[str, object] | None = None
         #: The pager's report after a postcopy (fault times, pages, digests).
         self.postcopy: dict[str, Any] | None = None
-
-    @property
-    def phase(self) -> DestinationPhase:
-        return self._phases.phase
 
     @property
     def guest(self) -> Guest | None:
@@ -289,14 +285,6 @@ class Destination:
         """Where it listens, with the port really bound for ``tcp:HOST:0``."""
         return self._listener.path
 
-    @property
-    def link(self) -> Endpoint:
-        assert self._link is not None
-        return self._link
-
-    def _t(self) -> float:
-        return time.monotonic() - self._start
-
     def _accept(self) -> Connection:
         """The source's connection; peers refused (wrong uid, failed authentication) are
         logged and the wait goes on, within ``accept_timeout``."""
@@ -309,13 +297,6 @@ class Destination:
                 return self._listener.accept(left)
             except PeerRejected as err:
                 log.warning("%s", err)
-
-    def _emit(self, event: MigrationEvent) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("migration event handler failed")
 
     def close(self) -> None:
         """Stop listening (and remove the socket file) if the listener is ours. Idempotent."""
@@ -359,17 +340,14 @@ class Destination:
             self._drop_peer()
             self.close()
 
-    def _failed(self, err: BaseException) -> MigrationError:
-        """Before the guest ran here: drop what arrived, tell the source, report."""
-        phase = self.phase.value
+    def _undo(self, err: BaseException, phase: str) -> None:
+        """Before the guest ran here: drop what arrived, then tell the source (ABORT),
+        unless it told us or went away."""
         self._gc.resume()
         self._stop_prefault()
         self._hasher.stop()
         self._stop_pager()
-        for digests in self._digests:
-            with contextlib.suppress(Exception):
-                digests.release()
-        self._digests = []
+        self._release_digests()
         guest, self._guest = self._guest, None
         if guest is not None:
             with contextlib.suppress(Exception):
@@ -378,24 +356,7 @@ class Destination:
             with contextlib.suppress(Exception):
                 region.close()
         self._regions = []
-        if self._link is not None:
-            if not isinstance(err, (PeerClosed, PeerAborted)):
-                with contextlib.suppress(Exception):
-                    self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
-            self._link.close()
-        with contextlib.suppress(Exception):
-            self._phases.advance(DestinationPhase.FAILED)
-        result = migration_failure(err, phase, "incoming migration")
-        self._emit(
-            FailedEvent(
-                self._t(),
-                phase=phase,
-                error=str(result),
-                error_type=type(err).__name__,
-                guest="source",
-            )
-        )
-        return result
+        self._abort_link(err, phase, tell=not isinstance(err, (PeerClosed, PeerAborted)))
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -1160,11 +1121,6 @@ class Destination:
             phase="postcopy",
             guest="lost",
         )
-
-    def _drop_peer(self) -> None:
-        peer, self._peer = self._peer, None
-        if peer is not None:
-            peer.close()
 
 
 def _pager_silence(message: dict[str, Any] | None, timeout: float | None) -> str:

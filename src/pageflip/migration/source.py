@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from .. import features, stream
 from .._sys.mm import PAGE_SIZE
-from ..channel import Endpoint, ProcessWatch, allow_peer_read, forbid_peer_read
+from ..channel import ProcessWatch, allow_peer_read, forbid_peer_read
 from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages
 from ..errors import (
     DigestMismatch,
@@ -57,14 +57,14 @@ from ..errors import (
     RemoteProtocolError,
     SpanError,
     StateError,
-    migration_failure,
 )
 from ..guests import Guest
 from ..memory import Region
 from ..transport import Address, TcpAuth
 from ._gil import responsive
 from .codec import open_link
-from .digests import GcPause, PageDigests
+from .digests import PageDigests
+from .engine import Side
 from .events import (
     CommitEvent,
     DoneEvent,
@@ -79,7 +79,8 @@ from .events import (
     SetupEvent,
     SwitchoverEvent,
 )
-from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, PhaseMachine, SourcePhase
+from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, SourcePhase
+from .policy import Convergence, Decision, RoundFigures
 
 log = logging.getLogger("pageflip.migration")
 
@@ -113,8 +114,8 @@ class MigrationOptions:
     #: "precopy" or "postcopy".
     mode: str = "auto"
     #: The longest pause precopy may cause (QEMU's default). It switches over once the
-    #: expected downtime is at most ``SWITCHOVER_HEADROOM`` of it: the estimate's error stays
-    #: inside the limit.
+    #: expected downtime is at most ``SWITCHOVER_HEADROOM`` of it (see :mod:`.policy`): the
+    #: estimate's error stays inside the limit.
     downtime_limit: float = 0.3
     #: Cap on the page rate, bytes per second (None: as fast as it goes).
     max_bandwidth: float | None = None
@@ -170,7 +171,7 @@ class _Round:
     bytes: int = 0
 
 
-class Source:
+class Source(Side[SourcePhase]):
     """Migrate ``guest`` to the destination at ``to`` (see the module docstring).
 
     ``on_event`` receives every :class:`~.events.MigrationEvent` (from the migrating thread).
@@ -185,18 +186,16 @@ class Source:
         options: MigrationOptions | None = None,
         on_event: Callable[[MigrationEvent], None] | None = None,
     ) -> None:
+        super().__init__(
+            SOURCE_TRANSITIONS, SourcePhase.IDLE, SourcePhase.FAILED, on_event, "migration"
+        )
         self.guest = guest
         self.address = to if isinstance(to, Address) else Address.parse(to)
         self.options = options or MigrationOptions()
         self.options.check()
-        self._on_event = on_event
-        self._phases = PhaseMachine(SOURCE_TRANSITIONS, SourcePhase.IDLE)
         self._cancel = threading.Event()
         self._recover: queue.Queue[Address] = queue.Queue()
-        self._link: Endpoint | None = None
-        self._peer: ProcessWatch | None = None
         self._session = os.urandom(16)
-        self._start = 0.0
         self._paused_at: float | None = None
         self._mode = ""
         self._features = stream.Feature(0)
@@ -208,7 +207,6 @@ class Source:
         self._resumed: stream.Resumed | None = None
         self._guest_pause: float | None = None
         self._postcopy = False
-        self._digests: list[PageDigests] = []
         self._sent: list[npt.NDArray[np.bool_]] = []
         #: Per region: pages moved, copied and sent as zero markers.
         self._moved = [0] * len(guest.regions)
@@ -216,17 +214,8 @@ class Source:
         self._zero = [0] * len(guest.regions)
         self._details: dict[str, Any] = {}
         self._tracker: DirtyTracker | None = None
-        #: No cyclic garbage collection from the pause until the guest runs again.
-        self._gc = GcPause()
-        #: Events held back while the guest is paused (see _hold_events).
-        self._held: list[MigrationEvent] | None = None
-        self._held_since = 0.0
         #: After a loss with keep_source_on_loss: why our paused copy is stale.
         self.stale: str | None = None
-
-    @property
-    def phase(self) -> SourcePhase:
-        return self._phases.phase
 
     @property
     def committed(self) -> bool:
@@ -285,53 +274,17 @@ class Source:
                 raise self._failed(err) from err
             return self._finish()
 
-    def _emit(self, event: MigrationEvent) -> None:
-        if self._held is not None:
-            self._held.append(event)
-            return
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:  # an observer's bug must not break a migration
-                log.exception("migration event handler failed")
-
-    def _hold_events(self) -> None:
-        """From the switchover until the guest runs again, events wait: an observer woken
-        by one (a display that draws it) would take a CPU the pause needs. A pause that
-        lasts longer than :data:`HOLD_EVENTS` (a stalled destination) lets them go: then
-        being told matters more."""
-        if self._held is None:
-            self._held = []
-            self._held_since = time.monotonic()
-
     def _waiting(self) -> None:
         """Called while a receive waits: a cancel ends the wait; held events go out once
-        the pause has lasted long."""
+        the pause has lasted :data:`HOLD_EVENTS`."""
         self._check_cancel()
-        if self._held and time.monotonic() - self._held_since > HOLD_EVENTS:
-            held, self._held = self._held, None
-            for event in held:
-                self._emit(event)
-            self._held = []
-
-    def _release_events(self) -> None:
-        held, self._held = self._held, None
-        for event in held or ():
-            self._emit(event)
-
-    def _t(self) -> float:
-        return time.monotonic() - self._start
+        self._let_held_go(HOLD_EVENTS)
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set() and not self.committed:
             raise MigrationError(
                 f"cancelled in phase {self.phase.value}", phase=self.phase.value, guest="source"
             )
-
-    @property
-    def link(self) -> Endpoint:
-        assert self._link is not None
-        return self._link
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -544,9 +497,9 @@ class Source:
         return True
 
     def _precopy(self, *, postcopy: bool) -> None:
-        """Rounds of pages, then a switchover (the copy modes): returns once SWITCHOVER went,
-        the guest paused here."""
-        link = self.link
+        """Rounds of pages while the guest runs, each followed by the policy's decision
+        (:class:`.policy.Convergence`), then the switchover (the copy modes): returns once
+        SWITCHOVER went, the guest paused here."""
         opts = self.options
         regions = self.guest.regions
         pull = self._peer_may_read()
@@ -557,33 +510,22 @@ class Source:
         # MiB): the tracker stays until the pause is over (closed by _finish or _failed).
         tracker = self._tracker = DirtyTracker(regions)
         total_pages = sum(d.npages for d in digests)
-        rounds_before_postcopy = opts.postcopy_after_rounds if postcopy else None
-        if rounds_before_postcopy != 0:
+        policy = Convergence(
+            downtime_limit=opts.downtime_limit,
+            max_rounds=opts.max_rounds,
+            on_no_convergence=opts.on_no_convergence,
+            postcopy_after_rounds=opts.postcopy_after_rounds if postcopy else None,
+            postcopy_possible=stream.Feature.POSTCOPY in self._features,
+        )
+        decision = policy.first()
+        if decision is Decision.ANOTHER_ROUND:
             tracker.start()  # a pure postcopy sends nothing twice: no tracking
         self._phases.advance(SourcePhase.PRECOPY)
         todo: list[Runs] = [np.array([[0, d.npages]], np.uint64) for d in digests]
-        reason = "converged"
-        bandwidth = 0.0
-        expected = float("inf")
-        while rounds_before_postcopy != 0:
+        while decision is Decision.ANOTHER_ROUND:
             self._rounds += 1
-            started = time.monotonic()
-            stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
-            link.send(
-                stream.RoundEnd(
-                    self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started
-                ),
-                "precopy",
-            )
-            link.expect((stream.RoundAck,), "precopy", opts.timeout)
-            seconds = time.monotonic() - started
-            scan_started = time.monotonic()
-            todo = tracker.collect()
-            scan = time.monotonic() - scan_started
-            dirty = sum(runs_pages(r) for r in todo)
-            moved_bytes = stats.pages * PAGE_SIZE
-            bandwidth = moved_bytes / seconds if seconds > 0 and moved_bytes else bandwidth
-            expected = expected_downtime(dirty * PAGE_SIZE, bandwidth, scan)
+            stats, figures, todo = self._precopy_round(todo, digests, pull, total_pages)
+            decision = policy.after(figures)
             self._emit(
                 RoundEvent(
                     self._t(),
@@ -591,26 +533,51 @@ class Source:
                     pages=stats.pages,
                     bytes=stats.bytes,
                     zero_pages=stats.zero_pages,
-                    seconds=seconds,
-                    bandwidth=bandwidth,
-                    dirty_pages=dirty,
-                    dirty_rate=dirty * PAGE_SIZE / seconds if seconds else 0.0,
-                    expected_downtime=expected,
+                    seconds=figures.seconds,
+                    bandwidth=policy.bandwidth,
+                    dirty_pages=figures.dirty_pages,
+                    dirty_rate=figures.dirty_rate,
+                    expected_downtime=policy.expected,
                 )
             )
             self._check_cancel()
-            if postcopy and self._rounds >= opts.postcopy_after_rounds:
-                reason = "postcopy"
-                break
-            if expected <= SWITCHOVER_HEADROOM * opts.downtime_limit:
-                break
-            if self._rounds >= opts.max_rounds:
-                reason = "postcopy" if opts.on_no_convergence == "postcopy" else "forced"
-                break
-        if postcopy and rounds_before_postcopy == 0:
-            reason = "postcopy"
-        if reason == "postcopy" and stream.Feature.POSTCOPY not in self._features:
-            reason = "forced"  # the destination cannot page on demand
+        self._precopy_switchover(decision, policy.expected, todo, digests, pull, total_pages)
+
+    def _precopy_round(
+        self, todo: list[Runs], digests: list[PageDigests], pull: bool, total_pages: int
+    ) -> tuple[_Round, RoundFigures, list[Runs]]:
+        """Send round ``self._rounds``, wait for its ROUND_ACK, collect what was written
+        meanwhile: the round's figures and the pages of the next one."""
+        link = self.link
+        started = time.monotonic()
+        stats = self._send_round(self._rounds, todo, digests, pull, total_pages)
+        link.send(
+            stream.RoundEnd(self._rounds, stats.pages, stats.bytes, 0, time.monotonic() - started),
+            "precopy",
+        )
+        link.expect((stream.RoundAck,), "precopy", self.options.timeout)
+        seconds = time.monotonic() - started
+        scan_started = time.monotonic()
+        assert self._tracker is not None
+        written = self._tracker.collect()
+        scan = time.monotonic() - scan_started
+        dirty = sum(runs_pages(r) for r in written)
+        return stats, RoundFigures(stats.pages, seconds, dirty, scan), written
+
+    def _precopy_switchover(
+        self,
+        decision: Decision,
+        expected: float,
+        todo: list[Runs],
+        digests: list[PageDigests],
+        pull: bool,
+        total_pages: int,
+    ) -> None:
+        """Pause the guest; send what is left (or, for postcopy, drop what went stale), then
+        the state."""
+        link = self.link
+        tracker = self._tracker
+        assert tracker is not None
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
         self._hold_events()
@@ -620,7 +587,7 @@ class Source:
                 round=self._rounds + 1,
                 remaining_pages=sum(runs_pages(r) for r in todo),
                 expected_downtime=expected,
-                reason=reason,
+                reason=decision.value,
             )
         )
         self._gc.pause()  # until the guest runs again (here or there)
@@ -630,7 +597,7 @@ class Source:
             final = [_union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)]
         else:
             final = todo  # nothing was sent yet: everything is still to come
-        if reason == "postcopy":
+        if decision is Decision.POSTCOPY:
             self._postcopy = True
             self._postcopy_switchover(final)
             return
@@ -1002,47 +969,28 @@ class Source:
 
     def _release_ptracer(self) -> None:
         """Undo what the run set up for the peer: the ptracer grant and the process watch."""
-        peer, self._peer = self._peer, None
-        if peer is not None:
-            peer.close()
+        self._drop_peer()
         if self._ptracer:
             self._ptracer = False
             forbid_peer_read()
 
-    def _failed(self, err: BaseException) -> MigrationError:
-        """Before the commit point: tell the peer (ABORT), then resume the guest here, then
-        report. In that order: a destination that holds a complete copy and sees the source
-        die without a word may take the guest over, because a source resumes its copy only
-        after ABORT went (see phases)."""
-        phase = self.phase.value
-        if self._link is not None:
-            with contextlib.suppress(Exception):
-                self._link.send(stream.Abort(phase=phase, reason=str(err)), phase)
-            self._link.close()
+    def _undo(self, err: BaseException, phase: str) -> None:
+        """Before the commit point: tell the peer (ABORT), then resume the guest here. In
+        that order: a destination that holds a complete copy and sees the source die without
+        a word may take the guest over, because a source resumes its copy only after ABORT
+        went (see phases)."""
+        self._abort_link(err, phase)
         self._gc.resume()
         self._release_events()
-        for digests in self._digests:
-            with contextlib.suppress(Exception):
-                digests.release()
-        self._digests = []
+        self._release_digests()
         if self._paused_at is not None:
             with contextlib.suppress(Exception):
                 self.guest.resume()
         self._close_tracker()
         self._release_ptracer()
-        with contextlib.suppress(Exception):
-            self._phases.advance(SourcePhase.FAILED)
-        result = migration_failure(err, phase, "migration")
-        self._emit(
-            FailedEvent(
-                self._t(),
-                phase=phase,
-                error=str(err) if str(err) else str(result),
-                error_type=type(err).__name__,
-                guest="source",
-            )
-        )
-        return result
+
+    def _failure_text(self, err: BaseException, result: MigrationError) -> str:
+        return str(err) if str(err) else str(result)
 
     def _lost(self, err: BaseException, phase: str) -> GuestLost:
         """After the commit point the destination failed or vanished: the guest is lost.
@@ -1052,10 +1000,7 @@ class Source:
         """
         self._gc.resume()
         self._release_events()
-        for digests in self._digests:
-            with contextlib.suppress(Exception):
-                digests.release()
-        self._digests = []
+        self._release_digests()
         self._close_tracker()
         if self._link is not None:
             self._link.close()
@@ -1089,29 +1034,6 @@ class Source:
             )
         )
         return lost
-
-
-#: The last round runs while the guest is paused and costs more than its bytes at the last
-#: round's bandwidth: a final scan for written pages, the destination hashing the last
-#: pages and checking every digest, the restore and resume. Measured here: about 1.15 times
-#: the bytes' time plus 30 ms, plus the scan.
-SWITCHOVER_SLOWDOWN = 1.15
-SWITCHOVER_FIXED = 0.03
-#: Precopy switches over when the expected downtime is at most this fraction of the limit.
-#: On this noisy VM the paused round ran up to 1.55x longer than estimated from the round
-#: before (2 GiB under 256 MiB/s: 219 ms expected, 340 ms measured; 108 runs of
-#: ``pageflip bench migrate``). One more round costs a fraction of a second and shrinks what
-#: is left by the ratio of dirty rate to bandwidth.
-SWITCHOVER_HEADROOM = 0.6
-
-
-def expected_downtime(remaining_bytes: int, bandwidth: float, scan_seconds: float) -> float:
-    """How long a switchover now would keep the guest paused, in seconds."""
-    if remaining_bytes == 0:
-        return scan_seconds
-    if bandwidth <= 0:
-        return float("inf")
-    return SWITCHOVER_SLOWDOWN * remaining_bytes / bandwidth + SWITCHOVER_FIXED + scan_seconds
 
 
 def _union(a: Runs, b: Runs, npages: int) -> Runs:

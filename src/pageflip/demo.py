@@ -47,7 +47,7 @@ from ._children import end_process, raise_failure, serve, stop_on_signals
 from .bench import format_size
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
-from .errors import FeatureUnavailable, PageflipError
+from .errors import DemoError, FeatureUnavailable, PageflipError
 from .memory import PAGE_SIZE, Region, physical_frames
 
 __all__ = ["DemoError", "DemoResult", "PhaseResult", "run_demo"]
@@ -59,10 +59,6 @@ COPY_SEED = 0x0BADCAFE
 STEP_TIMEOUT = 600.0
 
 Frames = npt.NDArray[np.uint64]
-
-
-class DemoError(RuntimeError):
-    """The demo's child process failed or died with an error that is not pageflip's."""
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,10 @@ from .._children import end_process, stop_on_signals
 from .._sys import mm
 from .._sys.flags import Madv
 from .._sys.procfs import proc
-from ..errors import FeatureUnavailable, PageflipError
+from ..errors import FeatureUnavailable, MigrateBenchmarkError, PageflipError
 from ..memory import PAGE_SIZE, Region
 from . import format_size, human_size
-from .common import BenchmarkError, finite, machine, markdown_targets, now
+from .common import finite, machine, markdown_targets, now
 
 __all__ = [
     "DEFAULT_RATES",
@@ -178,15 +178,6 @@ CLOCK = (
 
 #: Called before each run with (runs done, runs in all, what runs now).
 ProgressCallback = Callable[[int, int, str], None]
-
-
-class MigrateBenchmarkError(BenchmarkError):
-    """A run of the migration matrix failed (a migration error, a guest that failed its check,
-    a process that died). ``partial`` holds the results of the runs before it (JSON-ready)."""
-
-    def __init__(self, message: str, partial: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.partial = partial
 
 
 @dataclass(frozen=True)

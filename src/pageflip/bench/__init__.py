@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import BadArgument
+
 __all__ = ["human_size", "format_size", "parse_size"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -20,15 +22,16 @@ def parse_size(text: str) -> int:
     """Bytes in ``text``: a number with an optional binary suffix (``4096``, ``64M``, ``1.5G``).
 
     K, M, G and T are powers of 1024 (``KiB``, ``MB`` and ``kb`` mean the same). Raises
-    ValueError for anything else, and for sizes that are not a positive whole number of bytes.
+    :class:`~pageflip.errors.BadArgument` (a ValueError) for anything else, and for sizes that
+    are not a positive whole number of bytes.
     """
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 64M")
+        raise BadArgument(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 64M")
     number, unit = match.groups()
     value = float(number) * _UNITS[unit.upper()]
     if value != int(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive whole number of bytes")
+        raise BadArgument(f"{text!r} is not a positive whole number of bytes")
     return int(value)
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 import pageflip
 
 from ..bench import parse_size
-from ..errors import GuestLost, PageflipError
+from ..errors import BadArgument, GuestLost, PageflipError
 
 #: Exit statuses, documented in ``pageflip --help`` and the README.
 EXIT_OK = 0
@@ -149,7 +149,7 @@ class Size(_ParamType):
             return 0
         try:
             return parse_size(text)
-        except ValueError as err:
+        except BadArgument as err:
             self.fail(str(err), param, ctx)
 
 

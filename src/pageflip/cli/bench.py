@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..bench import format_size
 from ..bench.common import finite
+from ..errors import BadArgument
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
 
@@ -176,7 +177,7 @@ def handoff(
             overhead_rounds=overhead_rounds,
             touch_threads=touch_threads,
         )
-    except ValueError as err:
+    except BadArgument as err:
         raise click.BadParameter(str(err)) from None
     console = _stderr_console()
     result = _with_progress(
@@ -353,7 +354,7 @@ def bench_migrate(
             settle=settle,
             prewarm=prewarm,
         )
-    except ValueError as err:
+    except BadArgument as err:
         raise click.BadParameter(str(err)) from None
     if plot_path is not None:
         bench_migrate_module.check_plot()  # before a long run, not after it

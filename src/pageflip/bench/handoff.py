@@ -600,7 +600,12 @@ def _gather(workers: Sequence[_Worker], kind: str = "ok") -> list[Any]:
                 continue
             assert isinstance(obj, Connection)
             i, worker = pending.pop(obj)
-            message = obj.recv()
+            try:
+                message = obj.recv()
+            except EOFError:  # it died: its end of the pipe closed with nothing in it
+                worker.process.join(1)
+                code = worker.process.exitcode
+                raise BenchmarkError(f"the {worker.role} process died (exit code {code})") from None
             if message[0] == "error":
                 raise_failure(message, BenchmarkError, worker.role)
             if message[0] != kind:

@@ -369,7 +369,7 @@ def bench_migrate(
         if output is not None and err.partial is not None:
             _write_json(output, json.dumps(finite(err.partial), indent=2, allow_nan=False))
             console.print(f"results of the runs before the failure written to {output}")
-        raise click.ClickException(f"MigrateBenchmarkError: {err}") from None
+        raise  # one line, MigrateBenchmarkError: ..., exit status 1 (see Group)
     text = json.dumps(finite(result), indent=2, allow_nan=False)
     _write_json(output, text)
     if plot_path is not None:

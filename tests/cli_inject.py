@@ -42,6 +42,40 @@ def _before(cls: type[Any], name: str, action: Callable[[Any], None]) -> None:
     setattr(cls, name, patched)
 
 
+def _after(cls: type[Any], name: str, action: Callable[[Any], None]) -> None:
+    """Run ``cls.name``, then ``action(self)``."""
+    original = getattr(cls, name)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        action(self)
+        return result
+
+    setattr(cls, name, patched)
+
+
+def _kill_child(child: Any, role: str | None = None) -> None:
+    """SIGKILL a demo's or a benchmark's helper process (of ``role``) just after it started."""
+    if role is None or child.role == role:
+        os.kill(child.process.pid, signal.SIGKILL)
+
+
+def _demo_receiver_dies() -> None:
+    from pageflip import demo
+
+    _after(demo._Child, "__init__", _kill_child)
+
+
+def _bench_receiver_dies() -> None:
+    from pageflip.bench import handoff
+
+    _after(handoff._Worker, "__init__", lambda w: _kill_child(w, "receiver"))
+
+
+def _verify_fails(self: Workload, *args: Any, **kwargs: Any) -> Any:
+    raise BadGuestState("injected: the journal cannot be read", kind="workload", field="journal")
+
+
 def _restore_fails(cls: type[Workload], regions: Any, state: bytes) -> Workload:
     raise BadGuestState("injected: the state cannot be loaded", kind="workload", field="state")
 
@@ -102,6 +136,10 @@ FAULTS: dict[str, Callable[[], None]] = {
     "src-stop-after-commit": lambda: _before(Source, "_finish", lambda s: _stop_self()),
     "src-kill-after-commit": lambda: setattr(Link, "send", _kill_after_commit),
     "src-cut-in-postcopy": lambda: _before(Source, "_postcopy_finish", _cut),
+    "src-verify-fails": lambda: setattr(Workload, "verify", _verify_fails),
+    # the demo and the benchmarks: a helper process dies as it starts
+    "demo-receiver-dies": _demo_receiver_dies,
+    "bench-receiver-dies": _bench_receiver_dies,
 }
 
 

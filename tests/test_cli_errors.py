@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 
 PAGEFLIP = [sys.executable, "-m", "pageflip"]
+#: The same command with failures injected (PAGEFLIP_TEST_FAULTS; see tests/cli_inject.py).
+INJECT = [sys.executable, str(Path(__file__).with_name("cli_inject.py"))]
 #: Longest any one command or event is waited for: a bound, never a measurement.
 WAIT = 120.0
 
@@ -95,14 +97,15 @@ class Result:
 class Command:
     """A one-shot pageflip command started now; :meth:`result` waits for it."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, faults: str = "") -> None:
         self.args = args
         self.proc = subprocess.Popen(
-            [*PAGEFLIP, *args],
+            [*(INJECT if faults else PAGEFLIP), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env=_with_faults(faults),
         )
 
     def result(self) -> Result:
@@ -114,8 +117,13 @@ class Command:
         return Result(self.args, self.proc.returncode, out, err)
 
 
-def run(*args: str) -> Result:
-    return Command(*args).result()
+def run(*args: str, faults: str = "") -> Result:
+    return Command(*args, faults=faults).result()
+
+
+def _with_faults(faults: str) -> dict[str, str] | None:
+    """The environment that injects ``faults`` (None: this one, when there are none)."""
+    return {**os.environ, "PAGEFLIP_TEST_FAULTS": faults} if faults else None
 
 
 def run_all(*commands: tuple[str, ...]) -> list[Result]:
@@ -150,15 +158,16 @@ class Host:
     """A long-running pageflip process printing JSON lines: a workload, an incoming, or a
     migrate to interrupt."""
 
-    def __init__(self, tmp_path: Path, *args: str, as_json: bool = True) -> None:
+    def __init__(self, tmp_path: Path, *args: str, as_json: bool = True, faults: str = "") -> None:
         self.args = args
         self._stderr_path = tmp_path / f"host-{len(list(tmp_path.glob('host-*')))}.err"
         with open(self._stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [*PAGEFLIP, *args, *(["--json"] if as_json else [])],
+                [*(INJECT if faults else PAGEFLIP), *args, *(["--json"] if as_json else [])],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 start_new_session=True,
+                env=_with_faults(faults),
             )
         self._buffer = b""
         self.events: list[dict[str, Any]] = []
@@ -217,7 +226,9 @@ def hosts() -> Iterator[list[Host]]:
         host.end()
 
 
-def workload(tmp_path: Path, hosts: list[Host], control: Path, *extra: str) -> Host:
+def workload(
+    tmp_path: Path, hosts: list[Host], control: Path, *extra: str, faults: str = ""
+) -> Host:
     host = Host(
         tmp_path,
         "workload",
@@ -228,6 +239,7 @@ def workload(tmp_path: Path, hosts: list[Host], control: Path, *extra: str) -> H
         "--control",
         str(control),
         *extra,
+        faults=faults,
     )
     hosts.append(host)
     host.wait_for("ready")
@@ -764,3 +776,59 @@ def test_cancel_with_no_migration_running(tmp_path: Path, hosts: list[Host]) -> 
     out.line("StateError", str(a), "no migration is running", "nothing to cancel")
     assert status(a)["host"] == "running"
     stop(source, a)
+
+
+# -- the demo, the benchmarks, guests and the library's own argument checks -----------------
+
+
+def test_a_demo_whose_receiver_dies_is_a_demo_error() -> None:
+    out = run("demo", "handoff", "--size", "8M", faults="demo-receiver-dies")
+    assert out.returncode == 1
+    out.line("DemoError", "the receiver died", "exit code -9")
+
+
+def test_a_benchmark_whose_receiver_dies_is_a_benchmark_error() -> None:
+    out = run(
+        "bench",
+        "handoff",
+        "--size",
+        "1M",
+        "--repeat",
+        "1",
+        "--methods",
+        "move",
+        "--overhead-rounds",
+        "0",
+        "--no-progress",
+        faults="bench-receiver-dies",
+    )
+    assert out.returncode == 1
+    out.line("BenchmarkError", "the receiver process died", "exit code -9")
+
+
+def test_a_guest_error_at_the_host_is_that_error_at_the_command(
+    tmp_path: Path, hosts: list[Host]
+) -> None:
+    a = tmp_path / "a.sock"
+    source = workload(tmp_path, hosts, a, faults="src-verify-fails")
+    out = run("verify", "--control", str(a))
+    assert out.returncode == 1
+    out.line("BadGuestState", str(a), "injected: the journal cannot be read")
+    assert status(a)["host"] == "running"
+    stop(source, a)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("bench", "handoff", "--size", "1K"), ["at least one page"]),
+        (("bench", "migrate", "--modes", "flip,flip"), ["each mode once"]),
+    ],
+    ids=["handoff below a page", "migrate mode twice"],
+)
+def test_arguments_the_library_refuses_are_usage_errors(
+    args: tuple[str, ...], names: list[str]
+) -> None:
+    out = run(*args, "--no-progress")
+    assert out.returncode == 2
+    out.line("UsageError", *names, "--help")

@@ -17,6 +17,7 @@ import logging as _logging
 from ._sys.flags import Splice
 from .channel import Channel, CopyMethod, Listener, Transfer, channel_pair, vmsplice
 from .errors import (
+    BadArgument,
     BufferInUse,
     ClosedError,
     DigestMismatch,
@@ -35,6 +36,7 @@ from .errors import (
     RemoteProtocolError,
     SpanError,
     StateError,
+    WrongType,
 )
 from .features import Feature, ProbeReport, probe
 from .memory import PAGE_SIZE, Region, Span, physical_frames
@@ -64,7 +66,9 @@ __all__ = [
     "PageflipError",
     "ClosedError",
     "BufferInUse",
+    "BadArgument",
     "SpanError",
+    "WrongType",
     "FeatureUnavailable",
     "PeerError",
     "PeerClosed",

@@ -63,13 +63,21 @@ def serve(ctrl: Connection, handle: Callable[..., Any], reply: str = "ok") -> No
         ctrl.send((reply, result))
 
 
-def raise_failure(message: tuple[Any, ...], error: type[Exception], who: str) -> NoReturn:
+def raise_failure(message: tuple[Any, ...], error: type[PageflipError], who: str) -> NoReturn:
     """In the parent: raise what a child's ``("error", err, traceback)`` reports, the
-    pageflip error itself when it came through, else ``error`` with the child's traceback."""
+    pageflip error itself when it came through, else ``error`` naming the child's error on
+    one line, with the child's traceback as a note (shown with a traceback, not by the CLI)."""
     _, err, text = message
     if isinstance(err, PageflipError):
         raise err
-    raise error(f"the {who} failed:\n{text}")
+    if err is not None:
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+    else:  # it did not pickle: the last line of the traceback names it
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        what = lines[-1] if lines else "no traceback"
+    failure = error(f"the {who} failed: {what}")
+    failure.add_note(f"the {who}'s traceback:\n{text}")
+    raise failure
 
 
 def end_process(process: BaseProcess, conn: Connection, wait: float) -> None:

@@ -46,7 +46,7 @@ from . import channel_pair
 from ._children import end_process, raise_failure, serve, stop_on_signals
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
-from .errors import FeatureUnavailable, PageflipError
+from .errors import DemoError, FeatureUnavailable, PageflipError
 from .memory import PAGE_SIZE, Region, physical_frames
 from .units import format_size
 
@@ -59,10 +59,6 @@ COPY_SEED = 0x0BADCAFE
 STEP_TIMEOUT = 600.0
 
 Frames = npt.NDArray[np.uint64]
-
-
-class DemoError(RuntimeError):
-    """The demo's child process failed or died with an error that is not pageflip's."""
 
 
 @dataclass(frozen=True)

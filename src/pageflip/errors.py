@@ -4,11 +4,14 @@
 
     OSError
      └── PageflipError                 base of all; `except OSError` catches it too
+          ├── BadArgument              an argument the call cannot take; the message says
+          │    │                       what to give instead (also a ValueError)
+          │    ├── SpanError           bad offset, length, alignment or buffer
+          │    └── WrongType           an argument of a type the call does not take
+          │                            (also a TypeError)
           ├── ClosedError              you closed (or gave away) this object already
           ├── BufferInUse              views or arrays still use memory you want to let go
           │                            (also a BufferError)
-          ├── SpanError                bad offset, length, alignment or buffer
-          │                            (also a ValueError)
           ├── FeatureUnavailable       a kernel feature this needs is missing here
           ├── PeerError                about the other side of a channel
           │    ├── PeerClosed          it went away (also a ConnectionError)
@@ -20,18 +23,37 @@
           │    ├── LocalProtocolError  misuse on our side (wrong call for the state)
           │    └── RemoteProtocolError a bad frame or fd from the peer
           ├── StateError               a call in the wrong phase of a state machine
-          └── MigrationError           a migration failed; ``phase`` says where, ``guest``
-               │                       where the guest runs now ("source": intact there)
-               ├── DigestMismatch      the destination's pages differ from the source's
-               └── GuestLost           after the commit point the destination failed or
-                                       vanished: the guest is lost (``guest`` is "lost")
+          ├── MigrationError           a migration failed; ``phase`` says where, ``guest``
+          │    │                       where the guest runs now ("source": intact there)
+          │    ├── DigestMismatch      the destination's pages differ from the source's
+          │    └── GuestLost           after the commit point the destination failed or
+          │                            vanished: the guest is lost (``guest`` is "lost")
+          ├── GuestError               about a guest; ``kind`` names which kind
+          │    ├── UnknownGuest        no guest class registered under that kind
+          │    │                       (also a LookupError)
+          │    └── BadGuestState       a saved state or received regions that cannot be
+          │                            restored (also a ValueError); ``field`` says what
+          ├── BenchmarkError           a benchmark's process failed, or a result contradicts
+          │    │                       its method (also a RuntimeError)
+          │    └── MigrateBenchmarkError  a run of the migration matrix failed; ``partial``
+          │                            holds the runs before it
+          └── DemoError                the demo's child process failed or died
+                                       (also a RuntimeError)
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
+
+A class that took the place of a built-in exception keeps that one as a second base
+(``BadArgument`` is a ValueError, ``DemoError`` a RuntimeError), so ``except ValueError``
+still catches what it caught before. The modules that used to define some of these
+(``pageflip.guests``, ``pageflip.demo``, ``pageflip.bench``) import them from here and
+still export them. Errors from the kernel stay OSErrors naming the system call. The
+``pageflip`` command prints any of these, or any OSError, as one line, ``Type: message``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -67,6 +89,27 @@ class PageflipError(OSError):
         return (_rebuild, (type(self), self.message, values))
 
 
+class BadArgument(PageflipError, ValueError):
+    """An argument the call cannot take (``argument`` names it, if one does); the message
+    says what to give instead. Also a ValueError, which is what it was before."""
+
+    fields: ClassVar[tuple[str, ...]] = ("argument",)
+    argument: str | None
+
+
+class SpanError(BadArgument):
+    """An offset, length, alignment or buffer that the call cannot take."""
+
+    fields: ClassVar[tuple[str, ...]] = ("offset", "length")
+    offset: int | None
+    length: int | None
+
+
+class WrongType(BadArgument, TypeError):
+    """An argument of a type the call does not take (also a TypeError, which is what it was
+    before); the message names the types it takes."""
+
+
 class ClosedError(PageflipError):
     """The region, channel or listener was closed (or its pages were gifted) by you."""
 
@@ -82,14 +125,6 @@ class BufferInUse(PageflipError, BufferError):
     offset: int | None
     length: int | None
     count: int | None
-
-
-class SpanError(PageflipError, ValueError):
-    """An offset, length, alignment or buffer that the call cannot take."""
-
-    fields: ClassVar[tuple[str, ...]] = ("offset", "length")
-    offset: int | None
-    length: int | None
 
 
 class FeatureUnavailable(PageflipError):
@@ -201,13 +236,63 @@ class GuestLost(MigrationError):
     if it was kept, is stale: the guest may have run on after it."""
 
 
+class GuestError(PageflipError):
+    """Something about a guest; ``kind`` is the guest kind involved (if known)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind",)
+    kind: str | None
+
+
+class UnknownGuest(GuestError, LookupError):
+    """No guest class is registered under ``kind``; ``known`` lists the kinds there are."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "known")
+    known: list[str] | None
+
+
+class BadGuestState(GuestError, ValueError):
+    """A saved state (or the regions given with it) that cannot be restored.
+
+    ``field`` names the state field or region that is wrong.
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "field")
+    field: str | None
+
+
+class BenchmarkError(PageflipError, RuntimeError):
+    """A benchmark process failed, or a result contradicts its method (a move that copied,
+    a copy that moved, data that arrived wrong)."""
+
+
+class MigrateBenchmarkError(BenchmarkError):
+    """A run of the migration matrix failed (a migration error, a guest that failed its check,
+    a process that died). ``partial`` holds the results of the runs before it (JSON-ready)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("partial",)
+    partial: Mapping[str, Any] | None
+
+    def __init__(self, message: str, partial: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, partial=partial)
+
+
+class DemoError(PageflipError, RuntimeError):
+    """The demo's child process failed or died with an error that is not pageflip's."""
+
+
 __all__ = [
+    "BadArgument",
+    "BadGuestState",
+    "BenchmarkError",
     "BufferInUse",
     "ClosedError",
+    "DemoError",
     "DigestMismatch",
     "FeatureUnavailable",
+    "GuestError",
     "GuestLost",
     "LocalProtocolError",
+    "MigrateBenchmarkError",
     "MigrationError",
     "PageflipError",
     "PeerAborted",
@@ -220,4 +305,6 @@ __all__ = [
     "RemoteProtocolError",
     "SpanError",
     "StateError",
+    "UnknownGuest",
+    "WrongType",
 ]

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from ._sys import mm, pagemap
 from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Map, Seal
 from ._sys.mm import PAGE_SIZE
-from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError
+from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError, WrongType
 
 __all__ = ["PAGE_SIZE", "Region", "Span", "physical_frames"]
 
@@ -328,7 +328,7 @@ class Region:
 
     def __getitem__(self, key: slice) -> Span:
         if not isinstance(key, slice):
-            raise TypeError("index a region with a slice of page-aligned offsets, r[start:stop]")
+            raise WrongType("index a region with a slice of page-aligned offsets, r[start:stop]")
         if key.step not in (None, 1):
             raise SpanError("a region slice cannot have a step")
         start, stop = self.bounds(0 if key.start is None else key.start, key.stop, need_pages=True)
@@ -539,7 +539,7 @@ class Span:
 
     def __getitem__(self, key: slice) -> Span:
         if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("index a span with a slice of page-aligned offsets")
+            raise WrongType("index a span with a slice of page-aligned offsets")
         start = 0 if key.start is None else int(key.start)
         stop = self.size if key.stop is None else int(key.stop)
         if not 0 <= start <= stop <= self.size:

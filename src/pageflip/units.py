@@ -4,13 +4,15 @@
 take (``64M``, ``1G``, ``4G``); :func:`human_size` rounds for reading (``1.5 GiB``);
 :func:`format_rate` names a write rate (``idle``, ``64M/s``); :func:`format_duration` spells
 seconds with the precision a table wants (``1.22 ms``, ``450 ms``, ``2.50 s``). Any layer may
-import this module: it imports nothing of pageflip.
+import this module: it imports nothing of pageflip but the errors.
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+from .errors import BadArgument
 
 __all__ = ["format_duration", "format_rate", "format_size", "human_size", "parse_size"]
 
@@ -22,15 +24,16 @@ def parse_size(text: str) -> int:
     """Bytes in ``text``: a number with an optional binary suffix (``4096``, ``64M``, ``1.5G``).
 
     K, M, G and T are powers of 1024 (``KiB``, ``MB`` and ``kb`` mean the same). Raises
-    ValueError for anything else, and for sizes that are not a positive whole number of bytes.
+    :class:`~pageflip.errors.BadArgument` (a ValueError) for anything else, and for sizes that
+    are not a positive whole number of bytes.
     """
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 64M")
+        raise BadArgument(f"{text!r} is not a size: use a number with K, M, G or T, e.g. 64M")
     number, unit = match.groups()
     value = float(number) * _UNITS[unit.upper()]
     if value != int(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive whole number of bytes")
+        raise BadArgument(f"{text!r} is not a positive whole number of bytes")
     return int(value)
 
 

@@ -15,13 +15,9 @@ import numpy as np
 
 from .. import __version__
 from .._sys.procfs import procfs_path
+from ..errors import BenchmarkError
 
 __all__ = ["BenchmarkError", "finite", "machine", "markdown_targets", "now"]
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark process failed, or a result contradicts its method (a move that copied,
-    a copy that moved, data that arrived wrong)."""
 
 
 def now() -> float:

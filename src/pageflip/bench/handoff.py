@@ -56,7 +56,7 @@ import numpy.typing as npt
 from .. import channel_pair
 from .._children import end_process, raise_failure, serve, stop_on_signals
 from ..channel import Channel, CopyMethod
-from ..errors import PageflipError
+from ..errors import BadArgument, PageflipError
 from ..memory import PAGE_SIZE, Region
 from ..units import format_size
 from .common import BenchmarkError, machine, markdown_targets, now
@@ -240,17 +240,22 @@ class HandoffConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS or m == "move@1G"]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)}")
+            raise BadArgument(
+                f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)}",
+                argument="methods",
+            )
         if not self.methods:
-            raise ValueError("choose at least one method")
+            raise BadArgument("choose at least one method", argument="methods")
         if self.size < PAGE_SIZE:
-            raise ValueError(f"the size must be at least one page ({PAGE_SIZE} bytes)")
+            raise BadArgument(
+                f"the size must be at least one page ({PAGE_SIZE} bytes)", argument="size"
+            )
         if self.repeat < 1:
-            raise ValueError("repeat must be at least 1")
+            raise BadArgument("repeat must be at least 1", argument="repeat")
         if self.overhead_rounds < 0:
-            raise ValueError("overhead_rounds cannot be negative")
+            raise BadArgument("overhead_rounds cannot be negative", argument="overhead_rounds")
         if self.touch_threads < 0:
-            raise ValueError("touch_threads cannot be negative")
+            raise BadArgument("touch_threads cannot be negative", argument="touch_threads")
 
     @property
     def threads(self) -> int:
@@ -598,7 +603,12 @@ def _gather(workers: Sequence[_Worker], kind: str = "ok") -> list[Any]:
                 continue
             assert isinstance(obj, Connection)
             i, worker = pending.pop(obj)
-            message = obj.recv()
+            try:
+                message = obj.recv()
+            except EOFError:  # it died: its end of the pipe closed with nothing in it
+                worker.process.join(1)
+                code = worker.process.exitcode
+                raise BenchmarkError(f"the {worker.role} process died (exit code {code})") from None
             if message[0] == "error":
                 raise_failure(message, BenchmarkError, worker.role)
             if message[0] != kind:

@@ -55,6 +55,7 @@ from .._wire import (
     WireCodec,
 )
 from ..errors import (
+    BadArgument,
     ClosedError,
     LocalProtocolError,
     PageflipError,
@@ -63,6 +64,7 @@ from ..errors import (
     PeerTimeout,
     RemoteProtocolError,
     SpanError,
+    WrongType,
 )
 from ..memory import Memfd, Region, Span, bytes_at, region_at, writable_address
 from ..transport import UnixConnection, UnixListener
@@ -166,7 +168,7 @@ def _gift_spans(obj: Region | Span | Iterable[Region | Span]) -> list[Span]:
             item.region.bounds(item.offset, item.offset + item.size)
             spans.append(item)
         else:
-            raise TypeError(
+            raise WrongType(
                 f"gift() takes Regions or slices of them, not {type(item).__name__}; "
                 "use send() to copy any other buffer"
             )
@@ -387,7 +389,7 @@ class Channel:
         from multiprocessing import context, reduction
 
         if context.get_spawning_popen() is None:
-            raise TypeError(
+            raise WrongType(
                 "a Channel can only be passed to a child process when it starts "
                 "(multiprocessing.Process args)"
             )
@@ -857,7 +859,9 @@ class Channel:
 
 def _check_copy_method(method: str) -> None:
     if method not in _COPY_METHODS:
-        raise ValueError(f"copy_method must be one of {_COPY_METHODS}, not {method!r}")
+        raise BadArgument(
+            f"copy_method must be one of {_COPY_METHODS}, not {method!r}", argument="copy_method"
+        )
 
 
 def _rebuild_channel(dup: Any, name: str, timeout: float | None) -> Channel:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 import pageflip
 
-from ..errors import GuestLost, PageflipError
+from ..errors import BadArgument, GuestLost, PageflipError
 from ..units import parse_size
 
 #: Exit statuses, documented in ``pageflip --help`` and the README.
@@ -149,7 +149,7 @@ class Size(_ParamType):
             return 0
         try:
             return parse_size(text)
-        except ValueError as err:
+        except BadArgument as err:
             self.fail(str(err), param, ctx)
 
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..bench.common import finite
+from ..errors import BadArgument
 from ..units import format_size
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
@@ -183,7 +184,7 @@ def handoff(
             overhead_rounds=overhead_rounds,
             touch_threads=touch_threads,
         )
-    except ValueError as err:
+    except BadArgument as err:
         raise click.BadParameter(str(err)) from None
     console = _stderr_console()
     result = _with_progress(
@@ -346,7 +347,7 @@ def bench_migrate(
         if output is not None and err.partial is not None:
             _write_json(output, json.dumps(finite(err.partial), indent=2, allow_nan=False))
             console.print(f"results of the runs before the failure written to {output}")
-        raise click.ClickException(f"MigrateBenchmarkError: {err}") from None
+        raise  # one line, MigrateBenchmarkError: ..., exit status 1 (see Group)
     text = json.dumps(finite(result), indent=2, allow_nan=False)
     _write_json(output, text)
     if plot_path is not None:
@@ -410,7 +411,7 @@ def _migrate_config(
             settle=settle,
             prewarm=prewarm,
         )
-    except ValueError as err:
+    except BadArgument as err:
         raise click.BadParameter(str(err)) from None
 
 

@@ -13,13 +13,11 @@ says how long it saw itself stand still around the switchover
 Guest classes register under a short name (:attr:`Guest.kind`) so that a destination can
 rebuild whatever kind of guest the source announces: :func:`register`, :func:`guest_class`.
 
-The errors a guest raises on purpose (they belong in ``pageflip.errors`` once guests settle)::
-
-    PageflipError
-     └── GuestError            about a guest; ``kind`` names which kind
-          ├── UnknownGuest     no guest class registered under that kind (also a LookupError)
-          └── BadGuestState    a saved state or received regions that cannot be restored
-                               (also a ValueError); ``field`` names what is wrong
+The errors a guest raises on purpose are in :mod:`pageflip.errors` (and importable from
+here): :class:`GuestError`, with ``kind`` naming the guest kind; :class:`UnknownGuest`, no
+guest class registered under that kind (also a LookupError); :class:`BadGuestState`, a
+saved state or received regions that cannot be restored (also a ValueError), ``field``
+naming what is wrong.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Self, TypeVar
 
-from ..errors import PageflipError
+from ..errors import BadGuestState, GuestError, UnknownGuest
 from ..memory import Region
 
 __all__ = [
@@ -49,30 +47,6 @@ logger = logging.getLogger("pageflip.guests")
 #: Upper bound for :meth:`Guest.save_state`: the state travels while the guest is paused, so it
 #: must stay small whatever the size of the guest's memory.
 MAX_STATE_BYTES = 64 << 10
-
-
-class GuestError(PageflipError):
-    """Something about a guest; ``kind`` is the guest kind involved (if known)."""
-
-    fields: ClassVar[tuple[str, ...]] = ("kind",)
-    kind: str | None
-
-
-class UnknownGuest(GuestError, LookupError):
-    """No guest class is registered under ``kind``; ``known`` lists the kinds there are."""
-
-    fields: ClassVar[tuple[str, ...]] = ("kind", "known")
-    known: list[str] | None
-
-
-class BadGuestState(GuestError, ValueError):
-    """A saved state (or the regions given with it) that cannot be restored.
-
-    ``field`` names the state field or region that is wrong.
-    """
-
-    fields: ClassVar[tuple[str, ...]] = ("kind", "field")
-    field: str | None
 
 
 @dataclass(slots=True)

@@ -89,7 +89,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._sys import procfs
-from ..errors import ClosedError, StateError
+from ..errors import BadArgument, ClosedError, StateError
 from ..memory import LOST_PAGE, PAGE_SIZE, Region
 from .base import MAX_STATE_BYTES, BadGuestState, Guest, VerifyReport, register
 
@@ -547,11 +547,16 @@ class Workload(Guest):
         for a GiB. The workload starts running unless ``paused``.
         """
         if threads < 1:
-            raise ValueError(f"a workload needs at least one thread, not {threads}")
+            raise BadArgument(
+                f"a workload needs at least one thread, not {threads}", argument="threads"
+            )
         if dirty_rate < 0 or not math.isfinite(dirty_rate):
-            raise ValueError(f"dirty_rate must be a non-negative number, not {dirty_rate}")
+            raise BadArgument(
+                f"dirty_rate must be a non-negative number, not {dirty_rate}",
+                argument="dirty_rate",
+            )
         if seed < 0:
-            raise ValueError(f"seed must be non-negative, not {seed}")
+            raise BadArgument(f"seed must be non-negative, not {seed}", argument="seed")
         regions: list[Region] = []
         try:
             regions.append(ram := Region.movable(size, name="ram"))
@@ -692,7 +697,9 @@ class Workload(Guest):
     @dirty_rate.setter
     def dirty_rate(self, rate: float) -> None:
         if rate < 0 or not math.isfinite(rate):
-            raise ValueError(f"dirty_rate must be a non-negative number, not {rate}")
+            raise BadArgument(
+                f"dirty_rate must be a non-negative number, not {rate}", argument="dirty_rate"
+            )
         self._dirty_rate = float(rate)
 
     @property

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ...errors import BadArgument, MigrateBenchmarkError
 from ...memory import PAGE_SIZE
 from ...units import format_rate, format_size
-from ..common import BenchmarkError
-from .records import MigrateResult
 
 __all__ = [
     "DEFAULT_RATES",
@@ -37,15 +36,6 @@ ORDER = (
 
 #: Called before each run with (runs done, runs in all, what runs now).
 ProgressCallback = Callable[[int, int, str], None]
-
-
-class MigrateBenchmarkError(BenchmarkError):
-    """A run of the migration matrix failed (a migration error, a guest that failed its check,
-    a process that died). ``partial`` holds the results of the runs before it (JSON-ready)."""
-
-    def __init__(self, message: str, partial: MigrateResult | None = None) -> None:
-        super().__init__(message)
-        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -77,26 +67,30 @@ class MigrateConfig:
 
     def __post_init__(self) -> None:
         if not self.sizes or not self.rates or not self.modes:
-            raise ValueError("choose at least one size, one dirty rate and one mode")
+            raise BadArgument("choose at least one size, one dirty rate and one mode")
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
-            raise ValueError(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+            raise BadArgument(
+                f"unknown mode(s) {unknown}; choose from {list(MODES)}", argument="modes"
+            )
         if len(set(self.modes)) != len(self.modes):
-            raise ValueError("each mode once, please")
+            raise BadArgument("each mode once, please", argument="modes")
         if any(s < PAGE_SIZE for s in self.sizes):
-            raise ValueError(f"every size must be at least one page ({PAGE_SIZE} bytes)")
+            raise BadArgument(
+                f"every size must be at least one page ({PAGE_SIZE} bytes)", argument="sizes"
+            )
         if any(r < 0 for r in self.rates):
-            raise ValueError("dirty rates cannot be negative")
+            raise BadArgument("dirty rates cannot be negative", argument="rates")
         if self.repeat < 1:
-            raise ValueError("repeat must be at least 1")
+            raise BadArgument("repeat must be at least 1", argument="repeat")
         if self.downtime_limit <= 0:
-            raise ValueError("the downtime limit must be positive")
+            raise BadArgument("the downtime limit must be positive", argument="downtime_limit")
         if self.threads < 1:
-            raise ValueError("the workload needs at least one thread")
+            raise BadArgument("the workload needs at least one thread", argument="threads")
         if min(self.warmup, self.settle, self.verify_delay) < 0:
-            raise ValueError("warmup, settle and verify_delay cannot be negative")
+            raise BadArgument("warmup, settle and verify_delay cannot be negative")
         if self.sample_interval <= 0 or self.timeout <= 0:
-            raise ValueError("sample_interval and timeout must be positive")
+            raise BadArgument("sample_interval and timeout must be positive")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,18 @@ def _verify_fails(self: Workload, *args: Any, **kwargs: Any) -> Any:
     raise BadGuestState("injected: the journal cannot be read", kind="workload", field="journal")
 
 
+def _after(cls: type[Any], name: str, action: Callable[[Any], None]) -> None:
+    """Run ``cls.name``, then ``action(self)``."""
+    original = getattr(cls, name)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        action(self)
+        return result
+
+    setattr(cls, name, patched)
+
+
 def _restore_fails(cls: type[Workload], regions: Any, state: bytes) -> Workload:
     raise BadGuestState("injected: the state cannot be loaded", kind="workload", field="state")
 
@@ -124,7 +136,8 @@ FAULTS: dict[str, Callable[[], None]] = {
     # the destination (pageflip incoming)
     "dest-restore-fails": lambda: setattr(Workload, "restore", classmethod(_restore_fails)),
     "dest-resume-fails": lambda: setattr(Workload, "resume", _resume_unless_restored),
-    "dest-stop-in-setup": lambda: _before(Destination, "_handshake", lambda s: _stop_self()),
+    # After WELCOME: the source knows it speaks to a pageflip destination, then waits.
+    "dest-stop-in-setup": lambda: _after(Destination, "_welcome", lambda s: _stop_self()),
     "dest-stop-at-round-end": lambda: setattr(Link, "send", _stop_at_round_end),
     "dest-stop-before-prepared": lambda: _before(
         Destination, "_verify_and_prepare", lambda s: _stop_self()

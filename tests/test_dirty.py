@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pageflip as pf
-from pageflip.dirty import DirtyTracker, pages_to_runs, runs_pages, runs_to_pages, split_runs
+from pageflip.dirty import DirtyTracker
+from pageflip.runs import pages_to_runs, runs_pages, runs_to_pages, split_runs
 
 PAGE = pf.PAGE_SIZE
 

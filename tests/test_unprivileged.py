@@ -40,8 +40,9 @@ import pageflip as pf
 from pageflip._sys import io, uffd
 from pageflip._sys.flags import UffdEvent, UffdFeature, UffdRegister
 from pageflip._sys.uffd import Way
-from pageflip.dirty import DirtyTracker, runs_to_pages
+from pageflip.dirty import DirtyTracker
 from pageflip.errors import FeatureUnavailable
+from pageflip.runs import runs_to_pages
 
 PAGE = pf.PAGE_SIZE
 NOBODY = 65534

@@ -21,10 +21,8 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from . import features
 from ._sys import pagemap, uffd
@@ -32,63 +30,12 @@ from ._sys.flags import PageCategory, PmScan, UffdFeature, UffdRegister, UffdWpM
 from ._sys.mm import PAGE_SIZE
 from .errors import ClosedError, SpanError, StateError
 from .memory import Region
-
-__all__ = ["DirtyTracker", "Runs", "pages_to_runs", "runs_pages", "runs_to_pages", "split_runs"]
-
-#: Page runs: an (n, 2) array of (first page, page count), in ascending order.
-Runs = npt.NDArray[np.uint64]
+from .runs import Runs
 
 _FEATURES = UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED | UffdFeature.WP_HUGETLBFS_SHMEM
 _SCAN = PmScan.WP_MATCHING | PmScan.CHECK_WPASYNC
 
-
-def runs_pages(runs: Runs) -> int:
-    """How many pages the runs cover."""
-    return int(runs[:, 1].sum()) if len(runs) else 0
-
-
-def runs_to_pages(runs: Runs) -> npt.NDArray[np.int64]:
-    """The page indices the runs cover, ascending (vectorized, no per-page loop)."""
-    if not len(runs):
-        return np.empty(0, np.int64)
-    counts = runs[:, 1].astype(np.int64)
-    starts = runs[:, 0].astype(np.int64)
-    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
-        np.cumsum(counts) - counts, counts
-    )
-    return np.repeat(starts, counts) + offsets
-
-
-def pages_to_runs(pages: npt.NDArray[np.integer[Any]]) -> Runs:
-    """Runs of consecutive pages from ascending page indices (vectorized)."""
-    if not len(pages):
-        return np.empty((0, 2), np.uint64)
-    pages = pages.astype(np.int64)
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    return np.stack([pages[starts], ends - starts], axis=1).astype(np.uint64)
-
-
-def split_runs(runs: Runs, max_pages: int) -> list[Runs]:
-    """The runs cut into consecutive pieces of at most ``max_pages`` pages each."""
-    pieces: list[Runs] = []
-    current: list[tuple[int, int]] = []
-    room = max_pages
-    for run_first, run_count in runs.tolist():
-        first, count = run_first, run_count
-        while count:
-            take = min(count, room)
-            current.append((first, take))
-            first += take
-            count -= take
-            room -= take
-            if room == 0:
-                pieces.append(np.array(current, np.uint64))
-                current, room = [], max_pages
-    if current:
-        pieces.append(np.array(current, np.uint64))
-    return pieces
+__all__ = ["DirtyTracker"]
 
 
 @dataclass(frozen=True, slots=True)

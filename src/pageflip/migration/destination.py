@@ -42,7 +42,6 @@ from .._sys.fds import close_all
 from .._sys.flags import Madv, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
 from ..channel import Endpoint, ProcessWatch, map_peer_memfds, pull_from
-from ..dirty import Runs
 from ..errors import (
     DigestMismatch,
     GuestLost,
@@ -56,6 +55,7 @@ from ..errors import (
 )
 from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Region
+from ..runs import Runs
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive

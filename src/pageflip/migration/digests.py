@@ -15,7 +15,7 @@ import numpy.typing as npt
 import xxhash
 
 from .._sys.mm import PAGE_SIZE
-from ..dirty import Runs, runs_to_pages
+from ..runs import Runs, runs_to_pages
 
 ZERO_PAGE_DIGEST = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 

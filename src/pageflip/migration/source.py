@@ -45,7 +45,7 @@ import numpy.typing as npt
 from .. import features, stream
 from .._sys.mm import PAGE_SIZE
 from ..channel import ProcessWatch, allow_peer_read, forbid_peer_read
-from ..dirty import DirtyTracker, Runs, pages_to_runs, runs_pages, runs_to_pages
+from ..dirty import DirtyTracker
 from ..errors import (
     DigestMismatch,
     GuestLost,
@@ -60,6 +60,7 @@ from ..errors import (
 )
 from ..guests import Guest
 from ..memory import Region
+from ..runs import Runs, coarsen, pages_to_runs, runs_pages, runs_to_pages, union_runs
 from ..transport import Address, TcpAuth
 from ._gil import responsive
 from .codec import open_link
@@ -594,7 +595,9 @@ class Source(Side[SourcePhase]):
         self._paused_at = self.guest.pause()
         if tracker.active:
             written = tracker.collect()
-            final = [_union(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)]
+            final = [
+                union_runs(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)
+            ]
         else:
             final = todo  # nothing was sent yet: everything is still to come
         if decision is Decision.POSTCOPY:
@@ -1034,34 +1037,6 @@ class Source(Side[SourcePhase]):
             )
         )
         return lost
-
-
-def _union(a: Runs, b: Runs, npages: int) -> Runs:
-    """Sorted, non-overlapping runs covering the pages of both."""
-    if not len(a) and not len(b):
-        return a
-    mask = np.zeros(npages, np.bool_)
-    for runs in (a, b):
-        if len(runs):
-            mask[runs_to_pages(runs)] = True
-    return pages_to_runs(np.flatnonzero(mask))
-
-
-def coarsen(runs: Runs, max_gap: int) -> Runs:
-    """The runs with every gap of at most ``max_gap`` pages between them closed.
-
-    Dropping a range of pages at the destination costs a syscall (about 10 us here) plus
-    freeing its pages (under 1 us each): closing small gaps trades a few clean pages, which
-    are merely fetched again later, for fewer syscalls inside the downtime.
-    """
-    if len(runs) < 2:
-        return runs
-    starts = runs[:, 0].astype(np.int64)
-    ends = starts + runs[:, 1].astype(np.int64)
-    open_gap = (starts[1:] - ends[:-1]) > max_gap
-    firsts = np.flatnonzero(np.concatenate(([True], open_gap)))
-    lasts = np.concatenate((firsts[1:] - 1, [len(runs) - 1]))
-    return np.stack([starts[firsts], ends[lasts] - starts[firsts]], axis=1).astype(np.uint64)
 
 
 def _gather(digests: PageDigests, runs: Runs) -> bytes:

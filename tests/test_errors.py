@@ -144,8 +144,9 @@ def test_new_members_pickle_with_their_fields() -> None:
 
 
 def test_bad_arguments_to_the_library_are_bad_arguments() -> None:
-    from pageflip.bench import handoff, migrate, parse_size
+    from pageflip.bench import handoff, migrate
     from pageflip.guests import Workload
+    from pageflip.units import parse_size
 
     with pytest.raises(BadArgument, match="is not a size"):
         parse_size("4Q")

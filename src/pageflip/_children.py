@@ -15,12 +15,13 @@ import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn
 
 from .errors import PageflipError
 
-__all__ = ["end_process", "picklable", "raise_failure", "serve", "stop_on_signals"]
+__all__ = ["Child", "end_process", "picklable", "raise_failure", "serve", "stop_on_signals"]
 
 
 def stop_on_signals() -> None:
@@ -99,3 +100,38 @@ def end_process(process: BaseProcess, conn: Connection, wait: float) -> None:
             process.join()
     conn.close()
     process.close()
+
+
+class Child:
+    """The parent's handle on one child: a ``spawn`` process and the pipe to it.
+
+    ``target`` gets its end of the pipe first, then ``args``. ``role`` names the child in
+    errors ("the receiver died"). :meth:`stop` ends it (see :func:`end_process`).
+    """
+
+    def __init__(
+        self,
+        ctx: SpawnContext,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        *,
+        role: str,
+        name: str,
+        daemon: bool = True,
+    ) -> None:
+        self.role = role
+        self.conn, child = ctx.Pipe()
+        self.process: SpawnProcess = ctx.Process(
+            target=target, args=(child, *args), name=name, daemon=daemon
+        )
+        try:
+            self.process.start()
+        finally:
+            child.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def stop(self, wait: float = 10.0) -> None:
+        """Ask the child to quit; end it if it has not within ``wait`` seconds. Idempotent."""
+        end_process(self.process, self.conn, wait)

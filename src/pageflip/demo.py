@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnProcess
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import channel_pair
-from ._children import end_process, raise_failure, serve, stop_on_signals
+from ._children import Child, raise_failure, serve, stop_on_signals
 from .bench.pattern import fill, verify
 from .channel import Channel, Transfer
 from .errors import DemoError, FeatureUnavailable, PageflipError
@@ -120,7 +119,7 @@ def _frames(obj: Region) -> Frames | str:
         return str(err)
 
 
-def _child_main(channel: Channel, ctrl: Connection) -> None:
+def _child_main(ctrl: Connection, channel: Channel) -> None:
     """The receiving process: receive, verify and report, once per phase."""
     stop_on_signals()
     try:
@@ -145,19 +144,18 @@ def _receive_and_check(channel: Channel, ctrl: Connection, seed: int) -> dict[st
 # -- the sending side (this process) ----------------------------------------------------------
 
 
-class _Child:
+class _Child(Child):
     """The receiving child process and the pipe that talks to it."""
 
     def __init__(self, channel: Channel) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child_end = ctx.Pipe()
-        self.process: SpawnProcess = ctx.Process(
-            target=_child_main, args=(channel, child_end), name="pageflip-demo-receiver"
+        super().__init__(
+            multiprocessing.get_context("spawn"),
+            _child_main,
+            (channel,),
+            role="receiver",
+            name="pageflip-demo-receiver",
+            daemon=False,
         )
-        try:
-            self.process.start()
-        finally:
-            child_end.close()
 
     def messages(self) -> Iterator[tuple[Any, ...]]:
         """Messages from the child until it stops; errors raise, death raises DemoError."""
@@ -182,10 +180,6 @@ class _Child:
             if message[0] == kind:
                 return message
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def stop(self) -> None:
-        """Let the child finish; end it if it does not. Idempotent."""
-        end_process(self.process, self.conn, 10)
 
 
 def _bar(progress: Progress, text: str, total: int) -> TaskID:

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.context import SpawnContext
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import channel_pair
-from .._children import end_process, raise_failure, serve, stop_on_signals
+from .._children import Child, raise_failure, serve, stop_on_signals
 from ..channel import Channel, CopyMethod
 from ..errors import BadArgument, PageflipError
 from ..memory import PAGE_SIZE, Region
@@ -542,7 +542,7 @@ class _Receiver:
         self.peer.close()
 
 
-def _worker_main(role: str, ctrl: Connection, channel: Channel, peer: Connection) -> None:
+def _worker_main(ctrl: Connection, role: str, channel: Channel, peer: Connection) -> None:
     """Entry point of a benchmark process: run commands from the parent until told to quit."""
     stop_on_signals()
     worker: _Sender | _Receiver = (
@@ -555,29 +555,13 @@ def _worker_main(role: str, ctrl: Connection, channel: Channel, peer: Connection
         ctrl.close()
 
 
-class _Worker:
+class _Worker(Child):
     """The parent's handle on one benchmark process."""
 
     def __init__(self, ctx: SpawnContext, role: str, channel: Channel, peer: Connection) -> None:
-        self.role = role
-        self.conn, child = ctx.Pipe()
-        self.process: SpawnProcess = ctx.Process(
-            target=_worker_main,
-            args=(role, child, channel, peer),
-            name=f"pageflip-bench-{role}",
-            daemon=True,
+        super().__init__(
+            ctx, _worker_main, (role, channel, peer), role=role, name=f"pageflip-bench-{role}"
         )
-        try:
-            self.process.start()
-        finally:
-            child.close()
-
-    def send(self, *message: Any) -> None:
-        self.conn.send(message)
-
-    def stop(self, wait: float = 10.0) -> None:
-        """Ask the process to quit; end it if it has not within ``wait`` seconds. Idempotent."""
-        end_process(self.process, self.conn, wait)
 
 
 def _gather(workers: Sequence[_Worker], kind: str = "ok") -> list[Any]:

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.context import SpawnContext
 from typing import Any, TypeVar
 
-from ..._children import end_process, stop_on_signals
+from ... import _children
+from ..._children import stop_on_signals
 from ...errors import PageflipError
 from ..common import now
 from .config import MigrateBenchmarkError
@@ -183,25 +184,11 @@ def destination_main(conn: Connection, listen: str, timeout: float, verify_delay
         conn.close()
 
 
-class Child:
+class Child(_children.Child):
     """The benchmark's handle on one process of a run."""
 
     def __init__(self, ctx: SpawnContext, role: str, target: Any, args: tuple[Any, ...]) -> None:
-        self.role = role
-        self.conn, child = ctx.Pipe()
-        self.process: SpawnProcess = ctx.Process(
-            target=target,
-            args=(child, *args),
-            name=f"pageflip-bench-migrate-{role}",
-            daemon=True,
-        )
-        try:
-            self.process.start()
-        finally:
-            child.close()
-
-    def send(self, *message: Any) -> None:
-        self.conn.send(message)
+        super().__init__(ctx, target, args, role=role, name=f"pageflip-bench-migrate-{role}")
 
     def expect(self, kind: type[_Message], timeout: float, what: str) -> _Message:
         """The next message, which must be a ``kind``; a failure or silence raises."""
@@ -251,7 +238,3 @@ class Child:
             raise MigrateBenchmarkError(
                 f"{what}: the {self.role} did not exit within {timeout:.0f} s"
             )
-
-    def stop(self, wait: float) -> None:
-        """End the process if it still runs (after ``wait`` seconds). Idempotent."""
-        end_process(self.process, self.conn, wait)

@@ -12,7 +12,8 @@ A figure that is missing, or not a finite number, shows as "-": never NaN or inf
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -146,92 +147,116 @@ class MigrationDisplay:
         self.progress.console.print(text)
 
     def event(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
+        """Show one event (a dict as the engine reports it); kinds it does not know pass."""
+        show = self._SHOW.get(str(event.get("event")))
+        if show is not None:
+            show(self, event)
+
+    def _setup(self, event: dict[str, Any]) -> None:
+        regions = ", ".join(
+            f"{escape(str(r.get('name')))} {fmt_size(r.get('size'))}"
+            for r in event.get("regions") or []
+        )
+        features = ", ".join(str(f) for f in event.get("features") or []).lower()
+        self._say(
+            f"[bold]{escape(self.title)}[/]: {event.get('mode')} of "
+            f"{fmt_size(event.get('total_bytes'))}"
+            + (f" ({regions})" if regions else "")
+            + f" to {escape(str(event.get('transport')))}"
+            + (f" (shared features: {features})" if features else "")
+        )
+
+    def _progress(self, event: dict[str, Any]) -> None:
+        total = event["sent_pages"] + event["remaining_pages"]
+        self.progress.update(
+            self._round_task(event["round"], total),
+            total=max(total, 1),
+            completed=event["sent_pages"],
+            left=f"{event['remaining_pages']} pages left",
+            rate=fmt_rate(event.get("rate")),
+        )
+
+    def _round(self, event: dict[str, Any]) -> None:
+        self.progress.update(
+            self._round_task(event["round"], event["pages"]),
+            total=max(event["pages"], 1),
+            completed=max(event["pages"], 1),
+            left=f"{event['dirty_pages']} dirtied meanwhile",
+            rate=fmt_rate(event.get("bandwidth")),
+        )
+
+    def _switchover(self, event: dict[str, Any]) -> None:
+        reason = event.get("reason")
+        expected = _finite(event.get("expected_downtime"))
+        self._say(
+            "switchover: the guest is paused; handing its memory over"
+            if reason == "flip"
+            else f"switchover ({escape(str(reason))}): the guest is paused; "
+            f"{event.get('remaining_pages')} pages left"
+            + ("" if expected is None else f", expected downtime {fmt_seconds(expected)}")
+        )
+
+    def _resumed(self, event: dict[str, Any]) -> None:
+        self._say(
+            f"[green]running on the destination[/], downtime "
+            f"{fmt_seconds(event.get('downtime'))} "
+            f"(the guest saw {fmt_seconds(event.get('guest_pause'))})"
+        )
+
+    def _recovering(self, event: dict[str, Any]) -> None:
+        timeout = _finite(event.get("timeout"))
+        self._say(
+            f"[yellow]postcopy: the connection broke[/] "
+            f"({escape(str(event.get('reason')))}); waiting "
+            + ("" if timeout is None else f"up to {fmt_seconds(timeout)} ")
+            + "for `pageflip migrate --resume`; the destination keeps pulling pages"
+        )
+
+    def _postcopy_event(self, event: dict[str, Any]) -> None:
+        if self._postcopy is None:
+            self._postcopy = self.progress.add_task("postcopy", total=None, left="", rate="")
+        faults = ""
+        if _finite(event.get("fault_median_us")) is not None:
+            faults = (
+                f", faults served in {fmt_us(event.get('fault_median_us'))} "
+                f"(p99 {fmt_us(event.get('fault_p99_us'))})"
+            )
+        self.progress.update(
+            self._postcopy,
+            left=f"{event.get('remaining_pages')} pages left, "
+            f"{event.get('requested_pages')} fetched on demand, "
+            f"{event.get('pushed_pages')} pushed{faults}",
+        )
+
+    def _done(self, event: dict[str, Any]) -> None:
+        self.done = event
         p = self.progress
-        if kind == "setup":
-            regions = ", ".join(
-                f"{escape(str(r.get('name')))} {fmt_size(r.get('size'))}"
-                for r in event.get("regions") or []
-            )
-            features = ", ".join(str(f) for f in event.get("features") or []).lower()
-            self._say(
-                f"[bold]{escape(self.title)}[/]: {event.get('mode')} of "
-                f"{fmt_size(event.get('total_bytes'))}"
-                + (f" ({regions})" if regions else "")
-                + f" to {escape(str(event.get('transport')))}"
-                + (f" (shared features: {features})" if features else "")
-            )
-        elif kind == "progress":
-            total = event["sent_pages"] + event["remaining_pages"]
-            task = self._round_task(event["round"], total)
-            p.update(
-                task,
-                total=max(total, 1),
-                completed=event["sent_pages"],
-                left=f"{event['remaining_pages']} pages left",
-                rate=fmt_rate(event.get("rate")),
-            )
-        elif kind == "round":
-            task = self._round_task(event["round"], event["pages"])
-            p.update(
-                task,
-                total=max(event["pages"], 1),
-                completed=max(event["pages"], 1),
-                left=f"{event['dirty_pages']} dirtied meanwhile",
-                rate=fmt_rate(event.get("bandwidth")),
-            )
-        elif kind == "switchover":
-            reason = event.get("reason")
-            expected = _finite(event.get("expected_downtime"))
-            self._say(
-                "switchover: the guest is paused; handing its memory over"
-                if reason == "flip"
-                else f"switchover ({escape(str(reason))}): the guest is paused; "
-                f"{event.get('remaining_pages')} pages left"
-                + ("" if expected is None else f", expected downtime {fmt_seconds(expected)}")
-            )
-        elif kind == "prepared":
-            self._say("prepared: the destination holds the guest, ready to resume it")
-        elif kind == "commit":
-            self._say("[bold]commit point[/]: the guest is the destination's now")
-        elif kind == "resumed":
-            self._say(
-                f"[green]running on the destination[/], downtime "
-                f"{fmt_seconds(event.get('downtime'))} "
-                f"(the guest saw {fmt_seconds(event.get('guest_pause'))})"
-            )
-        elif kind == "recovering":
-            timeout = _finite(event.get("timeout"))
-            self._say(
-                f"[yellow]postcopy: the connection broke[/] "
-                f"({escape(str(event.get('reason')))}); waiting "
-                + ("" if timeout is None else f"up to {fmt_seconds(timeout)} ")
-                + "for `pageflip migrate --resume`; the destination keeps pulling pages"
-            )
-        elif kind == "postcopy":
-            if self._postcopy is None:
-                self._postcopy = p.add_task("postcopy", total=None, left="", rate="")
-            faults = ""
-            if _finite(event.get("fault_median_us")) is not None:
-                faults = (
-                    f", faults served in {fmt_us(event.get('fault_median_us'))} "
-                    f"(p99 {fmt_us(event.get('fault_p99_us'))})"
-                )
-            p.update(
-                self._postcopy,
-                left=f"{event.get('remaining_pages')} pages left, "
-                f"{event.get('requested_pages')} fetched on demand, "
-                f"{event.get('pushed_pages')} pushed{faults}",
-            )
-        elif kind == "done":
-            self.done = event
-            for task in self._tasks.values():
-                p.update(task, completed=p.tasks[task].total)
-            if self._postcopy is not None:
-                p.update(self._postcopy, total=1, completed=1)
-        elif kind == "failed":
-            # The command ends with the failure, on one line of its own: not said here too.
-            self.failed = event
+        for task in self._tasks.values():
+            p.update(task, completed=p.tasks[task].total)
+        if self._postcopy is not None:
+            p.update(self._postcopy, total=1, completed=1)
+
+    def _failed(self, event: dict[str, Any]) -> None:
+        # The command ends with the failure, on one line of its own: not said here too.
+        self.failed = event
+
+    _SHOW: ClassVar[dict[str, Callable[[MigrationDisplay, dict[str, Any]], None]]] = {
+        "setup": _setup,
+        "progress": _progress,
+        "round": _round,
+        "switchover": _switchover,
+        "prepared": lambda self, event: self._say(
+            "prepared: the destination holds the guest, ready to resume it"
+        ),
+        "commit": lambda self, event: self._say(
+            "[bold]commit point[/]: the guest is the destination's now"
+        ),
+        "resumed": _resumed,
+        "recovering": _recovering,
+        "postcopy": _postcopy_event,
+        "done": _done,
+        "failed": _failed,
+    }
 
 
 def summary_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table:

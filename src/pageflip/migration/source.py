@@ -906,34 +906,7 @@ class Source(Side[SourcePhase]):
                 digests.release()
             self._digests = []
         link = self.link
-        # The migration is complete here: the destination runs the guest on its own pages.
-        total = (self._committed_at or time.monotonic()) - self._start
-        regions = [
-            {
-                "name": r.name,
-                "pages": r.size // PAGE_SIZE,
-                "moved": self._moved[i],
-                "copied": self._copied[i],
-                "zero": self._zero[i],
-            }
-            for i, r in enumerate(self.guest.regions)
-        ]
-        done = DoneEvent(
-            self._t(),
-            mode=self._mode,
-            total_seconds=total,
-            downtime=downtime,
-            bytes_on_wire=link.bytes_sent + link.bytes_received,
-            pages_moved=sum(self._moved),
-            pages_copied=sum(self._copied),
-            pages_zero=sum(self._zero),
-            pages_requested=self._pages_requested,
-            rounds=self._rounds,
-            digest=self._digest_kind,
-            details=self._details,
-            guest_pause=self._guest_pause,
-            regions=regions,
-        )
+        done = self._done_event(downtime)
         with contextlib.suppress(PageflipError, OSError):
             link.send(stream.Done(stats=done.as_dict()), "done")
         link.close()
@@ -952,6 +925,37 @@ class Source(Side[SourcePhase]):
         done = dataclasses.replace(done, t=self._t(), details=self._details)
         self._emit(done)
         return done
+
+    def _done_event(self, downtime: float) -> DoneEvent:
+        """The report: the migration is complete here (the destination runs the guest on
+        its own pages)."""
+        total = (self._committed_at or time.monotonic()) - self._start
+        regions = [
+            {
+                "name": r.name,
+                "pages": r.size // PAGE_SIZE,
+                "moved": self._moved[i],
+                "copied": self._copied[i],
+                "zero": self._zero[i],
+            }
+            for i, r in enumerate(self.guest.regions)
+        ]
+        return DoneEvent(
+            self._t(),
+            mode=self._mode,
+            total_seconds=total,
+            downtime=downtime,
+            bytes_on_wire=self.link.bytes_sent + self.link.bytes_received,
+            pages_moved=sum(self._moved),
+            pages_copied=sum(self._copied),
+            pages_zero=sum(self._zero),
+            pages_requested=self._pages_requested,
+            rounds=self._rounds,
+            digest=self._digest_kind,
+            details=self._details,
+            guest_pause=self._guest_pause,
+            regions=regions,
+        )
 
     def _read_guest_pause(self) -> float | None:
         """The destination's GUEST_PAUSE, if it comes soon (it follows RESUMED)."""

@@ -326,7 +326,7 @@ def _flip_frame(case: PeerFd) -> bytes:
     (an offset that is not page-aligned), and the destination must refuse them all."""
     from pageflip import stream
 
-    entry = stream._FLIP_REGION.pack(0, 0, case.offset, case.length, case.inode, 0)
+    entry = stream.FLIP_REGION.pack(0, 0, case.offset, case.length, case.inode, 0)
     payload = (1).to_bytes(2, "little") + entry
     head = stream.HEADER.pack(stream.MAGIC, stream.VERSION, stream.FrameType.FLIP, 1, len(payload))
     return head + payload

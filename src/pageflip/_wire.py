@@ -396,3 +396,6 @@ class WireCodec(Decoder):
 
     def aborted(self, frame: Any) -> PeerAborted | None:
         return None
+
+    def name(self, frame: Any) -> str:
+        return type(frame).__name__.upper()

@@ -68,6 +68,10 @@ class Codec(Protocol):
         """The error to raise if ``frame`` says the peer gave up, else None."""
         ...
 
+    def name(self, frame: Any) -> str:
+        """The frame's name on the wire (HELLO, PAGES), for messages."""
+        ...
+
     def close(self) -> None:
         """Close the fds no frame took."""
         ...
@@ -185,10 +189,8 @@ class Endpoint:
             raise aborted
         close_all(list(getattr(frame, "fds", [])))
         names = " or ".join(k.__name__.upper() for k in kinds)
-        raise RemoteProtocolError(
-            f"{phase}: expected {names}, got {type(frame).__name__.upper()}",
-            frame=type(frame).__name__.upper(),
-        )
+        got = self.codec.name(frame)
+        raise RemoteProtocolError(f"{phase}: expected {names}, got {got}", frame=got)
 
     def read_raw_into(self, view: memoryview, phase: str) -> None:
         """Fill ``view`` with raw bytes that follow the last frame (a stream copy)."""

@@ -16,6 +16,7 @@ from .. import stream
 from .._sys.mm import PAGE_SIZE
 from ..channel import Endpoint
 from ..errors import LocalProtocolError, PeerAborted
+from ..stream.table import frame_of
 from ..transport import Connection
 
 #: Bytes asked of the socket per read: a round's page data comes in frames of megabytes.
@@ -55,8 +56,17 @@ class StreamCodec:
             reason=frame.reason,
         )
 
+    def name(self, frame: Any) -> str:
+        return frame_name(frame)
+
     def close(self) -> None:
         self.decoder.close()
+
+
+def frame_name(event: Any) -> str:
+    """An event's frame name on the wire (ZERO_PAGES, not ZEROPAGES)."""
+    spec = frame_of(event)
+    return spec.name if spec is not None else type(event).__name__.upper()
 
 
 def open_link(

@@ -59,7 +59,7 @@ from ..runs import Runs
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
-from .codec import open_link
+from .codec import frame_name, open_link
 from .digests import PageDigests, region_digest
 from .engine import Side
 from .events import (
@@ -479,8 +479,8 @@ class Destination(Side[DestinationPhase]):
                 )
             else:
                 raise RemoteProtocolError(
-                    f"unexpected {type(event).__name__.upper()} while receiving",
-                    frame=type(event).__name__.upper(),
+                    f"unexpected {frame_name(event)} while receiving",
+                    frame=frame_name(event),
                 )
 
     def _region(self, index: int) -> tuple[Region, PageDigests]:
@@ -968,8 +968,8 @@ class Destination(Side[DestinationPhase]):
         elif event is not None:
             st.lost_link_at = self._link_lost(
                 RemoteProtocolError(
-                    f"unexpected {type(event).__name__.upper()} in postcopy",
-                    frame=type(event).__name__.upper(),
+                    f"unexpected {frame_name(event)} in postcopy",
+                    frame=frame_name(event),
                 )
             )
 

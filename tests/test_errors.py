@@ -39,7 +39,8 @@ OUTSIDE = {
     "Group.main, which prints it as `Interrupted: SIG...`",
     "pageflip.transport._Refused": "private to the key handshake: it leaves the module as "
     "PeerRejected",
-    "pageflip.stream._Invalid": "private to the decoder: it leaves it as RemoteProtocolError",
+    "pageflip.stream.fields.Invalid": "internal to the stream codec: the decoder turns it into "
+    "RemoteProtocolError before it leaves the package",
     "pageflip._sys.fds.TruncatedFds": "_sys speaks OSError like the kernel it wraps (errors "
     "from the kernel stay OSErrors); the CLI prints any OSError as one line",
 }

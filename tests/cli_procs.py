@@ -20,8 +20,10 @@ import pytest
 
 PAGEFLIP = [sys.executable, "-m", "pageflip"]
 #: In the environment of every process started here (and of their children, such as the
-#: postcopy pager), so that a test finds its own among the machine's processes.
+#: postcopy pager), so that a test finds its own among the machine's processes. Set in this
+#: process's environment too: the processes tests spawn directly inherit it.
 TAG = f"pageflip-test-{os.getpid()}"
+os.environ["PAGEFLIP_TEST_TAG"] = TAG
 INJECT = [sys.executable, str(Path(__file__).with_name("cli_inject.py"))]
 
 
@@ -171,7 +173,8 @@ def hosts() -> Iterator[list[Host]]:
 
 
 def pagers() -> list[int]:
-    """Pager processes started (through a host) by this test session, alive now."""
+    """Pager processes started by this test session (through a host or a spawned
+    destination), alive now; other sessions' pagers on the same machine are not ours."""
     found = []
     tag = f"PAGEFLIP_TEST_TAG={TAG}".encode()
     for name in os.listdir("/proc"):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import migration_peers as peers
+from cli_procs import pagers
 from helpers import IS_ROOT
 
 MiB = 1 << 20
@@ -298,20 +299,6 @@ def test_nobody_listening_fails_at_setup(spawn: Any, tmp_path: Path) -> None:
 # -- postcopy -------------------------------------------------------------------------------
 
 
-def _pagers() -> list[int]:
-    """Pager processes alive now (there must be none once a migration ended)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if b"pageflip._pager" in f.read():
-                        found.append(int(name))
-            except OSError:
-                pass
-    return found
-
-
 def test_postcopy_runs_early_and_faults_pages_in(run: Run) -> None:
     src, dst = run.start(size=32 * MiB, rate=64 * MiB, options={"mode": "postcopy"})
     assert src["ok"], src
@@ -328,7 +315,7 @@ def test_postcopy_runs_early_and_faults_pages_in(run: Run) -> None:
     assert dst is not None and dst["ok"] and dst["verify"], dst
     assert dst["pager_exits"] == [0]  # the pager finished cleanly, too
     assert src["memfds_left"] == []
-    assert _pagers() == []
+    assert pagers() == []
 
 
 def test_postcopy_after_a_round_drops_stale_pages(run: Run) -> None:
@@ -338,7 +325,7 @@ def test_postcopy_after_a_round_drops_stale_pages(run: Run) -> None:
     assert src["ok"], src
     assert src["done"]["rounds"] == 1 and src["done"]["mode"] == "postcopy"
     assert dst is not None and dst["ok"] and dst["verify"], dst
-    assert _pagers() == []
+    assert pagers() == []
 
 
 def test_precopy_that_cannot_converge_falls_back_to_postcopy(run: Run) -> None:
@@ -357,7 +344,7 @@ def test_precopy_that_cannot_converge_falls_back_to_postcopy(run: Run) -> None:
     switch = [e for e in src["events"] if e["event"] == "switchover"]
     assert switch[0]["reason"] == "postcopy" and src["done"]["mode"] == "postcopy"
     assert dst is not None and dst["verify"], dst
-    assert _pagers() == []
+    assert pagers() == []
 
 
 def test_postcopy_destination_killed_before_resuming_leaves_the_guest_on_the_source(
@@ -369,7 +356,7 @@ def test_postcopy_destination_killed_before_resuming_leaves_the_guest_on_the_sou
     import time
 
     time.sleep(1)  # the orphaned pager notices its destination died and exits
-    assert _pagers() == []
+    assert pagers() == []
 
 
 def test_responsive_lowers_the_switch_interval_while_any_migration_runs() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "allow_peer_read",
     "check_peer_memfd",
     "forbid_peer_read",
+    "map_checked_memfds",
     "map_peer_memfds",
     "pull_from",
     "read_from",
@@ -164,6 +165,14 @@ def map_peer_memfds(
             frame=frame,
             inode=None if inodes is None else inodes[i],
         )
+    return map_checked_memfds(fds, pieces, name, shared=shared)
+
+
+def map_checked_memfds(
+    fds: Sequence[int], pieces: Sequence[tuple[int, int, int]], name: str, *, shared: bool = True
+) -> Region:
+    """:func:`map_peer_memfds` without the checks, for a caller that has just made them
+    itself (each piece passed :func:`check_peer_memfd`): the mapping alone."""
     holders: dict[int, Memfd] = {}
     try:
         for index, _, _ in pieces:

@@ -69,7 +69,13 @@ from ..errors import (
 from ..memory import Memfd, Region, Span, bytes_at, region_at, writable_address
 from ..transport import UnixConnection, UnixListener
 from .endpoint import Endpoint
-from .peer import allow_peer_read, check_peer_memfd, forbid_peer_read, map_peer_memfds, pull_from
+from .peer import (
+    allow_peer_read,
+    check_peer_memfd,
+    forbid_peer_read,
+    map_checked_memfds,
+    pull_from,
+)
 
 __all__ = ["Channel", "CopyMethod", "Listener", "Transfer", "channel_pair", "vmsplice"]
 
@@ -709,12 +715,9 @@ class Channel:
     @staticmethod
     def _map_offer(offer: Offer, name: str) -> Region:
         """A new region mapping the offer's memfds: the move."""
-        region = map_peer_memfds(
-            offer.fds,
-            [(row.fd_index, row.fd_offset, row.length) for row in offer.spans],
-            name,
-            frame="OFFER",
-            what=[f"memfd {row.fd_index} of the offer" for row in offer.spans],
+        # Every span's memfd passed _check_memfds already (the offer was refused otherwise).
+        region = map_checked_memfds(
+            offer.fds, [(row.fd_index, row.fd_offset, row.length) for row in offer.spans], name
         )
         fds, offer.fds = offer.fds, []
         close_all(fds)  # the region holds its own

@@ -130,10 +130,10 @@ class Ledger:
         return self._digests[lo:hi], self._installed[lo:hi]
 
     def close(self) -> None:
-        """Unmap, once every view of :meth:`region` is gone (else the views keep it)."""
+        """Unmap. Every view :meth:`region` gave must be gone by now (a BufferError says
+        one is still held)."""
         del self._digests, self._installed
-        with contextlib.suppress(BufferError):  # a view still held: freed with it
-            self._map.close()
+        self._map.close()
 
 
 def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:

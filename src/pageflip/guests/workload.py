@@ -86,6 +86,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Self
 
 import numpy as np
+
+# numpy imports numpy.random on the first use of np.random. A SIGTERM or Ctrl-C arriving
+# while that import ran (the fill makes the first generator) was lost: the command went on
+# serving. Imported with this module, before any control socket exists, it is out of the fill.
+import numpy.random
 import numpy.typing as npt
 
 from .._sys import procfs

@@ -37,8 +37,11 @@
           │    │                       its method (also a RuntimeError)
           │    └── MigrateBenchmarkError  a run of the migration matrix failed; ``partial``
           │                            holds the runs before it
-          └── DemoError                the demo's child process failed or died
-                                       (also a RuntimeError)
+          ├── DemoError                the demo's child process failed or died
+          │                            (also a RuntimeError)
+          └── GuestImageError          the VMM's test guest cannot be built: ``missing``
+                                       names absent tools (gcc, make), ``output`` is a
+                                       failed build's output
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
@@ -280,6 +283,16 @@ class DemoError(PageflipError, RuntimeError):
     """The demo's child process failed or died with an error that is not pageflip's."""
 
 
+class GuestImageError(PageflipError):
+    """The VMM's test guest (``pageflip.vm.guest_elf``) cannot be built. ``missing`` lists
+    the build tools not found (the message says what to install); ``output`` is what a
+    failed build printed."""
+
+    fields: ClassVar[tuple[str, ...]] = ("missing", "output")
+    missing: list[str] | None
+    output: str | None
+
+
 __all__ = [
     "BadArgument",
     "BadGuestState",
@@ -290,6 +303,7 @@ __all__ = [
     "DigestMismatch",
     "FeatureUnavailable",
     "GuestError",
+    "GuestImageError",
     "GuestLost",
     "LocalProtocolError",
     "MigrateBenchmarkError",

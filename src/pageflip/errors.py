@@ -31,17 +31,22 @@
           ├── GuestError               about a guest; ``kind`` names which kind
           │    ├── UnknownGuest        no guest class registered under that kind
           │    │                       (also a LookupError)
-          │    └── BadGuestState       a saved state or received regions that cannot be
-          │                            restored (also a ValueError); ``field`` says what
+          │    ├── BadGuestState       a saved state or received regions that cannot be
+          │    │                       restored (also a ValueError); ``field`` says what
+          │    └── VmError             about a virtual machine (pageflip.vm)
+          │         ├── BadImage       a guest ELF that cannot boot: not PVH, truncated,
+          │         │                  too large for the RAM (also a ValueError)
+          │         ├── GuestImageError  the VMM's test guest cannot be built: ``missing``
+          │         │                  names absent tools (gcc, make), ``output`` is a
+          │         │                  failed build's output
+          │         └── GuestStopped   the vCPU stopped for good: ``reason`` is the KVM exit,
+          │                            ``registers`` the vCPU's registers then
           ├── BenchmarkError           a benchmark's process failed, or a result contradicts
           │    │                       its method (also a RuntimeError)
           │    └── MigrateBenchmarkError  a run of the migration matrix failed; ``partial``
           │                            holds the runs before it
-          ├── DemoError                the demo's child process failed or died
-          │                            (also a RuntimeError)
-          └── GuestImageError          the VMM's test guest cannot be built: ``missing``
-                                       names absent tools (gcc, make), ``output`` is a
-                                       failed build's output
+          └── DemoError                the demo's child process failed or died
+                                       (also a RuntimeError)
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
@@ -263,6 +268,26 @@ class BadGuestState(GuestError, ValueError):
     field: str | None
 
 
+class VmError(GuestError):
+    """About a virtual machine run by :mod:`pageflip.vm` (``kind`` is "vm")."""
+
+
+class BadImage(VmError, ValueError):
+    """A guest kernel image that cannot be booted; ``path`` is the file."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "path")
+    path: str | None
+
+
+class GuestStopped(VmError):
+    """The vCPU stopped for good (a triple fault, an internal error, a halt with interrupts
+    off): ``reason`` names the KVM exit, ``registers`` holds the vCPU's registers then."""
+
+    fields: ClassVar[tuple[str, ...]] = ("kind", "reason", "registers")
+    reason: str | None
+    registers: dict[str, int] | None
+
+
 class BenchmarkError(PageflipError, RuntimeError):
     """A benchmark process failed, or a result contradicts its method (a move that copied,
     a copy that moved, data that arrived wrong)."""
@@ -283,12 +308,12 @@ class DemoError(PageflipError, RuntimeError):
     """The demo's child process failed or died with an error that is not pageflip's."""
 
 
-class GuestImageError(PageflipError):
+class GuestImageError(VmError):
     """The VMM's test guest (``pageflip.vm.guest_elf``) cannot be built. ``missing`` lists
     the build tools not found (the message says what to install); ``output`` is what a
     failed build printed."""
 
-    fields: ClassVar[tuple[str, ...]] = ("missing", "output")
+    fields: ClassVar[tuple[str, ...]] = ("kind", "missing", "output")
     missing: list[str] | None
     output: str | None
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from ..errors import BadGuestState, GuestError, UnknownGuest
 from ..memory import Region
+from ..runs import Runs
 
 __all__ = [
     "MAX_STATE_BYTES",
@@ -47,6 +48,20 @@ logger = logging.getLogger("pageflip.guests")
 #: Upper bound for :meth:`Guest.save_state`: the state travels while the guest is paused, so it
 #: must stay small whatever the size of the guest's memory.
 MAX_STATE_BYTES = 64 << 10
+
+
+class DirtyTracking(Protocol):
+    """Finds the pages a guest wrote: :meth:`start`, then :meth:`collect` per round (per
+    region, runs of pages written since the previous call), :meth:`close` at the end."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def collect(self) -> list[Runs]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -82,6 +97,9 @@ class Guest(abc.ABC):
 
     #: The registry name of this kind of guest (see :func:`register`).
     kind: ClassVar[str]
+    #: Whether the guest's memory is touched from inside the kernel (a VM's is, by KVM):
+    #: a postcopy destination then needs a userfaultfd that takes kernel-mode faults.
+    kernel_faults: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -150,6 +168,14 @@ class Guest(abc.ABC):
         stands now, which may still grow shortly after a resume).
         """
         return None
+
+    def dirty_tracker(self) -> DirtyTracking:
+        """What finds the pages written during a precopy: by default the process's own
+        page tables (:class:`~pageflip.dirty.DirtyTracker` over :attr:`regions`). A guest
+        whose writes bypass them (a VM writes through KVM's mappings) returns its own."""
+        from ..dirty import DirtyTracker
+
+        return DirtyTracker(self.regions)
 
     @abc.abstractmethod
     def release_regions(self) -> list[Region]:

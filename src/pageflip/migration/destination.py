@@ -825,8 +825,10 @@ class Destination(Side[DestinationPhase]):
         assert self._pager is not None
         # A guest's own loads and stores are all a user-mode-only uffd must serve (what a
         # normal user gets on a stock kernel); a syscall into a page not there yet would
-        # fail with EFAULT instead of waiting (see _sys/uffd.py).
-        fd, way = uffd.open_userfaultfd(user_mode_ok=True)
+        # fail with EFAULT instead of waiting (see _sys/uffd.py). A guest whose memory is
+        # touched from inside the kernel (a VM: KVM faults the pages in) needs more.
+        kernel_faults = self._guest_class is not None and self._guest_class.kernel_faults
+        fd, way = uffd.open_userfaultfd(user_mode_ok=not kernel_faults)
         self._uffd = fd
         if not way.kernel_faults:
             log.info("postcopy: userfaultfd for user-mode faults only (%s=0)", uffd.SYSCTL)

@@ -6,7 +6,8 @@ flip
     does not depend on the memory size.
 precopy
     rounds of pages while the guest runs (all pages, then those written during the previous
-    round, found by :class:`~pageflip.dirty.DirtyTracker`); once what is left would take
+    round, found by the guest's :meth:`~pageflip.guests.Guest.dirty_tracker`); once what is
+    left would take
     less than the downtime limit at the bandwidth just measured, pause and send the rest.
     Locally the destination pulls the pages straight out of our memory (process_vm_readv);
     over TCP they travel as bytes (optionally zstd). Zero pages travel as markers.
@@ -45,7 +46,6 @@ import numpy.typing as npt
 from .. import features, stream
 from .._sys.mm import PAGE_SIZE
 from ..channel import ProcessWatch, allow_peer_read, forbid_peer_read
-from ..dirty import DirtyTracker
 from ..errors import (
     DigestMismatch,
     GuestLost,
@@ -59,6 +59,7 @@ from ..errors import (
     StateError,
 )
 from ..guests import Guest
+from ..guests.base import DirtyTracking
 from ..memory import Region
 from ..runs import Runs, coarsen, pages_to_runs, runs_pages, runs_to_pages, union_runs
 from ..transport import Address, TcpAuth
@@ -214,7 +215,7 @@ class Source(Side[SourcePhase]):
         self._copied = [0] * len(guest.regions)
         self._zero = [0] * len(guest.regions)
         self._details: dict[str, Any] = {}
-        self._tracker: DirtyTracker | None = None
+        self._tracker: DirtyTracking | None = None
         #: After a loss with keep_source_on_loss: why our paused copy is stale.
         self.stale: str | None = None
 
@@ -509,7 +510,7 @@ class Source(Side[SourcePhase]):
         self._sent = [np.zeros(d.npages, np.bool_) for d in digests]
         # Unregistering write-protection walks every page table entry (about 8 ms per 256
         # MiB): the tracker stays until the pause is over (closed by _finish or _failed).
-        tracker = self._tracker = DirtyTracker(regions)
+        tracker = self._tracker = self.guest.dirty_tracker()
         total_pages = sum(d.npages for d in digests)
         policy = Convergence(
             downtime_limit=opts.downtime_limit,

@@ -1,0 +1,441 @@
+"""KVM: the ioctls of /dev/kvm, a VM fd and a vCPU fd, and the structures they take (x86-64).
+
+Layouts follow ``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``; each
+structure's size is checked against the size encoded in its ioctl number at import (a wrong
+layout would make the kernel read or write past the buffer).
+
+Every call goes through :func:`ioctl`, whose errors name the request. ``KVM_RUN`` goes through
+:func:`run`, which does **not** retry EINTR: an interrupted ``KVM_RUN`` is how a VMM thread
+learns that another thread wants the vCPU stopped (``immediate_exit`` plus a signal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+from ctypes import c_int, c_ulong, c_void_p
+from typing import Any
+
+from ._gate import libc_gate, os_error
+
+u8 = ctypes.c_uint8
+u16 = ctypes.c_uint16
+u32 = ctypes.c_uint32
+u64 = ctypes.c_uint64
+
+DEVICE = "/dev/kvm"
+KVMIO = 0xAE
+API_VERSION = 12
+
+
+def _io(nr: int) -> int:
+    return (KVMIO << 8) | nr
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(1, nr, size)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(2, nr, size)
+
+
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(3, nr, size)
+
+
+class Cap(enum.IntEnum):
+    """``KVM_CAP_*`` numbers pageflip asks about."""
+
+    IRQCHIP = 0
+    USER_MEMORY = 3
+    SET_TSS_ADDR = 4
+    EXT_CPUID = 7
+    ADJUST_CLOCK = 39
+    VCPU_EVENTS = 41
+    DEBUGREGS = 50
+    XSAVE = 55
+    XCRS = 56
+    GET_TSC_KHZ = 61
+    IMMEDIATE_EXIT = 136
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
+
+
+class Exit(enum.IntEnum):
+    """``KVM_EXIT_*``: why ``KVM_RUN`` returned."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    NMI = 16
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+
+
+class MpState(enum.IntEnum):
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+
+
+#: ``KVM_MEM_LOG_DIRTY_PAGES``: a memory slot flag.
+MEM_LOG_DIRTY_PAGES = 1
+#: ``KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET``.
+MANUAL_PROTECT_ENABLE = 1
+MANUAL_PROTECT_INITIALLY_SET = 2
+#: irqchip ids for KVM_GET/SET_IRQCHIP.
+IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
+
+
+# -- structures -----------------------------------------------------------------------------
+
+
+class UserspaceMemoryRegion(ctypes.Structure):
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+REG_NAMES = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()  # noqa: SIM905
+
+
+class Regs(ctypes.Structure):
+    _fields_ = [(name, u64) for name in REG_NAMES]
+
+
+class Segment(ctypes.Structure):
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class Dtable(ctypes.Structure):
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+class Sregs(ctypes.Structure):
+    _fields_ = [
+        *[(name, Segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        ("gdt", Dtable),
+        ("idt", Dtable),
+        *[(name, u64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
+        ("interrupt_bitmap", u64 * 4),
+    ]
+
+
+class Fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", u8 * 128),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", u8 * 256),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
+
+
+class Xsave(ctypes.Structure):
+    _fields_ = [("region", u32 * 1024)]
+
+
+class Xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class Xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", Xcr * 16), ("padding", u64 * 16)]
+
+
+class MsrEntry(ctypes.Structure):
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class MsrsHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", u32), ("pad", u32)]
+
+
+class MsrListHeader(ctypes.Structure):
+    _fields_ = [("nmsrs", u32)]
+
+
+class LapicState(ctypes.Structure):
+    _fields_ = [("regs", ctypes.c_char * 1024)]
+
+
+class MpStateStruct(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
+class VcpuEvents(ctypes.Structure):
+    _fields_ = [
+        ("exception", u8 * 8),  # injected, nr, has_error_code, pending, error_code (u32)
+        ("interrupt", u8 * 4),
+        ("nmi", u8 * 4),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", u8 * 4),
+        ("triple_fault", u8),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+class Debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", u64 * 4),
+        ("dr6", u64),
+        ("dr7", u64),
+        ("flags", u64),
+        ("reserved", u64 * 9),
+    ]
+
+
+class Irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
+
+
+class ClockData(ctypes.Structure):
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
+class CpuidEntry2(ctypes.Structure):
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+class Cpuid2Header(ctypes.Structure):
+    _fields_ = [("nent", u32), ("padding", u32)]
+
+
+class DirtyLog(ctypes.Structure):
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class ClearDirtyLog(ctypes.Structure):
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+class EnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+class RunIo(ctypes.Structure):
+    _fields_ = [
+        ("direction", u8),
+        ("size", u8),
+        ("port", u16),
+        ("count", u32),
+        ("data_offset", u64),
+    ]
+
+
+class RunMmio(ctypes.Structure):
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
+class RunInternal(ctypes.Structure):
+    _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class RunFailEntry(ctypes.Structure):
+    _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
+
+
+class RunSystemEvent(ctypes.Structure):
+    _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class RunExit(ctypes.Union):
+    _fields_ = [
+        ("io", RunIo),
+        ("mmio", RunMmio),
+        ("internal", RunInternal),
+        ("fail_entry", RunFailEntry),
+        ("system_event", RunSystemEvent),
+        ("padding", ctypes.c_char * 256),
+    ]
+
+
+class Run(ctypes.Structure):
+    """The head of ``struct kvm_run`` (the shared page the vCPU fd maps)."""
+
+    _fields_ = [
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("exit", RunExit),
+    ]
+
+
+# -- ioctl numbers ----------------------------------------------------------------------------
+
+GET_API_VERSION = _io(0x00)
+CREATE_VM = _io(0x01)
+GET_MSR_INDEX_LIST = _iowr(0x02, ctypes.sizeof(MsrListHeader))
+CHECK_EXTENSION = _io(0x03)
+GET_VCPU_MMAP_SIZE = _io(0x04)
+GET_SUPPORTED_CPUID = _iowr(0x05, ctypes.sizeof(Cpuid2Header))
+CREATE_VCPU = _io(0x41)
+GET_DIRTY_LOG = _iow(0x42, ctypes.sizeof(DirtyLog))
+SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(UserspaceMemoryRegion))
+CREATE_IRQCHIP = _io(0x60)
+GET_IRQCHIP = _iowr(0x62, ctypes.sizeof(Irqchip))
+SET_IRQCHIP = _ior(0x63, ctypes.sizeof(Irqchip))
+SET_CLOCK = _iow(0x7B, ctypes.sizeof(ClockData))
+GET_CLOCK = _ior(0x7C, ctypes.sizeof(ClockData))
+RUN = _io(0x80)
+GET_REGS = _ior(0x81, ctypes.sizeof(Regs))
+SET_REGS = _iow(0x82, ctypes.sizeof(Regs))
+GET_SREGS = _ior(0x83, ctypes.sizeof(Sregs))
+SET_SREGS = _iow(0x84, ctypes.sizeof(Sregs))
+GET_MSRS = _iowr(0x88, ctypes.sizeof(MsrsHeader))
+SET_MSRS = _iow(0x89, ctypes.sizeof(MsrsHeader))
+GET_FPU = _ior(0x8C, ctypes.sizeof(Fpu))
+SET_FPU = _iow(0x8D, ctypes.sizeof(Fpu))
+GET_LAPIC = _ior(0x8E, ctypes.sizeof(LapicState))
+SET_LAPIC = _iow(0x8F, ctypes.sizeof(LapicState))
+SET_CPUID2 = _iow(0x90, ctypes.sizeof(Cpuid2Header))
+GET_CPUID2 = _iowr(0x91, ctypes.sizeof(Cpuid2Header))
+GET_MP_STATE = _ior(0x98, ctypes.sizeof(MpStateStruct))
+SET_MP_STATE = _iow(0x99, ctypes.sizeof(MpStateStruct))
+GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(VcpuEvents))
+SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(VcpuEvents))
+GET_DEBUGREGS = _ior(0xA1, ctypes.sizeof(Debugregs))
+SET_DEBUGREGS = _iow(0xA2, ctypes.sizeof(Debugregs))
+ENABLE_CAP = _iow(0xA3, ctypes.sizeof(EnableCap))
+GET_TSC_KHZ = _io(0xA3)
+GET_XSAVE = _ior(0xA4, ctypes.sizeof(Xsave))
+SET_XSAVE = _iow(0xA5, ctypes.sizeof(Xsave))
+GET_XCRS = _ior(0xA6, ctypes.sizeof(Xcrs))
+SET_XCRS = _iow(0xA7, ctypes.sizeof(Xcrs))
+CLEAR_DIRTY_LOG = _iowr(0xC0, ctypes.sizeof(ClearDirtyLog))
+
+_SIZES = {
+    "UserspaceMemoryRegion": (UserspaceMemoryRegion, 32),
+    "Regs": (Regs, 144),
+    "Sregs": (Sregs, 312),
+    "Fpu": (Fpu, 416),
+    "Xcrs": (Xcrs, 392),
+    "VcpuEvents": (VcpuEvents, 64),
+    "Debugregs": (Debugregs, 128),
+    "Irqchip": (Irqchip, 520),
+    "ClockData": (ClockData, 48),
+    "CpuidEntry2": (CpuidEntry2, 40),
+    "DirtyLog": (DirtyLog, 16),
+    "ClearDirtyLog": (ClearDirtyLog, 24),
+    "EnableCap": (EnableCap, 104),
+    "Run.exit": (RunExit, 256),
+}
+for _name, (_struct, _size) in _SIZES.items():
+    assert ctypes.sizeof(_struct) == _size, f"{_name}: {ctypes.sizeof(_struct)} != {_size}"
+assert Run.exit.offset == 32
+
+_REQUESTS = (  # noqa: SIM905
+    "GET_API_VERSION CREATE_VM GET_MSR_INDEX_LIST CHECK_EXTENSION GET_VCPU_MMAP_SIZE "
+    "GET_SUPPORTED_CPUID CREATE_VCPU GET_DIRTY_LOG SET_USER_MEMORY_REGION CREATE_IRQCHIP "
+    "GET_IRQCHIP SET_IRQCHIP SET_CLOCK GET_CLOCK RUN GET_REGS SET_REGS GET_SREGS SET_SREGS "
+    "GET_MSRS SET_MSRS GET_FPU SET_FPU GET_LAPIC SET_LAPIC SET_CPUID2 GET_CPUID2 GET_MP_STATE "
+    "SET_MP_STATE GET_VCPU_EVENTS SET_VCPU_EVENTS GET_DEBUGREGS SET_DEBUGREGS ENABLE_CAP "
+    "GET_TSC_KHZ GET_XSAVE SET_XSAVE GET_XCRS SET_XCRS CLEAR_DIRTY_LOG"
+).split()
+#: ioctl number -> its name, for error messages.
+_NAMES = {globals()[name]: f"KVM_{name}" for name in _REQUESTS}
+
+_ioctl = libc_gate("ioctl", c_int, [c_int, c_ulong, c_void_p], ("fd", "request", None))
+
+
+def ioctl(fd: int, request: int, arg: Any = None) -> int:
+    """``ioctl(fd, request, arg)`` (a structure by reference, an int by value, or nothing);
+    retries EINTR; an OSError names the request, e.g. ``ioctl(fd=5, KVM_SET_SREGS): ...``."""
+    if arg is None:
+        value: Any = None
+    elif isinstance(arg, int):
+        value = arg
+    else:
+        value = ctypes.addressof(arg)
+    while True:
+        result = int(_ioctl.raw(fd, request, value))
+        if result >= 0:
+            return result
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise os_error(err, f"ioctl(fd={fd}, {_NAMES.get(request, hex(request))})")
+
+
+def run(fd: int) -> bool:
+    """``KVM_RUN`` once. False when it was interrupted (EINTR: a pause was asked for, or the
+    run had ``immediate_exit`` set); True when the vCPU exited for a reason in kvm_run."""
+    if _ioctl.raw(fd, RUN, None) >= 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINTR:
+        return False
+    raise os_error(err, f"ioctl(fd={fd}, KVM_RUN)")
+
+
+def buffer_with_entries(header: type[ctypes.Structure], entry: type[Any], count: int) -> Any:
+    """A structure with a flexible array: ``header`` followed by ``count`` ``entry`` items."""
+
+    class WithEntries(ctypes.Structure):
+        _fields_ = [("head", header), ("entries", entry * count)]
+
+    return WithEntries()

@@ -1,0 +1,419 @@
+"""A virtual machine as a :class:`~pageflip.guests.Guest`: what the migration engine moves.
+
+:class:`VirtualMachine` wraps a :class:`~.machine.Machine` and speaks to the guest through
+its serial console. The guest shipped with pageflip (``src/pageflip/vm/guest/``, see its
+README) prints a line per event: ``READY`` once its memory is filled, ``HB`` heartbeats with
+the largest gap between two iterations of its loop since the previous heartbeat
+(``gap_us``), ``VERIFY`` after checking every page on request (input ``V``), ``PAUSE`` on
+request (input ``P``). Other kernels boot too; they just have no verify or observed pause.
+
+* :meth:`VirtualMachine.verify` asks the guest to check its memory and waits for the answer.
+* :meth:`VirtualMachine.observed_pause` is the largest loop gap the guest reports in its
+  first two heartbeats after the latest resume: the pause as the guest itself lived it, by
+  its own TSC.
+* Dirty pages for a precopy come from KVM's own dirty log (:class:`.dirtylog.KvmDirtyLog`):
+  the guest writes through KVM's mappings, which the VMM's page tables do not see.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from ..errors import BadGuestState, SpanError, StateError, VmError
+from ..guests.base import Guest, VerifyReport, register
+from ..identity import code_identity
+from ..memory import Region
+from ..units import parse_size
+from .dirtylog import KvmDirtyLog
+from .elf import read_pvh
+from .machine import Machine, layout
+
+__all__ = ["VirtualMachine"]
+
+#: Console lines kept for status() and for whoever attaches late.
+CONSOLE_LINES = 200
+#: Longest wait for READY before a verify (the fill of a large guest can take a while).
+READY_WAIT = 600.0
+_FIELD = re.compile(r"(\w+)=(-?\d+)")
+
+
+def _fields(line: str) -> dict[str, int]:
+    return {k: int(v) for k, v in _FIELD.findall(line)}
+
+
+#: A machine built ahead of a restore (see VirtualMachine.warm_up), at most one.
+_spare: list[Machine] = []
+_spare_lock = threading.Lock()
+
+
+class _Console:
+    """The guest's serial output, cut into lines; what they say, parsed."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.partial = bytearray()
+        self.lines: collections.deque[str] = collections.deque(maxlen=CONSOLE_LINES)
+        self.count = 0
+        self.listeners: list[Callable[[str], None]] = []
+        self.ready: dict[str, int] | None = None
+        self.heartbeat: dict[str, int] | None = None
+        self.heartbeats = 0
+        #: (line number, fields) of every heartbeat since the latest resume (at most two).
+        self.after_resume: list[dict[str, int]] = []
+        self.resumed_line = 0
+        self.answers: dict[str, tuple[int, dict[str, int], str]] = {}
+        self.failure: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.partial += data
+        while b"\n" in self.partial:
+            raw, _, rest = self.partial.partition(b"\n")
+            self.partial = bytearray(rest)
+            self._line(raw.decode(errors="replace").rstrip("\r"))
+
+    def _line(self, line: str) -> None:
+        head = line.split(" ", 1)[0]
+        fields = _fields(line)
+        with self.cond:
+            self.count += 1
+            self.lines.append(line)
+            if head == "READY":
+                self.ready = fields
+            elif head == "HB":
+                self.heartbeat = fields
+                self.heartbeats += 1
+                if len(self.after_resume) < 2:
+                    self.after_resume.append(fields)
+            elif head in ("VERIFY", "PAUSE", "RATE", "BYE"):
+                self.answers[head] = (self.count, fields, line)
+            elif head in ("PFGUEST-ERROR", "MINIGUEST-ERROR", "GUEST-EXCEPTION"):
+                self.failure = line
+            self.cond.notify_all()
+            listeners = list(self.listeners)
+        for listener in listeners:
+            with contextlib.suppress(Exception):
+                listener(line)
+
+
+@register
+class VirtualMachine(Guest):
+    """A KVM virtual machine whose RAM lives in movable regions (see the module docstring).
+
+    Make one with :meth:`create` (boots a kernel, running) or :meth:`restore` (from a
+    migration, paused). Close it, or use it as a context manager.
+    """
+
+    kind: ClassVar[str] = "vm"
+    #: Postcopy faults come from KVM (inside the kernel), not from user mode: the
+    #: destination needs a userfaultfd that takes kernel faults.
+    kernel_faults: ClassVar[bool] = True
+
+    def __init__(self, machine: Machine, regions: list[Region], meta: dict[str, Any]) -> None:
+        # Private: use VirtualMachine.create() or VirtualMachine.restore().
+        self._machine: Machine | None = machine
+        self._regions = regions
+        self._meta = meta
+        self._console = _Console()
+        machine.devices.serial.on_output = self._console.feed
+        self._paused_at: float | None = time.monotonic()
+        self._closed = False
+        self._released = False
+        self._started_at = time.time()
+
+    # -- making one -----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        memory: int | str,
+        kernel: str | Path | None = None,
+        append: str | None = None,
+        *,
+        paused: bool = False,
+        on_console: Callable[[str], None] | None = None,
+    ) -> VirtualMachine:
+        """Boot ``kernel`` (default: the guest shipped with pageflip, built on first use)
+        with ``memory`` bytes of RAM and the command line ``append``."""
+        size = parse_size(memory) if isinstance(memory, str) else int(memory)
+        slots = layout(size)
+        if kernel is None:
+            from .image import guest_elf
+
+            kernel = guest_elf()
+        image = read_pvh(kernel)
+        if append is None:
+            append = f"mb={max(16, (size >> 20) - 64)}"
+        regions: list[Region] = []
+        machine: Machine | None = None
+        try:
+            for slot in slots:
+                regions.append(Region.movable(slot.size, f"vm-ram{slot.index}"))
+            machine = Machine(regions)
+            machine.boot(image, append)
+            meta = {"kernel": str(kernel), "append": append, "migrations": 0, "booted": time.time()}
+            vm = cls(machine, regions, meta)
+        except BaseException:
+            if machine is not None:
+                machine.close()
+            for region in regions:
+                region.close()
+            raise
+        if on_console is not None:
+            vm.add_console_listener(on_console)
+        machine.start(paused=True)
+        if not paused:
+            vm.resume()
+        return vm
+
+    @classmethod
+    def warm_up(cls) -> None:
+        """Build a spare machine (KVM VM, irqchip, vCPU and its parked thread, without RAM)
+        now, so that a restore only adds the memory slots and loads the state: what would
+        otherwise take milliseconds inside the pause."""
+        with _spare_lock:
+            if _spare:
+                return
+        spare = Machine()
+        try:
+            spare.start(paused=True)
+        except BaseException:
+            spare.close()
+            raise
+        with _spare_lock:
+            _spare.append(spare)
+
+    @classmethod
+    def restore(cls, regions: list[Region], state: bytes) -> Self:
+        with _spare_lock:
+            spare = _spare.pop() if _spare else None
+        machine = spare if spare is not None else Machine()
+        try:
+            machine.attach(regions)
+            meta = machine.load(state)
+        except SpanError as err:
+            machine.close()
+            raise BadGuestState(str(err), kind="vm", field="regions") from None
+        except BaseException:
+            machine.close()
+            raise
+        console = meta.pop("console", {})
+        meta["migrations"] = int(meta.get("migrations", 0)) + 1
+        vm = cls(machine, list(regions), meta)
+        if isinstance(console, dict):
+            vm._console.partial = bytearray(str(console.get("partial", "")).encode())
+            vm._console.heartbeats = int(console.get("heartbeats", 0))
+            ready = console.get("ready")
+            vm._console.ready = ready if isinstance(ready, dict) else None
+        return vm
+
+    def prepare_resume(self) -> None:
+        machine = self._live("prepare a resume")
+        if not machine.started:
+            machine.start(paused=True)
+
+    # -- the Guest interface ----------------------------------------------------------------
+
+    @property
+    def regions(self) -> list[Region]:
+        return [] if self._released or self._closed else list(self._regions)
+
+    @property
+    def machine(self) -> Machine:
+        return self._live("use the machine")
+
+    def _live(self, doing: str) -> Machine:
+        machine = self._machine
+        if machine is None or self._closed or self._released:
+            raise StateError(f"cannot {doing}: the VM is closed or migrated away", phase="gone")
+        return machine
+
+    def pause(self) -> float:
+        machine = self._live("pause")
+        if self._paused_at is not None and machine.paused:
+            return self._paused_at
+        self._paused_at = machine.pause()
+        return self._paused_at
+
+    def resume(self) -> float:
+        machine = self._live("resume")
+        self.prepare_resume()
+        with self._console.cond:
+            self._console.after_resume = []
+        resumed = machine.resume()
+        self._paused_at = None
+        return resumed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def save_state(self) -> bytes:
+        machine = self._live("save the state")
+        console = self._console
+        with console.cond:
+            carried = {
+                "partial": console.partial.decode(errors="replace"),
+                "heartbeats": console.heartbeats,
+                "ready": console.ready,
+            }
+        return machine.save({**self._meta, "console": carried})
+
+    def status(self) -> dict[str, object]:
+        console = self._console
+        machine = self._machine
+        stopped = machine.stopped if machine is not None else None
+        with console.cond:
+            beat = dict(console.heartbeat or {})
+            answer: dict[str, object] = {
+                "kind": self.kind,
+                "memory": sum(r.size for r in self._regions),
+                "state": self._state_name(stopped is not None),
+                "paused": self.paused,
+                "ready": console.ready is not None,
+                "heartbeats": console.heartbeats,
+                "heartbeat": beat,
+                "console": list(console.lines)[-5:],
+                "migrations": self._meta.get("migrations", 0),
+                "append": self._meta.get("append"),
+                "vmm": {**code_identity(), "pid": os.getpid(), "started": self._started_at},
+                "exits": machine.exits if machine is not None else 0,
+            }
+        if stopped is not None:
+            answer["stopped"] = str(stopped)
+        if console.failure is not None:
+            answer["guest_error"] = console.failure
+        return answer
+
+    def _state_name(self, stopped: bool) -> str:
+        if self._closed:
+            return "closed"
+        if self._released:
+            return "migrated"
+        if stopped:
+            return "stopped"
+        return "paused" if self.paused else "running"
+
+    def verify(self) -> VerifyReport:
+        """Ask the guest to check every page it wrote (input ``V``) and wait for its answer."""
+        started = time.monotonic()
+        self._wait_ready()
+        fields, line = self.ask("V", "VERIFY", timeout=self._verify_timeout())
+        bad = fields.get("bad", -1)
+        problems = [] if bad == 0 else [f"the guest found {bad} wrong pages: {line}"]
+        return VerifyReport(
+            ok=bad == 0,
+            pages_checked=fields.get("pages", 0),
+            pages_skipped=0,
+            problems=problems,
+            seconds=time.monotonic() - started,
+            observed_pause=self.observed_pause(),
+        )
+
+    def _verify_timeout(self) -> float:
+        # A page a few tens of microseconds on a cold VM (shadow page faults), plus slack.
+        pages = sum(r.size for r in self._regions) >> 12
+        return 60.0 + pages * 100e-6
+
+    def _wait_ready(self) -> None:
+        console = self._console
+        with console.cond:
+            if not console.cond.wait_for(
+                lambda: console.ready is not None or console.failure is not None or self._gone(),
+                READY_WAIT,
+            ):
+                raise VmError("the guest did not say READY in time", kind="vm")
+        if console.ready is None:
+            raise VmError(
+                f"the guest is not ready: {console.failure or self._state_name(True)}", kind="vm"
+            )
+
+    def _gone(self) -> bool:
+        machine = self._machine
+        return self._closed or self._released or machine is None or machine.stopped is not None
+
+    def ask(self, request: str, answer: str, timeout: float = 30.0) -> tuple[dict[str, int], str]:
+        """Send ``request`` to the guest's serial input and wait for the next line that
+        starts with ``answer``: its fields and the line."""
+        machine = self._live(f"ask the guest for {answer}")
+        if self.paused:
+            raise StateError(f"the VM is paused: it cannot answer {request!r}", phase="paused")
+        console = self._console
+        with console.cond:
+            seen = console.answers.get(answer, (0, {}, ""))[0]
+            machine.devices.serial.feed(request.encode())
+
+            def answered() -> bool:
+                return console.answers.get(answer, (0, {}, ""))[0] > seen or self._gone()
+
+            if not console.cond.wait_for(answered, timeout):
+                raise VmError(
+                    f"the guest did not answer {request!r} within {timeout:g} s", kind="vm"
+                )
+            if self._gone():
+                raise VmError(f"the VM stopped before it answered {request!r}", kind="vm")
+            _, fields, line = console.answers[answer]
+            return fields, line
+
+    def observed_pause(self, timeout: float = 0.0) -> float | None:
+        """The largest loop gap the guest reported in its first two heartbeats after the
+        latest resume (seconds); None until the first of them came (waits up to
+        ``timeout`` for both)."""
+        console = self._console
+        with console.cond:
+            if timeout > 0:
+                console.cond.wait_for(lambda: len(console.after_resume) >= 2, timeout)
+            gaps = [beat["gap_us"] for beat in console.after_resume if "gap_us" in beat]
+        return max(gaps) / 1e6 if gaps else None
+
+    def dirty_tracker(self) -> KvmDirtyLog:
+        return KvmDirtyLog(self._live("track dirty pages"))
+
+    def add_console_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(line)`` for every console line from now on."""
+        with self._console.cond:
+            self._console.listeners.append(listener)
+
+    def console_lines(self) -> list[str]:
+        with self._console.cond:
+            return list(self._console.lines)
+
+    def release_regions(self) -> list[Region]:
+        if self._released or self._closed:
+            return []
+        machine = self._machine
+        if machine is not None and not machine.paused:
+            raise StateError("release the regions of a paused VM", phase="running")
+        self._released = True
+        if machine is not None:
+            self._machine = None
+            machine.close()
+        regions, self._regions = self._regions, []
+        with self._console.cond:
+            self._console.cond.notify_all()
+        return regions
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        machine, self._machine = self._machine, None
+        if machine is not None:
+            machine.close()
+        regions, self._regions = self._regions, []
+        for region in regions:
+            with contextlib.suppress(Exception):
+                region.close()
+        with self._console.cond:
+            self._console.cond.notify_all()
+
+    def __repr__(self) -> str:
+        size = sum(r.size for r in self._regions)
+        return f"<VirtualMachine {size >> 20} MiB {self._state_name(False)}>"

@@ -1,0 +1,643 @@
+"""The virtual machine: one KVM VM with one vCPU, its RAM in movable regions, a run loop.
+
+A :class:`Machine` is built on regions that already exist (fresh ones for a boot, received
+ones after a migration), registers each as a KVM memory slot, creates the in-kernel irqchip
+(it runs the local APIC timer the guest sleeps on) and one vCPU whose CPUID is what KVM
+supports. A thread runs ``KVM_RUN`` and answers the guest's port I/O (:mod:`.devices`).
+
+Guest-physical layout: RAM from 0 up to 3 GiB, the rest from 4 GiB up (the hole holds the
+local APIC and I/O APIC, which KVM emulates only where no memory slot lies); each piece is
+its own region and memory slot. Boot (:meth:`Machine.boot`) copies a PVH kernel in and
+writes the ``hvm_start_info`` block, its memory map and the command line below 1 MiB.
+
+Pausing: another thread sets ``kvm_run.immediate_exit`` and sends the vCPU thread a signal
+(:data:`KICK_SIGNAL`), which makes ``KVM_RUN`` return EINTR; with ``immediate_exit`` set KVM
+also completes a pending port read first, so a parked vCPU's state is whole and can be saved.
+
+State (:meth:`Machine.save`, :meth:`Machine.load`): see :mod:`.state` for what is saved and
+the order in which it is put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._sys import kvm, mm
+from .._sys.flags import PROT_RW, Map
+from ..errors import (
+    BadGuestState,
+    BadImage,
+    FeatureUnavailable,
+    GuestStopped,
+    SpanError,
+    StateError,
+    VmError,
+)
+from ..memory import PAGE_SIZE, Region
+from . import state
+from .devices import Devices
+from .elf import PvhImage
+
+__all__ = ["KICK_SIGNAL", "HOLE_END", "HOLE_START", "Machine", "Slot", "install_kick_handler"]
+
+log = logging.getLogger("pageflip.vm")
+
+#: RAM below this guest-physical address is in the first slot; the rest starts at HOLE_END.
+HOLE_START = 3 << 30
+HOLE_END = 4 << 30
+#: Where the boot information goes (below 1 MiB, above the real-mode IVT and BDA).
+START_INFO = 0x6000
+MEMMAP = 0x7000
+CMDLINE = 0x8000
+MAX_CMDLINE = 0x1000
+#: The first byte a kernel image may use; memory below it is the boot area above.
+KERNEL_MIN = 0x100000
+#: The memory map reports low RAM up to here (the EBDA and BIOS area above are not RAM).
+LOW_RAM_END = 0x9FC00
+#: Smallest guest RAM pageflip builds (the boot area, a kernel, its page tables).
+MIN_MEMORY = 16 << 20
+#: ``hvm_start_info`` magic (XEN_HVM_START_MAGIC_VALUE).
+HVM_START_MAGIC = 0x336EC578
+
+#: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
+KICK_SIGNAL = signal.SIGRTMIN + 4
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    return
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for :data:`KICK_SIGNAL` (must run in the main thread once,
+    before a VM is built from another thread; a Machine built in the main thread does it)."""
+    if signal.getsignal(KICK_SIGNAL) is not _ignore_kick:
+        signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+def _kick_ready() -> None:
+    if signal.getsignal(KICK_SIGNAL) is _ignore_kick:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise VmError(
+            "pageflip.vm needs its signal handler: call pageflip.vm.install_kick_handler() "
+            "from the main thread before building a VM in another thread",
+            kind="vm",
+        )
+    install_kick_handler()
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A KVM memory slot: guest-physical ``gpa``, ``size`` bytes, region ``index``."""
+
+    index: int
+    gpa: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def layout(memory: int) -> list[Slot]:
+    """The memory slots for ``memory`` bytes of RAM: below the 3 GiB hole, then above 4 GiB."""
+    if memory % PAGE_SIZE or memory < MIN_MEMORY:
+        raise SpanError(
+            f"guest memory must be whole pages and at least {MIN_MEMORY >> 20} MiB, "
+            f"got {memory} bytes",
+            length=memory,
+        )
+    low = min(memory, HOLE_START)
+    slots = [Slot(0, 0, low)]
+    if memory > low:
+        slots.append(Slot(1, HOLE_END, memory - low))
+    return slots
+
+
+def _open_kvm() -> int:
+    try:
+        fd = os.open(kvm.DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise FeatureUnavailable(
+            f"{kvm.DEVICE} does not exist: this host has no KVM (load kvm-intel, kvm-amd or "
+            "kvm-pvm, or run on a host that offers virtualization)",
+            feature="kvm",
+        ) from err
+    except PermissionError as err:
+        raise FeatureUnavailable(
+            f"{kvm.DEVICE}: permission denied: run as root or join the group that owns it "
+            "(usually kvm)",
+            feature="kvm",
+        ) from err
+    try:
+        version = kvm.ioctl(fd, kvm.GET_API_VERSION)
+    except BaseException:
+        os.close(fd)
+        raise
+    if version != kvm.API_VERSION:
+        os.close(fd)
+        raise FeatureUnavailable(
+            f"{kvm.DEVICE} speaks KVM API {version}, pageflip needs {kvm.API_VERSION}",
+            feature="kvm",
+        )
+    return fd
+
+
+def kvm_available() -> str | None:
+    """None when a VM can be built here, else why not (for skips and ``pageflip probe``)."""
+    try:
+        fd = _open_kvm()
+    except FeatureUnavailable as err:
+        return str(err)
+    os.close(fd)
+    return None
+
+
+def _supported_cpuid(system_fd: int) -> Any:
+    for count in (64, 128, 256, 1024):
+        buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, count)
+        buf.head.nent = count
+        try:
+            kvm.ioctl(system_fd, kvm.GET_SUPPORTED_CPUID, buf)
+        except OSError as err:
+            if err.errno == 7:  # E2BIG: more entries than room
+                continue
+            raise
+        return buf
+    raise VmError("KVM_GET_SUPPORTED_CPUID returned more than 1024 entries", kind="vm")
+
+
+def msr_indices(system_fd: int) -> list[int]:
+    """The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST)."""
+    head = kvm.MsrListHeader()
+    head.nmsrs = 0
+    with contextlib.suppress(OSError):
+        kvm.ioctl(system_fd, kvm.GET_MSR_INDEX_LIST, head)
+    buf = kvm.buffer_with_entries(kvm.MsrListHeader, kvm.u32, max(head.nmsrs, 1))
+    buf.head.nmsrs = head.nmsrs
+    kvm.ioctl(system_fd, kvm.GET_MSR_INDEX_LIST, buf)
+    return [int(buf.entries[i]) for i in range(buf.head.nmsrs)]
+
+
+class Machine:
+    """One VM, one vCPU, RAM in ``regions`` (laid out by :func:`layout`).
+
+    The machine does not own the regions: :meth:`close` leaves them to the caller. It is
+    built stopped; :meth:`boot` or :meth:`load` gives the vCPU a state, :meth:`start` starts
+    the vCPU thread (paused or running).
+    """
+
+    def __init__(
+        self,
+        regions: Sequence[Region] | None = None,
+        on_output: Callable[[bytes], None] | None = None,
+    ) -> None:
+        _kick_ready()
+        self.memory = 0
+        self.slots: list[Slot] = []
+        self.regions: list[Region] = []
+        self.devices = Devices(on_output)
+        self._system = self._vm = self._vcpu = -1
+        self._run_addr = 0
+        self._run_size = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._pause_wanted = True
+        self._parked = False
+        self._stopping = False
+        self._stopped: GuestStopped | None = None
+        self.exits = 0
+        self.manual_dirty_log = False
+        try:
+            self._build()
+            if regions is not None:
+                self.attach(regions)
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, regions: Sequence[Region]) -> None:
+        """Make ``regions`` the guest's RAM (laid out by :func:`layout`): a machine built
+        without them (a spare, made before a migration needs it) gets them here."""
+        if self.regions:
+            raise StateError("the machine has its RAM already", phase="attached")
+        memory = sum(r.size for r in regions)
+        slots = layout(memory)
+        if [s.size for s in slots] != [r.size for r in regions]:
+            raise SpanError(
+                f"guest RAM of {memory} bytes needs regions of "
+                f"{[s.size for s in slots]} bytes, got {[r.size for r in regions]}",
+                length=memory,
+            )
+        self.regions = list(regions)
+        self.slots = slots
+        self.memory = memory
+        for slot in slots:
+            self._set_slot(slot, kvm.MEM_LOG_DIRTY_PAGES)
+
+    # -- building -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        self._system = _open_kvm()
+        self._vm = kvm.ioctl(self._system, kvm.CREATE_VM, 0)
+        os.set_inheritable(self._vm, False)
+        self.manual_dirty_log = self._enable_manual_dirty_log()
+        kvm.ioctl(self._vm, kvm.CREATE_IRQCHIP)
+        self._vcpu = kvm.ioctl(self._vm, kvm.CREATE_VCPU, 0)
+        os.set_inheritable(self._vcpu, False)
+        self._run_size = kvm.ioctl(self._system, kvm.GET_VCPU_MMAP_SIZE)
+        self._run_addr = mm.mmap(None, self._run_size, PROT_RW, Map.SHARED, self._vcpu)
+        self.run_page = kvm.Run.from_address(self._run_addr)
+        self.cpuid = _supported_cpuid(self._system)
+        kvm.ioctl(self._vcpu, kvm.SET_CPUID2, self.cpuid)
+        self.msrs = msr_indices(self._system)
+
+    def _enable_manual_dirty_log(self) -> bool:
+        """Manual dirty-log protection with every bit set at first: turning logging on
+        then costs nothing, and a round protects only what it clears (see KvmDirtyLog)."""
+        if kvm.ioctl(self._vm, kvm.CHECK_EXTENSION, kvm.Cap.MANUAL_DIRTY_LOG_PROTECT2) == 0:
+            return False
+        cap = kvm.EnableCap()
+        cap.cap = kvm.Cap.MANUAL_DIRTY_LOG_PROTECT2
+        cap.args[0] = kvm.MANUAL_PROTECT_ENABLE | kvm.MANUAL_PROTECT_INITIALLY_SET
+        kvm.ioctl(self._vm, kvm.ENABLE_CAP, cap)
+        return True
+
+    def _set_slot(self, slot: Slot, flags: int) -> None:
+        region = self.regions[slot.index]
+        mem = kvm.UserspaceMemoryRegion()
+        mem.slot = slot.index
+        mem.flags = flags
+        mem.guest_phys_addr = slot.gpa
+        mem.memory_size = slot.size
+        mem.userspace_addr = region.address
+        kvm.ioctl(self._vm, kvm.SET_USER_MEMORY_REGION, mem)
+
+    @property
+    def vm_fd(self) -> int:
+        return self._vm
+
+    @property
+    def vcpu_fd(self) -> int:
+        return self._vcpu
+
+    # -- guest memory ---------------------------------------------------------------------
+
+    def _at(self, gpa: int, length: int) -> tuple[Region, int]:
+        for slot in self.slots:
+            if slot.gpa <= gpa and gpa + length <= slot.end:
+                return self.regions[slot.index], gpa - slot.gpa
+        raise SpanError(
+            f"guest-physical {gpa:#x}+{length:#x} is not in guest RAM", offset=gpa, length=length
+        )
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest RAM at ``gpa`` (through the VMM's own mapping)."""
+        region, offset = self._at(gpa, len(data))
+        ctypes.memmove(region.address + offset, data, len(data))
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, offset = self._at(gpa, length)
+        return ctypes.string_at(region.address + offset, length)
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest RAM as (start, end) guest-physical ranges, as the memory map reports it."""
+        ranges = [(0, LOW_RAM_END), (KERNEL_MIN, self.slots[0].end)]
+        ranges += [(s.gpa, s.end) for s in self.slots[1:]]
+        return ranges
+
+    # -- boot -----------------------------------------------------------------------------
+
+    def boot(self, image: PvhImage, cmdline: str) -> None:
+        """Load ``image`` and set the vCPU up at its PVH entry (32-bit flat protected mode,
+        ``rbx`` pointing at ``hvm_start_info``)."""
+        encoded = cmdline.encode() + b"\0"
+        if len(encoded) > MAX_CMDLINE:
+            raise BadImage(
+                f"the kernel command line is {len(encoded)} bytes, at most {MAX_CMDLINE} fit",
+                kind="vm",
+                path=image.path,
+            )
+        top = self.slots[0].end
+        for seg in image.segments:
+            if seg.paddr < KERNEL_MIN or seg.end > top:
+                raise BadImage(
+                    f"{image.path} cannot boot: it loads at {seg.paddr:#x}..{seg.end:#x}, "
+                    f"outside guest RAM {KERNEL_MIN:#x}..{top:#x} (give the VM more memory?)",
+                    kind="vm",
+                    path=image.path,
+                )
+        for seg in image.segments:
+            self.write(seg.paddr, seg.data)
+            zeros = seg.memsz - len(seg.data)
+            if zeros:
+                region, offset = self._at(seg.paddr + len(seg.data), zeros)
+                ctypes.memset(region.address + offset, 0, zeros)
+        self._write_start_info(encoded)
+        self._set_boot_registers(image.entry)
+
+    def _write_start_info(self, cmdline: bytes) -> None:
+        ranges = self.ram_ranges()
+        memmap = b"".join(
+            int(start).to_bytes(8, "little")
+            + int(end - start).to_bytes(8, "little")
+            + (1).to_bytes(4, "little")  # E820 RAM
+            + bytes(4)
+            for start, end in ranges
+        )
+        self.write(MEMMAP, memmap)
+        self.write(CMDLINE, cmdline)
+        info = b"".join(
+            [
+                HVM_START_MAGIC.to_bytes(4, "little"),
+                (1).to_bytes(4, "little"),  # version: has a memory map
+                bytes(8),  # flags, nr_modules
+                bytes(8),  # modlist_paddr
+                CMDLINE.to_bytes(8, "little"),
+                bytes(8),  # rsdp_paddr
+                MEMMAP.to_bytes(8, "little"),
+                len(ranges).to_bytes(4, "little"),
+                bytes(4),
+            ]
+        )
+        self.write(START_INFO, info)
+
+    def _set_boot_registers(self, entry: int) -> None:
+        sregs = kvm.Sregs()
+        kvm.ioctl(self._vcpu, kvm.GET_SREGS, sregs)
+        for name, selector, seg_type in (
+            ("cs", 0x8, 0xB),
+            ("ds", 0x10, 0x3),
+            ("es", 0x10, 0x3),
+            ("fs", 0x10, 0x3),
+            ("gs", 0x10, 0x3),
+            ("ss", 0x10, 0x3),
+        ):
+            seg = getattr(sregs, name)
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, seg_type
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl = 1, 0, 1, 1, 0, 1, 0
+        sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0x67, 0x18, 0xB
+        sregs.tr.present, sregs.tr.s = 1, 0
+        sregs.cr0 = 0x11  # PE | ET
+        sregs.cr3 = sregs.cr4 = sregs.efer = 0
+        kvm.ioctl(self._vcpu, kvm.SET_SREGS, sregs)
+        regs = kvm.Regs()
+        regs.rip = entry
+        regs.rbx = START_INFO
+        regs.rflags = 0x2
+        kvm.ioctl(self._vcpu, kvm.SET_REGS, regs)
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self, *, paused: bool = False) -> None:
+        """Start the vCPU thread; ``paused`` keeps it parked until :meth:`resume`."""
+        if self._thread is not None:
+            raise StateError("the vCPU thread is already started", phase="started")
+        self._check_open()
+        with self._lock:
+            self._pause_wanted = paused
+            self.run_page.immediate_exit = 1 if paused else 0
+        self._thread = threading.Thread(target=self._loop, name="pageflip-vcpu0", daemon=True)
+        self._thread.start()
+        if paused:
+            self._wait_parked()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_wanted
+
+    @property
+    def stopped(self) -> GuestStopped | None:
+        """Why the vCPU stopped for good (None while it can run)."""
+        return self._stopped
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not kvm.run(self._vcpu):
+                    if not self._park():
+                        return
+                    continue
+                self.exits += 1
+                if not self._exit():
+                    return
+        except BaseException as err:  # the vCPU thread must never die silently
+            log.exception("vCPU thread failed")
+            self._stop_for_good(f"VMM error: {type(err).__name__}: {err}")
+
+    def _park(self) -> bool:
+        """After EINTR: park while a pause is wanted; False when the machine is closing."""
+        with self._lock:
+            if self._stopping:
+                return False
+            if not self._pause_wanted:
+                return True  # a stray signal: run on
+            self._parked = True
+            self._lock.notify_all()
+            self._lock.wait_for(self._may_run)
+            self._parked = False
+            return not self._stopping
+
+    def _may_run(self) -> bool:
+        return not self._pause_wanted or self._stopping
+
+    def _exit(self) -> bool:
+        """Answer one exit; False when the vCPU cannot go on."""
+        run = self.run_page
+        reason = run.exit_reason
+        if reason == kvm.Exit.IO:
+            io = run.exit.io
+            data = self._run_addr + io.data_offset
+            length = io.size * io.count
+            if io.direction:  # out
+                self.devices.port_out(io.port, ctypes.string_at(data, length), io.size)
+            else:
+                answer = self.devices.port_in(io.port, io.size, io.count)
+                ctypes.memmove(data, answer, length)
+            return True
+        if reason == kvm.Exit.MMIO:
+            mmio = run.exit.mmio
+            if not mmio.is_write:
+                ctypes.memset(ctypes.addressof(mmio.data), 0xFF, 8)
+            log.debug(
+                "MMIO %s at %#x ignored", "write" if mmio.is_write else "read", mmio.phys_addr
+            )
+            return True
+        if reason in (kvm.Exit.INTR, kvm.Exit.IRQ_WINDOW_OPEN):
+            return True
+        self._stop_for_good(self._exit_text(reason))
+        return False
+
+    def _exit_text(self, reason: int) -> str:
+        try:
+            name = kvm.Exit(reason).name
+        except ValueError:
+            name = f"exit {reason}"
+        run = self.run_page
+        if reason == kvm.Exit.INTERNAL_ERROR:
+            name += f" (suberror {run.exit.internal.suberror})"
+        elif reason == kvm.Exit.FAIL_ENTRY:
+            name += f" (hardware reason {run.exit.fail_entry.hardware_entry_failure_reason:#x})"
+        elif reason == kvm.Exit.SYSTEM_EVENT:
+            name += f" (type {run.exit.system_event.type})"
+        return name
+
+    def _stop_for_good(self, reason: str) -> None:
+        registers: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            regs = kvm.Regs()
+            kvm.ioctl(self._vcpu, kvm.GET_REGS, regs)
+            registers = {name: int(getattr(regs, name)) for name in kvm.REG_NAMES}
+            sregs = kvm.Sregs()
+            kvm.ioctl(self._vcpu, kvm.GET_SREGS, sregs)
+            registers.update({n: int(getattr(sregs, n)) for n in ("cr0", "cr2", "cr3", "cr4")})
+            registers["efer"] = int(sregs.efer)
+        shown = " ".join(
+            f"{n}={registers[n]:#x}"
+            for n in ("rip", "rsp", "rflags", "cr0", "cr2", "cr3")
+            if n in registers
+        )
+        err = GuestStopped(
+            f"the guest's vCPU stopped: {reason}" + (f"; {shown}" if shown else ""),
+            kind="vm",
+            reason=reason,
+            registers=registers,
+        )
+        log.error("%s", err)
+        with self._lock:
+            self._stopped = err
+            self._parked = True
+            self._lock.notify_all()
+
+    def pause(self) -> float:
+        """Park the vCPU (it leaves KVM_RUN within a fraction of a millisecond); returns
+        ``time.monotonic()`` when it was parked."""
+        self._check_open()
+        with self._lock:
+            self._pause_wanted = True
+            self.run_page.immediate_exit = 1
+        thread = self._thread
+        if thread is not None and thread.ident is not None and self._stopped is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            self._wait_parked()
+        return time.monotonic()
+
+    def _wait_parked(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._parked and self._stopped is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VmError(f"the vCPU did not stop within {timeout:g} s", kind="vm")
+                self._lock.wait(min(left, 0.01))
+                thread = self._thread
+                if not self._parked and thread is not None and thread.ident is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def resume(self) -> float:
+        """Let the vCPU run again; returns ``time.monotonic()`` when it was released."""
+        self._check_open()
+        if not self.regions:
+            raise StateError("the machine has no RAM yet", phase="spare", needed="attached")
+        if self._stopped is not None:
+            raise self._stopped
+        with self._lock:
+            self.run_page.immediate_exit = 0
+            self._pause_wanted = False
+            self._lock.notify_all()
+            return time.monotonic()
+
+    def _check_open(self) -> None:
+        if self._vcpu < 0:
+            raise StateError("the virtual machine is closed", phase="closed")
+
+    # -- state ------------------------------------------------------------------------------
+
+    def save(self, meta: dict[str, Any]) -> bytes:
+        """The VM's state (see :mod:`.state`), the vCPU parked; ``meta`` travels with it."""
+        if not self._parked and self._thread is not None:
+            raise StateError("save the VM's state with the vCPU paused", phase="running")
+        meta = {**meta, "memory": self.memory, "devices": self.devices.save()}
+        return state.save_machine(self._vm, self._vcpu, self.msrs, meta)
+
+    def load(self, saved: bytes) -> dict[str, Any]:
+        """Put a saved state back (before :meth:`start`); returns its ``meta`` record."""
+        if self._thread is not None and not self._parked:
+            raise StateError("load a state with the vCPU thread parked", phase="running")
+        blobs = state.decode(saved)
+        meta = state.restore_machine(self._vm, self._vcpu, blobs)
+        if meta.get("memory") != self.memory:
+            raise BadGuestState(
+                f"the state is of a VM with {meta.get('memory')} bytes of RAM, this one has "
+                f"{self.memory}",
+                kind="vm",
+                field="memory",
+            )
+        devices = meta.get("devices")
+        if isinstance(devices, dict):
+            self.devices.load(devices)
+        return meta
+
+    # -- dirty log --------------------------------------------------------------------------
+
+    def get_dirty_log(self, slot: int, bitmap: int) -> None:
+        """KVM_GET_DIRTY_LOG of ``slot`` into the bitmap at address ``bitmap``."""
+        arg = kvm.DirtyLog()
+        arg.slot = slot
+        arg.dirty_bitmap = bitmap
+        kvm.ioctl(self._vm, kvm.GET_DIRTY_LOG, arg)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: int) -> None:
+        arg = kvm.ClearDirtyLog()
+        arg.slot = slot
+        arg.first_page = first_page
+        arg.num_pages = num_pages
+        arg.dirty_bitmap = bitmap
+        kvm.ioctl(self._vm, kvm.CLEAR_DIRTY_LOG, arg)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the vCPU thread and free the VM (the regions stay the caller's). Idempotent."""
+        thread = self._thread
+        if thread is not None:
+            with self._lock:
+                self._stopping = True
+                self._lock.notify_all()
+                if self._run_addr:
+                    self.run_page.immediate_exit = 1
+            while thread.is_alive():
+                if thread.ident is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                thread.join(0.01)
+            self._thread = None
+        if self._run_addr:
+            addr, self._run_addr = self._run_addr, 0
+            del self.run_page
+            mm.munmap(addr, self._run_size)
+        for name in ("_vcpu", "_vm", "_system"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_system", -1) >= 0 and getattr(self, "_thread", None) is None:
+            with contextlib.suppress(Exception):
+                self.close()

@@ -1,0 +1,257 @@
+"""A virtual machine's state besides its RAM: what is saved, how it is encoded, and the order
+in which it is put back.
+
+Saved, with the vCPU parked (out of ``KVM_RUN``, pending port I/O completed):
+
+* VM: the in-kernel irqchip (PIC master, PIC slave, I/O APIC) and the KVM clock;
+* vCPU: CPUID, general registers, special registers (segments, control registers, EFER,
+  APIC base), FPU and XSAVE area, XCRs, debug registers, every MSR KVM lists
+  (``KVM_GET_MSR_INDEX_LIST``), the local APIC's registers, the multiprocessing state and
+  the pending events (exceptions, interrupts, NMI, SMI);
+* the devices the VMM emulates (:mod:`.devices`) and the VMM's own record (``meta``: RAM
+  size, the guest kind's bookkeeping), as JSON.
+
+Restore order, and why:
+
+1. **irqchip** (PIC, I/O APIC): VM-wide, before any vCPU state that could raise an interrupt.
+2. **clock** (``KVM_SET_CLOCK``): VM-wide; kvmclock readings of the vCPU then continue from
+   the saved value.
+3. **CPUID**: KVM checks XSAVE, XCR and MSR values against the features CPUID announces, so
+   it comes before them.
+4. **special registers**: they set the APIC base (enabled, x2APIC mode), which decides how
+   the local APIC state and the TSC-deadline MSR are taken; and EFER/CR0/CR4, which the
+   FPU/XSAVE state and MSRs are checked against.
+5. **general registers**, **FPU**, **XSAVE**, **XCRs**, **debug registers**.
+6. **local APIC**: after the APIC base (step 4); this re-arms the APIC timer the guest sleeps on.
+7. **MSRs**: after CPUID and the local APIC (IA32_TSC_DEADLINE needs the APIC in place).
+8. **multiprocessing state** (running or halted): after the registers, because setting it
+   may reset pending work that the registers describe.
+9. **vCPU events** last: a pending exception or interrupt is injected on top of everything
+   else, with the registers it refers to already in place.
+
+The guest's TSC: on this host KVM gives the guest the host's TSC (``KVM_SET_TSC_KHZ`` is not
+offered and a write of MSR IA32_TSC is ignored), so between two VMM processes of one host the
+guest's TSC runs on with no jump: a restored guest sees exactly the time it stood still.
+
+Encoding: ``b"PFVM"``, a version byte, then named blobs (name length, name, data length,
+data), every length checked on decoding; a state from a peer is never unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from .._sys import kvm
+from ..errors import BadGuestState
+
+__all__ = ["decode", "encode", "restore_machine", "save_machine"]
+
+MAGIC = b"PFVM"
+VERSION = 1
+_HEAD = struct.Struct("<B")
+_LEN = struct.Struct("<I")
+
+
+def encode(blobs: dict[str, bytes]) -> bytes:
+    parts = [MAGIC, bytes((VERSION,))]
+    for name, data in blobs.items():
+        raw = name.encode()
+        parts += [_HEAD.pack(len(raw)), raw, _LEN.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def _bad(what: str) -> BadGuestState:
+    return BadGuestState(f"the VM state {what}", kind="vm", field="state")
+
+
+def decode(state: bytes) -> dict[str, bytes]:
+    if state[:4] != MAGIC:
+        raise _bad("does not start with PFVM: it is not a pageflip VM state")
+    if len(state) < 5 or state[4] != VERSION:
+        raise _bad(f"has version {state[4] if len(state) > 4 else None}, expected {VERSION}")
+    blobs: dict[str, bytes] = {}
+    at = 5
+    while at < len(state):
+        if at + 1 > len(state):
+            raise _bad("is cut off")
+        (n,) = _HEAD.unpack_from(state, at)
+        at += 1
+        name = state[at : at + n].decode(errors="replace")
+        at += n
+        if at + 4 > len(state):
+            raise _bad(f"is cut off in {name!r}")
+        (size,) = _LEN.unpack_from(state, at)
+        at += 4
+        if at + size > len(state):
+            raise _bad(f"is cut off in {name!r}")
+        blobs[name] = state[at : at + size]
+        at += size
+    return blobs
+
+
+def _raw(obj: Any) -> bytes:
+    return ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj))
+
+
+def _into(cls: type[Any], blob: bytes, name: str) -> Any:
+    if len(blob) < ctypes.sizeof(cls):
+        raise _bad(f"has {len(blob)} bytes of {name}, expected {ctypes.sizeof(cls)}")
+    return cls.from_buffer_copy(blob[: ctypes.sizeof(cls)])
+
+
+# Each piece: (name, structure, getter ioctl, setter ioctl), vCPU unless noted.
+_VCPU_PIECES: tuple[tuple[str, type[Any], int, int], ...] = (
+    ("regs", kvm.Regs, kvm.GET_REGS, kvm.SET_REGS),
+    ("sregs", kvm.Sregs, kvm.GET_SREGS, kvm.SET_SREGS),
+    ("fpu", kvm.Fpu, kvm.GET_FPU, kvm.SET_FPU),
+    ("xsave", kvm.Xsave, kvm.GET_XSAVE, kvm.SET_XSAVE),
+    ("xcrs", kvm.Xcrs, kvm.GET_XCRS, kvm.SET_XCRS),
+    ("debugregs", kvm.Debugregs, kvm.GET_DEBUGREGS, kvm.SET_DEBUGREGS),
+    ("lapic", kvm.LapicState, kvm.GET_LAPIC, kvm.SET_LAPIC),
+    ("mp_state", kvm.MpStateStruct, kvm.GET_MP_STATE, kvm.SET_MP_STATE),
+    ("events", kvm.VcpuEvents, kvm.GET_VCPU_EVENTS, kvm.SET_VCPU_EVENTS),
+)
+_PIECE = {name: (cls, get, put) for name, cls, get, put in _VCPU_PIECES}
+
+#: The restore order (see the module docstring for the reasons).
+RESTORE_ORDER = (
+    "irqchip",
+    "clock",
+    "cpuid",
+    "sregs",
+    "regs",
+    "fpu",
+    "xsave",
+    "xcrs",
+    "debugregs",
+    "lapic",
+    "msrs",
+    "mp_state",
+    "events",
+)
+
+
+def save_machine(vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, Any]) -> bytes:
+    """The VM's and vCPU's state (the vCPU must be parked), with ``meta`` as JSON."""
+    blobs: dict[str, bytes] = {}
+    for name, cls, get, _ in _VCPU_PIECES:
+        obj = cls()
+        kvm.ioctl(vcpu_fd, get, obj)
+        blobs[name] = _raw(obj)
+    blobs["cpuid"] = _save_cpuid(vcpu_fd)
+    blobs["msrs"] = _save_msrs(vcpu_fd, msr_list)
+    chips = []
+    for chip_id in (kvm.IRQCHIP_PIC_MASTER, kvm.IRQCHIP_PIC_SLAVE, kvm.IRQCHIP_IOAPIC):
+        chip = kvm.Irqchip()
+        chip.chip_id = chip_id
+        kvm.ioctl(vm_fd, kvm.GET_IRQCHIP, chip)
+        chips.append(_raw(chip))
+    blobs["irqchip"] = b"".join(chips)
+    clock = kvm.ClockData()
+    kvm.ioctl(vm_fd, kvm.GET_CLOCK, clock)
+    blobs["clock"] = _raw(clock)
+    blobs["meta"] = json.dumps(meta, separators=(",", ":")).encode()
+    return encode(blobs)
+
+
+def _save_cpuid(vcpu_fd: int) -> bytes:
+    for count in (80, 256, 1024):
+        buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, count)
+        buf.head.nent = count
+        try:
+            kvm.ioctl(vcpu_fd, kvm.GET_CPUID2, buf)
+        except OSError as err:
+            if err.errno == 7:  # E2BIG
+                continue
+            raise
+        n = buf.head.nent
+        return ctypes.string_at(ctypes.addressof(buf.entries), n * ctypes.sizeof(kvm.CpuidEntry2))
+    raise _bad("has more than 1024 CPUID entries")
+
+
+def _save_msrs(vcpu_fd: int, msr_list: list[int]) -> bytes:
+    buf = kvm.buffer_with_entries(kvm.MsrsHeader, kvm.MsrEntry, max(len(msr_list), 1))
+    buf.head.nmsrs = len(msr_list)
+    for i, index in enumerate(msr_list):
+        buf.entries[i].index = index
+    got = kvm.ioctl(vcpu_fd, kvm.GET_MSRS, buf)
+    size = ctypes.sizeof(kvm.MsrEntry)
+    return ctypes.string_at(ctypes.addressof(buf.entries), got * size)
+
+
+def restore_machine(vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes]) -> dict[str, Any]:
+    """Put a saved state back into a freshly built VM, in :data:`RESTORE_ORDER`; returns
+    the ``meta`` record. :class:`BadGuestState` for a state that is damaged or incomplete."""
+    missing = [name for name in (*RESTORE_ORDER, "meta") if name not in blobs]
+    if missing:
+        raise _bad(f"lacks {', '.join(missing)}")
+    steps: dict[str, Callable[[bytes], None]] = {
+        "irqchip": lambda b: _restore_irqchip(vm_fd, b),
+        "clock": lambda b: _restore_clock(vm_fd, b),
+        "cpuid": lambda b: _restore_cpuid(vcpu_fd, b),
+        "msrs": lambda b: _restore_msrs(vcpu_fd, b),
+    }
+    for name in RESTORE_ORDER:
+        blob = blobs[name]
+        step = steps.get(name)
+        if step is not None:
+            step(blob)
+            continue
+        cls, _, put = _PIECE[name]
+        kvm.ioctl(vcpu_fd, put, _into(cls, blob, name))
+    try:
+        meta = json.loads(blobs["meta"])
+    except ValueError as err:
+        raise _bad(f"has a meta record that is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise _bad("has a meta record that is not an object")
+    return meta
+
+
+def _restore_irqchip(vm_fd: int, blob: bytes) -> None:
+    size = ctypes.sizeof(kvm.Irqchip)
+    if len(blob) != 3 * size:
+        raise _bad(f"has {len(blob)} bytes of irqchip, expected {3 * size}")
+    for i in range(3):
+        kvm.ioctl(vm_fd, kvm.SET_IRQCHIP, _into(kvm.Irqchip, blob[i * size :], "irqchip"))
+
+
+def _restore_clock(vm_fd: int, blob: bytes) -> None:
+    clock = _into(kvm.ClockData, blob, "clock")
+    clock.flags = 0  # the saved flags describe the reading, they are not settings
+    kvm.ioctl(vm_fd, kvm.SET_CLOCK, clock)
+
+
+def _restore_cpuid(vcpu_fd: int, blob: bytes) -> None:
+    size = ctypes.sizeof(kvm.CpuidEntry2)
+    if not blob or len(blob) % size:
+        raise _bad(f"has {len(blob)} bytes of CPUID, not a multiple of {size}")
+    n = len(blob) // size
+    buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, n)
+    buf.head.nent = n
+    ctypes.memmove(ctypes.addressof(buf.entries), blob, len(blob))
+    kvm.ioctl(vcpu_fd, kvm.SET_CPUID2, buf)
+
+
+def _restore_msrs(vcpu_fd: int, blob: bytes) -> None:
+    size = ctypes.sizeof(kvm.MsrEntry)
+    if len(blob) % size:
+        raise _bad(f"has {len(blob)} bytes of MSRs, not a multiple of {size}")
+    n = len(blob) // size
+    if not n:
+        return
+    buf = kvm.buffer_with_entries(kvm.MsrsHeader, kvm.MsrEntry, n)
+    buf.head.nmsrs = n
+    ctypes.memmove(ctypes.addressof(buf.entries), blob, len(blob))
+    done = kvm.ioctl(vcpu_fd, kvm.SET_MSRS, buf)
+    if done != n:
+        index = int(buf.entries[done].index)
+        raise BadGuestState(
+            f"KVM refused MSR {index:#x} of the saved state ({done} of {n} taken)",
+            kind="vm",
+            field="msrs",
+        )

@@ -122,6 +122,12 @@ def _stop_at_round_end(self: Link, event: Any, phase: str) -> int:
     return _send(self, event, phase)
 
 
+def _kill_at_round_end(self: Link, event: Any, phase: str) -> int:
+    if isinstance(event, stream.RoundAck):
+        _kill_self()
+    return _send(self, event, phase)
+
+
 _send = Link.send
 _resume = Workload.resume
 
@@ -141,6 +147,12 @@ FAULTS: dict[str, Callable[[], None]] = {
     "dest-stop-at-round-end": lambda: setattr(Link, "send", _stop_at_round_end),
     "dest-stop-before-prepared": lambda: _before(
         Destination, "_verify_and_prepare", lambda s: _stop_self()
+    ),
+    # kill -9 of the destination in each phase before PREPARED
+    "dest-kill-in-setup": lambda: _after(Destination, "_welcome", lambda s: _kill_self()),
+    "dest-kill-at-round-end": lambda: setattr(Link, "send", _kill_at_round_end),
+    "dest-kill-before-prepared": lambda: _before(
+        Destination, "_verify_and_prepare", lambda s: _kill_self()
     ),
     "dest-kill-after-commit": lambda: _before(Destination, "_resume", lambda s: _kill_self()),
     "dest-kill-pager-after-resume": lambda: _before(Destination, "_postcopy", _kill_pager),

@@ -25,9 +25,9 @@ stays clean. The library itself never prints: everything here is the command lin
 
 from __future__ import annotations
 
-from . import bench, demo, guests, probe
+from . import bench, demo, guests, probe, vm
 from ._base import main
 
 __all__ = ["main"]
 
-_ = (bench, demo, guests, probe)  # imported for the commands they add to main
+_ = (bench, demo, guests, probe, vm)  # imported for the commands they add to main

@@ -279,6 +279,13 @@ def _rate_check(host: Any, asked: int, as_json: bool) -> Callable[[], None]:
     type=click.Path(dir_okay=False),
     help="Write the engine's and the pager's log here (default: stderr, warnings only).",
 )
+@click.option(
+    "--replace",
+    type=click.Path(),
+    hidden=True,
+    help="Live update: once the guest runs here, serve the control socket at this path as "
+    "soon as the host before us lets it go (set by `pageflip vm upgrade`).",
+)
 @_auth_options
 @_json_option
 def incoming(
@@ -286,6 +293,7 @@ def incoming(
     control: str,
     timeout: float,
     log_file: str | None,
+    replace: str | None,
     key_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -306,6 +314,7 @@ def incoming(
     from ..transport import TcpAuth
 
     log_to(log_file)
+    _vm_ready()
     auth = TcpAuth.from_options(
         key_file=key_file,
         tls_cert=tls_cert,
@@ -323,7 +332,7 @@ def incoming(
     def status() -> dict[str, Any]:
         dest = current[0]
         if dest is None:
-            if not listening:
+            if not listening or host.guest is not None:
                 return {}
             return {"migration": {"listen": listening[0], "phase": "listening"}}
         info: dict[str, Any] = {"listen": dest.address, "phase": dest.phase.value}
@@ -353,10 +362,33 @@ def incoming(
                 {"event": "running", "control": control, "pid": os.getpid()},
                 f"the guest runs here; control socket {control}",
             )
+            if replace is not None:
+                _take_over(host, replace, timeout, as_json)
     except BaseException:
         host.close()
         raise
     _serve(host, as_json)
+
+
+def _take_over(host: Any, path: str, timeout: float, as_json: bool) -> None:
+    """After a live update: serve the control socket at ``path`` once the old host let
+    go of it (it exits right after the migration), and remove our temporary directory."""
+    from ..migration.upgrade import take_over
+
+    take_over(host, path, timeout)
+    emit(
+        as_json,
+        {"event": "control", "control": path, "pid": os.getpid()},
+        f"live update done: this process (pid {os.getpid()}) serves {path}",
+    )
+
+
+def _vm_ready() -> None:
+    """A VM may arrive: its vCPU is stopped by a signal whose handler only the main
+    thread can install."""
+    from ..vm import install_kick_handler
+
+    install_kick_handler()
 
 
 def _same_socket(a: str, b: str) -> bool:
@@ -384,7 +416,7 @@ def _receive(
             listener,
             on_event=on_event,
             timeout=timeout,
-            on_resumed=host.attach,
+            on_resumed=lambda guest: _arrived(host, guest, as_json),
             accept_timeout=STOP_POLL,
         )
         current[0] = dest
@@ -413,6 +445,15 @@ def _receive(
             )
         finally:
             current[0] = None
+
+
+def _arrived(host: Any, guest: Any, as_json: bool) -> None:
+    """The guest runs here: serve it; a VM's console goes on on our stdout."""
+    if hasattr(guest, "add_console_listener"):
+        from .vm import console_printer
+
+        guest.add_console_listener(console_printer(as_json))
+    host.attach(guest)
 
 
 def _event_text(event: dict[str, Any]) -> str:

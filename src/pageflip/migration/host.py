@@ -50,6 +50,7 @@ from ..errors import (
     StateError,
 )
 from ..guests import Guest
+from ..identity import code_identity
 from ..stream import MAGIC
 from ..transport import TcpAuth, refusal, socket_address
 from .events import MigrationEvent, jsonable
@@ -95,6 +96,14 @@ class GuestHost:
         self.outcome = outcome if guest is None else "running"
         #: Why the guest here is stale (a loss after the commit point kept it), or None.
         self.stale: str | None = None
+        code_identity()  # the code as it is now, before a live update installs new code
+        #: Extra arguments for the successor of a live update (``pageflip incoming``).
+        self.upgrade_args: list[str] = []
+        self._server, self._thread, self._inode = self._bind(path)
+
+    def _bind(self, path: str) -> tuple[socketserver.UnixStreamServer, threading.Thread, int]:
+        """Bind and serve a control socket at ``path``: (server, its thread, the socket
+        file's inode, 0 for an abstract name)."""
         host = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -117,12 +126,13 @@ class GuestHost:
         server = None
         try:
             server = Server(socket_address(path), Handler)
+            inode = 0 if path.startswith("@") else os.stat(path).st_ino
             # A daemon, so that an interrupt that leaves it serving cannot keep the process
             # alive.
-            self._thread = threading.Thread(
+            thread = threading.Thread(
                 target=server.serve_forever, name="pageflip-control", daemon=True
             )
-            self._thread.start()
+            thread.start()
         except OSError as err:
             if server is None and err.errno == errno.EADDRINUSE:  # someone took it meanwhile
                 raise FileExistsError(
@@ -130,23 +140,35 @@ class GuestHost:
                     f"{path} is in use: a live process listens there (stop it, or choose "
                     "another path)",
                 ) from None
-            self._abandon(server)
+            self._abandon(server, path)
             raise type(err)(
                 err.errno, f"cannot serve a control socket at {path}: {err.strerror or err}"
             ) from None
         except BaseException:  # an interrupt: the caller has no host to close
-            self._abandon(server)
+            self._abandon(server, path)
             raise
-        self._server = server
+        return server, thread, inode
 
-    def _abandon(self, server: socketserver.BaseServer | None) -> None:
+    def move_to(self, path: str) -> None:
+        """Serve the control socket at ``path`` from now on (FileExistsError while a live
+        process still listens there); the old socket file is removed."""
+        server, thread, inode = self._bind(path)
+        old = (self._server, self._thread, self.path, self._inode)
+        self._server, self._thread, self.path, self._inode = server, thread, path, inode
+        old[0].shutdown()
+        old[0].server_close()
+        old[1].join()
+        _unlink_if(old[2], old[3])
+
+    @staticmethod
+    def _abandon(server: socketserver.BaseServer | None, path: str) -> None:
         """Undo a start that failed: the socket closed, its file (ours: claim_socket_path
         made the path free before we bound it) removed."""
         if server is not None:
             server.server_close()
-        if not self.path.startswith("@"):
+        if not path.startswith("@"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                os.unlink(path)
 
     def attach(self, guest: Guest) -> None:
         """The guest is here now (filled, or resumed after an incoming migration)."""
@@ -164,9 +186,7 @@ class GuestHost:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        if not self.path.startswith("@"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        _unlink_if(self.path, self._inode)
         guest, self.guest = self.guest, None
         if guest is not None:
             guest.close()
@@ -199,6 +219,9 @@ class GuestHost:
                 cmd = request.get("cmd")
                 if cmd == "migrate":
                     self._migrate(request, send, conn)
+                    continue
+                if cmd == "upgrade":
+                    self._upgrade(request, send, conn)
                     continue
                 send({"ok": True, **self._simple(cmd, request)})
             except (PageflipError, ValueError, TypeError, KeyError) as err:
@@ -270,7 +293,12 @@ class GuestHost:
         source = self._source
         if source is not None:
             status["migration"] = {"phase": source.phase.value, "to": str(source.address)}
-        return {"status": status, "pid": os.getpid(), "host": self.outcome}
+        return {
+            "status": status,
+            "pid": os.getpid(),
+            "host": self.outcome,
+            "code": code_identity(),
+        }
 
     def _migrate(self, request: dict[str, Any], send: Any, conn: socket.socket) -> None:
         def deliver(event: dict[str, Any]) -> None:
@@ -326,6 +354,32 @@ class GuestHost:
             self._source = None
             self._subscribers = []
 
+    def _upgrade(self, request: dict[str, Any], send: Any, conn: socket.socket) -> None:
+        """A live update: start a successor host running the code installed now, flip the
+        guest into it (see :mod:`.upgrade`). The done event names the successor."""
+        from .upgrade import start_successor
+
+        unknown = set(request) - {"cmd", "timeout"}
+        if unknown:
+            raise LocalProtocolError(f"unknown upgrade option(s): {', '.join(sorted(unknown))}")
+        timeout = float(request.get("timeout", 60.0))
+        self._guest()
+        if self._source is not None:
+            raise StateError("a migration is already running", phase="migrating", needed="running")
+        successor = start_successor(self.path, self.upgrade_args, timeout)
+
+        def send_named(event: dict[str, Any]) -> None:
+            if event.get("event") == "done":
+                event = {**event, "successor": successor.identity()}
+            send(event)
+
+        migrate = {"cmd": "migrate", "to": successor.listen, "mode": "flip", "timeout": timeout}
+        try:
+            self._migrate(migrate, send_named, conn)
+        finally:
+            if self.outcome != "migrated":
+                successor.end()
+
     def _resume_migration(self, request: dict[str, Any], deliver: Any) -> None:
         source = self._source
         if source is None:
@@ -379,6 +433,16 @@ class _ClientWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _unlink_if(path: str, inode: int) -> None:
+    """Remove the socket file at ``path`` if it is still the one we bound (inode): after a
+    live update, the successor serves a socket of its own at the same path."""
+    if path.startswith("@"):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
 
 
 def claim_socket_path(path: str) -> None:
@@ -548,10 +612,18 @@ class ControlClient:
     def migrate(self, to: str | None, **options: Any) -> Iterator[dict[str, Any]]:
         """Start (or, with ``resume=True``, take up) a migration; yields its events until
         "done" or "failed"."""
-        self._sock.settimeout(None)
         request: dict[str, Any] = {"cmd": "migrate", **options}
         if to is not None:
             request["to"] = to
+        return self._events(request)
+
+    def upgrade(self, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+        """Live-update the host (see :mod:`.upgrade`); yields the flip's events until
+        "done" (which names the ``successor``) or "failed"."""
+        return self._events({"cmd": "upgrade", "timeout": timeout})
+
+    def _events(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        self._sock.settimeout(None)
         self._send(request)
         seen = False
         while True:
@@ -567,7 +639,7 @@ class ControlClient:
                 ) from None
             seen = True
             if event.get("ok") is False:
-                raise self._refused(event.get("error"), "migrate")
+                raise self._refused(event.get("error"), request["cmd"])
             yield event
             if event.get("event") in ("done", "failed"):
                 return

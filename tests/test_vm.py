@@ -1,0 +1,368 @@
+"""pageflip.vm: the KVM VMM boots the shipped guest, pauses and resumes it, saves and restores
+its state, tracks its writes with KVM's dirty log, rejects kernels it cannot boot with one
+line, reports a guest that dies with its exit reason and registers, and moves the guest
+between VMM processes by every mode (and by a live update) with the guest's own check
+passing. Kills of the destination VMM in each phase before PREPARED leave the VM running on
+the source."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli_procs import Host, hosts, one_line, run
+from pageflip.errors import BadImage, GuestStopped
+from pageflip.memory import Region
+from pageflip.vm import Machine, VirtualMachine, kvm_available, layout, read_pvh
+
+_ = hosts  # the fixture
+
+_why = kvm_available()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"no usable KVM: {_why}")
+
+MODES = ["flip", "precopy", "postcopy"]
+#: A small guest: 64 MiB of RAM, 32 MiB of it filled and rewritten at 8 MiB/s.
+APPEND = "mb=32 rate=8 hb=50"
+
+
+@pytest.fixture(scope="module")
+def kernel() -> str:
+    from pageflip.vm.image import guest_elf
+
+    try:
+        return str(guest_elf())
+    except Exception as err:  # no compiler: the one thing these tests cannot bring
+        pytest.skip(f"cannot build the guest: {err}")
+
+
+@pytest.fixture
+def vm(kernel: str) -> Iterator[VirtualMachine]:
+    guest = VirtualMachine.create(64 << 20, kernel, APPEND)
+    try:
+        yield guest
+    finally:
+        guest.close()
+
+
+def _beats(guest: VirtualMachine) -> int:
+    return int(guest.status()["heartbeats"])  # type: ignore[call-overload]
+
+
+def _wait_beats(guest: VirtualMachine, more: int, timeout: float = 30.0) -> None:
+    start = _beats(guest)
+    deadline = time.monotonic() + timeout
+    while _beats(guest) < start + more:
+        assert time.monotonic() < deadline, f"no heartbeat; console: {guest.console_lines()}"
+        time.sleep(0.01)
+
+
+# -- kernels that cannot boot -------------------------------------------------------------
+
+
+def _pvh_elf(code: bytes, *, note: bool = True, paddr: int = 0x100000) -> bytes:
+    """A minimal PVH ELF: ``code`` loaded at ``paddr``, entry there."""
+    ehdr_size, phdr_size = 64, 56
+    nphdr = 2 if note else 1
+    data_off = ehdr_size + nphdr * phdr_size
+    note_bytes = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", paddr)
+    code_off = data_off + (len(note_bytes) if note else 0)
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    ehdr = ident + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, paddr, ehdr_size, 0, 0, ehdr_size, phdr_size, nphdr, 0, 0, 0
+    )
+    load = struct.pack("<IIQQQQQQ", 1, 7, code_off, paddr, paddr, len(code), len(code), 0x1000)
+    phdrs = load
+    if note:
+        phdrs += struct.pack("<IIQQQQQQ", 4, 4, data_off, 0, 0, len(note_bytes), len(note_bytes), 4)
+    return ehdr + phdrs + (note_bytes if note else b"") + code
+
+
+@pytest.mark.parametrize(
+    ("blob", "says"),
+    [
+        (b"#!/bin/sh\necho hello\n", "it is not an ELF file"),
+        (_pvh_elf(b"\x0f\x0b", note=False), "no PVH entry note"),
+        (_pvh_elf(b"\x0f\x0b")[:100], "cut off"),
+        (_pvh_elf(b"\x0f\x0b" * 100)[:-50], "past the end of the file"),
+    ],
+    ids=["not-elf", "not-pvh", "truncated-headers", "truncated-segment"],
+)
+def test_a_kernel_that_cannot_boot_is_one_line(tmp_path: Path, blob: bytes, says: str) -> None:
+    path = tmp_path / "kernel.elf"
+    path.write_bytes(blob)
+    with pytest.raises(BadImage) as caught:
+        read_pvh(path)
+    assert says in str(caught.value) and str(path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+    out = run(
+        "vm", "run", "--memory", "64M", "--kernel", str(path), "--control", str(tmp_path / "c")
+    )
+    assert out.returncode == 1
+    assert one_line(out.stderr).startswith("BadImage: ") and says in out.stderr
+
+
+def test_a_kernel_too_large_for_the_ram_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "high.elf"
+    path.write_bytes(_pvh_elf(b"\x0f\x0b", paddr=0x8000000))  # loads at 128 MiB
+    with pytest.raises(BadImage, match="outside guest RAM"):
+        VirtualMachine.create(64 << 20, path, "")
+    out = run(
+        "vm", "run", "--memory", "64M", "--kernel", str(path), "--control", str(tmp_path / "c")
+    )
+    assert out.returncode == 1 and "more memory" in one_line(out.stderr), out.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_guest_that_triple_faults_is_reported_not_hung(tmp_path: Path) -> None:
+    """``ud2`` with no IDT: #UD, then #GP, then a double fault, then shutdown."""
+    path = tmp_path / "crash.elf"
+    path.write_bytes(_pvh_elf(b"\x0f\x0b"))
+    guest = VirtualMachine.create(64 << 20, path, "")
+    try:
+        deadline = time.monotonic() + 30
+        while "stopped" not in guest.status():
+            assert time.monotonic() < deadline, "the VMM did not see the guest stop"
+            time.sleep(0.01)
+        stopped = guest.machine.stopped
+        assert isinstance(stopped, GuestStopped)
+        assert stopped.reason is not None and "SHUTDOWN" in stopped.reason
+        assert stopped.registers is not None and "rip" in stopped.registers
+        assert "rip=0x" in str(stopped)
+        assert guest.status()["state"] == "stopped"
+        with pytest.raises(GuestStopped):
+            guest.resume()
+    finally:
+        guest.close()
+
+
+# -- one VMM process ------------------------------------------------------------------------
+
+
+def test_boot_heartbeat_pause_resume(vm: VirtualMachine) -> None:
+    _wait_beats(vm, 2)
+    status = vm.status()
+    assert status["ready"] is True and status["state"] == "running"
+    vm.pause()
+    paused_at = _beats(vm)
+    time.sleep(0.3)
+    assert _beats(vm) == paused_at, "the guest beat while paused"
+    assert vm.status()["state"] == "paused"
+    vm.resume()
+    _wait_beats(vm, 2)
+    pause = vm.observed_pause(timeout=10)
+    assert pause is not None and pause >= 0.25, pause  # the guest saw the 0.3 s it stood still
+    report = vm.verify()
+    assert report.ok, report.problems
+    assert report.pages_checked == 32 << 8
+
+
+def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:
+    _wait_beats(vm, 2)
+    vm.pause()
+    beats = _beats(vm)
+    state = vm.save_state()
+    regions = vm.release_regions()
+    vm.close()
+    again = VirtualMachine.restore(regions, state)
+    try:
+        assert again.status()["migrations"] == 1
+        again.resume()
+        _wait_beats(again, 2)
+        last = again.status()["heartbeat"]
+        assert last["n"] > beats  # type: ignore[index]  # the same counter, going on
+        report = again.verify()
+        assert report.ok, report.problems
+    finally:
+        again.close()
+
+
+def test_a_damaged_state_is_refused_and_the_regions_stay_yours(vm: VirtualMachine) -> None:
+    vm.pause()
+    state = vm.save_state()
+    regions = vm.release_regions()
+    try:
+        from pageflip.errors import BadGuestState
+
+        for bad in (b"nope", state[:40], state[:-3]):
+            with pytest.raises(BadGuestState):
+                VirtualMachine.restore(regions, bad)
+        assert all(not r.closed for r in regions)
+    finally:
+        for region in regions:
+            region.close()
+
+
+def test_the_dirty_log_finds_the_guests_writes(vm: VirtualMachine) -> None:
+    _wait_beats(vm, 1)
+    tracker = vm.dirty_tracker()
+    tracker.start()
+    try:
+        time.sleep(0.5)
+        written = tracker.collect()
+        pages = sum(int(r[:, 1].sum()) for r in written if len(r))
+        assert pages >= 100, pages  # 8 MiB/s for 0.5 s is about 1000 pages
+        vm.pause()
+        tracker.collect()  # what was written up to the pause
+        assert sum(len(r) for r in tracker.collect()) == 0  # paused: nothing new
+        vm.resume()
+    finally:
+        tracker.close()
+
+
+def test_layout_puts_ram_around_the_hole() -> None:
+    assert [(s.gpa, s.size) for s in layout(1 << 30)] == [(0, 1 << 30)]
+    four = layout(4 << 30)
+    assert [(s.gpa, s.size) for s in four] == [(0, 3 << 30), (4 << 30, 1 << 30)]
+
+
+def test_regions_must_fit_the_layout() -> None:
+    from pageflip.errors import SpanError
+
+    region = Region.movable(32 << 20, "odd")
+    try:
+        with pytest.raises(SpanError):
+            Machine([region, region])
+    finally:
+        region.close()
+
+
+# -- between VMM processes ----------------------------------------------------------------
+
+
+class VmPair:
+    def __init__(self, tmp: Path, started: list[Host], kernel: str) -> None:
+        self.tmp = tmp
+        self.kernel = kernel
+        self.a, self.b, self.listen = (str(tmp / n) for n in ("vm.sock", "b.sock", "in.sock"))
+        self.started = started
+
+    def vm(self) -> Host:
+        host = Host(
+            "vm", "run", "--memory", "64M", "--kernel", self.kernel, "--append", APPEND,
+            "--control", self.a,
+        )  # fmt: skip
+        self.started.append(host)
+        host.wait_for("ready")
+        return host
+
+    def incoming(self, faults: str = "") -> Host:
+        host = Host(
+            "incoming", "--listen", self.listen, "--control", self.b, faults=faults,
+            stderr_to=self.tmp / f"incoming-{len(self.started)}.err",
+        )  # fmt: skip
+        self.started.append(host)
+        return host
+
+    def verify(self, control: str) -> None:
+        out = run("verify", "--control", control)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.fixture
+def pair(tmp_path: Path, hosts: list[Host], kernel: str) -> Iterator[VmPair]:
+    yield VmPair(tmp_path, hosts, kernel)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_migrate_between_vmm_processes(pair: VmPair, mode: str) -> None:
+    source = pair.vm()
+    dest = pair.incoming()
+    dest.wait_for("listening")
+    out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--json")
+    assert out.returncode == 0, out.stderr
+    done = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "done"][-1]
+    if mode == "flip":
+        assert done["pages_copied"] == 0 and done["pages_moved"] == (64 << 20) >> 12
+    else:
+        assert done["digest"] == "verified"
+    dest.wait_for("running")
+    assert source.finish() == 0
+    status = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
+    assert status["kind"] == "vm" and status["migrations"] == 1
+    pair.verify(pair.b)
+    assert run("stop", "--control", pair.b).returncode == 0
+    assert dest.finish() == 0
+
+
+def _json(line: str) -> dict:  # type: ignore[type-arg]
+    import json
+
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault", "phase"),
+    [
+        ("flip", "dest-kill-in-setup", "setup"),
+        ("precopy", "dest-kill-in-setup", "setup"),
+        ("precopy", "dest-kill-at-round-end", "precopy"),
+        ("flip", "dest-kill-before-prepared", "switchover"),
+        ("precopy", "dest-kill-before-prepared", "switchover"),
+        ("postcopy", "dest-kill-before-prepared", "switchover"),
+    ],
+)
+def test_a_killed_destination_vmm_leaves_the_vm_on_the_source(
+    pair: VmPair, mode: str, fault: str, phase: str
+) -> None:
+    pair.vm()
+    dest = pair.incoming(faults=fault)
+    dest.wait_for("listening")
+    out = run(
+        "migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--timeout", "20s",
+        "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    line = one_line(out.stderr)
+    assert f"failed in phase {phase}" in line, line
+    assert line.endswith("the guest runs on the source"), line
+    assert dest.proc.wait(30) == -9
+    status = _json(run("status", "--control", pair.a, "--json").stdout)["status"]
+    assert status["state"] == "running" and status["paused"] is False
+    pair.verify(pair.a)
+
+
+def test_live_update_replaces_the_vmm_process(pair: VmPair) -> None:
+    source = pair.vm()
+    before = _json(run("status", "--control", pair.a, "--json").stdout)
+    out = run("vm", "upgrade", "--control", pair.a, "--json")
+    assert out.returncode == 0, out.stderr
+    upgraded = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "upgraded"]
+    new_pid = upgraded[0]["new"]["pid"]
+    assert new_pid != before["pid"]
+    # The old VMM exits once the guest left (its successor inherited its stdout and
+    # stderr, so that the console goes on where it was: those pipes stay open till it ends).
+    assert source.proc.wait(60) == 0
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the successor takes the control path over once the old one let go
+            answer = run("status", "--control", pair.a, "--json")
+            if answer.returncode == 0 and _json(answer.stdout)["pid"] == new_pid:
+                break
+            assert time.monotonic() < deadline, answer.stderr
+            time.sleep(0.05)
+        status = _json(answer.stdout)["status"]
+        assert status["vmm"]["pid"] == new_pid and status["migrations"] == 1
+        assert status["vmm"]["version"]
+        pair.verify(pair.a)
+        assert run("stop", "--control", pair.a).returncode == 0
+    finally:
+        _end(new_pid)
+        source.finish()
+    assert not Path(pair.a).exists()
+
+
+def _end(pid: int) -> None:
+    """The successor is not our child: wait for it to go, kill it by PID if it does not."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)

@@ -65,6 +65,34 @@ GUEST_WAIT = 600.0
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(MigrationOptions))
 
 
+class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A GuestHost's control socket: one thread per connection, each served by the host."""
+
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, address: str | bytes, host: GuestHost) -> None:
+        self.host = host
+        super().__init__(address, _ControlHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        try:
+            super().serve_forever(poll_interval)
+        except (OSError, ValueError):
+            if self.socket.fileno() != -1:
+                raise
+            # Closed under it: an interrupt while the host was starting.
+
+
+class _ControlHandler(socketserver.StreamRequestHandler):
+    """One connection to the control socket, served by its host (GuestHost._serve)."""
+
+    server: _ControlServer
+
+    def handle(self) -> None:
+        self.server.host._serve(self.connection, self.rfile, self.wfile)
+
+
 class GuestHost:
     """Hold a guest, serve its control socket at ``path``, migrate it away on request.
 
@@ -95,28 +123,14 @@ class GuestHost:
         self.outcome = outcome if guest is None else "running"
         #: Why the guest here is stale (a loss after the commit point kept it), or None.
         self.stale: str | None = None
-        host = self
+        self._server = self._start_serving(path)
 
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                host._serve(self.connection, self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
-            allow_reuse_address = False
-
-            def serve_forever(self, poll_interval: float = 0.5) -> None:
-                try:
-                    super().serve_forever(poll_interval)
-                except (OSError, ValueError):
-                    if self.socket.fileno() != -1:
-                        raise
-                    # Closed under it: an interrupt while the host was starting.
-
+    def _start_serving(self, path: str) -> _ControlServer:
+        """Bind the control socket at ``path`` and serve it from a thread of its own."""
         claim_socket_path(path)
         server = None
         try:
-            server = Server(socket_address(path), Handler)
+            server = _ControlServer(socket_address(path), self)
             # A daemon, so that an interrupt that leaves it serving cannot keep the process
             # alive.
             self._thread = threading.Thread(
@@ -137,7 +151,7 @@ class GuestHost:
         except BaseException:  # an interrupt: the caller has no host to close
             self._abandon(server)
             raise
-        self._server = server
+        return server
 
     def _abandon(self, server: socketserver.BaseServer | None) -> None:
         """Undo a start that failed: the socket closed, its file (ours: claim_socket_path

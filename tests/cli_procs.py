@@ -27,27 +27,60 @@ os.environ["PAGEFLIP_TEST_TAG"] = TAG
 INJECT = [sys.executable, str(Path(__file__).with_name("cli_inject.py"))]
 
 
-class Host:
-    """A long-running pageflip process (workload, incoming) whose stdout is JSON lines."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
-    def __init__(self, *args: str, faults: str = "", stderr_to: Path | None = None) -> None:
+
+def strict_event(line: str) -> dict[str, Any]:
+    """``line`` as one JSON object; NaN and Infinity refused."""
+    event = json.loads(line, parse_constant=_refuse_constant)
+    assert isinstance(event, dict), line
+    return event
+
+
+class Host:
+    """A long-running pageflip process (workload, incoming, a migrate to interrupt) whose
+    stdout is JSON lines, read by a thread of its own as they come.
+
+    ``faults`` injects failures (tests/cli_inject.py). Its stderr goes to the file
+    ``stderr_to``, else to a pipe read once it has exited. ``as_json=False`` runs it without
+    ``--json`` (its events go to stderr as text). ``new_session`` starts it in a session of
+    its own. ``strict`` checks every line as it is taken in: one JSON object, without NaN or
+    Infinity (otherwise a line that is not JSON is passed over).
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        faults: str = "",
+        stderr_to: Path | None = None,
+        as_json: bool = True,
+        new_session: bool = False,
+        strict: bool = False,
+    ) -> None:
         env = dict(os.environ)
         env["PAGEFLIP_TEST_TAG"] = TAG
         if faults:
             env["PAGEFLIP_TEST_FAULTS"] = faults
-        command = [*(INJECT if faults else PAGEFLIP), *args, "--json"]
-        self._stderr_file = open(stderr_to, "w") if stderr_to else None  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr_file if self._stderr_file is not None else subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        command = [*(INJECT if faults else PAGEFLIP), *args, *(["--json"] if as_json else [])]
+        stderr_file = open(stderr_to, "w") if stderr_to is not None else None  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=stderr_file if stderr_file is not None else subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=new_session,
+            )
+        finally:
+            if stderr_file is not None:
+                stderr_file.close()  # the process has its own
         self.stderr_path = stderr_to
+        self._strict = strict
         self._stderr_text: str | None = None
         self.events: list[dict[str, Any]] = []
-        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -58,12 +91,20 @@ class Host:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            self._lines.put(message)
+            self._lines.put(line)
         self._lines.put(None)
+
+    def _take(self, line: str) -> dict[str, Any] | None:
+        """The event on ``line``, kept in ``events`` (None: not JSON, passed over)."""
+        if self._strict:
+            event = strict_event(line)
+        else:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                return None
+        self.events.append(event)
+        return event
 
     def wait_for(self, kind: str, timeout: float = 120, **match: Any) -> dict[str, Any]:
         """The next event of ``kind`` (with the fields in ``match``)."""
@@ -73,40 +114,45 @@ class Host:
             if left <= 0:
                 raise AssertionError(f"no {kind} event in {timeout} s; saw {self.kinds()}")
             try:
-                message = self._lines.get(timeout=left)
+                line = self._lines.get(timeout=left)
             except queue.Empty:
                 continue
-            if message is None:
+            if line is None:
                 self._lines.put(None)
                 raise AssertionError(
                     f"exited ({self.proc.wait()}) before {kind}; saw {self.kinds()}: "
                     f"{self.stderr()}"
                 )
-            self.events.append(message)
-            if message.get("event") == kind and all(message.get(k) == v for k, v in match.items()):
+            message = self._take(line)
+            if (
+                message is not None
+                and message.get("event") == kind
+                and all(message.get(k) == v for k, v in match.items())
+            ):
                 return message
 
     def drain(self) -> None:
         """Take in every event printed so far."""
         while True:
             try:
-                message = self._lines.get_nowait()
+                line = self._lines.get_nowait()
             except queue.Empty:
                 return
-            if message is None:
+            if line is None:
                 self._lines.put(None)
                 return
-            self.events.append(message)
+            self._take(line)
 
     def kinds(self) -> list[str]:
         return [str(e.get("event")) for e in self.events]
 
     def stderr(self) -> str:
-        """What the process wrote on stderr (once it has exited)."""
-        if self.proc.poll() is None:
-            return ""
+        """What the process wrote on stderr: so far when it goes to a file, else once it has
+        exited ("" before)."""
         if self.stderr_path is not None:
             return self.stderr_path.read_text()
+        if self.proc.poll() is None:
+            return ""
         if self._stderr_text is None:
             assert self.proc.stderr is not None
             self._stderr_text = self.proc.stderr.read()
@@ -117,13 +163,15 @@ class Host:
             os.kill(self.proc.pid, signum)
 
     def finish(self, timeout: float = 60) -> int:
-        """Wait for the process to exit; kill it if it does not. Returns its exit status."""
+        """Wait for the process to exit; kill it if it does not. Returns its exit status
+        (-999: it did not exit). The events it printed and no one took join ``events``."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return -999
         finally:
             self.end()
+            self.drain()
 
     def end(self) -> None:
         if self.proc.poll() is None:
@@ -132,7 +180,7 @@ class Host:
             self.proc.wait()
         self._reader.join(10)
         self.stderr()  # kept for after the pipes are closed
-        for stream in (self.proc.stdout, self.proc.stderr, self._stderr_file):
+        for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -26,9 +25,11 @@ from typing import Any
 
 import pytest
 
-PAGEFLIP = [sys.executable, "-m", "pageflip"]
-#: The same command with failures injected (PAGEFLIP_TEST_FAULTS; see tests/cli_inject.py).
-INJECT = [sys.executable, str(Path(__file__).with_name("cli_inject.py"))]
+import cli_procs
+from cli_procs import INJECT, PAGEFLIP, hosts
+
+_ = hosts  # the fixture
+
 #: Longest any one command or event is waited for: a bound, never a measurement.
 WAIT = 120.0
 
@@ -142,88 +143,45 @@ def run_all(*commands: tuple[str, ...]) -> list[Result]:
     return results
 
 
-def _end(proc: subprocess.Popen[Any]) -> None:
+def _kill_session(proc: subprocess.Popen[Any]) -> None:
     """Kill ``proc`` and what it started (its process group, whose id is its PID: Linux
     gives no new process that id while the group has members)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _end(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` and what it started, and close its pipes."""
+    _kill_session(proc)
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
 
 
-class Host:
-    """A long-running pageflip process printing JSON lines: a workload, an incoming, or a
-    migrate to interrupt."""
+class Host(cli_procs.Host):
+    """A host (tests/cli_procs.py) in a session of its own, its stderr in a file of
+    ``tmp_path``: it must leave nothing behind, and its failure reads as a :class:`Result`."""
 
     def __init__(self, tmp_path: Path, *args: str, as_json: bool = True, faults: str = "") -> None:
         self.args = args
-        self._stderr_path = tmp_path / f"host-{len(list(tmp_path.glob('host-*')))}.err"
-        with open(self._stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [*(INJECT if faults else PAGEFLIP), *args, *(["--json"] if as_json else [])],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                start_new_session=True,
-                env=_with_faults(faults),
-            )
-        self._buffer = b""
-        self.events: list[dict[str, Any]] = []
+        stderr = tmp_path / f"host-{len(list(tmp_path.glob('host-*')))}.err"
+        super().__init__(*args, faults=faults, stderr_to=stderr, as_json=as_json, new_session=True)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_for(self, kind: str) -> dict[str, Any]:
-        """The next event of ``kind``."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + WAIT
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                event: dict[str, Any] = json.loads(line)
-                self.events.append(event)
-                if event.get("event") == kind:
-                    return event
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {kind} event within {WAIT} s; saw {self.events}"
-            if not select.select([fd], [], [], left)[0]:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                status = self.proc.wait(WAIT)
-                raise AssertionError(f"exited ({status}) before {kind}: {self.stderr()}")
-            self._buffer += chunk
-
-    def finish(self) -> int:
+    def finish(self, timeout: float = WAIT) -> int:
         """Wait for it to exit; its exit status. Its remaining events join ``events``."""
-        assert self.proc.stdout is not None
-        rest = self.proc.stdout.read()
-        status = self.proc.wait(WAIT)
-        self.events += [json.loads(line) for line in (self._buffer + rest).splitlines()]
-        self._buffer = b""
+        self.proc.wait(timeout)
         assert_nothing_left(self.pid)
-        return status
-
-    def stderr(self) -> str:
-        return self._stderr_path.read_text()
+        return super().finish(timeout)
 
     def result(self, status: int) -> Result:
         return Result(self.args, status, "", self.stderr())
 
     def end(self) -> None:
-        _end(self.proc)
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    yield started
-    for host in started:
-        host.end()
+        """Kill it and whatever it started."""
+        _kill_session(self.proc)
+        super().end()
 
 
 def workload(

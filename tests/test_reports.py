@@ -17,7 +17,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +24,24 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+import cli_procs
 import pageflip
+from cli_procs import hosts, strict_event
 from pageflip._sys import uffd
 from pageflip._sys.flags import Seal, UffdFeature, UffdRegister
 from pageflip.bench.common import finite
 from pageflip.display import MigrationDisplay, fmt_seconds, region_line, summary_table
 
+_ = hosts  # the fixture
+
 PAGEFLIP = [sys.executable, "-m", "pageflip"]
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def strict_lines(text: str) -> list[dict[str, Any]]:
     """Each line of ``text`` as one JSON object; NaN and Infinity refused."""
     lines = text.splitlines()
     assert lines, "no output"
-    out = []
-    for line in lines:
-        obj = json.loads(line, parse_constant=_refuse_constant)
-        assert isinstance(obj, dict), line
-        out.append(obj)
-    return out
+    return [strict_event(line) for line in lines]
 
 
 def pageflip_json(*args: str) -> list[dict[str, Any]]:
@@ -59,52 +53,12 @@ def pageflip_json(*args: str) -> list[dict[str, Any]]:
     return strict_lines(done.stdout)
 
 
-class Host:
-    """A pageflip host process (workload or incoming) run with --json; every line it prints
-    is kept and checked as it is read."""
+class Host(cli_procs.Host):
+    """A pageflip host process (tests/cli_procs.py) whose every line is checked as it is
+    read: one JSON object, without NaN or Infinity."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [*PAGEFLIP, *args, "--json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: list[dict[str, Any]] = []
-
-    def wait_for(self, event: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            (message,) = strict_lines(line)
-            self.lines.append(message)
-            if message.get("event") == event:
-                return message
-        raise AssertionError(f"exited ({self.proc.wait()}) before {event}")
-
-    def finish(self, timeout: float = 60) -> int:
-        """Read the rest of its lines and wait for it to exit (killed if it does not)."""
-        try:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.extend(strict_lines(line))
-            return self.proc.wait(timeout)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    yield started
-    for host in started:
-        host.close()
+        super().__init__(*args, strict=True)
 
 
 # -- strict JSON, end to end ------------------------------------------------------------------
@@ -178,7 +132,7 @@ def test_every_json_line_of_a_flip_then_a_precopy_is_strict(
     assert flip[-1]["regions"][0]["moved"] == flip[-1]["regions"][0]["pages"]
     # Each destination said on its own lines how the guest arrived.
     for host in incoming.values():
-        resumed = [e for e in host.lines if e.get("event") == "resumed"]
+        resumed = [e for e in host.events if e.get("event") == "resumed"]
         assert len(resumed) == 1 and "guest_pause" in resumed[0]
 
 

@@ -129,61 +129,86 @@ def run_migration_demo(size: int, dirty_rate: int, console: Console) -> bool:
             f"[bold]pageflip demo[/]: a {human_size(size)} workload writing "
             f"{human_size(dirty_rate)}/s, migrated by flip, then by precopy"
         )
-        console.print(f"starting the workload (filling {human_size(size)} first)...")
-        workload = _Host(
-            [
-                "workload",
-                "--size",
-                str(size),
-                "--dirty-rate",
-                str(dirty_rate),
-                "--control",
-                sockets["a"],
-            ],
-            "the workload",
-        )
-        hosts.append(workload)
-        ready = workload.wait_for("ready")
-        console.print(f"workload running, pid {ready['pid']}")
-        for name in ("b", "c"):
-            host = _Host(
-                ["incoming", "--listen", incoming[name], "--control", sockets[name]],
-                f"destination {name}",
-            )
-            hosts.append(host)
-            host.wait_for("listening")
+        _start_hosts(console, hosts, size, dirty_rate, sockets, incoming)
         time.sleep(1.0)  # let the workers write for a moment
-        results: list[tuple[str, dict[str, Any]]] = []
-        ok = True
-        try:
-            for label, src, dst, mode in (
-                ("flip", "a", "b", "flip"),
-                ("precopy", "b", "c", "precopy"),
-            ):
-                console.rule(f"{label}: {src} -> {dst}")
-                done = _migrate(console, sockets[src], incoming[dst], mode, f"{label}")
-                hosts[["a", "b", "c"].index(dst)].wait_for("running")
-                time.sleep(0.5)  # the guest writes on at its new home
-                verified = _verify(console, sockets[dst])
-                ok = ok and verified
-                results.append((label, {**done, "verified": "yes" if verified else "NO"}))
-        except PageflipError as err:
-            console.print(f"[red]{type(err).__name__}: {err}[/]")
-            ok = False
+        results, ok = _migrate_twice(console, hosts, sockets, incoming)
         if results:
             console.print(summary_table(results, "both migrations, side by side"))
         if len(results) == 2:
-            flip, precopy = results[0][1], results[1][1]
-            console.print(
-                f"flip paused the guest for {fmt_seconds(flip.get('downtime'))} (it saw "
-                f"{fmt_seconds(flip.get('guest_pause'))}) and put {flip['bytes_on_wire']} bytes "
-                f"on the wire; precopy paused it for {fmt_seconds(precopy.get('downtime'))} (it "
-                f"saw {fmt_seconds(precopy.get('guest_pause'))}) after copying "
-                f"{human_size(precopy['pages_copied'] * PAGE_SIZE)} in {precopy['rounds']} rounds."
-            )
+            _compare(console, results[0][1], results[1][1])
         with contextlib.suppress(PageflipError, OSError), ControlClient(sockets["c"]) as c:
             c.request("quit")
         # Let the last host exit of its own accord, rather than be terminated (and say so).
         with contextlib.suppress(subprocess.TimeoutExpired):
             hosts[-1].proc.wait(QUIT_WAIT)
         return ok and len(results) == 2
+
+
+def _start_hosts(
+    console: Console,
+    hosts: list[_Host],
+    size: int,
+    dirty_rate: int,
+    sockets: dict[str, str],
+    incoming: dict[str, str],
+) -> None:
+    """The workload (control socket a), ready, and destinations b and c, listening."""
+    console.print(f"starting the workload (filling {human_size(size)} first)...")
+    workload = _Host(
+        [
+            "workload",
+            "--size",
+            str(size),
+            "--dirty-rate",
+            str(dirty_rate),
+            "--control",
+            sockets["a"],
+        ],
+        "the workload",
+    )
+    hosts.append(workload)
+    ready = workload.wait_for("ready")
+    console.print(f"workload running, pid {ready['pid']}")
+    for name in ("b", "c"):
+        host = _Host(
+            ["incoming", "--listen", incoming[name], "--control", sockets[name]],
+            f"destination {name}",
+        )
+        hosts.append(host)
+        host.wait_for("listening")
+
+
+def _migrate_twice(
+    console: Console, hosts: list[_Host], sockets: dict[str, str], incoming: dict[str, str]
+) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """Flip from a to b, then precopy from b to c, each verified at its destination: the
+    report of each that succeeded, and whether all went well."""
+    results: list[tuple[str, dict[str, Any]]] = []
+    ok = True
+    try:
+        for label, src, dst, mode in (
+            ("flip", "a", "b", "flip"),
+            ("precopy", "b", "c", "precopy"),
+        ):
+            console.rule(f"{label}: {src} -> {dst}")
+            done = _migrate(console, sockets[src], incoming[dst], mode, f"{label}")
+            hosts[["a", "b", "c"].index(dst)].wait_for("running")
+            time.sleep(0.5)  # the guest writes on at its new home
+            verified = _verify(console, sockets[dst])
+            ok = ok and verified
+            results.append((label, {**done, "verified": "yes" if verified else "NO"}))
+    except PageflipError as err:
+        console.print(f"[red]{type(err).__name__}: {err}[/]")
+        ok = False
+    return results, ok
+
+
+def _compare(console: Console, flip: dict[str, Any], precopy: dict[str, Any]) -> None:
+    """The two migrations' pauses and costs, in a sentence."""
+    console.print(
+        f"flip paused the guest for {fmt_seconds(flip.get('downtime'))} (it saw "
+        f"{fmt_seconds(flip.get('guest_pause'))}) and put {flip['bytes_on_wire']} bytes "
+        f"on the wire; precopy paused it for {fmt_seconds(precopy.get('downtime'))} (it "
+        f"saw {fmt_seconds(precopy.get('guest_pause'))}) after copying "
+        f"{human_size(precopy['pages_copied'] * PAGE_SIZE)} in {precopy['rounds']} rounds."
+    )

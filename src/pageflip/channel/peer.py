@@ -89,6 +89,20 @@ def check_peer_memfd(
     Other errors (EBADF: the fd is not open) are ours, not the peer's: they propagate as
     plain OSError.
     """
+    seals, st = _memfd_seals_and_stat(fd, what=what, frame=frame)
+    if inode is not None and st.st_ino != inode:
+        raise RemoteProtocolError(
+            f"{what} is not the memfd announced: inode {st.st_ino}, announced {inode}",
+            frame=frame,
+        )
+    _check_seals(seals, what=what, frame=frame)
+    _check_range(st.st_size, offset=offset, length=length, what=what, frame=frame)
+    return st
+
+
+def _memfd_seals_and_stat(fd: int, *, what: str, frame: str) -> tuple[int, os.stat_result]:
+    """The seals of ``fd`` and then its stat (in that order: see check_peer_memfd), refused
+    unless it is a memfd: F_GET_SEALS works and the file is regular, on the memfd mount."""
     try:
         seals = mm.seal_bits(fd)
     except OSError as err:
@@ -105,11 +119,11 @@ def check_peer_memfd(
             f"{os.major(_memfd_device())}:{os.minor(_memfd_device())})",
             frame=frame,
         )
-    if inode is not None and st.st_ino != inode:
-        raise RemoteProtocolError(
-            f"{what} is not the memfd announced: inode {st.st_ino}, announced {inode}",
-            frame=frame,
-        )
+    return seals, st
+
+
+def _check_seals(seals: int, *, what: str, frame: str) -> None:
+    """Refuse a memfd that could shrink under our mapping or that we may not map writable."""
     if not seals & _SHRINK:
         raise RemoteProtocolError(
             f"{what} is not sealed against shrinking (it could be truncated under our "
@@ -122,6 +136,11 @@ def check_peer_memfd(
             f"{what} is sealed against writes ({which}): a receiver maps it writable",
             frame=frame,
         )
+
+
+def _check_range(size: int, *, offset: int, length: int, what: str, frame: str) -> None:
+    """Refuse a range ``[offset, offset+length)`` that mmap cannot map or that runs past
+    ``size``, the memfd's size."""
     if offset % PAGE_SIZE or offset < 0:
         raise RemoteProtocolError(
             f"{what}: offset {offset} is not page-aligned (a multiple of {PAGE_SIZE})",
@@ -129,13 +148,12 @@ def check_peer_memfd(
         )
     if length <= 0:
         raise RemoteProtocolError(f"{what}: an empty range of {length} bytes", frame=frame)
-    if st.st_size < offset + length:
+    if size < offset + length:
         raise RemoteProtocolError(
-            f"{what} is too short: {st.st_size} bytes, bytes [{offset}, {offset + length}) "
+            f"{what} is too short: {size} bytes, bytes [{offset}, {offset + length}) "
             "were announced",
             frame=frame,
         )
-    return st
 
 
 def map_peer_memfds(

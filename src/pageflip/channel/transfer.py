@@ -329,6 +329,45 @@ def _copy_reasons(seg: _Segment, gift: bool, allow_move: bool) -> list[str]:
     return why
 
 
+def _offer_rows(pieces: list[_Piece], gift: bool) -> tuple[list[SpanRow], list[int]]:
+    """An offer's span rows and the memfds they name. In a gift, a piece with a memfd names
+    it by its index (each memfd sent once, and marked shared from now on); any other piece
+    is a copy (fd index -1)."""
+    spans: list[SpanRow] = []
+    fds: list[int] = []
+    index: dict[int, int] = {}
+    for piece in pieces:
+        if gift and piece.memfd is not None:
+            fd_index = index.get(id(piece.memfd), -1)
+            if fd_index < 0:
+                fd_index = index[id(piece.memfd)] = len(fds)
+                fds.append(piece.memfd.fd)
+                piece.memfd.shared = True
+            spans.append(SpanRow(piece.address, piece.length, fd_index, piece.fd_offset))
+        else:
+            spans.append(SpanRow(piece.address, piece.length, -1, 0))
+    return spans, fds
+
+
+def _by_method(
+    segments: list[_Segment], gift: bool, allow_move: bool
+) -> tuple[list[_Segment], list[_Segment], list[_Segment], dict[str, None]]:
+    """``segments`` sorted by how they arrive: moved, read from a memfd, or copied from the
+    writer's process; and why any of them is copied (in order, each once)."""
+    moves: list[_Segment] = []
+    preads: list[_Segment] = []
+    remote: list[_Segment] = []
+    reasons: dict[str, None] = {}
+    for seg in segments:
+        why = _copy_reasons(seg, gift, allow_move)
+        if not why:
+            moves.append(seg)
+            continue
+        reasons.update(dict.fromkeys(why))
+        (preads if seg.fd_index >= 0 else remote).append(seg)
+    return moves, preads, remote, reasons
+
+
 class Channel:
     """One end of a connection that moves (or else copies) memory to or from a peer.
 
@@ -510,19 +549,7 @@ class Channel:
 
     def _offer(self, pieces: list[_Piece], *, gift: bool, name: str) -> Transfer:
         start = time.perf_counter()
-        spans: list[SpanRow] = []
-        fds: list[int] = []
-        index: dict[int, int] = {}
-        for piece in pieces:
-            if gift and piece.memfd is not None:
-                fd_index = index.get(id(piece.memfd), -1)
-                if fd_index < 0:
-                    fd_index = index[id(piece.memfd)] = len(fds)
-                    fds.append(piece.memfd.fd)
-                    piece.memfd.shared = True
-                spans.append(SpanRow(piece.address, piece.length, fd_index, piece.fd_offset))
-            else:
-                spans.append(SpanRow(piece.address, piece.length, -1, 0))
+        spans, fds = _offer_rows(pieces, gift)
         nbytes = sum(p.length for p in pieces)
         flags = OfferFlags.GIFT if gift else OfferFlags.NONE
         copies = [p for p in pieces if not (gift and p.memfd is not None)]
@@ -532,43 +559,48 @@ class Channel:
             ptracer = allow_peer_read(self._ep.sender_pid())
         try:
             self._send(Offer(flags, nbytes, name, spans, fds), "offer")
-            while True:
-                frame = self._recv("waiting for the reader")
-                if isinstance(frame, Pull):
-                    self._push(frame.method, copies, gift)
-                elif isinstance(frame, Done):
-                    break
-                elif isinstance(frame, Refuse):
-                    raise PeerRefused(
-                        f"the reader refused the transfer: {frame.reason}",
-                        phase="offer",
-                        reason=frame.reason,
-                    )
-                else:
-                    close_all(getattr(frame, "fds", []))
-                    raise self._fail(
-                        RemoteProtocolError(
-                            f"expected PULL, DONE or REFUSE, got {type(frame).__name__.upper()}",
-                            frame=type(frame).__name__.upper(),
-                        )
-                    )
+            done = self._serve_pulls(copies, gift)
         finally:
             if ptracer:
                 forbid_peer_read()
-        if frame.nbytes != nbytes:
+        if done.nbytes != nbytes:
             raise self._fail(
                 RemoteProtocolError(
-                    f"the reader reports {frame.nbytes} bytes, {nbytes} were offered", frame="DONE"
+                    f"the reader reports {done.nbytes} bytes, {nbytes} were offered", frame="DONE"
                 )
             )
         return Transfer(
             nbytes,
-            frame.pages_moved,
-            frame.pages_copied,
-            frame.method,
-            frame.reason or None,
+            done.pages_moved,
+            done.pages_copied,
+            done.method,
+            done.reason or None,
             time.perf_counter() - start,
         )
+
+    def _serve_pulls(self, copies: list[_Piece], gift: bool) -> Done:
+        """Push ``copies`` each time the reader pulls, until it is done (its DONE) or
+        refuses (PeerRefused)."""
+        while True:
+            frame = self._recv("waiting for the reader")
+            if isinstance(frame, Pull):
+                self._push(frame.method, copies, gift)
+            elif isinstance(frame, Done):
+                return frame
+            elif isinstance(frame, Refuse):
+                raise PeerRefused(
+                    f"the reader refused the transfer: {frame.reason}",
+                    phase="offer",
+                    reason=frame.reason,
+                )
+            else:
+                close_all(getattr(frame, "fds", []))
+                raise self._fail(
+                    RemoteProtocolError(
+                        f"expected PULL, DONE or REFUSE, got {type(frame).__name__.upper()}",
+                        frame=type(frame).__name__.upper(),
+                    )
+                )
 
     def _push(self, method: PullMethod, pieces: list[_Piece], gift: bool) -> None:
         """Push the bytes of ``pieces`` the way the reader asked."""
@@ -739,20 +771,8 @@ class Channel:
                     length=room,
                 )
             )
-        gift = bool(offer.flags & _GIFT)
         segments = _segments(offer.spans, targets, offer.nbytes)
-        moves: list[_Segment] = []
-        preads: list[_Segment] = []
-        remote: list[_Segment] = []
-        reasons: dict[str, None] = {}
-        for seg in segments:
-            why = _copy_reasons(seg, gift, allow_move)
-            if not why:
-                moves.append(seg)
-                continue
-            reasons.update(dict.fromkeys(why))
-            (preads if seg.fd_index >= 0 else remote).append(seg)
-
+        moves, preads, remote, reasons = _by_method(segments, bool(offer.flags & _GIFT), allow_move)
         methods: list[str] = []
         holders = {i: Memfd(fd, shared=True) for i, fd in enumerate(offer.fds)}
         offer.fds = []
@@ -761,16 +781,7 @@ class Channel:
                 self._move_in(moves, holders)
                 methods.append("move")
             if preads:
-                for seg in preads:
-                    got = io.preadv(
-                        holders[seg.fd_index].fd, io.iovecs([(seg.dst, seg.length)]), seg.fd_offset
-                    )
-                    if got != seg.length:
-                        raise self._refuse(
-                            RemoteProtocolError(
-                                f"memfd read gave {got} of {seg.length} bytes", frame="OFFER"
-                            )
-                        )
+                self._pread_in(preads, holders)
                 methods.append("pread")
             if remote:
                 methods.append(self._copy_remote(offer, remote, copy_method))
@@ -786,6 +797,19 @@ class Channel:
         return Transfer(
             offer.nbytes, moved, copied, method, reason or None, time.perf_counter() - start
         )
+
+    def _pread_in(self, preads: list[_Segment], holders: dict[int, Memfd]) -> None:
+        """Copy ``preads`` out of the offer's memfds; a short read refuses the offer."""
+        for seg in preads:
+            got = io.preadv(
+                holders[seg.fd_index].fd, io.iovecs([(seg.dst, seg.length)]), seg.fd_offset
+            )
+            if got != seg.length:
+                raise self._refuse(
+                    RemoteProtocolError(
+                        f"memfd read gave {got} of {seg.length} bytes", frame="OFFER"
+                    )
+                )
 
     def _move_in(self, moves: list[_Segment], holders: dict[int, Memfd]) -> None:
         # Each destination region gets its own reference (a dup) to each memfd it maps.

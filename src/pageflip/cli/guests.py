@@ -309,8 +309,7 @@ def incoming(
     it resumes here; `pageflip stop` ends it while it waits. Exit status 3 if a postcopy
     guest was lost after the commit point.
     """
-    from ..migration.destination import Destination
-    from ..migration.host import GuestHost, claim_socket_path
+    from ..migration.host import GuestHost
     from ..transport import TcpAuth
 
     log_to(log_file)
@@ -326,36 +325,11 @@ def incoming(
     address = _address(listen, "--listen")
     if address.local and _same_socket(address.path, control):
         raise click.UsageError(f"--listen and --control are both {listen}: give each its own")
-    current: list[Any] = [None]  # the Destination of the attempt under way
-    listening: list[str] = []  # where, once it listens
-
-    def status() -> dict[str, Any]:
-        dest = current[0]
-        if dest is None:
-            if not listening or host.guest is not None:
-                return {}
-            return {"migration": {"listen": listening[0], "phase": "listening"}}
-        info: dict[str, Any] = {"listen": dest.address, "phase": dest.phase.value}
-        if dest.postcopy_remaining is not None:
-            info["postcopy"] = f"{dest.postcopy_remaining} pages still at the source"
-        return {"migration": info}
-
-    host = GuestHost(None, control, outcome="incoming", status=status)
+    attempts = _Attempts()
+    host = GuestHost(None, control, outcome="incoming", status=attempts.status)
+    attempts.host = host
     try:
-        if address.local:
-            claim_socket_path(address.path)
-        listener = address.listen(auth=auth)
-        try:
-            where = listener.path
-            listening.append(where)
-            emit(
-                as_json,
-                {"event": "listening", "listen": where, "pid": os.getpid(), "control": control},
-                f"waiting for a guest on {where} (pid {os.getpid()}); control socket {control}",
-            )
-            arrived = _receive(Destination, listener, host, current, timeout, as_json)
-        finally:
-            listener.close()
+        arrived = _listen_and_receive(address, auth, host, attempts, control, timeout, as_json)
         if arrived:
             emit(
                 as_json,
@@ -397,8 +371,59 @@ def _same_socket(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+class _Attempts:
+    """Where ``incoming`` listens (once it does) and the Destination of the attempt under way
+    (None between attempts): what its control socket's status tells."""
+
+    def __init__(self) -> None:
+        self.listening: str | None = None
+        self.current: Any = None
+        self.host: Any = None
+
+    def status(self) -> dict[str, Any]:
+        dest = self.current
+        if dest is None:
+            if self.listening is None or getattr(self.host, "guest", None) is not None:
+                return {}
+            return {"migration": {"listen": self.listening, "phase": "listening"}}
+        info: dict[str, Any] = {"listen": dest.address, "phase": dest.phase.value}
+        if dest.postcopy_remaining is not None:
+            info["postcopy"] = f"{dest.postcopy_remaining} pages still at the source"
+        return {"migration": info}
+
+
+def _listen_and_receive(
+    address: Any,
+    auth: Any,
+    host: Any,
+    attempts: _Attempts,
+    control: str,
+    timeout: float,
+    as_json: bool,
+) -> bool:
+    """Listen at ``address`` (a socket file there is claimed first), say where, and receive
+    a guest there (see _receive); the listener is closed when it returns."""
+    from ..migration.destination import Destination
+    from ..migration.host import claim_socket_path
+
+    if address.local:
+        claim_socket_path(address.path)
+    listener = address.listen(auth=auth)
+    try:
+        where = listener.path
+        attempts.listening = where
+        emit(
+            as_json,
+            {"event": "listening", "listen": where, "pid": os.getpid(), "control": control},
+            f"waiting for a guest on {where} (pid {os.getpid()}); control socket {control}",
+        )
+        return _receive(Destination, listener, host, attempts, timeout, as_json)
+    finally:
+        listener.close()
+
+
 def _receive(
-    cls: Any, listener: Any, host: Any, current: list[Any], timeout: float, as_json: bool
+    cls: Any, listener: Any, host: Any, attempts: _Attempts, timeout: float, as_json: bool
 ) -> bool:
     """Run Destinations on ``listener`` until one migration succeeds (True), or until the
     host is told to stop (``pageflip stop``) while it waits for one (False)."""
@@ -419,11 +444,11 @@ def _receive(
             on_resumed=lambda guest: _arrived(host, guest, as_json),
             accept_timeout=STOP_POLL,
         )
-        current[0] = dest
+        attempts.current = dest
         # Wait for a source, looking now and then whether the host was told to stop.
         while not poller.poll(STOP_POLL * 1000):
             if host.wait(0):
-                current[0] = None
+                attempts.current = None
                 return False
         try:
             dest.run()
@@ -444,7 +469,7 @@ def _receive(
                 f"[yellow]incoming: that attempt failed[/] ({one_line(err)}); still listening",
             )
         finally:
-            current[0] = None
+            attempts.current = None
 
 
 def _arrived(host: Any, guest: Any, as_json: bool) -> None:
@@ -574,8 +599,6 @@ def migrate(
     failed before the commit point (the guest runs on the source, intact); 3: after it
     (the guest is lost).
     """
-    from ..migration.host import ControlClient
-
     if to is None and not resume:
         raise click.UsageError("give --to (the destination), or --resume")
     options = _migrate_options(
@@ -598,6 +621,16 @@ def migrate(
     )
     if resume:
         options = {"resume": True}
+    _outcome(_drive_migration(control, to, options, as_json))
+
+
+def _drive_migration(
+    control: str, to: str | None, options: dict[str, Any], as_json: bool
+) -> dict[str, Any]:
+    """Ask the host at ``control`` to migrate its guest and follow the events to the last,
+    which it returns; a migration cancelled by SIGINT or SIGTERM ends the command here."""
+    from ..migration.host import ControlClient
+
     last: dict[str, Any] = {}
     with (
         ControlClient(control, timeout=10, wait=CONTROL_WAIT) as client,
@@ -613,7 +646,7 @@ def migrate(
             err=True,
         )
         sys.exit(128 + interrupted[0])
-    _outcome(last)
+    return last
 
 
 def _migrate_options(

@@ -251,50 +251,8 @@ class SavedState:
     def from_bytes(cls, state: bytes) -> SavedState:
         """Parse and check a saved state; :class:`BadGuestState` names what is wrong."""
         kind = Workload.kind
-        if len(state) > MAX_STATE_BYTES:
-            raise BadGuestState(
-                f"workload state of {len(state)} bytes is over the {MAX_STATE_BYTES} limit",
-                kind=kind,
-                field="state",
-            )
-        try:
-            data = json.loads(state)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadGuestState(
-                f"workload state is not JSON: {err}", kind=kind, field="state"
-            ) from err
-        if not isinstance(data, dict):
-            raise BadGuestState("workload state is not a JSON object", kind=kind, field="state")
-        if data.get("kind") != kind:
-            raise BadGuestState(
-                f"state is for guest kind {data.get('kind')!r}, not {kind!r}",
-                kind=kind,
-                field="kind",
-            )
-        if data.get("format") != STATE_FORMAT:
-            raise BadGuestState(
-                f"workload state format {data.get('format')!r} is not {STATE_FORMAT}",
-                kind=kind,
-                field="format",
-            )
-        ints = ("seed", "size", "npages", "threads", "total_writes", "migrations", "heartbeat_ns")
-        floats = ("dirty_rate", "created_wall", "paused_wall", "paused_monotonic")
-        values: dict[str, Any] = {}
-        for name in ints + floats + ("problem_count",):
-            value = data.get(name, 0 if name == "problem_count" else None)
-            wanted = int if name in ints or name == "problem_count" else (int, float)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, wanted)
-                or value < 0
-                or not math.isfinite(value)
-            ):
-                raise BadGuestState(
-                    f"workload state field {name!r} is {value!r}, not a non-negative number",
-                    kind=kind,
-                    field=name,
-                )
-            values[name] = value
+        data = _state_object(state)
+        values = _state_numbers(data)
         problems = data.get("problems", [])
         if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
             raise BadGuestState(
@@ -312,6 +270,60 @@ class SavedState:
                 field="size",
             )
         return saved
+
+
+def _state_object(state: bytes) -> dict[str, Any]:
+    """A saved state's JSON object, of this kind and format (SavedState.from_bytes)."""
+    kind = Workload.kind
+    if len(state) > MAX_STATE_BYTES:
+        raise BadGuestState(
+            f"workload state of {len(state)} bytes is over the {MAX_STATE_BYTES} limit",
+            kind=kind,
+            field="state",
+        )
+    try:
+        data = json.loads(state)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadGuestState(f"workload state is not JSON: {err}", kind=kind, field="state") from err
+    if not isinstance(data, dict):
+        raise BadGuestState("workload state is not a JSON object", kind=kind, field="state")
+    if data.get("kind") != kind:
+        raise BadGuestState(
+            f"state is for guest kind {data.get('kind')!r}, not {kind!r}",
+            kind=kind,
+            field="kind",
+        )
+    if data.get("format") != STATE_FORMAT:
+        raise BadGuestState(
+            f"workload state format {data.get('format')!r} is not {STATE_FORMAT}",
+            kind=kind,
+            field="format",
+        )
+    return data
+
+
+def _state_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved state's numeric fields, each checked to be a non-negative number."""
+    kind = Workload.kind
+    ints = ("seed", "size", "npages", "threads", "total_writes", "migrations", "heartbeat_ns")
+    floats = ("dirty_rate", "created_wall", "paused_wall", "paused_monotonic")
+    values: dict[str, Any] = {}
+    for name in ints + floats + ("problem_count",):
+        value = data.get(name, 0 if name == "problem_count" else None)
+        wanted = int if name in ints or name == "problem_count" else (int, float)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, wanted)
+            or value < 0
+            or not math.isfinite(value)
+        ):
+            raise BadGuestState(
+                f"workload state field {name!r} is {value!r}, not a non-negative number",
+                kind=kind,
+                field=name,
+            )
+        values[name] = value
+    return values
 
 
 def _journal_bytes(npages: int) -> int:
@@ -474,6 +486,15 @@ class Workload(Guest):
         self._pre: Pages | None = np.zeros(npages, dtype=np.int64) if restored else None
         self._restored_writes = total_writes
 
+        self._rate_lock = threading.Lock()
+        self._rate_log: deque[tuple[float, int]] = deque()
+
+        self._init_run_control()
+        self._init_problems(migrations, carried or [], carried_count)
+        self._init_heartbeat(last_beat, restored=restored)
+
+    def _init_run_control(self) -> None:
+        """Part of __init__: what starts, pauses and stops the workers (made paused)."""
         self._cond = threading.Condition()
         self._pause_requested = True
         self._stopping = False
@@ -493,17 +514,18 @@ class Workload(Guest):
         #: Held by verify() while it reads memory, and by release/close before they drop it.
         self._use_lock = threading.Lock()
 
+    def _init_problems(self, migrations: int, carried: list[str], carried_count: int) -> None:
+        """Part of __init__: the problems found, with those ``carried`` from before."""
         self._problems_lock = threading.Lock()
         self._page_problems: dict[int, str] = {}
         self._other_problems: list[str] = [
-            f"before migration {migrations}: {text}" for text in carried or []
+            f"before migration {migrations}: {text}" for text in carried
         ]
         self._problem_count = max(carried_count, len(self._other_problems))
         self._last_verify_problems = 0
 
-        self._rate_lock = threading.Lock()
-        self._rate_log: deque[tuple[float, int]] = deque()
-
+    def _init_heartbeat(self, last_beat: int, *, restored: bool) -> None:
+        """Part of __init__: the heartbeat's figures, and the arrival check of a restore."""
         #: The heartbeat's figures, guarded by _hb_cond (notified at each first beat after a
         #: resume, when a window settles, and when the heartbeat parks or ends).
         self._hb_cond = threading.Condition()
@@ -1249,11 +1271,33 @@ class Workload(Guest):
                 rows, pages, word0, before, versions, body_ok, judge
             ):
                 found.setdefault(page, text)
+        sums = self._write_count_problems(
+            pre_pause_sum if pre_all is not None else None,
+            journal_sum,
+            paused_epoch,
+            writes_before,
+        )
+        return found, checked, skipped, sums
+
+    def _write_count_problems(
+        self,
+        pre_pause_sum: int | None,
+        journal_sum: int,
+        paused_epoch: int | None,
+        writes_before: int,
+    ) -> list[str]:
+        """The end of _scan(): whether the versions it summed add up to the writes made.
+
+        After a restore, the pre-pause versions (``pre_pause_sum``) must add up to the writes
+        the source made; otherwise the journal (``journal_sum``) must add up to the writes
+        made, a check that holds only if the workload stayed paused in the same run
+        (``paused_epoch``) with ``writes_before`` writes through the whole scan.
+        """
         with self._cond:
             still_paused = self._is_paused() and self._run_epoch == paused_epoch
             writes_after = self.total_writes
         sums: list[str] = []
-        if pre_all is not None:
+        if pre_pause_sum is not None:
             if pre_pause_sum != self._restored_writes:
                 sums.append(_sum_problem(pre_pause_sum, self._restored_writes))
         elif (
@@ -1265,7 +1309,7 @@ class Workload(Guest):
             sums.append(
                 f"the journal adds up to {journal_sum} writes but {writes_before} were made"
             )
-        return found, checked, skipped, sums
+        return sums
 
     # -- state and status ---------------------------------------------------------------
 

@@ -66,6 +66,34 @@ GUEST_WAIT = 600.0
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(MigrationOptions))
 
 
+class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A GuestHost's control socket: one thread per connection, each served by the host."""
+
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, address: str | bytes, host: GuestHost) -> None:
+        self.host = host
+        super().__init__(address, _ControlHandler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        try:
+            super().serve_forever(poll_interval)
+        except (OSError, ValueError):
+            if self.socket.fileno() != -1:
+                raise
+            # Closed under it: an interrupt while the host was starting.
+
+
+class _ControlHandler(socketserver.StreamRequestHandler):
+    """One connection to the control socket, served by its host (GuestHost._serve)."""
+
+    server: _ControlServer
+
+    def handle(self) -> None:
+        self.server.host._serve(self.connection, self.rfile, self.wfile)
+
+
 class GuestHost:
     """Hold a guest, serve its control socket at ``path``, migrate it away on request.
 
@@ -99,33 +127,15 @@ class GuestHost:
         code_identity()  # the code as it is now, before a live update installs new code
         #: Extra arguments for the successor of a live update (``pageflip incoming``).
         self.upgrade_args: list[str] = []
-        self._server, self._thread, self._inode = self._bind(path)
+        self._server, self._thread, self._inode = self._start_serving(path)
 
-    def _bind(self, path: str) -> tuple[socketserver.UnixStreamServer, threading.Thread, int]:
-        """Bind and serve a control socket at ``path``: (server, its thread, the socket
-        file's inode, 0 for an abstract name)."""
-        host = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                host._serve(self.connection, self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
-            allow_reuse_address = False
-
-            def serve_forever(self, poll_interval: float = 0.5) -> None:
-                try:
-                    super().serve_forever(poll_interval)
-                except (OSError, ValueError):
-                    if self.socket.fileno() != -1:
-                        raise
-                    # Closed under it: an interrupt while the host was starting.
-
+    def _start_serving(self, path: str) -> tuple[_ControlServer, threading.Thread, int]:
+        """Bind the control socket at ``path`` and serve it from a thread of its own:
+        (server, its thread, the socket file's inode, 0 for an abstract name)."""
         claim_socket_path(path)
         server = None
         try:
-            server = Server(socket_address(path), Handler)
+            server = _ControlServer(socket_address(path), self)
             inode = 0 if path.startswith("@") else os.stat(path).st_ino
             # A daemon, so that an interrupt that leaves it serving cannot keep the process
             # alive.
@@ -152,7 +162,7 @@ class GuestHost:
     def move_to(self, path: str) -> None:
         """Serve the control socket at ``path`` from now on (FileExistsError while a live
         process still listens there); the old socket file is removed."""
-        server, thread, inode = self._bind(path)
+        server, thread, inode = self._start_serving(path)
         old = (self._server, self._thread, self.path, self._inode)
         self._server, self._thread, self.path, self._inode = server, thread, path, inode
         old[0].shutdown()

@@ -26,7 +26,6 @@ SCRATCH = 250
 
 
 def test_frame_type_is_the_table() -> None:
-    """FrameType is written out for type checkers: each frame of the table, no other."""
     assert {(t.name, int(t)) for t in FrameType} == {(f.name, f.code) for f in FRAMES.values()}
     assert [int(t) for t in FrameType] == sorted(FRAMES)
 

@@ -68,13 +68,11 @@ Each frame type is declared once, below: an :class:`Event` dataclass of its fiel
 writes and reads its own payload, decorated with :func:`~pageflip.stream.table.frame`
 (type byte, name, payload bounds), which enters it in the frame table. The
 :class:`Encoder` and :class:`Decoder` find frames in the table and know none by name;
-``__all__`` is made from it. Adding a frame is adding one class, and its name and type byte
-to :class:`FrameType` (written out for type checkers; a test holds it to the table).
+:class:`FrameType` and ``__all__`` are made from it. Adding a frame is adding one class.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import operator
 import struct
@@ -88,7 +86,7 @@ from ..errors import RemoteProtocolError
 from .decoder import Decoder
 from .encoder import Encoder, encode
 from .fields import Invalid, Reader, Writer
-from .table import FRAMES, Event, frame
+from .table import FRAMES, Event, frame, frame_types
 from .wire import (
     HEADER,
     KNOWN_FEATURES,
@@ -934,37 +932,7 @@ class Abort(Event):
         return cls(phase, reason)
 
 
-class FrameType(enum.IntEnum):
-    """The type byte of a frame header; its name is the ``frame`` of protocol errors.
-
-    The frame table's names and type bytes, written out so that type checkers know the
-    members; tests/test_stream_table.py holds it to the table.
-    """
-
-    HELLO = 1
-    WELCOME = 2
-    REJECT = 3
-    SETUP = 4
-    ACCEPTED = 5
-    PAGES = 6
-    ZERO = 7
-    PULL = 8
-    ROUND_END = 9
-    ROUND_ACK = 10
-    FLIP = 11
-    SWITCHOVER = 12
-    RESUMED = 13
-    REQUEST = 14
-    POSTCOPY_END = 15
-    DONE = 16
-    ABORT = 17
-    VERIFIED = 18
-    DISCARD = 19
-    PREPARED = 20
-    COMMIT = 21
-    GUEST_PAUSE = 22
-    RECOVER = 23
-    POSTCOPY_PROGRESS = 24
-
+#: The type byte of a frame header; its name is the ``frame`` of protocol errors.
+FrameType = frame_types()
 
 __all__ += [f.event.__name__ for f in FRAMES.values()]

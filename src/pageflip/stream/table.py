@@ -3,15 +3,16 @@
 A frame is declared once, by decorating its event class with :func:`frame`: the type byte
 and name, the payload bounds, whether fds travel with it. The event class says how its
 payload is written and read (:meth:`Event.write`, :meth:`Event.read`). The encoder and the
-decoder look frames up here and know none by name; the public names of
-:mod:`pageflip.stream` are made from this table too, and its ``FrameType`` is held to it.
+decoder look frames up here and know none by name; :class:`FrameType` and the public names
+of :mod:`pageflip.stream` are made from this table too.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Final, Self, TypeVar
+from typing import ClassVar, Final, Self, TypeVar, cast
 
 from ..errors import LocalProtocolError
 from .fields import Reader, Writer
@@ -93,3 +94,12 @@ def frame_of(event: object) -> Frame | None:
     if isinstance(spec, Frame) and FRAMES.get(spec.code) is spec:
         return spec
     return None
+
+
+def frame_types() -> type[enum.IntEnum]:
+    """The ``FrameType`` IntEnum of :mod:`pageflip.stream`: the table's names and type bytes."""
+    members = [(FRAMES[code].name, code) for code in sorted(FRAMES)]
+    # Typeshed reads this call of the functional API as a lookup of a member.
+    kinds = cast("type[enum.IntEnum]", enum.IntEnum("FrameType", members, module=__package__))
+    kinds.__doc__ = "The type byte of a frame header; its name is the ``frame`` of protocol errors."
+    return kinds

@@ -173,7 +173,7 @@ class Fault:
 ConsoleLine = Started | Ready | Heartbeat | Pause | Verify | RateSet | Bye | Fault
 
 _KEYWORD = re.compile(
-    r"(?:^|\s)(?P<kw>PFGUEST start|MINIGUEST start|READY|HB|PAUSE|VERIFY|RATE|BYE)"
+    r"(?:^|[^A-Za-z_])(?P<kw>PFGUEST start|MINIGUEST start|READY|HB|PAUSE|VERIFY|RATE|BYE)"
     r"(?=\s|$)(?P<rest>.*)"
 )
 _FAULT = re.compile(r"GUEST-EXCEPTION|GUEST-ERROR|PANIC")

@@ -23,7 +23,6 @@ __all__ = [
     "Greeting",
     "QmpClient",
     "QmpCodec",
-    "QmpCommandError",
     "QmpMessage",
     "Reply",
     "ReplyError",
@@ -140,10 +139,6 @@ class QmpCodec:
         return out
 
 
-class QmpCommandError(BenchmarkError):
-    """QEMU refused a command (the message names the command, QEMU's class and text)."""
-
-
 class QmpClient:
     """One QMP connection: connects (retrying while QEMU starts), negotiates, executes
     commands and keeps events. Every wait ends after ``timeout`` seconds. ``close()`` is
@@ -203,7 +198,7 @@ class QmpClient:
 
     def execute(self, command: str, timeout: float | None = None, **arguments: Any) -> Any:
         """Run ``command`` and return its ``return`` value; QEMU's refusal raises
-        :class:`QmpCommandError`."""
+        :class:`~pageflip.errors.BenchmarkError` naming the command, QEMU's class and text."""
         sock = self._sock
         if sock is None:
             raise BenchmarkError(f"{self.name} QMP: the connection is closed")
@@ -217,7 +212,7 @@ class QmpClient:
             if isinstance(reply, Greeting) or reply.id not in (msg_id, None):
                 continue  # an answer to an earlier command that timed out
             if isinstance(reply, ReplyError):
-                raise QmpCommandError(
+                raise BenchmarkError(
                     f"{self.name} QMP {command}: {reply.error_class}: {reply.desc}"
                 )
             return reply.value

@@ -159,6 +159,7 @@ def markdown_table(result: VmResult) -> str:
 _PANELS: tuple[tuple[str, str, bool], ...] = (
     ("total_s", "total time (s)", True),
     ("guest_pause_s", "pause the guest saw (s)", True),
+    ("host_gap_s", "heartbeat gap, host (s)", True),
     ("downtime_s", "downtime as reported (s)", True),
     ("peak_memory_ratio", "peak memory of both / guest RAM", False),
 )
@@ -167,14 +168,15 @@ _COLOURS = {"qemu": "tab:grey", "pageflip": "tab:green"}
 
 def plot(result: VmResult, path: str | os.PathLike[str]) -> Path:
     """Bars of QEMU beside pageflip for each (size, rate, mode), one panel per figure
-    (total, guest-observed pause, reported downtime, peak memory); saves a PNG at ``path``.
-    Needs matplotlib (``pip install 'pageflip[plot]'``); uses the Agg canvas directly."""
+    (total, guest-observed pause, host-side heartbeat gap, reported downtime, peak memory);
+    saves a PNG at ``path``. Needs matplotlib (``pip install 'pageflip[plot]'``); uses the
+    Agg canvas directly."""
     check_plot()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     comps = result["comparisons"]
-    fig = Figure(figsize=(max(8.0, 1.1 * len(comps) + 3), 9.5), layout="constrained")
+    fig = Figure(figsize=(max(8.0, 1.1 * len(comps) + 3), 11.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(_PANELS), 1, sharex=True)
     labels = [f"{c['size_label']}\n{c['rate_label']}\n{c['mode']}" for c in comps]

@@ -327,7 +327,9 @@ def _migrate(
 
     _fill_from_query(record, final)
     _wait_running(dst)
-    _, first_line, _ = dst.log.wait_for(Heartbeat, _STEP, alive=dst.alive)
+    _, first_line, first_hb = dst.log.wait_for(Heartbeat, _STEP, alive=dst.alive)
+    # The guest's largest gap within the heartbeat period that holds the switchover.
+    record["details"]["switchover_hb_gap_us"] = first_hb.gap_us
     before = [t for t, _ in src.log.heartbeats(src_mark) if t < first_line.t]
     before = before or [t for t, _ in src.log.heartbeats() if t < first_line.t]
     record["host_gap_s"] = first_line.t - before[-1] if before else None

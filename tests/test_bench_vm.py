@@ -404,6 +404,84 @@ def test_the_pageflip_side_says_when_pageflip_vm_is_missing(tmp_path: Path) -> N
         runner.check_systems(config)
 
 
+_FAKE_PAGEFLIP = """
+import json, os, sys, time
+args = sys.argv[1:]
+def out(obj):
+    print(json.dumps(obj), flush=True)
+def opt(name):
+    return args[args.index(name) + 1]
+def flag(control, name):
+    return os.path.join(os.path.dirname(control), name)
+def beats(n0, until):
+    n = n0
+    while not os.path.exists(until):
+        n += 1
+        out({"console": "HB n=%d t=%d dirtied=0 rate=8 gap_us=900" % (n, n * 20)})
+        time.sleep(0.02)
+if args[:2] == ["vm", "run"]:
+    if "--help" in args:
+        sys.exit(0)
+    control = opt("--control")
+    assert opt("--memory") == "264M", args
+    assert opt("--append") == "console=ttyS0 mb=8 rate=8 hb=20 seed=1", args
+    out({"console": "PFGUEST start mb=8 rate=8"})
+    out({"console": "READY mb=8 pages=2048 fill_ms=1"})
+    beats(0, flag(control, "migrated"))
+elif args[0] == "incoming":
+    control = opt("--control")
+    assert opt("--listen").startswith("unix:"), args
+    while not os.path.exists(flag(control, "migrated")):
+        time.sleep(0.005)
+    out({"event": "resumed", "t": 0.01, "at": time.monotonic(), "downtime": 0.001})
+    beats(1000, flag(control, "stopped"))
+elif args[0] == "migrate":
+    control = opt("--control")
+    out({"event": "setup", "t": 0.0, "at": time.monotonic(), "mode": opt("--mode")})
+    out({"event": "switchover", "t": 0.005, "at": time.monotonic()})
+    open(flag(control, "migrated"), "w").close()
+    time.sleep(0.05)
+    out({"event": "done", "t": 0.06, "at": time.monotonic(), "mode": opt("--mode"),
+         "total_seconds": 0.06, "downtime": 0.001, "bytes_on_wire": 4096,
+         "guest_pause": 0.0015})
+elif args[0] == "verify":
+    out({"ok": True, "pages_checked": 2048, "pages_skipped": 0, "problems": [],
+         "seconds": 0.01, "observed_pause": 0.0015, "bad": 0, "pages": 2048})
+elif args[0] == "stop":
+    open(flag(opt("--control"), "stopped"), "w").close()
+else:
+    sys.exit("fake pageflip: no command " + " ".join(args))
+"""
+
+
+def test_the_pageflip_side_drives_the_pageflip_commands(tmp_path: Path) -> None:
+    """Against a fake ``pageflip`` that speaks the commands' JSON: the skeleton's contract."""
+    fake = tmp_path / "fake_pageflip.py"
+    fake.write_text(_FAKE_PAGEFLIP)
+    options = VmOptions(guest_settle=0.2, pageflip=(sys.executable, str(fake)), timeout=20.0)
+    config = _config(
+        tmp_path,
+        sizes=(8 * MiB,),
+        rates=(8 * MiB,),
+        modes=("postcopy",),
+        systems=("pageflip",),
+        options=options,
+    )
+    record = run_pageflip(run_order(config)[0])
+    assert record["status"] == "completed" and record["error"] is None
+    assert (record["total_s"], record["downtime_s"], record["guest_pause_s"]) == (
+        0.06,
+        0.001,
+        0.0015,
+    )
+    assert (record["bytes_moved"], record["verify_bad"], record["verify_pages"]) == (4096, 0, 2048)
+    assert record["switchover_to_running_s"] is not None
+    assert 0 <= record["switchover_to_running_s"] < 1.0
+    assert record["host_gap_s"] is not None and record["host_gap_s"] < 1.0
+    assert record["write_rate"] == 8 * MiB
+    assert record["memory"] is not None and record["peak_memory"]
+
+
 def test_switchover_to_running_uses_both_sides_monotonic_stamps() -> None:
     source = [{"event": "round", "at": 1.0}, {"event": "switchover", "at": 10.0}]
     destination = [{"event": "resumed", "at": 10.004, "downtime": 0.003}]

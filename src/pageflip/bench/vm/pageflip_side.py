@@ -16,8 +16,10 @@ same record, by driving the ``pageflip`` command the way a user would:
    ``observed_pause``; a VM's report may add ``bad`` and ``pages`` from the guest's
    ``VERIFY`` line), then ``pageflip stop --control <dir>/dst.sock``.
 
-Memory is sampled as for QEMU: both command processes and what they start. Whatever happens,
-every process started here is stopped by its PID and the run's directory is removed.
+The source's ``vm run`` is expected to exit by itself once its guest has left (as
+``pageflip workload`` does); after a good run it gets 15 s for that. Memory is sampled as for
+QEMU: both command processes and what the destination starts. Whatever happens, every process
+started here is stopped by its PID and the run's directory is removed.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench guest clean
+.PHONY: demo test lint typecheck unit bench guest qemu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ bench: $(STAMP)
 
 guest: $(STAMP)
 	$(BIN)/python -c 'from pageflip.vm import guest_elf; print(guest_elf())'
+
+# QEMU for `pageflip bench vm` (Debian's qemu-system-x86), only when it is missing. Tests never
+# need it.
+qemu:
+	@if command -v qemu-system-x86_64 >/dev/null 2>&1; then \
+		qemu-system-x86_64 --version | head -n 1; \
+	else \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86; \
+	fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

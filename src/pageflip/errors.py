@@ -43,8 +43,10 @@
           │                            ``registers`` the vCPU's registers then
           ├── BenchmarkError           a benchmark's process failed, or a result contradicts
           │    │                       its method (also a RuntimeError)
-          │    └── MigrateBenchmarkError  a run of the migration matrix failed; ``partial``
-          │                            holds the runs before it
+          │    ├── MigrateBenchmarkError  a run of the migration matrix failed; ``partial``
+          │    │                       holds the runs before it
+          │    └── VmBenchmarkError    the VM comparison could not go on (a system missing,
+          │                            no guest ELF); ``partial`` holds the runs before it
           └── DemoError                the demo's child process failed or died
                                        (also a RuntimeError)
 
@@ -304,6 +306,17 @@ class MigrateBenchmarkError(BenchmarkError):
         super().__init__(message, partial=partial)
 
 
+class VmBenchmarkError(BenchmarkError):
+    """The VM comparison (``pageflip bench vm``) failed as a whole: a system it needs is
+    missing, or a run could not even be recorded. ``partial`` holds the runs before it."""
+
+    fields: ClassVar[tuple[str, ...]] = ("partial",)
+    partial: Mapping[str, Any] | None
+
+    def __init__(self, message: str, partial: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, partial=partial)
+
+
 class DemoError(PageflipError, RuntimeError):
     """The demo's child process failed or died with an error that is not pageflip's."""
 
@@ -345,5 +358,6 @@ __all__ = [
     "SpanError",
     "StateError",
     "UnknownGuest",
+    "VmBenchmarkError",
     "WrongType",
 ]

@@ -10,6 +10,7 @@ Subcommands (``pageflip --help``)::
     pageflip status | verify | stop | cancel     ask the guest at --control
     pageflip bench handoff --size 1G [...]       time every way to hand N bytes over
     pageflip bench migrate [...]                 migration matrix: sizes x dirty rates x modes
+    pageflip bench vm [...]                      the same guest ELF migrated by QEMU and pageflip
     pageflip demo                                a 1 GiB workload migrated by flip and precopy
     pageflip demo handoff [--size 1G]            move, then copy, 1 GiB between two processes
 

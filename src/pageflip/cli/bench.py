@@ -23,6 +23,7 @@ from ._base import stderr_console as _stderr_console
 if TYPE_CHECKING:
     from ..bench.handoff import HandoffResult
     from ..bench.migrate import MigrateConfig, MigrateResult
+    from ..bench.vm import VmConfig, VmResult
 
 #: What a benchmark's run returns (its JSON-ready result).
 _Result = TypeVar("_Result", bound=Mapping[str, Any])
@@ -448,4 +449,240 @@ def _print_migrate(result: MigrateResult) -> None:
     out.print(table)
     out.print(
         _targets_table("targets (from the numbers above)", bench_migrate_module.target_rows(result))
+    )
+
+
+# -- bench vm -------------------------------------------------------------------------------
+
+
+def _default_guest_elf() -> str:
+    """The project's guest ELF (built on demand by ``pageflip.vm.image``)."""
+    from ..errors import VmBenchmarkError
+
+    try:
+        from ..vm.image import guest_elf  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise VmBenchmarkError(
+            "no guest ELF in this version (pageflip.vm.image): give one with --guest"
+        ) from None
+    return str(guest_elf())
+
+
+@bench.command(name="vm")
+@click.option(
+    "--sizes",
+    default="1G,4G",
+    show_default=True,
+    metavar="SIZE[,SIZE...]",
+    help="Guest sizes (its buffer; the VM has 256 MiB more).",
+)
+@click.option(
+    "--rates",
+    default="0,256M",
+    show_default=True,
+    metavar="RATE[,RATE...]",
+    help="Dirty rates, bytes per second (0: idle).",
+)
+@click.option(
+    "--modes",
+    default="flip,precopy,postcopy",
+    show_default=True,
+    metavar="MODE[,MODE...]",
+    help="pageflip's modes; QEMU runs shared (x-ignore-shared) beside flip.",
+)
+@click.option(
+    "--systems",
+    default="qemu,pageflip",
+    show_default=True,
+    metavar="SYSTEM[,SYSTEM]",
+    help="qemu, pageflip or both.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs of each (size, rate, mode, system); tables show the median.",
+)
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds between runs.",
+)
+@click.option(
+    "--guest-settle",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds the guest runs after READY before it is migrated.",
+)
+@click.option(
+    "--guest",
+    "guest_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The guest ELF (default: pageflip.vm.image.guest_elf()).",
+)
+@click.option(
+    "--guest-flavour",
+    type=click.Choice(["pfguest", "miniguest"]),
+    default="pfguest",
+    show_default=True,
+    help="How to drive the guest: its command-line keys, and whether it reports its pause.",
+)
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="120s",
+    show_default=True,
+    help="Longest wait for one migration (a QEMU precopy still running is cancelled).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("benchmarks/results/vm"),
+    show_default=True,
+    help="Directory for vm.json, vm.md and (--plot) vm.png.",
+)
+@click.option("--plot", "with_plot", is_flag=True, help="Also draw vm.png (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--markdown", is_flag=True, help="Print the tables as Markdown.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show progress on stderr."
+)
+def bench_vm(
+    sizes: str,
+    rates: str,
+    modes: str,
+    systems: str,
+    repeat: int,
+    settle: float,
+    guest_settle: float,
+    guest_path: str | None,
+    guest_flavour: str,
+    timeout: float,
+    out_dir: Path,
+    with_plot: bool,
+    as_json: bool,
+    markdown: bool,
+    progress: bool,
+) -> None:
+    """Migrate the same guest ELF with QEMU 7.2 and with pageflip's VMM, and compare.
+
+    For every (size, rate, mode) QEMU's run and pageflip's run go back to back (which goes
+    first alternates): QEMU's shared-memory mode (x-ignore-shared on a /dev/shm file) beside
+    flip, QEMU's unthrottled precopy beside precopy, QEMU's postcopy beside postcopy.
+    Recorded: total time and downtime as each system reports them, the pause the guest
+    itself observed, the host-side heartbeat gap, switchover to running, bytes moved, peak
+    memory of both processes. Writes vm.json and vm.md (and vm.png) under --out; a failed
+    run is recorded and the rest go on (exit status 1 at the end). QEMU: `make qemu`.
+    """
+    from ..bench import vm as bench_vm_module
+    from ..errors import VmBenchmarkError
+
+    config = _vm_config(
+        sizes,
+        rates,
+        modes,
+        systems,
+        repeat,
+        settle,
+        guest_settle,
+        guest_path,
+        guest_flavour,
+        timeout,
+    )
+    if with_plot:
+        bench_vm_module.check_plot()  # before a long run, not after it
+    console = _stderr_console()
+    result = _with_progress(
+        progress, "vm", lambda on_progress: bench_vm_module.run(config, on_progress)
+    )
+    text = json.dumps(finite(result), indent=2, allow_nan=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "vm.json", text)
+    table = bench_vm_module.markdown_table(result)
+    (out_dir / "vm.md").write_text(table)
+    if with_plot:
+        bench_vm_module.plot(result, out_dir / "vm.png")
+    if as_json:
+        click.echo(text)
+    elif markdown:
+        click.echo(table, nl=False)
+    else:
+        _print_vm(result)
+    console.print(
+        f"results written to {out_dir}/vm.json, vm.md" + (", vm.png" if with_plot else "")
+    )
+    failed = [r for r in result["runs"] if r["error"] is not None]
+    if failed:
+        first = failed[0]
+        raise VmBenchmarkError(
+            f"{len(failed)} of {len(result['runs'])} runs failed; the first (run "
+            f"{first['index'] + 1}, {first['system']} {first['system_mode']}): {first['error']}"
+        )
+
+
+def _vm_config(
+    sizes: str,
+    rates: str,
+    modes: str,
+    systems: str,
+    repeat: int,
+    settle: float,
+    guest_settle: float,
+    guest_path: str | None,
+    guest_flavour: str,
+    timeout: float,
+) -> VmConfig:
+    """The VM comparison's configuration from its options (a bad one: click.BadParameter)."""
+    from ..bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
+
+    try:
+        size_list = tuple(SIZE.convert(v, None, None) for v in _split(sizes))
+    except click.BadParameter as err:
+        raise click.BadParameter(err.message, param_hint="--sizes") from None
+    rate_list = tuple(_rate_list(rates))
+    kernel = guest_path or _default_guest_elf()
+    try:
+        return VmConfig(
+            guest=GuestImage(kernel, FLAVOURS[guest_flavour]),
+            sizes=size_list,
+            rates=rate_list,
+            modes=tuple(_split(modes)),
+            systems=tuple(_split(systems)),
+            repeat=repeat,
+            settle=settle,
+            options=VmOptions(guest_settle=guest_settle, timeout=timeout),
+        )
+    except BadArgument as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _print_vm(result: VmResult) -> None:
+    """The comparison and the targets, on the terminal."""
+    from ..bench import vm as bench_vm_module
+
+    out = Console()
+    table = Table(
+        title=f"VM migration, QEMU / pageflip (pageflip / QEMU): median of "
+        f"{result['config']['repeat']}",
+        caption=f"{_machine_line(result)} · {result.get('qemu_version') or 'QEMU not run'}\n"
+        "all notes: --markdown; every run: --json",
+    )
+    for i, name in enumerate(bench_vm_module.COLUMNS):
+        table.add_column(name, justify="left" if i < 3 else "right")
+    for cells in bench_vm_module.comparison_rows(result):
+        table.add_row(*map(escape, cells))
+    out.print(table)
+    for run in result["runs"]:
+        if run["error"] is not None:
+            out.print(
+                f"[red]run {run['index'] + 1} ({escape(run['system'])} {run['system_mode']}, "
+                f"{run['size_label']} at {run['rate_label']}) failed:[/] {escape(run['error'])}"
+            )
+    out.print(
+        _targets_table("targets (from the numbers above)", bench_vm_module.target_rows(result))
     )

@@ -294,7 +294,9 @@ def test_qemu_shared_mode_maps_one_file_on_both_sides(tmp_path: Path) -> None:
         assert "pc,accel=kvm,memory-backend=mem" in src
         assert src[src.index("-m") + 1] == "320M"
         assert dst[-2:] == ["-incoming", "defer"] and "-incoming" not in src
-        assert src[src.index("-append") + 1] == "console=ttyS0 mb=64 rate=0 hb=20 seed=1"
+        assert (
+            src[src.index("-append") + 1] == "console=ttyS0 mb=64 rate=0 hb=20 seed=1 tick_us=1000"
+        )
         assert src[src.index("-cpu") + 1] == "host,-arch-capabilities"
     finally:
         files.remove()
@@ -393,11 +395,20 @@ def _cmdline(pid: str) -> str:
 
 
 def test_the_pageflip_side_says_when_pageflip_vm_is_missing(tmp_path: Path) -> None:
+    """A ``pageflip`` command without ``vm`` (an older install named by --pageflip)."""
+    old = tmp_path / "old_pageflip.py"
+    old.write_text("import sys\nsys.exit('Error: No such command vm.')\n")
+    options = VmOptions(pageflip=(sys.executable, str(old)))
     config = _config(
-        tmp_path, sizes=(64 * MiB,), rates=(0,), modes=("flip",), systems=("pageflip",)
+        tmp_path,
+        sizes=(64 * MiB,),
+        rates=(0,),
+        modes=("flip",),
+        systems=("pageflip",),
+        options=options,
     )
-    if bench_vm.pageflip_vm_available(config.options.pageflip):
-        pytest.fail("pageflip vm exists now: replace this test with one of the real side")
+    assert not bench_vm.pageflip_vm_available(config.options.pageflip)
+    assert bench_vm.pageflip_vm_available(VmOptions().pageflip)
     with pytest.raises(BenchmarkError, match=r"^pageflip vm is not available$"):
         run_pageflip(run_order(config)[0])
     with pytest.raises(VmBenchmarkError, match="--systems qemu"):
@@ -424,7 +435,7 @@ if args[:2] == ["vm", "run"]:
         sys.exit(0)
     control = opt("--control")
     assert opt("--memory") == "264M", args
-    assert opt("--append") == "console=ttyS0 mb=8 rate=8 hb=20 seed=1", args
+    assert opt("--append") == "console=ttyS0 mb=8 rate=8 hb=20 seed=1 tick_us=1000", args
     out({"console": "PFGUEST start mb=8 rate=8"})
     out({"console": "READY mb=8 pages=2048 fill_ms=1"})
     beats(0, flag(control, "migrated"))

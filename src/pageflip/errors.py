@@ -333,6 +333,9 @@ class GuestImageError(VmError):
 
 __all__ = [
     "BadArgument",
+    "BadImage",
+    "GuestStopped",
+    "VmError",
     "BadGuestState",
     "BenchmarkError",
     "BufferInUse",

@@ -15,6 +15,10 @@ One request per line, one JSON object per answer line::
     {"cmd": "migrate", "resume": true [, "to": ADDR]}
                                            -> takes up a postcopy whose connection broke;
                                               its events until "done" or "failed"
+    {"cmd": "console", "send": "P", "expect": "PAUSE"}
+                                           -> {"ok": true, "line": ..., "fields": {...}}
+                                              (a VM: a request on its serial console)
+    {"cmd": "upgrade"}                     -> a live update's events (see .upgrade)
     {"cmd": "cancel"}                      -> {"ok": true}   (a migration before its commit)
     {"cmd": "quit"}                        -> {"ok": true}   (stops the guest, ends the host)
 
@@ -268,6 +272,8 @@ class GuestHost:
                     report, ok=False, problems=[self.stale, *report.problems]
                 )
             return {"report": dataclasses.asdict(report)}
+        if cmd == "console":
+            return self._console(request)
         if cmd == "pause":
             return {"t": self._guest().pause()}
         if cmd == "resume":
@@ -292,6 +298,20 @@ class GuestHost:
                 self._arrived.notify_all()
             return {}
         raise LocalProtocolError(f"unknown command {cmd!r}")
+
+    def _console(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send ``send`` to the guest's console and wait for the line that starts with
+        ``expect`` (a VM's serial port)."""
+        guest = self._guest()
+        ask = getattr(guest, "ask", None)
+        if ask is None:
+            raise StateError(
+                f"a {guest.kind} guest has no console", phase=guest.kind, needed="console"
+            )
+        fields, line = ask(
+            str(request["send"]), str(request["expect"]), float(request.get("timeout", 30.0))
+        )
+        return {"fields": fields, "line": line}
 
     def _status_answer(self) -> dict[str, Any]:
         guest = self.guest

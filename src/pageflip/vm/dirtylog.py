@@ -2,11 +2,12 @@
 
 A guest writes its RAM through KVM's own mappings (the shadow or nested page tables), which
 the VMM's page tables never see, so :class:`~pageflip.dirty.DirtyTracker` cannot find those
-writes. KVM logs them per memory slot instead (every slot is made with
-``KVM_MEM_LOG_DIRTY_PAGES``): :class:`KvmDirtyLog` reads that log with ``KVM_GET_DIRTY_LOG``
-and, where the host offers ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (the machine enables it with
-every bit initially set, so logging costs nothing until a precopy starts), protects again
-exactly the pages it reports with ``KVM_CLEAR_DIRTY_LOG``. A write that races with a collect
+writes. KVM logs them per memory slot instead: :meth:`KvmDirtyLog.start` turns
+``KVM_MEM_LOG_DIRTY_PAGES`` on for every slot (and :meth:`KvmDirtyLog.close` off again: it
+slows the guest down, see :meth:`~.machine.Machine.set_dirty_logging`), reads the log with
+``KVM_GET_DIRTY_LOG`` and, where the host offers ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (the
+machine enables it with every bit initially set, so turning the log on costs nothing), protects
+again exactly the pages it reports with ``KVM_CLEAR_DIRTY_LOG``. A write that races with a collect
 is either in this answer or, because its page is protected again only after it was
 reported, in the next one: none is lost.
 
@@ -15,6 +16,8 @@ only at boot, before any migration.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -48,6 +51,7 @@ class KvmDirtyLog:
             raise ClosedError("the dirty log is closed", what="dirty log")
         if self._active:
             raise StateError("the dirty log is already started", phase="active", needed="idle")
+        self._machine.set_dirty_logging(True)
         for slot, npages in enumerate(self._npages):
             self._read(slot)  # drop what was logged before
             if self._machine.manual_dirty_log:
@@ -77,8 +81,13 @@ class KvmDirtyLog:
         return found
 
     def stop(self) -> None:
-        self._active = False
+        """Stop tracking; KVM's dirty log is turned off again (if the VM still runs)."""
+        if self._active:
+            self._active = False
+            with contextlib.suppress(OSError, StateError):
+                if self._machine.vm_fd >= 0:
+                    self._machine.set_dirty_logging(False)
 
     def close(self) -> None:
-        self._active = False
+        self.stop()
         self._closed = True

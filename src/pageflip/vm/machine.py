@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +68,9 @@ LOW_RAM_END = 0x9FC00
 MIN_MEMORY = 16 << 20
 #: ``hvm_start_info`` magic (XEN_HVM_START_MAGIC_VALUE).
 HVM_START_MAGIC = 0x336EC578
+
+#: The interpreter's switch interval in a process that runs a vCPU thread (seconds).
+SWITCH_INTERVAL = 0.0005
 
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGRTMIN + 4
@@ -217,6 +221,7 @@ class Machine:
         self._stopped: GuestStopped | None = None
         self.exits = 0
         self.manual_dirty_log = False
+        self.dirty_logging = False
         try:
             self._build()
             if regions is not None:
@@ -242,7 +247,7 @@ class Machine:
         self.slots = slots
         self.memory = memory
         for slot in slots:
-            self._set_slot(slot, kvm.MEM_LOG_DIRTY_PAGES)
+            self._set_slot(slot, 0)
 
     # -- building -------------------------------------------------------------------------
 
@@ -406,6 +411,12 @@ class Machine:
         with self._lock:
             self._pause_wanted = paused
             self.run_page.immediate_exit = 1 if paused else 0
+        # The vCPU thread needs the GIL for every port I/O exit (the guest's console, its
+        # timer): while another thread of this process computes (a migration's rounds), it
+        # would wait up to the interpreter's switch interval (5 ms) at each one, and the
+        # guest with it. A VMM process hands the GIL over sooner.
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._loop, name="pageflip-vcpu0", daemon=True)
         self._thread.start()
         if paused:
@@ -594,6 +605,17 @@ class Machine:
         return meta
 
     # -- dirty log --------------------------------------------------------------------------
+
+    def set_dirty_logging(self, on: bool) -> None:
+        """Turn KVM's dirty log on or off for every memory slot.
+
+        Off unless a precopy tracks writes: with it on, KVM maps the guest's memory a page
+        at a time and prefetches nothing, which made a freshly restored guest touch its
+        memory 3.7 times slower here (256 MiB in 887 ms instead of 240 ms)."""
+        flags = kvm.MEM_LOG_DIRTY_PAGES if on else 0
+        for slot in self.slots:
+            self._set_slot(slot, flags)
+        self.dirty_logging = on
 
     def get_dirty_log(self, slot: int, bitmap: int) -> None:
         """KVM_GET_DIRTY_LOG of ``slot`` into the bitmap at address ``bitmap``."""

@@ -42,6 +42,7 @@ from pageflip.stream import (
     FrameType,
     GuestPause,
     Hello,
+    Lend,
     Mode,
     PageFlags,
     Pages,
@@ -108,6 +109,7 @@ EVENTS: list[Event] = [
     RoundEnd(1, 80, 80 * PS, 12, 0.25),
     RoundAck(1),
     Flip([], []),
+    Lend([], []),
     Switchover(1700000000.5, [0xFFFF_FFFF_FFFF_FFFF, 7], b"\x00cpu state\xff"),
     Switchover(0.0, [], b""),
     Resumed(1700000000.75),
@@ -379,7 +381,7 @@ BOUNDS = [
     pytest.param(b"GARBAGE!GARBAGE!", "header", 0, "magic", id="magic"),
     pytest.param(header(1, 8, version=1)[:5], "header", 4, "version", id="version"),
     pytest.param(header(0, 0)[:6], "header", 5, "unknown frame type 0", id="type-0"),
-    pytest.param(header(25, 0), "header", 5, "unknown frame type 25", id="type-25"),
+    pytest.param(header(26, 0), "header", 5, "unknown frame type 26", id="type-26"),
     pytest.param(header(11, 2, nfds=254), "FLIP", 6, "at most 253", id="nfds"),
     pytest.param(header(6, 40, nfds=1), "PAGES", 6, "carries none", id="fds-on-pages"),
     pytest.param(header(6, MAX_PAYLOAD + 1), "PAGES", 8, "at most", id="payload-long"),
@@ -1044,9 +1046,8 @@ def test_unknown_features_of_a_newer_peer_are_dropped_from_its_hello() -> None:
     dec.feed(bytes(wire))
     got = dec.next_event()
     assert isinstance(got, Hello)
-    assert (
-        got.features == Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3
-    )
+    known = Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3
+    assert got.features == known | Feature.LEND
 
 
 @pytest.mark.parametrize(

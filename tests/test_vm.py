@@ -285,6 +285,10 @@ def test_migrate_between_vmm_processes(pair: VmPair, mode: str) -> None:
     status = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
     assert status["kind"] == "vm" and status["migrations"] == 1
     pair.verify(pair.b)
+    # The guest's clock stayed sane: the longest gap it saw around the move is a real
+    # pause, not a jump of its TSC by hours (another host's uptime) or backwards.
+    seen = _json(run("verify", "--control", pair.b, "--json").stdout)["observed_pause"]
+    assert seen is not None and 0 < seen < 60, seen
     assert run("stop", "--control", pair.b).returncode == 0
     assert dest.finish() == 0
 

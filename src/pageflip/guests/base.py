@@ -124,6 +124,13 @@ class Guest(abc.ABC):
         that none of it lands in the guest's pause. The default does nothing."""
         return
 
+    @classmethod
+    def prepare_regions(cls, regions: list[Region]) -> None:
+        """A flip's destination got the regions early (lent, while the guest still runs on
+        the source): do now what :meth:`restore` would do with them that takes time. The
+        regions are not yet the guest's and must not be written. The default does nothing."""
+        return
+
     def prepare_resume(self) -> None:
         """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
         resume() itself cannot fail: a destination calls it before it answers PREPARED.

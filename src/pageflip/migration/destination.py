@@ -81,6 +81,8 @@ log = logging.getLogger("pageflip.migration")
 FLIP_SPIN = 0.25
 #: Seconds to wait for the guest's own figure of its pause after resuming it.
 GUEST_PAUSE_WAIT = 0.5
+#: Bytes of lent memory whose page tables are filled per madvise call.
+POPULATE_CHUNK = 64 << 20
 #: Seconds a source whose connection closed has to count as exited (a process being killed
 #: closes its sockets before its exit shows) before we take it for alive.
 SOURCE_EXIT_GRACE = 1.0
@@ -190,6 +192,12 @@ class Prefault:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+
+
+def _inode(region: Region) -> int:
+    (extent,) = region.extents()
+    assert extent.memfd is not None
+    return os.fstat(extent.memfd.fd).st_ino
 
 
 class Destination(Side[DestinationPhase]):
@@ -363,7 +371,7 @@ class Destination(Side[DestinationPhase]):
     def _our_features(self) -> stream.Feature:
         f = stream.Feature.XXH3 | stream.Feature.ZSTD
         if self.link.local:
-            f |= stream.Feature.FLIP
+            f |= stream.Feature.FLIP | stream.Feature.LEND
             if features.has("process_vm_readv"):
                 f |= stream.Feature.PULL
                 if features.has("uffd_missing_shmem"):
@@ -419,6 +427,8 @@ class Destination(Side[DestinationPhase]):
             if stream.Feature.POSTCOPY not in shared:
                 raise self._refuse("postcopy needs userfaultfd here and the source on this host")
             self._start_pager()
+        if mode is stream.Mode.FLIP and stream.Feature.LEND in shared:
+            self._take_lend(link.expect((stream.Lend,), "setup", self.timeout))
         if mode is not stream.Mode.FLIP:
             for info in setup.regions:
                 region = Region.movable(info.size, info.name)
@@ -544,24 +554,61 @@ class Destination(Side[DestinationPhase]):
             mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
         return region, digests
 
+    def _take_lend(self, event: stream.Lend) -> None:
+        """LEND: map the source's memfds now, while the guest still runs there, fill our
+        page tables for them (a guest that writes through a mapping whose page tables are
+        empty pays a fault per page, for seconds after the resume) and let the guest kind
+        prepare its memory. Nothing is written to them: until COMMIT they are the source's."""
+        self._regions = self._map_flip(event, "LEND")
+        for region in self._regions:
+            with contextlib.suppress(OSError):
+                for start in range(0, region.size, POPULATE_CHUNK):
+                    length = min(POPULATE_CHUNK, region.size - start)
+                    mm.madvise(region.address + start, length, Madv.POPULATE_WRITE)
+        assert self._guest_class is not None
+        self._guest_class.prepare_regions(self._regions)
+
     def _take_flip(self, event: stream.Flip) -> None:
         """The source's memfds become the guest's regions here (checked and mapped by the
-        channel's rules for a peer's memory)."""
-        assert self._setup is not None
+        channel's rules for a peer's memory); after a LEND, FLIP must name the very memfds
+        that were lent, which are mapped already."""
         # The guest is paused from here until it resumes: no garbage collection meanwhile.
         self._gc.pause()
-        infos = self._setup.regions
+        if not self._regions:
+            self._regions = self._map_flip(event, "FLIP")
+            return
         fds, event.fds = list(event.fds), []
         try:
+            lent = [_inode(r) for r in self._regions]
+            named = sorted(fr.index for fr in event.regions)
+            if named != list(range(len(lent))) or any(
+                fr.inode != lent[fr.index]
+                or fr.size != self._regions[fr.index].size
+                or os.fstat(fds[fr.fd_index]).st_ino != lent[fr.index]
+                for fr in event.regions
+            ):
+                raise RemoteProtocolError(
+                    "FLIP names other memfds than the LEND before it", frame="FLIP"
+                )
+        finally:
+            close_all(fds)
+
+    def _map_flip(self, event: stream.Flip, frame: str) -> list[Region]:
+        """Check and map the memfds of a FLIP or LEND as the guest's regions."""
+        assert self._setup is not None
+        infos = self._setup.regions
+        fds, event.fds = list(event.fds), []
+        regions: list[Region] = []
+        try:
             if sorted(r.index for r in event.regions) != list(range(len(infos))):
-                raise RemoteProtocolError("FLIP does not name every region once", frame="FLIP")
+                raise RemoteProtocolError(f"{frame} does not name every region once", frame=frame)
             for fr in sorted(event.regions, key=lambda r: r.index):
                 info = infos[fr.index]
                 if fr.size != info.size:
                     raise RemoteProtocolError(
-                        f"FLIP gives region {info.name!r} {fr.size} bytes, the setup "
+                        f"{frame} gives region {info.name!r} {fr.size} bytes, the setup "
                         f"announced {info.size}",
-                        frame="FLIP",
+                        frame=frame,
                     )
                 # Not "shared": until the source lets go, both map the same range, and
                 # closing ours (on failure) must leave the source's pages alone.
@@ -569,14 +616,19 @@ class Destination(Side[DestinationPhase]):
                     fds,
                     [(fr.fd_index, fr.offset, fr.size)],
                     info.name,
-                    frame="FLIP",
+                    frame=frame,
                     what=[f"memfd of region {info.name!r}"],
                     inodes=[fr.inode],
                     shared=False,
                 )
-                self._regions.append(region)
+                regions.append(region)
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
         finally:
             close_all(fds)
+        return regions
 
     # -- switchover: everything that can fail, then PREPARED -----------------------------
 

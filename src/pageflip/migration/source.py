@@ -329,7 +329,7 @@ class Source(Side[SourcePhase]):
             f |= stream.Feature.ZSTD
         if self.address.local:
             if all(_flippable(r) is None for r in self.guest.regions):
-                f |= stream.Feature.FLIP
+                f |= stream.Feature.FLIP | stream.Feature.LEND
             if self.options.pull and features.has("process_vm_readv"):
                 # The destination's pager reads our memory: postcopy needs the pull.
                 f |= stream.Feature.PULL | stream.Feature.POSTCOPY
@@ -406,6 +406,11 @@ class Source(Side[SourcePhase]):
             ),
             "setup",
         )
+        if mode == "flip" and stream.Feature.LEND in self._features:
+            # Lent now, while the guest runs: the destination maps the memfds and gets them
+            # ready before it says ACCEPTED, so that none of it falls in the pause.
+            flips, fds = self._flip_regions(regions)
+            link.send(stream.Lend(regions=flips, fds=fds), "setup")
         answer = link.expect((stream.Accepted, stream.Reject), "setup", timeout)
         if isinstance(answer, stream.Reject):
             raise MigrationError(
@@ -460,34 +465,37 @@ class Source(Side[SourcePhase]):
         self._hold_events()
         self._emit(SwitchoverEvent(self._t(), 0, 0, 0.0, "flip"))
         # What does not change while the guest runs is gathered before it pauses.
-        handles = []
-        for region in regions:
-            (extent,) = region.extents()
-            assert extent.memfd is not None
-            inode = os.fstat(extent.memfd.fd).st_ino
-            handles.append((region, extent.memfd.fd, extent.fd_offset, inode))
+        flips, fds = self._flip_regions(regions)
         self._gc.pause()  # until the guest runs again (here or there)
         self._paused_at = self.guest.pause()
         state = self.guest.save_state()
         # The destination checks each memfd by identity (device, inode, seals, size): it is
         # this very file, so nothing of its pages needs hashing inside the pause.
-        flips = [
-            stream.FlipRegion(
-                index=index,
-                fd_index=index,
-                offset=offset,
-                size=region.size,
-                inode=inode,
-                sample_digest=0,
-            )
-            for index, (region, _, offset, inode) in enumerate(handles)
-        ]
-        fds = [fd for _, fd, _, _ in handles]
         link.send(stream.Flip(regions=flips, fds=fds), "switchover")
         switchover = stream.Switchover(paused_at=self._paused_at, digests=[], state=state)
         link.send(switchover, "switchover")
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]
+
+    @staticmethod
+    def _flip_regions(regions: list[Region]) -> tuple[list[stream.FlipRegion], list[int]]:
+        """The FLIP (or LEND) entries of ``regions`` and their memfds (still ours)."""
+        flips, fds = [], []
+        for index, region in enumerate(regions):
+            (extent,) = region.extents()
+            assert extent.memfd is not None
+            flips.append(
+                stream.FlipRegion(
+                    index=index,
+                    fd_index=index,
+                    offset=extent.fd_offset,
+                    size=region.size,
+                    inode=os.fstat(extent.memfd.fd).st_ino,
+                    sample_digest=0,
+                )
+            )
+            fds.append(extent.memfd.fd)
+        return flips, fds
 
     # -- precopy --------------------------------------------------------------------------
 

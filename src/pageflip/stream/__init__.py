@@ -687,6 +687,15 @@ class Flip(Event):
         return cls(regions, r.fds)
 
 
+@frame(25, "LEND", 2, 2 + MAX_REGIONS * FLIP_REGION.size, takes_fds=True)
+@dataclass(slots=True)
+class Lend(Flip):
+    """LEND: a flip's memfds, lent at setup while the guest still runs at the source (the
+    fds travel with the frame; same layout as FLIP). The destination maps them and gets
+    them ready, but must not write to them: until COMMIT the guest is the source's. The
+    FLIP in the pause then names the same memfds (by inode)."""
+
+
 @frame(12, "SWITCHOVER", 8 + 2 + 4, 8 + 2 + 8 * MAX_REGIONS + 4 + MAX_STATE)
 @dataclass(slots=True)
 class Switchover(Event):

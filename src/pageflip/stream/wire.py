@@ -71,10 +71,14 @@ class Feature(enum.IntFlag):
     POSTCOPY = 8
     #: Region digests are xxh3.
     XXH3 = 16
+    #: A flip's memfds are lent at setup (LEND), before the guest pauses: the destination
+    #: maps them, fills its page tables and prepares the guest's memory meanwhile, and the
+    #: FLIP in the pause only confirms them.
+    LEND = 32
 
 
 KNOWN_FEATURES: Final = int(
-    Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3
+    Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3 | Feature.LEND
 )
 
 

@@ -191,12 +191,43 @@ class VirtualMachine(Guest):
             _spare.append(spare)
 
     @classmethod
+    def prepare_regions(cls, regions: list[Region]) -> None:
+        """A flip's memory, lent before the pause: the spare machine registers it as its
+        memory slots now, so that the restore inside the pause only loads the state."""
+        with _spare_lock:
+            spare = _spare.pop() if _spare else None
+        if spare is None or spare.regions:
+            if spare is not None:
+                spare.close()
+            spare = Machine()
+            try:
+                spare.start(paused=True)
+            except BaseException:
+                spare.close()
+                raise
+        try:
+            spare.attach(regions)
+        except BaseException:
+            spare.close()
+            raise
+        with _spare_lock:
+            _spare.append(spare)
+
+    @classmethod
     def restore(cls, regions: list[Region], state: bytes) -> Self:
         with _spare_lock:
             spare = _spare.pop() if _spare else None
+        if (
+            spare is not None
+            and spare.regions
+            and [r.address for r in spare.regions] != [r.address for r in regions]
+        ):
+            spare.close()  # prepared for other memory (an attempt that failed)
+            spare = None
         machine = spare if spare is not None else Machine()
         try:
-            machine.attach(regions)
+            if not machine.regions:
+                machine.attach(regions)
             meta = machine.load(state)
         except SpanError as err:
             machine.close()

@@ -54,6 +54,17 @@ _spare: list[Machine] = []
 _spare_lock = threading.Lock()
 
 
+def _parked_machine() -> Machine:
+    """A machine without memory whose vCPU thread is started and parked."""
+    machine = Machine()
+    try:
+        machine.start(paused=True)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
 class _Console:
     """The guest's serial output, cut into lines; what they say, parsed."""
 
@@ -181,12 +192,7 @@ class VirtualMachine(Guest):
         with _spare_lock:
             if _spare:
                 return
-        spare = Machine()
-        try:
-            spare.start(paused=True)
-        except BaseException:
-            spare.close()
-            raise
+        spare = _parked_machine()
         with _spare_lock:
             _spare.append(spare)
 
@@ -199,12 +205,7 @@ class VirtualMachine(Guest):
         if spare is None or spare.regions:
             if spare is not None:
                 spare.close()
-            spare = Machine()
-            try:
-                spare.start(paused=True)
-            except BaseException:
-                spare.close()
-                raise
+            spare = _parked_machine()
         try:
             spare.attach(regions)
         except BaseException:

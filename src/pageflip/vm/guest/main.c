@@ -102,15 +102,20 @@ static void kputs(const char *s)
     while (*s)
         kputc(*s++);
 }
-static void kputu(uint64_t v)
+/* The decimal digits of v into b, last digit first; returns how many. */
+static int digits(char b[24], uint64_t v)
 {
-    char b[24];
     int i = 0;
     do {
         b[i++] = (char)('0' + v % 10);
         v /= 10;
     } while (v);
-    while (i)
+    return i;
+}
+static void kputu(uint64_t v)
+{
+    char b[24];
+    for (int i = digits(b, v); i;)
         kputc(b[--i]);
 }
 static void kputhex(uint64_t v)
@@ -264,12 +269,7 @@ static void uputs(const char *s)
 static void uputu(uint64_t v)
 {
     char b[24];
-    int i = 0;
-    do {
-        b[i++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (i)
+    for (int i = digits(b, v); i;)
         uputc(b[--i]);
 }
 static void ukv(const char *key, uint64_t v)  /* " key=value" */

@@ -779,11 +779,11 @@ def test_registry_knows_the_workload() -> None:
 
 
 def test_unknown_kind_is_an_error() -> None:
-    with pytest.raises(UnknownGuest, match="no guest kind 'vm'") as info:
-        guest_class("vm")
+    with pytest.raises(UnknownGuest, match="no guest kind 'quantum'") as info:
+        guest_class("quantum")
     err = info.value
     assert isinstance(err, PageflipError) and isinstance(err, LookupError)
-    assert err.kind == "vm"
+    assert err.kind == "quantum"
     assert err.known is not None and "workload" in err.known
     again = pickle.loads(pickle.dumps(err))
-    assert (type(again), again.kind, again.known) == (UnknownGuest, "vm", err.known)
+    assert (type(again), again.kind, again.known) == (UnknownGuest, "quantum", err.known)

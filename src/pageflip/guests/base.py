@@ -131,6 +131,13 @@ class Guest(abc.ABC):
         regions are not yet the guest's and must not be written. The default does nothing."""
         return
 
+    @classmethod
+    def migration_coming(cls) -> None:
+        """A migration of this kind of guest has begun here (a destination got its HELLO):
+        build now, while the source's guest still runs, whatever a restore would otherwise
+        build inside the pause. The default does nothing."""
+        return
+
     def prepare_resume(self) -> None:
         """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
         resume() itself cannot fail: a destination calls it before it answers PREPARED.

@@ -392,6 +392,7 @@ class Destination(Side[DestinationPhase]):
         try:
             shared = stream.handshake_check(ours, hello)
             self._guest_class = guest_class(hello.guest_kind)
+            self._guest_class.migration_coming()
         except PageflipError as err:
             with contextlib.suppress(Exception):
                 self.link.send(stream.Reject(reason=str(err)), "setup")

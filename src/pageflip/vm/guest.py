@@ -49,7 +49,7 @@ def _fields(line: str) -> dict[str, int]:
     return {k: int(v) for k, v in _FIELD.findall(line)}
 
 
-#: A machine built ahead of a restore (see VirtualMachine.warm_up), at most one.
+#: A machine built ahead of a restore (see VirtualMachine.migration_coming), at most one.
 _spare: list[Machine] = []
 _spare_lock = threading.Lock()
 
@@ -185,7 +185,7 @@ class VirtualMachine(Guest):
         return vm
 
     @classmethod
-    def warm_up(cls) -> None:
+    def migration_coming(cls) -> None:
         """Build a spare machine (KVM VM, irqchip, vCPU and its parked thread, without RAM)
         now, so that a restore only adds the memory slots and loads the state: what would
         otherwise take milliseconds inside the pause."""

@@ -55,10 +55,6 @@ class Serial:
             room = MAX_INPUT - len(self._input)
             self._input.extend(data[:room])
 
-    @property
-    def pending_input(self) -> int:
-        return len(self._input)
-
     def read(self, offset: int) -> int:
         dlab = self.regs["lcr"] & _LCR_DLAB
         if offset == 0:

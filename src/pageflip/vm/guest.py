@@ -79,7 +79,6 @@ class _Console:
         self.heartbeats = 0
         #: (line number, fields) of every heartbeat since the latest resume (at most two).
         self.after_resume: list[dict[str, int]] = []
-        self.resumed_line = 0
         self.answers: dict[str, tuple[int, dict[str, int], str]] = {}
         self.failure: str | None = None
 

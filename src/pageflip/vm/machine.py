@@ -221,7 +221,6 @@ class Machine:
         self._stopped: GuestStopped | None = None
         self.exits = 0
         self.manual_dirty_log = False
-        self.dirty_logging = False
         try:
             self._build()
             if regions is not None:
@@ -615,7 +614,6 @@ class Machine:
         flags = kvm.MEM_LOG_DIRTY_PAGES if on else 0
         for slot in self.slots:
             self._set_slot(slot, flags)
-        self.dirty_logging = on
 
     def get_dirty_log(self, slot: int, bitmap: int) -> None:
         """KVM_GET_DIRTY_LOG of ``slot`` into the bitmap at address ``bitmap``."""

@@ -735,7 +735,9 @@ class Source(Side[SourcePhase]):
         """Send our digests, follow the destination's progress, return its VERIFIED.
 
         A destination that finished on its own (we were silent too long) sent its VERIFIED
-        and may have closed the connection since: what it sent is read all the same.
+        and may have closed the connection since: what it sent is read all the same. Its
+        GUEST_PAUSE may come here too, after we stopped waiting for it: a guest stalled on
+        missing pages is slow to say how long it was paused.
         """
         link = self.link
         try:
@@ -744,10 +746,16 @@ class Source(Side[SourcePhase]):
             log.info("postcopy: the destination closed the connection; reading what it said")
         while True:
             event = link.expect(
-                (stream.Verified, stream.PostcopyProgress), "postcopy", self.options.timeout
+                (stream.Verified, stream.PostcopyProgress, stream.GuestPause),
+                "postcopy",
+                self.options.timeout,
             )
             if isinstance(event, stream.Verified):
                 return event
+            if isinstance(event, stream.GuestPause):
+                if self._guest_pause is None:
+                    self._guest_pause = event.seconds
+                continue
             self._emit(
                 PostcopyEvent(
                     self._t(),

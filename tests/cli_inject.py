@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -108,12 +109,27 @@ def _cut(self: Source) -> None:
     self.link.conn.sock.shutdown(socket.SHUT_RDWR)
 
 
-def _kill_pager(self: Destination, *args: Any) -> None:
-    """Kill the postcopy pager (our child) right after the guest resumed."""
-    proc = self._pager_proc
-    if proc is not None:
-        proc.kill()
-        proc.wait()
+def _pager_worker(self: Destination) -> int:
+    """The pid of the pager's worker (the pager process's one child)."""
+    assert self._pager_proc is not None
+    pid = self._pager_proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        (child,) = f.read().split()
+    return int(child)
+
+
+def _stop_worker(self: Destination, *args: Any) -> None:
+    """Stop the pager's worker before it hears "go": it pulls no page, so that what happens
+    to it later is not hidden by a worker that finished first."""
+    os.kill(_pager_worker(self), signal.SIGSTOP)
+
+
+def _stop_then_kill_worker(self: Destination, *args: Any) -> None:
+    """Stop the worker before "go", kill it a second later from another process: by then
+    the guest runs, and a guest thread may be faulting on a missing page holding the GIL."""
+    worker = _pager_worker(self)
+    os.kill(worker, signal.SIGSTOP)
+    subprocess.Popen(["sh", "-c", f"sleep 1; kill -9 {worker}"])
 
 
 def _stop_at_round_end(self: Link, event: Any, phase: str) -> int:
@@ -155,7 +171,10 @@ FAULTS: dict[str, Callable[[], None]] = {
         Destination, "_verify_and_prepare", lambda s: _kill_self()
     ),
     "dest-kill-after-commit": lambda: _before(Destination, "_resume", lambda s: _kill_self()),
-    "dest-kill-pager-after-resume": lambda: _before(Destination, "_postcopy", _kill_pager),
+    "dest-kill-pager-worker": lambda: _before(
+        Destination, "_verify_and_prepare", _stop_then_kill_worker
+    ),
+    "dest-hang-pager-worker": lambda: _before(Destination, "_verify_and_prepare", _stop_worker),
     # the source (pageflip workload)
     "src-stop-before-prepared": lambda: _before(Source, "_await_prepared", lambda s: _stop_self()),
     "src-stop-after-commit": lambda: _before(Source, "_finish", lambda s: _stop_self()),

@@ -211,6 +211,8 @@ MAP_SHARED_FIXED = Map.SHARED | Map.FIXED
 
 #: ``prctl(PR_SET_PTRACER, pid)``: let ``pid`` ptrace (and process_vm_readv) us under Yama.
 PR_SET_PTRACER = 0x59616D61
+#: ``prctl(PR_SET_PDEATHSIG, signal)``: get ``signal`` when the parent thread exits.
+PR_SET_PDEATHSIG = 1
 
 UFFD_API = 0xAA
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._gate import libc_gate, os_error
-from .flags import PR_SET_PTRACER, Splice
+from .flags import PR_SET_PDEATHSIG, PR_SET_PTRACER, Splice
 from .mm import PAGE_SIZE, set_pipe_size
 
 #: At most this many iovecs per call (UIO_MAXIOV).
@@ -136,6 +136,14 @@ def process_vm_writev(pid: int, local: IovArray, remote: IovArray) -> int:
 def set_ptracer(pid: int) -> None:
     """prctl(PR_SET_PTRACER, pid): under Yama, let ``pid`` read our memory (0 clears)."""
     _prctl(PR_SET_PTRACER, pid, 0, 0, 0)
+
+
+def die_with_parent(signal: int, parent: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): receive ``signal`` when our parent, process ``parent``,
+    exits (at once if it is already gone)."""
+    _prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal)
 
 
 def pipe(size: int = 0) -> tuple[int, int]:

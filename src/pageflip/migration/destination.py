@@ -260,6 +260,8 @@ class Destination(Side[DestinationPhase]):
         self._pager: Endpoint | None = None
         self._pager_proc: subprocess.Popen[bytes] | None = None
         self.pager_exits: list[int] = []  # each pager's exit status (negative: a signal)
+        #: Why the pager replaced a worker of its own, each time (see migration.pager).
+        self.pager_restarts: list[str] = []
         self._pager_starts = 0
         self._prefault: Prefault | None = None
         self._hasher = Hasher()
@@ -1006,6 +1008,9 @@ class Destination(Side[DestinationPhase]):
             raise self._lost(guest, str(message["lost"]))
         elif "error" in message:
             self._restart_pager(guest, f"it failed: {message['error']}")
+        elif "restarted" in message:
+            self.pager_restarts.append(str(message["restarted"]))
+            log.warning("postcopy pager: %s", message["restarted"])
 
     def _from_source(self, st: _Followed, link: Endpoint) -> None:
         try:

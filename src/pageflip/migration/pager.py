@@ -17,8 +17,12 @@ Its threads start before it says it is ready, so that a process that cannot have
 pids limit) fails before the commit point. If the source process dies with pages still
 missing, the pager installs :data:`~pageflip.memory.LOST_PAGE` over each of them instead,
 so that no page ever reads as zeros and no guest thread stays blocked, and reports the loss.
-If the pager itself dies, the destination (which keeps its own uffd) starts another: it
-finds the pages already in by SEEK_DATA on the memfds and goes on.
+The pager process is a keeper and a forked worker. The worker does all of the above; the
+keeper relays the conversation and holds the uffd and the memfds, so that when a worker dies,
+fails or hangs, it starts another on its own, without the destination, whose main thread may
+be waiting for the GIL that a faulting guest thread holds. A new worker finds the pages
+already in by SEEK_DATA on the memfds and goes on. If the whole pager dies, the destination
+(which keeps its own uffd) starts another the same way.
 
 Run as ``python -m pageflip._pager FD`` where FD is one end of a Unix socket pair; the
 conversation on it is the channel's framing, one JSON object (with fds) per frame (see
@@ -32,6 +36,7 @@ import logging
 import mmap
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -61,6 +66,12 @@ STEP_PAGES = 64
 FAULT_AHEAD = 15
 #: Seconds between progress messages.
 PROGRESS_EVERY = 0.1
+#: Workers the keeper starts after the first, before it gives up (then the destination may
+#: start a whole new pager).
+WORKER_RESTARTS = 3
+#: Seconds a worker with pages to fetch may stay silent before the keeper counts it hung
+#: (the destination's own limit for the whole pager is longer).
+WORKER_SILENCE = 3.0
 
 
 def open_pager_link(sock: socket.socket) -> Endpoint:
@@ -433,8 +444,194 @@ def _regions(start: dict[str, Any], memfds: list[int], ledger: Ledger) -> list[P
     return regions
 
 
+class _Worker:
+    """A forked worker process and the socket pair the keeper talks to it on."""
+
+    def __init__(self, close_in_child: list[int]) -> None:
+        if threading.active_count() != 1:  # a fork copies one thread: the keeper has one
+            raise RuntimeError("the pager's keeper has threads: it cannot fork a worker")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        keeper = os.getpid()
+        try:
+            self.pid = os.fork()
+        except OSError as err:
+            ours.close()
+            theirs.close()
+            raise RuntimeError(
+                f"the pager could not fork its worker: {err} (a limit on processes and "
+                "threads, such as a pids cgroup?)"
+            ) from err
+        if self.pid == 0:  # the worker
+            code = 1
+            try:
+                io.die_with_parent(signal.SIGKILL, keeper)  # never outlive the keeper
+                ours.close()
+                _fds.close_all(list(close_in_child))
+                code = _serve(open_pager_link(theirs), _work)
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.link = open_pager_link(ours)
+        self.heard = time.monotonic()
+        self.status: int | None = None  # once reaped
+
+    @property
+    def ended(self) -> bool:
+        return self.status is not None
+
+    def end(self, *, kill: bool) -> int:
+        """Reap the worker (killed first if ``kill``, or if it lingers); its wait status."""
+        if self.status is not None:
+            return self.status
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.link.close()
+        deadline = time.monotonic() + 10
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+                return status
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)
+
+
+def _died(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class _Keeper:
+    """The pager process itself: it relays between the destination and a forked worker, and
+    replaces a worker that dies or hangs on its own.
+
+    The destination can replace a dead pager too, but only when its main thread gets the GIL,
+    and a guest thread that faults on a missing page inside numpy sleeps holding it: then
+    only a page can wake the destination, and only a pager brings pages. The keeper needs
+    nothing from the destination to start another worker. It holds the uffd, the ledger and
+    the memfds of "start", gives them to the new worker, which finds the pages already in
+    (SEEK_DATA) and goes on. The keeper never touches guest memory and starts no thread."""
+
+    def __init__(self, link: Endpoint) -> None:
+        self.link = link
+        self.start: dict[str, Any] | None = None
+        self.start_fds: list[int] = []
+        self.go = False
+        self.reported = False  # the worker said "complete" or "lost": nothing to serve
+        self.restarts = 0
+        self.worker = self._new_worker()
+
+    def _new_worker(self) -> _Worker:
+        worker = _Worker([self.link.fileno(), *self.start_fds])
+        message, fds = recv_note(worker.link, WORKER_SILENCE)
+        _fds.close_all(fds)
+        if "ready" not in message:
+            raise RuntimeError(f"a new pager worker said {message} instead of ready")
+        return worker
+
+    def run(self) -> None:
+        while True:
+            ready = self._wait()
+            asked = self.link.pending or self.link.fileno() in ready
+            if asked and not self._from_destination():
+                return
+            if self.worker.ended:
+                continue  # it reported everything, then went: nothing left to serve
+            if self.worker.link.pending or self.worker.link.fileno() in ready:
+                self._from_worker()
+            elif self.go and not self.reported:
+                silent = time.monotonic() - self.worker.heard
+                if silent > WORKER_SILENCE:
+                    self._replace(f"said nothing for {silent:.1f} s (hung?)", kill=True)
+
+    def close(self) -> None:
+        self.worker.end(kill=True)
+        _fds.close_all(self.start_fds)
+        self.start_fds = []
+
+    def _wait(self) -> set[int]:
+        worker = [] if self.worker.ended else [self.worker.link]
+        if any(link.pending for link in [self.link, *worker]):
+            return set()
+        fds = [link.fileno() for link in [self.link, *worker]]
+        ready, _, _ = select.select(fds, [], [], 0.1)
+        return set(ready)
+
+    def _from_destination(self) -> bool:
+        """Pass the destination's word on; False once it said "exit" (or went away)."""
+        try:
+            note = self.link.poll("pager")
+        except (PeerClosed, PeerTimeout):
+            return False
+        if note is None:
+            return True
+        message, fds = note.message, list(note.fds)
+        if "start" in message:
+            self.start, self.start_fds, fds = message, fds, []
+            self.go = bool(message["start"].get("go", True))
+        self.go = self.go or "go" in message
+        if not self.worker.ended:
+            with contextlib.suppress(PeerClosed, PeerTimeout, OSError):
+                send_note(self.worker.link, message, self.start_fds if "start" in message else fds)
+            self.worker.heard = time.monotonic()
+        _fds.close_all(fds)
+        if "exit" in message:
+            self.worker.end(kill=False)
+            return False
+        return True
+
+    def _from_worker(self) -> None:
+        try:
+            note = self.worker.link.poll("pager")
+        except (PeerClosed, PeerTimeout, OSError):
+            status = self.worker.end(kill=False)
+            if not self.reported:
+                self._replace(_died(status), kill=False)
+            return
+        if note is None:
+            return
+        self.worker.heard = time.monotonic()
+        _fds.close_all(list(note.fds))
+        if "error" in note.message:
+            self._replace(f"failed: {note.message['error']}", kill=True)
+            return
+        self.reported = self.reported or "complete" in note.message or "lost" in note.message
+        send_note(self.link, note.message)
+
+    def _replace(self, why: str, *, kill: bool) -> None:
+        """A new worker takes over from one that died, failed or hung."""
+        self.worker.end(kill=kill)
+        self.restarts += 1
+        if self.restarts > WORKER_RESTARTS:
+            raise RuntimeError(f"the pager's worker failed {self.restarts} times; last: it {why}")
+        log.warning("the pager's worker %s; a new one takes over", why)
+        self.worker = self._new_worker()
+        if self.start is not None:
+            replay = {"start": {**self.start["start"], "go": self.go}}
+            send_note(self.worker.link, replay, self.start_fds)
+            message, fds = recv_note(self.worker.link, WORKER_SILENCE)
+            _fds.close_all(fds)
+            if "started" not in message:
+                raise RuntimeError(f"a new pager worker said {message} instead of started")
+        send_note(self.link, {"restarted": f"its worker {why}; a new one took over"})
+
+
 def run(link: Endpoint) -> None:
-    """The pager process: threads up, ready; take the memory; fill it; report; exit."""
+    """The pager process: a keeper and its worker (see :class:`_Keeper`)."""
+    keeper = _Keeper(link)
+    try:
+        send_note(link, {"ready": True, "pid": os.getpid()})
+        keeper.run()
+    finally:
+        keeper.close()
+
+
+def _work(link: Endpoint) -> None:
+    """The worker: threads up, ready; take the memory; fill it; report; exit."""
     pager = Pager()
     fds: list[int] = []
     ledger: Ledger | None = None
@@ -501,17 +698,10 @@ def _exit_asked(link: Endpoint, wait: float = 0.0) -> bool:
     return isinstance(note, Note) and "exit" in note.message
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"pageflip pager[{os.getpid()}]: %(levelname)s: %(message)s",
-    )
-    sock = socket.socket(fileno=int(args[0]))
-    link = open_pager_link(sock)
+def _serve(link: Endpoint, body: Any) -> int:
+    """Run ``body(link)``; an exception is logged and told to the other end (exit status 1)."""
     try:
-        run(link)
+        body(link)
     except Exception as err:
         log.exception("the pager failed")
         with contextlib.suppress(Exception):
@@ -526,3 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         link.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="pageflip pager[%(process)d]: %(levelname)s: %(message)s",
+    )
+    return _serve(open_pager_link(socket.socket(fileno=int(args[0]))), run)

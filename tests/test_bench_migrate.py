@@ -376,3 +376,24 @@ def test_a_failed_run_is_an_error_and_keeps_the_runs_before_it(
     partial = json.loads(output.read_text())
     assert partial["complete"] is False and partial["runs"] == []
     assert "Incomplete" in bench_migrate.markdown_table(partial)
+
+
+def test_the_sampler_counts_shared_memory_once_without_walking_page_tables() -> None:
+    """walk=False: shared memory the processes hold at the start counts once (two roles on
+    the same process: not twice), and shared memory created later adds what it holds."""
+    from pageflip.bench.migrate.sampling import Sampler
+    from pageflip.memory import Region
+
+    mib = 1 << 20
+    with Region.movable(32 * mib, "sampled") as held:
+        held.numpy()[:] = 1  # resident
+        sampler = Sampler({"source": os.getpid(), "destination": os.getpid()}, 0.01, walk=False)
+        base = sampler.baseline()
+        assert 32 * mib <= base["shared"] < 40 * mib, base
+        with Region.movable(16 * mib, "grown") as grown:
+            grown.numpy()[:] = 1
+            later = sampler.sample()
+            assert later is not None
+            assert 40 * mib <= later["shared"] < 56 * mib, later
+        result = sampler.result(base, 32 * mib)
+        assert result["method"] == "counters" and result["pss_samples"] == 2

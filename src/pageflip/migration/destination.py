@@ -194,6 +194,18 @@ class Prefault:
             thread.join()
 
 
+def _populate_idle(regions: list[Region]) -> None:
+    """Fill our page tables for ``regions`` (MADV_POPULATE_WRITE), at the idle scheduling
+    class (this thread only: it ends here)."""
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    for region in regions:
+        with contextlib.suppress(OSError):
+            for start in range(0, region.size, POPULATE_CHUNK):
+                length = min(POPULATE_CHUNK, region.size - start)
+                mm.madvise(region.address + start, length, Madv.POPULATE_WRITE)
+
+
 def _inode(region: Region) -> int:
     (extent,) = region.extents()
     assert extent.memfd is not None
@@ -563,11 +575,13 @@ class Destination(Side[DestinationPhase]):
         empty pays a fault per page, for seconds after the resume) and let the guest kind
         prepare its memory. Nothing is written to them: until COMMIT they are the source's."""
         self._regions = self._map_flip(event, "LEND")
-        for region in self._regions:
-            with contextlib.suppress(OSError):
-                for start in range(0, region.size, POPULATE_CHUNK):
-                    length = min(POPULATE_CHUNK, region.size - start)
-                    mm.madvise(region.address + start, length, Madv.POPULATE_WRITE)
+        # Seconds of work for a large guest, on CPUs that the running guest needs too: done by
+        # a thread of the idle scheduling class, which yields to any other thread at once.
+        filler = threading.Thread(
+            target=_populate_idle, args=(list(self._regions),), name="pageflip-lend-fill"
+        )
+        filler.start()
+        filler.join()
         assert self._guest_class is not None
         self._guest_class.prepare_regions(self._regions)
 

@@ -65,6 +65,7 @@ class MemoryRecord(TypedDict):
     pss_read_ms_mean: float | None
     pss_read_ms_max: float | None
     interval: float
+    method: str  # "pss" (smaps_rollup) or "counters" (status and meminfo: no walk)
 
 
 class PostcopyRecord(TypedDict):

@@ -240,7 +240,7 @@ def _migrate(
     record["write_rate"] = sum(rates) / len(rates) * (1 << 20) if rates else None
 
     _ask_pause(src_sock)  # from now on the guest's largest loop gap counts (QEMU's way)
-    sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval)
+    sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval, walk=False)
     samplers.append(sampler)
     baseline = sampler.baseline()
     sampler.start()

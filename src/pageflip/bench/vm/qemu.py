@@ -316,7 +316,7 @@ def _migrate(
     else:
         record["notes"].append(f"{flavour.name}: the guest cannot report its pause")
 
-    sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval)
+    sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval, walk=False)
     samplers.append(sampler)
     baseline = sampler.baseline()
     sampler.start()

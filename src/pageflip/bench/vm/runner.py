@@ -12,7 +12,7 @@ from typing import cast
 
 from ...errors import BenchmarkError, VmBenchmarkError
 from ..common import finite, machine
-from ..migrate.sampling import PSS_SHARE
+from ..migrate.sampling import COUNTERS
 from .config import ORDER, ProgressCallback, VmConfig, VmRunSpec, run_order
 from .pageflip_side import pageflip_vm_available, run_pageflip
 from .qemu import qemu_version, run_qemu
@@ -41,11 +41,10 @@ NOTES = {
     "event (QEMU's timestamps); pageflip: its switchover event until the destination's "
     "resumed event (CLOCK_MONOTONIC)",
     "bytes_moved": "QEMU: ram.transferred; pageflip: bytes_on_wire",
-    "peak_memory": "the largest sum of both processes' Pss (/proc/PID/smaps_rollup: memory "
-    "both map, such as QEMU's shared file, counted once) plus what the destination started, "
-    "sampled from a thread of the benchmark from just before the migration until it "
-    f"completed, every 50 ms but at most {PSS_SHARE:.0%} of the time (a read walks every "
-    "page table); the ratio is to the guest's RAM; the RSS sum (an upper bound) is in the JSON",
+    "peak_memory": "the largest total memory of both processes and what the destination "
+    "started, by "
+    + COUNTERS.format(interval=0.05)
+    + "; the ratio is to the guest's RAM; the RSS sum (an upper bound) is in the JSON",
     "qemu": "QEMU 7.2 with KVM, 1 vCPU, -cpu host,-arch-capabilities; migration over a unix "
     "socket; shared = memory-backend-file on /dev/shm with share=on and x-ignore-shared; "
     "precopy and postcopy with max-bandwidth 100 GB/s (unthrottled), downtime-limit 300 ms "

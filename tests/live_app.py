@@ -45,7 +45,11 @@ MODE = mode(args.mode_file) if NEW else ""
 if MODE == "crash-import":
     raise ImportError("simulated import failure of the new version")
 
+import logging  # noqa: E402
+
 from pageflip import live  # noqa: E402
+
+logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
 
 
 class Server:

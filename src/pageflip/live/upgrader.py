@@ -438,6 +438,7 @@ class Upgrader:
 
     def _lost(self, why: str) -> None:
         self.state_lost = True
+        self._restore_stderr()  # the old version copied our stderr: nobody reads it now
         log.warning(
             "the old version's state is lost (%s): taking over its regions and listeners "
             "without it",
@@ -690,6 +691,11 @@ class Upgrader:
         self.close()
 
 
+def _rollback(reason: str) -> UpgradeFailed:
+    """The upgrade cannot go on: end the new version, serve on (``reason`` says why)."""
+    return UpgradeFailed(reason, reason=reason)
+
+
 def _unlink_if(path: str, inode: int) -> None:
     if path.startswith("@"):
         return
@@ -758,7 +764,7 @@ class _Handover:
             self._offer()
             self._wait_take()
             self._wait_ready()
-        except _Rollback as why:
+        except UpgradeFailed as why:
             self._roll_back(str(why))
             return self.report
         except BaseException as err:
@@ -790,7 +796,7 @@ class _Handover:
             os.close(err_r)
             if self.link is None:
                 ours.close()
-            raise _Rollback(f"cannot start the new version: {one_line(err)}") from None
+            raise _rollback(f"cannot start the new version: {one_line(err)}") from None
         finally:
             theirs.close()
             os.close(err_w)
@@ -822,7 +828,7 @@ class _Handover:
         try:
             send_note(self.link, {"offer": offer}, fds)
         except PeerClosed:
-            raise _Rollback(self._why_gone("before it took the offer")) from None
+            raise _rollback(self._why_gone("before it took the offer")) from None
         self.report.regions = [
             {"name": r["name"], "bytes": r["size"], "moved": True} for r in regions
         ]
@@ -837,18 +843,18 @@ class _Handover:
         assert self.link is not None
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise _Rollback(f"the new version did not {waiting_for} within {self.timeout:g} s")
+            raise _rollback(f"the new version did not {waiting_for} within {self.timeout:g} s")
         try:
             message, fds = recv_note(self.link, left)
         except PeerTimeout:
-            raise _Rollback(
+            raise _rollback(
                 f"the new version did not {waiting_for} within {self.timeout:g} s"
             ) from None
         except PeerClosed:
-            raise _Rollback(self._why_gone(f"before it could {waiting_for}")) from None
+            raise _rollback(self._why_gone(f"before it could {waiting_for}")) from None
         close_all(fds)
         if "error" in message:
-            raise _Rollback(f"the new version failed: {message['error']}")
+            raise _rollback(f"the new version failed: {message['error']}")
         return message
 
     def _why_gone(self, when: str) -> str:
@@ -864,7 +870,7 @@ class _Handover:
     def _wait_take(self) -> None:
         message = self._next("take over")
         if "take" not in message:
-            raise _Rollback(f"the new version sent {sorted(message)}, expected take")
+            raise _rollback(f"the new version sent {sorted(message)}, expected take")
         up = self.up
         self.say("the new version takes over: stopping this one")
         self.stopped_at = time.monotonic()
@@ -873,15 +879,15 @@ class _Handover:
             try:
                 state = up._on_stop(self.deadline)
             except Exception as err:
-                raise _Rollback(f"on_stop failed: {one_line(err)}") from None
+                raise _rollback(f"on_stop failed: {one_line(err)}") from None
         if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
-            raise _Rollback(f"on_stop returned {type(state).__name__}, not bytes or None")
+            raise _rollback(f"on_stop returned {type(state).__name__}, not bytes or None")
         fds: list[int] = []
         try:
             if state is not None:
                 blob = bytes(state)
                 if len(blob) > up.state_limit:
-                    raise _Rollback(
+                    raise _rollback(
                         f"the state blob is {len(blob)} bytes, over the limit of "
                         f"{up.state_limit} bytes (state_limit)"
                     )
@@ -894,14 +900,14 @@ class _Handover:
             assert self.link is not None
             send_note(self.link, {"state": None if state is None else len(bytes(state))}, fds)
         except PeerClosed:
-            raise _Rollback(self._why_gone("before it took the state")) from None
+            raise _rollback(self._why_gone("before it took the state")) from None
         finally:
             close_all(fds)
 
     def _wait_ready(self) -> None:
         message = self._next("become ready")
         if "ready" not in message:
-            raise _Rollback(f"the new version sent {sorted(message)}, expected ready")
+            raise _rollback(f"the new version sent {sorted(message)}, expected ready")
         self._control_taken = bool(message.get("control"))
 
     def _finish(self) -> None:
@@ -948,7 +954,3 @@ class _Handover:
                 log.exception("on_resume failed")
         self.say(f"rolled back: {reason}")
         self.report.total = time.monotonic() - self.start
-
-
-class _Rollback(Exception):
-    """The upgrade cannot go on: end the new version, serve on (the message says why)."""

@@ -45,6 +45,16 @@ __version__ = "0.1.0"
 
 _logging.getLogger("pageflip").addHandler(_logging.NullHandler())
 
+
+def __getattr__(name: str) -> object:
+    """``pageflip.live`` (live update of a service) is imported on first use."""
+    if name == "live":
+        import importlib
+
+        return importlib.import_module(".live", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     # memory and the channel
     "Region",

@@ -47,8 +47,13 @@
           │    │                       holds the runs before it
           │    └── VmBenchmarkError    the VM comparison could not go on (a system missing,
           │                            no guest ELF); ``partial`` holds the runs before it
-          └── DemoError                the demo's child process failed or died
-                                       (also a RuntimeError)
+          ├── DemoError                the demo's child process failed or died
+          │                            (also a RuntimeError)
+          └── LiveError                a live update of a service (pageflip.live) cannot
+               │                       go on; the message says why
+               ├── UpgradeRunning      another upgrade of this process is under way
+               └── UpgradeFailed       the new version failed: it was ended, the old one
+                                       serves on; ``reason``, ``stderr`` (its last lines)
 
 Every exception keeps its fields as attributes and pickles with them, because exceptions
 cross process boundaries (a worker's error re-raised in its parent).
@@ -321,6 +326,28 @@ class DemoError(PageflipError, RuntimeError):
     """The demo's child process failed or died with an error that is not pageflip's."""
 
 
+class LiveError(PageflipError):
+    """A live update (:mod:`pageflip.live`) cannot go on: a region of another size than
+    the old version's, a listener the old version does not have, a state blob over the
+    limit, a call in the wrong phase."""
+
+
+class UpgradeRunning(LiveError):
+    """An upgrade was asked for while another one runs (``pid`` is its new process)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("pid",)
+    pid: int | None
+
+
+class UpgradeFailed(LiveError):
+    """The new version failed and was ended; the old one serves on, untouched. ``reason``
+    is why, ``stderr`` the new version's last lines on stderr (if any)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("reason", "stderr")
+    reason: str | None
+    stderr: list[str] | None
+
+
 class GuestImageError(VmError):
     """The VMM's test guest (``pageflip.vm.guest_elf``) cannot be built. ``missing`` lists
     the build tools not found (the message says what to install); ``output`` is what a
@@ -346,6 +373,7 @@ __all__ = [
     "GuestError",
     "GuestImageError",
     "GuestLost",
+    "LiveError",
     "LocalProtocolError",
     "MigrateBenchmarkError",
     "MigrationError",
@@ -361,6 +389,8 @@ __all__ = [
     "SpanError",
     "StateError",
     "UnknownGuest",
+    "UpgradeFailed",
+    "UpgradeRunning",
     "VmBenchmarkError",
     "WrongType",
 ]

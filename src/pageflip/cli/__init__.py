@@ -11,6 +11,7 @@ Subcommands (``pageflip --help``)::
     pageflip bench handoff --size 1G [...]       time every way to hand N bytes over
     pageflip bench migrate [...]                 migration matrix: sizes x dirty rates x modes
     pageflip bench vm [...]                      the same guest ELF migrated by QEMU and pageflip
+    pageflip upgrade --control PATH              live-update a service using pageflip.live
     pageflip demo                                a 1 GiB workload migrated by flip and precopy
     pageflip demo handoff [--size 1G]            move, then copy, 1 GiB between two processes
 
@@ -26,9 +27,9 @@ stays clean. The library itself never prints: everything here is the command lin
 
 from __future__ import annotations
 
-from . import bench, demo, guests, probe, vm
+from . import bench, demo, guests, live, probe, vm
 from ._base import main
 
 __all__ = ["main"]
 
-_ = (bench, demo, guests, probe, vm)  # imported for the commands they add to main
+_ = (bench, demo, guests, live, probe, vm)  # imported for the commands they add to main

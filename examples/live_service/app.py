@@ -34,7 +34,7 @@ import uvicorn
 VERSION = "live-service 1"
 DIM = 64
 #: Rows of one partition: a search scans the query's partition (an IVF-style coarse cell).
-PARTITION = 16384
+PARTITION = 4096
 #: Rows filled from one seeded generator (the fill is the same whatever the chunking).
 CHUNK = 65536
 #: The environment variable that makes start-up fail (a broken new version, for rollbacks).
@@ -186,6 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-live", action="store_true", help="serve without pageflip.live")
     parser.add_argument("--reuseport", action="store_true", help="SO_REUSEPORT (no-live only)")
     parser.add_argument("--fail-if-exists", metavar="PATH", help="fail at start-up if PATH is")
+    parser.add_argument("--tag", help="ignored: marks the processes of one benchmark run")
     return parser.parse_args(argv)
 
 

@@ -112,6 +112,9 @@ class ServiceProcess:
             self.proc.wait()
         for reader in self._readers:
             reader.join(timeout=1.0)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def tagged_pids(tag: str) -> list[int]:

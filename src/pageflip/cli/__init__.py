@@ -11,6 +11,7 @@ Subcommands (``pageflip --help``)::
     pageflip bench handoff --size 1G [...]       time every way to hand N bytes over
     pageflip bench migrate [...]                 migration matrix: sizes x dirty rates x modes
     pageflip bench vm [...]                      the same guest ELF migrated by QEMU and pageflip
+    pageflip bench live [...]                    a service replaced under load, three ways
     pageflip demo                                a 1 GiB workload migrated by flip and precopy
     pageflip demo handoff [--size 1G]            move, then copy, 1 GiB between two processes
 

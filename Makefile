@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench guest qemu clean
+.PHONY: demo test lint typecheck unit bench guest qemu wrk clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -41,6 +41,16 @@ qemu:
 	else \
 		apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86; \
+	fi
+
+# wrk for `pageflip bench live --load wrk` (Debian's wrk), only when it is missing. Tests never
+# need it.
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then \
+		wrk --version 2>&1 | head -n 1; \
+	else \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; \
 	fi
 
 clean:

@@ -41,6 +41,8 @@ OUTSIDE = {
     "PeerRejected",
     "pageflip.stream.fields.Invalid": "internal to the stream codec: the decoder turns it into "
     "RemoteProtocolError before it leaves the package",
+    "pageflip.bench.live.load._Failed": "private to the load generator: a failed request, "
+    "recorded as a Failure and never raised out of its connection",
     "pageflip._sys.fds.TruncatedFds": "_sys speaks OSError like the kernel it wraps (errors "
     "from the kernel stay OSErrors); the CLI prints any OSError as one line",
 }

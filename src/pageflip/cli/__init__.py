@@ -12,6 +12,7 @@ Subcommands (``pageflip --help``)::
     pageflip bench migrate [...]                 migration matrix: sizes x dirty rates x modes
     pageflip bench vm [...]                      the same guest ELF migrated by QEMU and pageflip
     pageflip upgrade --control PATH              live-update a service using pageflip.live
+    pageflip bench live [...]                    a service replaced under load, three ways
     pageflip demo                                a 1 GiB workload migrated by flip and precopy
     pageflip demo handoff [--size 1G]            move, then copy, 1 GiB between two processes
 

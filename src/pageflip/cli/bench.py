@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,6 +24,7 @@ from ._base import stderr_console as _stderr_console
 
 if TYPE_CHECKING:
     from ..bench.handoff import HandoffResult
+    from ..bench.live import LiveResult
     from ..bench.migrate import MigrateConfig, MigrateResult
     from ..bench.vm import VmConfig, VmResult
 
@@ -686,3 +689,121 @@ def _print_vm(result: VmResult) -> None:
     out.print(
         _targets_table("targets (from the numbers above)", bench_vm_module.target_rows(result))
     )
+
+
+# -- bench live -----------------------------------------------------------------------------
+
+
+@bench.command(name="live")
+@click.option(
+    "--index-size", type=SIZE, default="4G", show_default=True, help="The service's index."
+)
+@click.option(
+    "--upgrades", type=click.IntRange(min=0), default=20, show_default=True, help="Upgrades."
+)
+@click.option(
+    "--rollbacks",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Upgrades whose new version fails at start-up (the old one must serve on).",
+)
+@click.option(
+    "--duration",
+    type=DURATION,
+    default="5s",
+    show_default=True,
+    help="Steady load before each side's action (its p99 is the steady-state figure).",
+)
+@click.option(
+    "--connections", type=click.IntRange(min=1), default=16, show_default=True, help="Clients."
+)
+@click.option(
+    "--load",
+    type=click.Choice(["python", "wrk"]),
+    default="python",
+    show_default=True,
+    help="The load: pageflip's own (every request timed) or wrk (`make wrk`).",
+)
+@click.option(
+    "--app",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The service (default: examples/live_service/app.py of this source tree).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("benchmarks/results/live"),
+    show_default=True,
+    help="Directory for live.json and live.md.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_live(
+    index_size: int,
+    upgrades: int,
+    rollbacks: int,
+    duration: float,
+    connections: int,
+    load: str,
+    app: Path | None,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Replace a running service under load three ways and compare, in one run.
+
+    The service (examples/live_service) answers nearest-neighbour searches over an index
+    of INDEX-SIZE bytes. Plain restart: stop it, start the new one, which loads the index
+    from disk. Overlap restart: the new one loads its own copy beside the old one
+    (SO_REUSEPORT), then the old one drains and exits. pageflip live: `pageflip upgrade`
+    --upgrades times, then --rollbacks upgrades whose new version fails at start-up
+    (reported "not available" without pageflip.live). Recorded for each: time, failed
+    requests, the worst latency during the change beside the steady p99, the longest time
+    without a response, the service's own pause, and the peak memory (Pss) of all its
+    processes against one copy. Writes live.json and live.md under --out.
+    """
+    from ..bench import live as bench_live_module
+
+    try:
+        config = bench_live_module.LiveConfig(
+            index_size=index_size,
+            upgrades=upgrades,
+            rollbacks=rollbacks,
+            duration=duration,
+            connections=connections,
+            load=load,
+            app=app,
+        )
+    except BadArgument as err:
+        raise click.BadParameter(str(err)) from None
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        click.echo(f"live [{time.monotonic() - started:6.1f} s] {text}", err=True)
+
+    argv = sys.argv[sys.argv.index("live") + 1 :] if "live" in sys.argv else []
+    result = bench_live_module.run(config, say, "pageflip bench live " + shlex.join(argv))
+    text = json.dumps(finite(result), indent=2, allow_nan=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "live.json", text)
+    (out_dir / "live.md").write_text(bench_live_module.markdown(result))
+    if as_json:
+        click.echo(text)
+    else:
+        _print_live(result)
+    _stderr_console().print(f"results written to {out_dir}/live.json, live.md")
+
+
+def _print_live(result: LiveResult) -> None:
+    from ..bench import live as bench_live_module
+
+    size = format_size(result["config"]["index_size"])
+    table = Table(
+        title=f"replacing a service under load: index {size}",
+        caption=f"{_machine_line(result)}\nhow each figure is measured: live.md; every run: --json",
+    )
+    for i, name in enumerate(bench_live_module.COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in bench_live_module.rows(result):
+        table.add_row(*map(escape, cells))
+    Console().print(table)

@@ -110,10 +110,13 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for reader in self._readers:
+        # A successor started by this process (pageflip.live) keeps its stdout and stderr:
+        # then the pipes stay open and a reader stays blocked in them, holding the stream's
+        # lock; such a stream is left to its (daemon) reader, which ends with the successor.
+        streams = (self.proc.stdout, self.proc.stderr)
+        for reader, stream in zip(self._readers, streams, strict=True):
             reader.join(timeout=1.0)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
+            if stream is not None and not reader.is_alive():
                 stream.close()
 
 

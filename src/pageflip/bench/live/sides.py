@@ -151,7 +151,7 @@ class Bench:
             self.cleanup_services()
 
     def cleanup_services(self) -> None:
+        kill_tagged(str(self.tag))  # every generation, also those started by an upgrade
         for service in self.procs:
             service.stop(timeout=5.0)
         self.procs.clear()
-        kill_tagged(str(self.tag))

@@ -40,6 +40,9 @@ CHUNK = 65536
 #: The environment variable that makes start-up fail (a broken new version, for rollbacks).
 FAIL_ENV = "LIVE_SERVICE_FAIL"
 KEEP_ALIVE = 5.0
+#: Loop iterations after the listener is closed for connections accepted just before it to
+#: reach their protocols (asyncio wires an accepted socket in a task of its own).
+WIRING_TICKS = 5
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -155,16 +158,19 @@ class Service:
         return server
 
     async def drain(self, deadline: float) -> None:
-        """Stop accepting (close our copies of the listener), then wait at least one loop
-        tick and until no connection is left, or until ``deadline`` (time.monotonic())."""
+        """Stop accepting (close our copies of the listener), let the connections accepted
+        just before get wired to their protocols (a few loop iterations), then wait until
+        none is left, or until ``deadline`` (time.monotonic()). The new version takes over
+        only after this: the shorter, the shorter the service's pause."""
         self.draining = True
         for server in self.servers:
             for listener in getattr(server, "servers", []):
                 listener.close()
         bound = min(deadline, time.monotonic() + 2 * KEEP_ALIVE)
-        await asyncio.sleep(0.05)
+        for _ in range(WIRING_TICKS):
+            await asyncio.sleep(0)
         while time.monotonic() < bound and any(s.server_state.connections for s in self.servers):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.001)
 
     def exit(self) -> None:
         for server in self.servers:
@@ -221,7 +227,7 @@ async def serve(service: Service, sock: socket.socket, on_serving: Callable[[], 
         if service.tasks[0].done():
             service.tasks[0].result()  # it failed: raise why
             return
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.001)
     on_serving()
     while not all(t.done() for t in service.tasks):
         await asyncio.gather(*list(service.tasks))

@@ -129,3 +129,6 @@ def test_demo_migrates_by_flip_then_precopy() -> None:
     assert "flip: a -> b" in text and "precopy: b -> c" in text
     assert text.count("guest's own check: verified") == 2
     assert "both migrations, side by side" in text
+    # then the live update of the example service, under load
+    assert text.count("upgraded: pid") == 2, text
+    assert "live update under load" in text and "2 of 2" in text

@@ -21,18 +21,25 @@ from ._base import RATE, SIZE, main
 )
 @click.pass_context
 def demo(ctx: click.Context, size: int, dirty_rate: int) -> None:
-    """Migrate a running 1 GiB workload twice: by flip, then by precopy, each verified.
+    """Migrate a running 1 GiB workload by flip, then by precopy; live-update a service.
 
     Three processes: the workload, and two `pageflip incoming` destinations; the guest
     goes from the first to the second by flip (its pages move) and on to the third by
     precopy (its pages are copied while it keeps writing), and checks after each move that
-    no write was lost. A side-by-side summary ends it.
+    no write was lost. A side-by-side summary follows. Then an HTTP service holding an
+    index of SIZE (at most 256 MiB; examples/live_service) is upgraded twice under load by
+    `pageflip upgrade`: its memory and listening socket change owner, and no request may
+    fail.
     """
     if ctx.invoked_subcommand is not None:
         return
+    from ..demo_live import run_live_demo
     from ..demo_migration import run_migration_demo
 
-    if not run_migration_demo(size, dirty_rate, console=Console()):
+    console = Console()
+    if not run_migration_demo(size, dirty_rate, console=console):
+        sys.exit(1)
+    if not run_live_demo(console, min(size, 256 << 20)):
         sys.exit(1)
 
 

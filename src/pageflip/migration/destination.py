@@ -81,8 +81,6 @@ log = logging.getLogger("pageflip.migration")
 FLIP_SPIN = 0.25
 #: Seconds to wait for the guest's own figure of its pause after resuming it.
 GUEST_PAUSE_WAIT = 0.5
-#: Bytes of lent memory whose page tables are filled per madvise call.
-POPULATE_CHUNK = 64 << 20
 #: Seconds a source whose connection closed has to count as exited (a process being killed
 #: closes its sockets before its exit shows) before we take it for alive.
 SOURCE_EXIT_GRACE = 1.0
@@ -153,13 +151,17 @@ class Prefault:
     copy; MADV_POPULATE_WRITE allocates them in bulk, while the copy runs. On this kind of
     VM first touches wait on the host more than they use the CPU, so several threads go
     faster even on two CPUs: 4 GiB populated in 1.2-1.7 s with four threads, 4-6 s with one.
-    Only for precopy: a postcopy destination must leave missing pages missing.
+    Only for memory that may be filled: a precopy's, or a flip's lent memory (there it fills
+    our page tables, the pages are the source's; ``idle``: at the idle scheduling class, so
+    that the guest still running on the source wins the CPU at once). A postcopy destination
+    must leave missing pages missing.
     """
 
     STEP = 32 << 20
     THREADS = 4
 
-    def __init__(self, regions: list[Region]) -> None:
+    def __init__(self, regions: list[Region], threads: int = THREADS, idle: bool = False) -> None:
+        self._idle = idle
         self._steps = iter(
             [
                 (r.address + offset, min(self.STEP, r.size - offset))
@@ -171,12 +173,15 @@ class Prefault:
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, name=f"pageflip-prefault-{i}", daemon=True)
-            for i in range(self.THREADS)
+            for i in range(threads)
         ]
         for thread in self._threads:
             thread.start()
 
     def _run(self) -> None:
+        if self._idle:  # this thread only
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         while not self._stop.is_set():
             with self._lock:
                 step = next(self._steps, None)
@@ -188,22 +193,14 @@ class Prefault:
                 log.debug("prefault stopped: %s", err)
                 return
 
-    def stop(self) -> None:
-        self._stop.set()
+    def join(self) -> None:
+        """Wait until every step is done (or the first error stopped it)."""
         for thread in self._threads:
             thread.join()
 
-
-def _populate_idle(regions: list[Region]) -> None:
-    """Fill our page tables for ``regions`` (MADV_POPULATE_WRITE), at the idle scheduling
-    class (this thread only: it ends here)."""
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    for region in regions:
-        with contextlib.suppress(OSError):
-            for start in range(0, region.size, POPULATE_CHUNK):
-                length = min(POPULATE_CHUNK, region.size - start)
-                mm.madvise(region.address + start, length, Madv.POPULATE_WRITE)
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
 
 
 def _inode(region: Region) -> int:
@@ -575,13 +572,9 @@ class Destination(Side[DestinationPhase]):
         empty pays a fault per page, for seconds after the resume) and let the guest kind
         prepare its memory. Nothing is written to them: until COMMIT they are the source's."""
         self._regions = self._map_flip(event, "LEND")
-        # Seconds of work for a large guest, on CPUs that the running guest needs too: done by
-        # a thread of the idle scheduling class, which yields to any other thread at once.
-        filler = threading.Thread(
-            target=_populate_idle, args=(list(self._regions),), name="pageflip-lend-fill"
-        )
-        filler.start()
-        filler.join()
+        # Seconds of work for a large guest, on CPUs that the running guest needs too: one
+        # thread of the idle scheduling class, which yields to any other thread at once.
+        Prefault(self._regions, threads=1, idle=True).join()
         assert self._guest_class is not None
         self._guest_class.prepare_regions(self._regions)
 

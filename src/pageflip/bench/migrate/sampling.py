@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..._sys.procfs import proc
+from ..._sys.procfs import proc, procfs_path
 from .config import MigrateBenchmarkError
 from .records import MemoryRecord, Peak
 
@@ -40,18 +40,21 @@ COUNTERS = (
 )
 
 
-def _read_kib(path: str, key: str) -> int | None:
-    """The ``key:  N kB`` line of a /proc file, in bytes (None: the process is gone)."""
+def _read_kib(path: str, *keys: str) -> int | None:
+    """The sum of the ``key:  N kB`` lines of a /proc file, in bytes (None: the process is
+    gone, or a zombie, which has no memory lines)."""
     try:
         with open(path, "rb") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    prefix = key.encode() + b":"
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return int(line.split()[1]) * 1024
-    return None  # a zombie has no memory lines
+    wanted = {key.encode() + b":" for key in keys}
+    found = [
+        int(words[1]) * 1024
+        for words in map(bytes.split, text.splitlines())
+        if words and words[0] in wanted
+    ]
+    return sum(found) if found else None
 
 
 def _pss(pid: int) -> int | None:
@@ -62,28 +65,12 @@ def _rss(pid: int) -> int | None:
     return _read_kib(proc(pid, "status"), "VmRSS")
 
 
-def _status(pid: int, keys: tuple[str, ...]) -> int | None:
-    """The sum of ``keys`` (``Key:  N kB`` lines) of /proc/PID/status, in bytes."""
-    try:
-        with open(proc(pid, "status"), "rb") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    wanted = {key.encode() + b":" for key in keys}
-    found = [
-        int(line.split()[1]) * 1024
-        for line in text.splitlines()
-        if line.split()[:1] and line.split()[0] in wanted
-    ]
-    return sum(found) if found else None
-
-
 def _private(pid: int) -> int | None:
-    return _status(pid, ("RssAnon", "RssFile"))
+    return _read_kib(proc(pid, "status"), "RssAnon", "RssFile")
 
 
 def _shmem(pid: int) -> int | None:
-    return _status(pid, ("RssShmem",))
+    return _read_kib(proc(pid, "status"), "RssShmem")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -186,7 +173,7 @@ class Sampler:
 
     def _counted(self) -> dict[str, int]:
         """Memory by counters: private per role, shared memory once (see :data:`COUNTERS`)."""
-        host = _read_kib("/proc/meminfo", "Shmem") or 0
+        host = _read_kib(os.path.join(procfs_path(), "meminfo"), "Shmem") or 0
         if self._host_shmem0 is None:
             self._host_shmem0 = host
             # At the start only one process holds the guest's memory (the source); a

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import LocalProtocolError, PeerClosed, PeerTimeout
+from ..transport import socket_address
 
 log = logging.getLogger("pageflip.live")
 
@@ -116,7 +117,7 @@ class ControlClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect("\0" + path[1:] if path.startswith("@") else path)
+            self.sock.connect(socket_address(path))
         except OSError as err:
             self.sock.close()
             raise type(err)(

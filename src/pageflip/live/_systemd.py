@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 
+from ..transport import socket_address
+
 log = logging.getLogger("pageflip.live")
 
 #: The first fd systemd passes (SD_LISTEN_FDS_START).
@@ -44,7 +46,7 @@ def notify(message: str) -> bool:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
-    address = "\0" + path[1:] if path.startswith("@") else path
+    address = socket_address(path)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(message.encode(), address)

@@ -47,6 +47,7 @@ from ..errors import (
 )
 from ..memory import Region
 from ..migration.pager import open_pager_link, recv_note, send_note
+from ..transport import socket_address
 from . import _systemd
 from ._control import ControlServer, one_line
 
@@ -189,7 +190,7 @@ def _parse(address: Address) -> tuple[socket.AddressFamily, Any]:
         if not address.startswith("unix:") or len(address) == len("unix:"):
             raise LiveError(f"a listener address is (host, port) or 'unix:/path', not {address!r}")
         path = address[len("unix:") :]
-        return socket.AF_UNIX, ("\0" + path[1:]) if path.startswith("@") else path
+        return socket.AF_UNIX, socket_address(path)
     if not (isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int)):
         raise LiveError(f"a listener address is (host, port) or 'unix:/path', not {address!r}")
     host = address[0]
@@ -386,7 +387,7 @@ class Upgrader:
         path = None
         try:
             if family == socket.AF_UNIX:
-                if not where.startswith("\0"):
+                if isinstance(where, str):  # a path (an abstract name is bytes)
                     claim_socket_path(where)
                     path = where
             else:
@@ -503,7 +504,7 @@ class Upgrader:
         claim_socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind("\0" + path[1:] if path.startswith("@") else path)
+            sock.bind(socket_address(path))
             sock.listen(16)
         except BaseException:
             sock.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ..migrate.sampling import PSS_SHARE, _pss
+from ..migrate.sampling import PSS_SHARE, pss_of
 from .records import MemoryRecord
 from .service import tagged_pids
 
@@ -32,7 +32,7 @@ class MemoryWatch:
         self._thread: threading.Thread | None = None
 
     def total(self) -> int:
-        return sum(v for pid in tagged_pids(self.tag) if (v := _pss(pid)) is not None)
+        return sum(v for pid in tagged_pids(self.tag) if (v := pss_of(pid)) is not None)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

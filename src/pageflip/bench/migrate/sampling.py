@@ -13,7 +13,7 @@ from ..._sys.procfs import proc, procfs_path
 from .config import MigrateBenchmarkError
 from .records import MemoryRecord, Peak
 
-__all__ = ["COUNTERS", "PEAK", "PSS_SHARE", "Sampler"]
+__all__ = ["COUNTERS", "PEAK", "PSS_SHARE", "Sampler", "pss_of"]
 
 #: The sampler reads Pss (a page-table walk: about 4 ms per 256 MiB mapped here) at most this
 #: share of the time: after a read that took ``c`` seconds it waits ``c * (1/share - 1)``.
@@ -57,7 +57,8 @@ def _read_kib(path: str, *keys: str) -> int | None:
     return sum(found) if found else None
 
 
-def _pss(pid: int) -> int | None:
+def pss_of(pid: int) -> int | None:
+    """The Pss of process ``pid`` in bytes (a walk of its page tables; None: gone)."""
     return _read_kib(proc(pid, "smaps_rollup"), "Pss")
 
 
@@ -164,7 +165,7 @@ class Sampler:
         if not pss and self.walk:
             return None
         started = time.perf_counter()
-        values = self._read(_pss) if self.walk else self._counted()
+        values = self._read(pss_of) if self.walk else self._counted()
         cost = time.perf_counter() - started
         self.pss_costs.append(cost)
         self.pss.add(values)

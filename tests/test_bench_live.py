@@ -263,3 +263,19 @@ def test_live_upgrades_without_failures(tmp_path: Path) -> None:
     assert live["available"] and len(live["times"]) == 2
     assert live["rollbacks_ok"] == 1
     assert live["traffic"]["failures"] == 0
+
+
+def test_the_live_service_removes_its_control_socket_on_sigterm(tmp_path: Path) -> None:
+    """uvicorn re-raises SIGTERM after its shutdown: the example turns it into an exit that
+    closes its Upgrader, so the control socket file does not stay behind."""
+    control = tmp_path / "app.sock"
+    args = ["--index-size", "16M", "--port", "0", "--control", str(control)]
+    proc = ServiceProcess(APP, args)
+    try:
+        proc.serving(60)
+        assert control.exists()
+        proc.proc.terminate()
+        assert proc.proc.wait(30) == 143
+    finally:
+        proc.stop()
+    assert list(tmp_path.iterdir()) == []

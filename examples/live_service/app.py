@@ -293,7 +293,18 @@ def run_live(args: argparse.Namespace) -> None:
         up.ready()
         announce(sock.getsockname()[1], up.generation)
 
-    asyncio.run(serve(service, sock, on_serving))
+    # uvicorn handles SIGTERM and SIGINT while it serves, then raises the signal again once
+    # it stopped: here that becomes an exit that closes the upgrader (its socket file goes).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
+    try:
+        asyncio.run(serve(service, sock, on_serving))
+    finally:
+        up.close()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def wire_upgrader(up: Any, service: Service, sock: socket.socket) -> None:

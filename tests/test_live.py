@@ -267,6 +267,42 @@ def test_a_second_upgrade_is_refused_while_one_runs(app: App) -> None:
     assert first.returncode == 1 and "did not become ready" in err
 
 
+def test_an_upgrade_aimed_at_the_wrong_kind_of_socket_is_one_line(app: App) -> None:
+    """`pageflip upgrade` on a guest's control socket, on a directory or on nothing, and
+    `pageflip vm upgrade` on a live service's socket: one line each, nothing upgraded."""
+    from pageflip.migration import GuestHost
+
+    guest_sock = str(app.tmp / "guest.sock")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pageflip", *args],
+            env=ENV,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    (app.tmp / "adir").mkdir()
+    with GuestHost(None, guest_sock, status=lambda: {"filling": True}, outcome="filling"):
+        cases = {
+            "guest": (run("upgrade", "--control", guest_sock), "is a guest's control socket"),
+            "dir": (run("upgrade", "--control", str(app.tmp / "adir")), "is a directory"),
+            "none": (
+                run("upgrade", "--control", str(app.tmp / "none.sock")),
+                "no live service at",
+            ),
+            "vm": (run("vm", "upgrade", "--control", app.control), "not a VM's control socket"),
+        }
+    for name, (done, text) in cases.items():
+        assert done.returncode == 1, (name, done.stderr)
+        assert done.stderr.count("\n") == 1 and text in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr
+    info = app.info()
+    assert info["generation"] == 1 and app.ours() == [info["pid"]]
+
+
 def test_old_killed_during_handover_new_takes_over_without_state(app: App) -> None:
     before = app.info()
     app.set_mode("kill-old")

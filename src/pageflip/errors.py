@@ -358,6 +358,20 @@ class GuestImageError(VmError):
     output: str | None
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line, for any error: what a command prints and what a
+    control socket answers."""
+    if isinstance(err, PageflipError):
+        text = str(err)
+    elif isinstance(err, OSError):
+        text = err.strerror or str(err)
+        if err.filename is not None:
+            text = f"{text}: {err.filename}"
+    else:
+        text = str(err)
+    return f"{type(err).__name__}: {' '.join(text.split()) or type(err).__name__}"
+
+
 __all__ = [
     "BadArgument",
     "BadImage",
@@ -393,4 +407,5 @@ __all__ = [
     "UpgradeRunning",
     "VmBenchmarkError",
     "WrongType",
+    "one_line",
 ]

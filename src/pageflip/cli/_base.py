@@ -17,7 +17,7 @@ from rich.console import Console
 
 import pageflip
 
-from ..errors import BadArgument, GuestLost, PageflipError
+from ..errors import BadArgument, GuestLost, PageflipError, one_line
 from ..units import parse_size
 
 #: Exit statuses, documented in ``pageflip --help`` and the README.
@@ -35,19 +35,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def one_line(err: BaseException) -> str:
-    """``Type: message`` on one line, for any error a command can meet."""
-    if isinstance(err, PageflipError):
-        text = str(err)
-    elif isinstance(err, OSError):
-        text = err.strerror or str(err)
-        if err.filename is not None:
-            text = f"{text}: {err.filename}"
-    else:
-        text = str(err)
-    return f"{type(err).__name__}: {' '.join(text.split())}"
 
 
 class Group(click.Group):

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..display import fmt_seconds
-from ..errors import GuestLost, MigrationError, PageflipError, SpanError
+from ..errors import GuestLost, MigrationError, PageflipError, SpanError, one_line
 from ..units import format_size, human_size
 from ._base import (
     DURATION,
@@ -40,12 +40,12 @@ from ._base import (
     emit,
     log_to,
     main,
-    one_line,
     stderr_console,
 )
 
-#: Seconds a client waits for a control socket that is not there yet (a host starting up).
-CONTROL_WAIT = 10.0
+#: Seconds migrate and verify wait for a control socket that is not there yet (a host just
+#: started, still importing): long enough for that, short enough for a typo.
+CONTROL_WAIT = 3.0
 #: Seconds after the start of its writes that a workload checks the rate it reaches.
 RATE_CHECK_AFTER = 2.0
 #: A workload warns when it writes less than this share of the rate asked for.
@@ -403,8 +403,8 @@ def _listen_and_receive(
 ) -> bool:
     """Listen at ``address`` (a socket file there is claimed first), say where, and receive
     a guest there (see _receive); the listener is closed when it returns."""
+    from ..control import claim_socket_path
     from ..migration.destination import Destination
-    from ..migration.host import claim_socket_path
 
     if address.local:
         claim_socket_path(address.path)

@@ -40,12 +40,12 @@ def upgrade(control: str, timeout: float, as_json: bool) -> None:
     Its memory (the same pages), listening sockets (the same sockets: no connection is
     refused) and state go to the new version; if that fails, the old one serves on.
     """
-    from ..live._control import ControlClient
+    from ..live import ServiceClient
 
     console = stderr_console()
     last: dict[str, Any] = {}
-    with ControlClient(control, timeout=timeout + 10) as client:
-        for answer in client.request("upgrade", timeout=timeout):
+    with ServiceClient(control, timeout=timeout + 10) as client:
+        for answer in client.upgrade(timeout):
             if answer.get("event") == "progress":
                 console.print(f"upgrade: {answer.get('message')}", highlight=False)
             last = answer

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from ..errors import SpanError
+from ..errors import LocalProtocolError, SpanError
 from ..units import format_size, human_size
 from ._base import DURATION, SIZE, emit, main
 from .guests import _control_option, _echo_json, _follow, _json_option, _outcome, _serve
@@ -123,6 +123,11 @@ def vm_upgrade(control: str, timeout: float, as_json: bool) -> None:
 
     with ControlClient(control, timeout=timeout) as client:
         before = client.request("status")
+        if "status" not in before:
+            raise LocalProtocolError(
+                f"{control} is not a VM's control socket (a live service's? that one "
+                "upgrades with pageflip upgrade --control)"
+            )
         events = client.upgrade(timeout=timeout)
         last = _echo_json(events) if as_json else _follow(events, "live update")
     _outcome(last)

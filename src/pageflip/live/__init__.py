@@ -18,12 +18,13 @@ The library never prints: it logs to the ``pageflip.live`` logger.
 """
 
 from ..errors import LiveError, UpgradeFailed, UpgradeRunning
-from .upgrader import BACKLOG, HANDOVER_ENV, Upgrader, UpgradeReport
+from .upgrader import BACKLOG, HANDOVER_ENV, ServiceClient, Upgrader, UpgradeReport
 
 __all__ = [
     "BACKLOG",
     "HANDOVER_ENV",
     "LiveError",
+    "ServiceClient",
     "UpgradeFailed",
     "UpgradeReport",
     "UpgradeRunning",

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
@@ -35,21 +35,23 @@ from .._sys.fds import close_all
 from .._sys.flags import PROT_RW, Prot
 from ..channel import Endpoint
 from ..channel.peer import check_peer_memfd, map_checked_memfds
+from ..control import ControlClient, ControlServer, bind_control, claim_socket_path, unlink_if
 from ..errors import (
     BufferInUse,
     ClosedError,
     LiveError,
+    LocalProtocolError,
     PageflipError,
     PeerClosed,
     PeerTimeout,
     UpgradeFailed,
     UpgradeRunning,
+    one_line,
 )
 from ..memory import Region
 from ..migration.pager import open_pager_link, recv_note, send_note
 from ..transport import socket_address
 from . import _systemd
-from ._control import ControlServer, one_line
 
 log = logging.getLogger("pageflip.live")
 
@@ -380,8 +382,6 @@ class Upgrader:
         return sock
 
     def _bind(self, family: socket.AddressFamily, where: Any) -> _Listener:
-        from ..migration.host import claim_socket_path
-
         proto = 0 if family == socket.AF_UNIX else socket.IPPROTO_TCP
         sock = socket.socket(family, socket.SOCK_STREAM, proto)
         path = None
@@ -499,18 +499,9 @@ class Upgrader:
         os.close(fd)
 
     def _bind_control(self, path: str) -> socket.socket:
-        from ..migration.host import claim_socket_path
-
-        claim_socket_path(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(socket_address(path))
-            sock.listen(16)
-        except BaseException:
-            sock.close()
-            raise
-        if not path.startswith("@"):
-            self._control_file = (path, os.stat(path).st_ino)
+        sock, inode = bind_control(path)
+        if inode:
+            self._control_file = (path, inode)
         return sock
 
     # -- hooks of the running version -----------------------------------------------------
@@ -569,7 +560,9 @@ class Upgrader:
             if self._upgrading is not None:
                 self._upgrading = (pid, self._upgrading[1])
 
-    def _request(self, request: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+    def _request(
+        self, request: dict[str, Any], send: Callable[[dict[str, Any]], None], _: socket.socket
+    ) -> None:
         cmd = request.get("cmd")
         if cmd == "status":
             send(
@@ -642,13 +635,13 @@ class Upgrader:
         self._control_sock = None
         control_file, self._control_file = self._control_file, None
         if control_file is not None and not handed_over:
-            _unlink_if(*control_file)
+            unlink_if(*control_file)
         for held in self._listeners.values():
             for sock in held.sockets:
                 sock.close()
             os.close(held.fd)
             if held.path is not None and not handed_over:
-                _unlink_if(held.path, held.inode)
+                unlink_if(held.path, held.inode)
         self._listeners.clear()
         for name, kept in list(self._regions.items()):
             try:
@@ -695,14 +688,6 @@ class Upgrader:
 def _rollback(reason: str) -> UpgradeFailed:
     """The upgrade cannot go on: end the new version, serve on (``reason`` says why)."""
     return UpgradeFailed(reason, reason=reason)
-
-
-def _unlink_if(path: str, inode: int) -> None:
-    if path.startswith("@"):
-        return
-    with contextlib.suppress(FileNotFoundError):
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
 
 
 class _StderrTail:
@@ -922,7 +907,7 @@ class _Handover:
         if self.announce is not None:
             self.announce(self.report)
         if not self._control_taken and up._control_file is not None:
-            _unlink_if(*up._control_file)  # the new version serves no control socket there
+            unlink_if(*up._control_file)  # the new version serves no control socket there
         if up._on_exit is not None:
             try:
                 up._on_exit()
@@ -955,3 +940,32 @@ class _Handover:
                 log.exception("on_resume failed")
         self.say(f"rolled back: {reason}")
         self.report.total = time.monotonic() - self.start
+
+
+class ServiceClient(ControlClient):
+    """Talk to the control socket of a live service (an :class:`Upgrader` with
+    ``control=``): ``pageflip upgrade`` is one."""
+
+    what = "live service"
+    hint = "start the service with Upgrader(control=...) at {path}, or give --control"
+
+    def status(self) -> dict[str, Any]:
+        """The service's pid, generation, and whether it serves or upgrades now."""
+        answer = self.request("status")
+        if "generation" not in answer:
+            raise LocalProtocolError(
+                f"{self.path} is a guest's control socket, not a live service's: a guest "
+                "moves with pageflip migrate, a VM's process with pageflip vm upgrade"
+            )
+        return answer
+
+    def upgrade(self, timeout: float) -> Iterator[dict[str, Any]]:
+        """Start an upgrade that waits at most ``timeout`` seconds for the new version to
+        be ready; yields its progress events, the last one "upgraded" or "failed"."""
+        self.status()
+        return self.events(
+            "upgrade",
+            ("upgraded", "failed"),
+            gone=f"the live service at {self.path} went away (killed?) during the upgrade",
+            timeout=timeout,
+        )

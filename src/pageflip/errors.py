@@ -407,5 +407,4 @@ __all__ = [
     "UpgradeRunning",
     "VmBenchmarkError",
     "WrongType",
-    "one_line",
 ]

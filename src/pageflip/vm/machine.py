@@ -21,7 +21,6 @@ the order in which it is put back.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -213,6 +212,7 @@ class Machine:
         self._system = self._vm = self._vcpu = -1
         self._run_addr = 0
         self._run_size = 0
+        self._run_bytes = memoryview(b"")
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
         self._pause_wanted = True
@@ -261,6 +261,7 @@ class Machine:
         self._run_size = kvm.ioctl(self._system, kvm.GET_VCPU_MMAP_SIZE)
         self._run_addr = mm.mmap(None, self._run_size, PROT_RW, Map.SHARED, self._vcpu)
         self.run_page = kvm.Run.from_address(self._run_addr)
+        self._run_bytes = kvm.run_bytes(self._run_addr, self._run_size)
         self.cpuid = _supported_cpuid(self._system)
         kvm.ioctl(self._vcpu, kvm.SET_CPUID2, self.cpuid)
         self.msrs = msr_indices(self._system)
@@ -307,11 +308,13 @@ class Machine:
     def write(self, gpa: int, data: bytes) -> None:
         """Copy ``data`` into guest RAM at ``gpa`` (through the VMM's own mapping)."""
         region, offset = self._at(gpa, len(data))
-        ctypes.memmove(region.address + offset, data, len(data))
+        with region.view(offset, offset + len(data)) as view:
+            view[:] = data
 
     def read(self, gpa: int, length: int) -> bytes:
         region, offset = self._at(gpa, length)
-        return ctypes.string_at(region.address + offset, length)
+        with region.view(offset, offset + length) as view:
+            return view.tobytes()
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """Guest RAM as (start, end) guest-physical ranges, as the memory map reports it."""
@@ -345,7 +348,7 @@ class Machine:
             zeros = seg.memsz - len(seg.data)
             if zeros:
                 region, offset = self._at(seg.paddr + len(seg.data), zeros)
-                ctypes.memset(region.address + offset, 0, zeros)
+                region.numpy(shape=zeros, offset=offset).fill(0)
         self._write_start_info(encoded)
         self._set_boot_registers(image.entry)
 
@@ -470,18 +473,17 @@ class Machine:
         reason = run.exit_reason
         if reason == kvm.Exit.IO:
             io = run.exit.io
-            data = self._run_addr + io.data_offset
-            length = io.size * io.count
+            start = io.data_offset
+            end = start + io.size * io.count
             if io.direction:  # out
-                self.devices.port_out(io.port, ctypes.string_at(data, length), io.size)
+                self.devices.port_out(io.port, self._run_bytes[start:end].tobytes(), io.size)
             else:
-                answer = self.devices.port_in(io.port, io.size, io.count)
-                ctypes.memmove(data, answer, length)
+                self._run_bytes[start:end] = self.devices.port_in(io.port, io.size, io.count)
             return True
         if reason == kvm.Exit.MMIO:
             mmio = run.exit.mmio
             if not mmio.is_write:
-                ctypes.memset(ctypes.addressof(mmio.data), 0xFF, 8)
+                mmio.data[:] = b"\xff" * 8
             log.debug(
                 "MMIO %s at %#x ignored", "write" if mmio.is_write else "read", mmio.phys_addr
             )
@@ -650,6 +652,7 @@ class Machine:
         if self._run_addr:
             addr, self._run_addr = self._run_addr, 0
             del self.run_page
+            self._run_bytes = memoryview(b"")
             mm.munmap(addr, self._run_size)
         for name in ("_vcpu", "_vm", "_system"):
             fd = getattr(self, name)

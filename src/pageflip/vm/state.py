@@ -39,7 +39,6 @@ data), every length checked on decoding; a state from a peer is never unpickled 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import struct
 from collections.abc import Callable
@@ -93,14 +92,11 @@ def decode(state: bytes) -> dict[str, bytes]:
     return blobs
 
 
-def _raw(obj: Any) -> bytes:
-    return ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj))
-
-
 def _into(cls: type[Any], blob: bytes, name: str) -> Any:
-    if len(blob) < ctypes.sizeof(cls):
-        raise _bad(f"has {len(blob)} bytes of {name}, expected {ctypes.sizeof(cls)}")
-    return cls.from_buffer_copy(blob[: ctypes.sizeof(cls)])
+    size = kvm.size_of(cls)
+    if len(blob) < size:
+        raise _bad(f"has {len(blob)} bytes of {name}, expected {size}")
+    return kvm.struct_from_bytes(cls, blob)
 
 
 # Each piece: (name, structure, getter ioctl, setter ioctl), vCPU unless noted.
@@ -141,7 +137,7 @@ def save_machine(vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, 
     for name, cls, get, _ in _VCPU_PIECES:
         obj = cls()
         kvm.ioctl(vcpu_fd, get, obj)
-        blobs[name] = _raw(obj)
+        blobs[name] = kvm.struct_bytes(obj)
     blobs["cpuid"] = _save_cpuid(vcpu_fd)
     blobs["msrs"] = _save_msrs(vcpu_fd, msr_list)
     chips = []
@@ -149,11 +145,11 @@ def save_machine(vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, 
         chip = kvm.Irqchip()
         chip.chip_id = chip_id
         kvm.ioctl(vm_fd, kvm.GET_IRQCHIP, chip)
-        chips.append(_raw(chip))
+        chips.append(kvm.struct_bytes(chip))
     blobs["irqchip"] = b"".join(chips)
     clock = kvm.ClockData()
     kvm.ioctl(vm_fd, kvm.GET_CLOCK, clock)
-    blobs["clock"] = _raw(clock)
+    blobs["clock"] = kvm.struct_bytes(clock)
     blobs["meta"] = json.dumps(meta, separators=(",", ":")).encode()
     return encode(blobs)
 
@@ -168,8 +164,7 @@ def _save_cpuid(vcpu_fd: int) -> bytes:
             if err.errno == 7:  # E2BIG
                 continue
             raise
-        n = buf.head.nent
-        return ctypes.string_at(ctypes.addressof(buf.entries), n * ctypes.sizeof(kvm.CpuidEntry2))
+        return kvm.entries_bytes(buf, buf.head.nent)
     raise _bad("has more than 1024 CPUID entries")
 
 
@@ -179,8 +174,7 @@ def _save_msrs(vcpu_fd: int, msr_list: list[int]) -> bytes:
     for i, index in enumerate(msr_list):
         buf.entries[i].index = index
     got = kvm.ioctl(vcpu_fd, kvm.GET_MSRS, buf)
-    size = ctypes.sizeof(kvm.MsrEntry)
-    return ctypes.string_at(ctypes.addressof(buf.entries), got * size)
+    return kvm.entries_bytes(buf, got)
 
 
 def restore_machine(vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes]) -> dict[str, Any]:
@@ -213,7 +207,7 @@ def restore_machine(vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes]) -> dict[s
 
 
 def _restore_irqchip(vm_fd: int, blob: bytes) -> None:
-    size = ctypes.sizeof(kvm.Irqchip)
+    size = kvm.size_of(kvm.Irqchip)
     if len(blob) != 3 * size:
         raise _bad(f"has {len(blob)} bytes of irqchip, expected {3 * size}")
     for i in range(3):
@@ -227,18 +221,18 @@ def _restore_clock(vm_fd: int, blob: bytes) -> None:
 
 
 def _restore_cpuid(vcpu_fd: int, blob: bytes) -> None:
-    size = ctypes.sizeof(kvm.CpuidEntry2)
+    size = kvm.size_of(kvm.CpuidEntry2)
     if not blob or len(blob) % size:
         raise _bad(f"has {len(blob)} bytes of CPUID, not a multiple of {size}")
     n = len(blob) // size
     buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, n)
     buf.head.nent = n
-    ctypes.memmove(ctypes.addressof(buf.entries), blob, len(blob))
+    kvm.set_entries(buf, blob)
     kvm.ioctl(vcpu_fd, kvm.SET_CPUID2, buf)
 
 
 def _restore_msrs(vcpu_fd: int, blob: bytes) -> None:
-    size = ctypes.sizeof(kvm.MsrEntry)
+    size = kvm.size_of(kvm.MsrEntry)
     if len(blob) % size:
         raise _bad(f"has {len(blob)} bytes of MSRs, not a multiple of {size}")
     n = len(blob) // size
@@ -246,7 +240,7 @@ def _restore_msrs(vcpu_fd: int, blob: bytes) -> None:
         return
     buf = kvm.buffer_with_entries(kvm.MsrsHeader, kvm.MsrEntry, n)
     buf.head.nmsrs = n
-    ctypes.memmove(ctypes.addressof(buf.entries), blob, len(blob))
+    kvm.set_entries(buf, blob)
     done = kvm.ioctl(vcpu_fd, kvm.SET_MSRS, buf)
     if done != n:
         index = int(buf.entries[done].index)

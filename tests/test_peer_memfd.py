@@ -377,3 +377,36 @@ def test_a_flip_destination_refuses_them_too(name: str, make: Maker, tmp_path: P
         decoder.close()
         os.close(case.fd)
         dest.close()
+
+
+def test_a_flip_must_name_again_the_very_memfds_that_were_lent() -> None:
+    """After a LEND the destination maps the source's memfds; the FLIP inside the pause
+    only confirms them by identity: the same files (by inode), announced as such, one per
+    lent region. Anything else is the peer's protocol error."""
+    from pageflip.channel import check_same_memfds
+    from pageflip.errors import RemoteProtocolError
+
+    lent = [pf.Region.movable(4 * PAGE, name=f"r{i}") for i in range(2)]
+    other = pf.Region.movable(4 * PAGE, name="other")
+    try:
+        fds = [os.dup(r.extents()[0].memfd.fd) for r in (*lent, other)]  # type: ignore[union-attr]
+        inodes = [os.fstat(fd).st_ino for fd in fds]
+        try:
+            check_same_memfds(fds, [(0, inodes[0]), (1, inodes[1])], lent, frame="FLIP")
+            bad = {
+                "another memfd": [(0, inodes[0]), (2, inodes[1])],
+                "another announced inode": [(0, inodes[0]), (1, inodes[2])],
+                "swapped": [(1, inodes[1]), (0, inodes[0])],
+                "an fd index out of range": [(0, inodes[0]), (7, inodes[1])],
+                "one memfd fewer": [(0, inodes[0])],
+            }
+            for case, named in bad.items():
+                with pytest.raises(RemoteProtocolError, match="FLIP names") as err:
+                    check_same_memfds(fds, named, lent, frame="FLIP")
+                assert err.value.frame == "FLIP", case
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        for r in (*lent, other):
+            r.close()

@@ -15,6 +15,7 @@ from .endpoint import Codec, Endpoint, ProcessWatch
 from .peer import (
     allow_peer_read,
     check_peer_memfd,
+    check_same_memfds,
     forbid_peer_read,
     map_peer_memfds,
     pull_from,
@@ -34,6 +35,7 @@ __all__ = [
     "allow_peer_read",
     "channel_pair",
     "check_peer_memfd",
+    "check_same_memfds",
     "forbid_peer_read",
     "map_peer_memfds",
     "pull_from",

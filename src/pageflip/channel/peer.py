@@ -31,6 +31,7 @@ from ..memory import Memfd, Region
 __all__ = [
     "allow_peer_read",
     "check_peer_memfd",
+    "check_same_memfds",
     "forbid_peer_read",
     "map_checked_memfds",
     "map_peer_memfds",
@@ -184,6 +185,26 @@ def map_peer_memfds(
             inode=None if inodes is None else inodes[i],
         )
     return map_checked_memfds(fds, pieces, name, shared=shared)
+
+
+def check_same_memfds(
+    fds: Sequence[int], named: Sequence[tuple[int, int]], held: Sequence[Region], *, frame: str
+) -> None:
+    """Check that a peer names again the very memfds that ``held`` already map (a FLIP after
+    a LEND): ``named[i]`` is (fd index, announced inode) for ``held[i]``; each fd must be that
+    region's memfd, by inode, as announced. RemoteProtocolError otherwise."""
+    if len(named) != len(held):
+        raise RemoteProtocolError(
+            f"{frame} names {len(named)} memfds, {len(held)} were lent", frame=frame
+        )
+    for (index, inode), region in zip(named, held, strict=True):
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        ours = os.fstat(extent.memfd.fd).st_ino
+        if not 0 <= index < len(fds) or inode != ours or os.fstat(fds[index]).st_ino != ours:
+            raise RemoteProtocolError(
+                f"{frame} names other memfds than the LEND before it", frame=frame
+            )
 
 
 def map_checked_memfds(

@@ -41,7 +41,7 @@ from .._sys import mm, uffd
 from .._sys.fds import close_all
 from .._sys.flags import Madv, UffdFeature, UffdRegister
 from .._sys.mm import PAGE_SIZE
-from ..channel import Endpoint, ProcessWatch, map_peer_memfds, pull_from
+from ..channel import Endpoint, ProcessWatch, check_same_memfds, map_peer_memfds, pull_from
 from ..errors import (
     DigestMismatch,
     GuestLost,
@@ -201,12 +201,6 @@ class Prefault:
     def stop(self) -> None:
         self._stop.set()
         self.join()
-
-
-def _inode(region: Region) -> int:
-    (extent,) = region.extents()
-    assert extent.memfd is not None
-    return os.fstat(extent.memfd.fd).st_ino
 
 
 class Destination(Side[DestinationPhase]):
@@ -589,17 +583,15 @@ class Destination(Side[DestinationPhase]):
             return
         fds, event.fds = list(event.fds), []
         try:
-            lent = [_inode(r) for r in self._regions]
-            named = sorted(fr.index for fr in event.regions)
-            if named != list(range(len(lent))) or any(
-                fr.inode != lent[fr.index]
-                or fr.size != self._regions[fr.index].size
-                or os.fstat(fds[fr.fd_index]).st_ino != lent[fr.index]
-                for fr in event.regions
+            by_index = {fr.index: fr for fr in event.regions}
+            if sorted(by_index) != list(range(len(self._regions))) or any(
+                fr.size != self._regions[fr.index].size for fr in event.regions
             ):
                 raise RemoteProtocolError(
                     "FLIP names other memfds than the LEND before it", frame="FLIP"
                 )
+            named = [(by_index[i].fd_index, by_index[i].inode) for i in range(len(by_index))]
+            check_same_memfds(fds, named, self._regions, frame="FLIP")
         finally:
             close_all(fds)
 

@@ -58,13 +58,13 @@ def _default_control() -> str:
     return os.environ.get("PAGEFLIP_CONTROL", "/tmp/pageflip-workload.sock")
 
 
-_control_option = click.option(
+control_option = click.option(
     "--control",
     default=_default_control,
     show_default="$PAGEFLIP_CONTROL or /tmp/pageflip-workload.sock",
     help="The guest's control socket (a path, or @name for an abstract socket).",
 )
-_json_option = click.option(
+json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print events as JSON lines on stdout."
 )
 
@@ -119,7 +119,7 @@ def _address(text: str, option: str) -> Any:
         raise click.BadParameter(str(err), param_hint=f"'{option}'") from None
 
 
-def _serve(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> None:
+def serve_host(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> None:
     """Serve the guest until it leaves (migrated away, stopped); SIGINT/SIGTERM end it."""
     try:
         while not host.wait(0.2):
@@ -159,8 +159,8 @@ def _serve(host: Any, as_json: bool, tick: Callable[[], None] | None = None) -> 
     show_default=True,
     help="Seed of the page contents (the guest's identity in its own checks).",
 )
-@_control_option
-@_json_option
+@control_option
+@json_option
 def workload(
     size: int, dirty_rate: int, threads: int, seed: int, control: str, as_json: bool
 ) -> None:
@@ -202,7 +202,7 @@ def workload(
     except BaseException:
         host.close()
         raise
-    _serve(host, as_json, _rate_check(host, dirty_rate, as_json))
+    serve_host(host, as_json, _rate_check(host, dirty_rate, as_json))
 
 
 def _fill(cls: Any, size: int, dirty_rate: int, threads: int, seed: int, filled: list[int]) -> Any:
@@ -265,7 +265,7 @@ def _rate_check(host: Any, asked: int, as_json: bool) -> Callable[[], None]:
     required=True,
     help="Where to wait for the source: /path, @abstract or tcp:HOST:PORT (PORT 0: any).",
 )
-@_control_option
+@control_option
 @click.option(
     "--timeout",
     type=DURATION,
@@ -287,7 +287,7 @@ def _rate_check(host: Any, asked: int, as_json: bool) -> Callable[[], None]:
     "soon as the host before us lets it go (set by `pageflip vm upgrade`).",
 )
 @_auth_options
-@_json_option
+@json_option
 def incoming(
     listen: str,
     control: str,
@@ -341,7 +341,7 @@ def incoming(
     except BaseException:
         host.close()
         raise
-    _serve(host, as_json)
+    serve_host(host, as_json)
 
 
 def _take_over(host: Any, path: str, timeout: float, as_json: bool) -> None:
@@ -507,7 +507,7 @@ def _event_text(event: dict[str, Any]) -> str:
 
 
 @main.command()
-@_control_option
+@control_option
 @click.option("--to", "to", help="The destination: /path, @name or tcp:HOST:PORT.")
 @click.option(
     "--mode",
@@ -621,7 +621,7 @@ def migrate(
     )
     if resume:
         options = {"resume": True}
-    _outcome(_drive_migration(control, to, options, as_json))
+    exit_with_outcome(_drive_migration(control, to, options, as_json))
 
 
 def _drive_migration(
@@ -638,7 +638,7 @@ def _drive_migration(
     ):
         events = client.migrate(to, **options)
         title = f"{control} -> {to}" if to else f"{control}: resuming"
-        last = _follow(events, title) if not as_json else _echo_json(events)
+        last = follow(events, title) if not as_json else echo_json(events)
     if interrupted and last.get("event") == "failed" and last.get("guest") == "source":
         click.echo(
             f"Interrupted: {signal.Signals(interrupted[0]).name}: the migration was cancelled "
@@ -665,7 +665,7 @@ def _migrate_options(
     return options
 
 
-def _echo_json(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def echo_json(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Each event as a JSON line as it comes; returns the last."""
     last: dict[str, Any] = {}
     for event in events:
@@ -675,7 +675,7 @@ def _echo_json(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return last
 
 
-def _follow(events: Iterable[dict[str, Any]], title: str) -> dict[str, Any]:
+def follow(events: Iterable[dict[str, Any]], title: str) -> dict[str, Any]:
     """The live display of a migration, then its report; returns the last event."""
     from ..display import MigrationDisplay, summary_table
 
@@ -723,7 +723,7 @@ def _cancel_on_signal(control: str) -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def _outcome(last: dict[str, Any]) -> None:
+def exit_with_outcome(last: dict[str, Any]) -> None:
     """The exit status from the last event: 0 done, 1 failed (guest on the source), 3 lost."""
     if last.get("event") == "failed":
         lost = last.get("guest") == "lost"
@@ -754,7 +754,7 @@ def _outcome(last: dict[str, Any]) -> None:
 
 
 @main.command()
-@_control_option
+@control_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 def status(control: str, as_json: bool) -> None:
     """Show the status of the guest at --control (or what its host is doing)."""
@@ -782,7 +782,7 @@ def _plain(value: Any) -> str:
 
 
 @main.command()
-@_control_option
+@control_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def verify(control: str, as_json: bool) -> None:
     """Ask the guest at --control to check its memory; exit 1 if it found a problem."""
@@ -807,7 +807,7 @@ def verify(control: str, as_json: bool) -> None:
 
 
 @main.command()
-@_control_option
+@control_option
 def stop(control: str) -> None:
     """Stop the guest at --control (its host process exits)."""
     from ..migration.host import ControlClient
@@ -817,7 +817,7 @@ def stop(control: str) -> None:
 
 
 @main.command()
-@_control_option
+@control_option
 def cancel(control: str) -> None:
     """Cancel the migration running at --control (before its commit point: the guest runs on
     at the source)."""

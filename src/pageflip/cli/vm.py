@@ -20,7 +20,7 @@ import click
 from ..errors import LocalProtocolError, SpanError
 from ..units import format_size, human_size
 from ._base import DURATION, SIZE, emit, main
-from .guests import _control_option, _echo_json, _follow, _json_option, _outcome, _serve
+from .guests import control_option, echo_json, exit_with_outcome, follow, json_option, serve_host
 
 
 @main.group()
@@ -56,8 +56,8 @@ def console_printer(as_json: bool) -> Any:
     help="The kernel command line. For the shipped guest: mb=N (MiB to fill, default "
     "memory - 64 MiB), rate=R (MiB/s to rewrite), hb=MS (heartbeat), tick_us=U, seed=S.",
 )
-@_control_option
-@_json_option
+@control_option
+@json_option
 def vm_run(
     memory: int, kernel: str | None, append: str | None, control: str, as_json: bool
 ) -> None:
@@ -99,11 +99,11 @@ def vm_run(
     except BaseException:
         host.close()
         raise
-    _serve(host, as_json)
+    serve_host(host, as_json)
 
 
 @vm.command("upgrade")
-@_control_option
+@control_option
 @click.option(
     "--timeout",
     type=DURATION,
@@ -111,7 +111,7 @@ def vm_run(
     show_default=True,
     help="Longest wait for the new VMM to start and for each phase of the handover.",
 )
-@_json_option
+@json_option
 def vm_upgrade(control: str, timeout: float, as_json: bool) -> None:
     """Replace the VMM process at --control with a new one running the code installed now.
 
@@ -129,8 +129,8 @@ def vm_upgrade(control: str, timeout: float, as_json: bool) -> None:
                 "upgrades with pageflip upgrade --control)"
             )
         events = client.upgrade(timeout=timeout)
-        last = _echo_json(events) if as_json else _follow(events, "live update")
-    _outcome(last)
+        last = echo_json(events) if as_json else follow(events, "live update")
+    exit_with_outcome(last)
     after = last.get("successor") or {}
     old = before.get("status", {}).get("vmm", {})
     emit(

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .. import __version__
 from .._sys.procfs import procfs_path
 from ..errors import BenchmarkError
 
-__all__ = ["BenchmarkError", "finite", "machine", "markdown_targets", "now"]
+__all__ = ["BenchmarkError", "TargetRecord", "finite", "machine", "markdown_targets", "now"]
 
 
 def now() -> float:
@@ -79,3 +79,13 @@ def markdown_targets(rows: Iterable[tuple[str, str, bool | None]]) -> list[str]:
         verdict = "n/a" if passed is None else ("yes" if passed else "**no**")
         lines.append(f"| {text} | {measured} | {verdict} |")
     return lines
+
+
+class TargetRecord(TypedDict):
+    """One target, judged: ``passed`` None when this result cannot tell."""
+
+    id: str
+    text: str
+    passed: bool | None
+    measured: str
+    value: float | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
+from ..common import TargetRecord
 from ..references import Reference
 
 __all__ = [
@@ -160,16 +161,6 @@ class CellRecord(TypedDict):
     faults: float | None
     verified: bool
     runs: list[int]
-
-
-class TargetRecord(TypedDict):
-    """One target, judged: ``passed`` None when this result cannot tell."""
-
-    id: str
-    text: str
-    passed: bool | None
-    measured: str
-    value: float | None
 
 
 class ConfigRecord(TypedDict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from ...units import format_rate, format_size
+from ..common import TargetRecord
 from ..migrate.records import MemoryRecord
 from .config import VmRunSpec
 
@@ -135,16 +136,6 @@ class ComparisonRecord(TypedDict):
     qemu: CellRecord | None
     pageflip: CellRecord | None
     ratios: dict[str, float | None]
-
-
-class TargetRecord(TypedDict):
-    """One target, judged: ``passed`` None when this result cannot tell."""
-
-    id: str
-    text: str
-    passed: bool | None
-    measured: str
-    value: float | None
 
 
 class VmConfigRecord(TypedDict):

@@ -571,6 +571,32 @@ def test_incoming_removes_its_socket_files_on_a_signal(
     assert list(tmp_path.iterdir()) == [tmp_path / "host-0.err"]
 
 
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6])
+def test_ctrl_c_while_the_command_starts_is_one_line(delay: float, tmp_path: Path) -> None:
+    """A Ctrl-C while the installed `pageflip` script still imports numpy, click and rich
+    (the first ~0.4 s), or just after: "Interrupted: SIGINT", exit 130, no traceback, no
+    socket file left. Through the console script itself (not python -m)."""
+    script = Path(sys.executable).with_name("pageflip")
+    assert script.exists(), "make test installs the pageflip console script into the venv"
+    control = tmp_path / "w.sock"
+    proc = subprocess.Popen(
+        [str(script), "workload", "--size", "16M", "--control", str(control)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        _end(proc)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.splitlines()[-1] == "Interrupted: SIGINT", err
+    assert not control.exists()
+
+
 # -- incoming goes on listening -------------------------------------------------------------
 
 

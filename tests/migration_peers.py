@@ -133,7 +133,8 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
     """Receive one guest; check it; report. ``fault`` makes it fail at a named point."""
     from pageflip.migration import destination as dest_module
 
-    dest = Destination(listen, timeout=30)
+    events: list[dict[str, Any]] = []
+    dest = Destination(listen, timeout=30, on_event=lambda e: events.append(e.as_dict()))
     if fault == "kill-at-setup":
         original_handshake = dest_module.Destination._handshake
 
@@ -177,6 +178,7 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
             "frames": frames_sample(guest),
             "done": dest.done,
             "pager_exits": dest.pager_exits,
+            "events": events,
         }
     )
     guest.close()

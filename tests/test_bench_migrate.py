@@ -192,6 +192,28 @@ def test_the_pause_the_guest_saw_stands_beside_the_downtime(matrix: dict[str, An
     assert "guest saw: the pause the guest measured itself" in matrix["notes"]["clock"]
 
 
+def test_every_run_has_its_pause_budget(matrix: dict[str, Any]) -> None:
+    """Both sides' pause steps, merged in time order, in each run; per cell the median of
+    each step and the guest's figure beyond the engine's pause; a flip table in Markdown."""
+    for run in matrix["runs"]:
+        steps = run["pause_steps"]
+        assert [s["at"] for s in steps] == sorted(s["at"] for s in steps)
+        assert {s["side"] for s in steps} == {"source", "destination"}
+        by = {(s["side"], s["step"]): s["at"] for s in steps}
+        assert by["source", "paused"] == 0.0
+        assert by["destination", "resumed"] == pytest.approx(run["downtime"])
+        # A step ends when its call returns: the peer may have read what it sent already.
+        assert by["source", "state saved"] <= by["destination", "SWITCHOVER read"]
+    for cell in matrix["cells"]:
+        budget = cell["pause_budget"]
+        assert ("source", "paused") in {(r["side"], r["step"]) for r in budget}
+        assert budget[-1]["side"] == "guest"
+        assert all(r["ms"] is None or r["ms"] >= 0 for r in budget[:-1])
+    text = bench_migrate.markdown_table(matrix)
+    assert "**Pause budget, flip**" in text
+    assert "| destination | COMMIT read |" in text and "| | **guest saw** |" in text
+
+
 def test_the_order_is_interleaved_and_stated(matrix: dict[str, Any]) -> None:
     sequence = matrix["order"]["sequence"]
     assert [r["index"] for r in matrix["runs"]] == list(range(len(sequence)))

@@ -115,6 +115,51 @@ def _kinds(events: list[dict[str, Any]]) -> list[str]:
 # -- the modes ------------------------------------------------------------------------------
 
 
+SOURCE_STEPS = {
+    "flip": ["pause asked", "paused", "state saved", "frames sent"],
+    "precopy": ["pause asked", "paused", "last writes found", "last round sent", "state saved"],
+    "postcopy": ["pause asked", "paused", "stale pages dropped", "state saved", "frames sent"],
+}
+
+
+@pytest.mark.parametrize("mode", ["flip", "precopy", "postcopy"])
+def test_every_switchover_records_its_pause_budget(run: Run, mode: str) -> None:
+    """Each side marks the steps of the pause on the host's one monotonic clock: the source
+    in its done event, the destination in its resumed event, both merged in the
+    destination's done event; every step of one side comes after the step of the other
+    side that it waits for."""
+    src, dst = run.start(options={"mode": mode})
+    assert src["ok"] and dst is not None and dst["ok"], (src, dst)
+    ours = src["done"]["pause_steps"]
+    names = [s["step"] for s in ours]
+    want = [*SOURCE_STEPS[mode], "PREPARED heard", "COMMIT sent", "RESUMED heard"]
+    assert [n for n in names if n in want] == want, names
+    assert {s["side"] for s in ours} == {"source"}
+    paused = next(s for s in ours if s["step"] == "paused")
+    assert paused["at"] == 0.0
+    assert [s["at"] for s in ours] == sorted(s["at"] for s in ours)
+
+    resumed = next(e for e in dst["events"] if e["event"] == "resumed")
+    theirs = resumed["pause_steps"]
+    for name in ("SWITCHOVER read", "state restored", "PREPARED sent", "COMMIT read", "resumed"):
+        assert name in [s["step"] for s in theirs], (name, theirs)
+    at = {(s["side"], s["step"]): s["at"] for s in ours + theirs}
+    assert at["destination", "resumed"] == pytest.approx(resumed["downtime"])
+    # A step ends when its call returns, so what a side sent may be read before its step
+    # ends: each read comes after the step before the sending one.
+    assert at["source", "state saved"] <= at["destination", "SWITCHOVER read"]
+    assert at["destination", "guest prepared"] <= at["source", "PREPARED heard"]
+    assert at["source", "PREPARED heard"] <= at["destination", "COMMIT read"]
+    assert at["destination", "resumed"] <= at["source", "RESUMED heard"]
+    if mode == "flip":
+        assert at["source", "state saved"] <= at["destination", "FLIP checked"]
+
+    done = next(e for e in dst["events"] if e["event"] == "done")
+    merged = done["pause_steps"]
+    assert sorted(map(str, merged)) == sorted(map(str, ours + theirs))
+    assert [s["at"] for s in merged] == sorted(s["at"] for s in merged)
+
+
 def test_flip_moves_every_page_and_the_workload_verifies(run: Run) -> None:
     src, dst = run.start(options={"mode": "flip"})
     assert src["ok"], src

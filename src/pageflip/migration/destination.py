@@ -220,6 +220,8 @@ class Destination(Side[DestinationPhase]):
     every page arrived); :attr:`guest` is the guest as soon as it runs here.
     """
 
+    side = "destination"
+
     def __init__(
         self,
         listen: str | Address | Listener,
@@ -278,6 +280,8 @@ class Destination(Side[DestinationPhase]):
         self._ledger_fd = -1
         self._downtime = 0.0
         self._pause: float | None = None
+        #: Our pause budget, as the resumed event tells it (see _destination_steps).
+        self._resumed_steps: list[dict[str, Any]] = []
         self.done: dict[str, object] | None = None
         #: The pager's report after a postcopy (fault times, pages, digests).
         self.postcopy: dict[str, Any] | None = None
@@ -341,7 +345,9 @@ class Destination(Side[DestinationPhase]):
                     guest = self._verify_and_prepare(switchover)
                     self._phases.advance(DestinationPhase.PREPARED)
                     self.link.send(stream.Prepared(), "prepared")
+                    self._step("PREPARED sent")
                     committed = self._await_commit()
+                    self._step("COMMIT read")
                     self._resume(guest, switchover, committed)
                 except BaseException as err:
                     raise self._failed(err) from err
@@ -485,7 +491,9 @@ class Destination(Side[DestinationPhase]):
                 link.send(stream.RoundAck(event.round), "receiving")
             elif isinstance(event, stream.Flip):
                 self._take_flip(event)
+                self._step("FLIP checked")
             elif isinstance(event, stream.Switchover):
+                self._step("SWITCHOVER read")
                 return event
             elif isinstance(event, stream.Abort):
                 raise PeerAborted(
@@ -650,11 +658,13 @@ class Destination(Side[DestinationPhase]):
         assert self._setup is not None and self._guest_class is not None
         self._gc.pause()
         self._settle()
+        self._step("pages settled")
         postcopy = self._pager is not None and not switchover.digests
         if self._pager is not None and not postcopy:
             self._stop_pager()  # the precopy converged: no postcopy after all
         if not postcopy:
             self._check_digests(switchover)
+            self._step("digests checked")
         for digests in self._digests:
             digests.release()
         digests_kept = [d.digests for d in self._digests]
@@ -662,7 +672,9 @@ class Destination(Side[DestinationPhase]):
         guest = self._guest_class.restore(list(self._regions), switchover.state)
         self._regions = []  # the guest owns them now
         self._guest = guest
+        self._step("state restored")
         guest.prepare_resume()
+        self._step("guest prepared")
         if postcopy and self._uffd >= 0:  # handed over at SETUP: the source is paused now
             assert self._pager is not None
             send_note(self._pager, {"go": True})
@@ -732,6 +744,7 @@ class Destination(Side[DestinationPhase]):
         source still holds it and takes it back."""
         try:
             resumed_at = guest.resume()
+            self._step("resumed", resumed_at)
         except BaseException as err:
             raise MigrationError(
                 f"resuming the guest failed, before it ran here: {type(err).__name__}: {err}",
@@ -762,8 +775,25 @@ class Destination(Side[DestinationPhase]):
         else:
             self.link.close()
         self._downtime, self._pause = downtime, pause
+        self._resumed_steps = self._destination_steps(switchover)
         t = resumed_at - self._start  # told after the guest's figure came: dated by resume
-        self._emit(ResumedEvent(t, downtime=downtime, guest_pause=pause, at=resumed_at))
+        self._emit(
+            ResumedEvent(
+                t,
+                downtime=downtime,
+                guest_pause=pause,
+                at=resumed_at,
+                pause_steps=self._resumed_steps,
+            )
+        )
+
+    def _destination_steps(self, switchover: stream.Switchover) -> list[dict[str, Any]]:
+        """Our pause budget: after the source's pause on one host (the same clock); over
+        TCP (another host's clock), after we read SWITCHOVER."""
+        if self.link.local:
+            return self._pause_steps(switchover.paused_at)
+        read = next((at for name, at in self._steps if name == "SWITCHOVER read"), 0.0)
+        return self._pause_steps(read)
 
     def _await_done(self) -> None:
         """The guest runs here: wait (bounded) for the source's DONE with its figures. A late
@@ -803,7 +833,13 @@ class Destination(Side[DestinationPhase]):
                 "downtime": self._downtime,
                 "details": {"source": "left before its DONE: these are the destination's figures"},
             }
-        return _done_event(self._t(), {**stats, "digest": digest, "guest_pause": self._pause})
+        steps = self._resumed_steps
+        if self.link.local:  # the source's steps are on our clock: one budget
+            steps = sorted([*stats.get("pause_steps", []), *steps], key=lambda s: s["at"])
+        return _done_event(
+            self._t(),
+            {**stats, "digest": digest, "guest_pause": self._pause, "pause_steps": steps},
+        )
 
     # -- postcopy -------------------------------------------------------------------------
 
@@ -1247,4 +1283,5 @@ def _done_event(t: float, stats: dict[str, Any]) -> DoneEvent:
         details=dict(stats.get("details", {})),
         guest_pause=stats.get("guest_pause"),
         regions=list(stats.get("regions", [])),
+        pause_steps=list(stats.get("pause_steps", [])),
     )

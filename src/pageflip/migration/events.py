@@ -120,6 +120,8 @@ class ResumedEvent(MigrationEvent):
     kind: ClassVar[str] = "resumed"
     downtime: float
     guest_pause: float | None = None
+    #: The destination's pause budget (see DoneEvent.pause_steps), on the destination.
+    pause_steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,9 @@ class DoneEvent(MigrationEvent):
     guest_pause: float | None = None
     #: Per region: name, pages, and how many were moved, copied and zero.
     regions: list[dict[str, Any]] = field(default_factory=list)
+    #: The pause budget: each step of the switchover on this side as ``{"step", "at"}``,
+    #: ``at`` in seconds after the guest paused (negative: before it), in order.
+    pause_steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

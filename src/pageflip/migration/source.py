@@ -181,6 +181,8 @@ class Source(Side[SourcePhase]):
     up a postcopy whose connection broke after it.
     """
 
+    side = "source"
+
     def __init__(
         self,
         guest: Guest,
@@ -467,15 +469,25 @@ class Source(Side[SourcePhase]):
         # What does not change while the guest runs is gathered before it pauses.
         flips, fds = self._flip_regions(regions)
         self._gc.pause()  # until the guest runs again (here or there)
-        self._paused_at = self.guest.pause()
+        paused_at = self._pause_guest()
         state = self.guest.save_state()
+        self._step("state saved")
         # The destination checks each memfd by identity (device, inode, seals, size): it is
         # this very file, so nothing of its pages needs hashing inside the pause.
         link.send(stream.Flip(regions=flips, fds=fds), "switchover")
-        switchover = stream.Switchover(paused_at=self._paused_at, digests=[], state=state)
+        switchover = stream.Switchover(paused_at=paused_at, digests=[], state=state)
         link.send(switchover, "switchover")
+        self._step("frames sent")
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]
+
+    def _pause_guest(self) -> float:
+        """Stop the guest's writers: the pause begins (``_paused_at``, as the guest says,
+        which is returned)."""
+        self._step("pause asked")
+        paused_at = self._paused_at = self.guest.pause()
+        self._step("paused", paused_at)
+        return paused_at
 
     @staticmethod
     def _flip_regions(regions: list[Region]) -> tuple[list[stream.FlipRegion], list[int]]:
@@ -601,12 +613,13 @@ class Source(Side[SourcePhase]):
             )
         )
         self._gc.pause()  # until the guest runs again (here or there)
-        self._paused_at = self.guest.pause()
+        paused_at = self._pause_guest()
         if tracker.active:
             written = tracker.collect()
             final = [
                 union_runs(a, b, d.npages) for a, b, d in zip(todo, written, digests, strict=True)
             ]
+            self._step("last writes found")
         else:
             final = todo  # nothing was sent yet: everything is still to come
         if decision is Decision.POSTCOPY:
@@ -615,15 +628,18 @@ class Source(Side[SourcePhase]):
             return
         self._rounds += 1
         self._send_round(self._rounds, final, digests, pull, total_pages)
+        self._step("last round sent")
         state = self.guest.save_state()
+        self._step("state saved")
         link.send(
             stream.Switchover(
-                paused_at=self._paused_at,
+                paused_at=paused_at,
                 digests=[d.region_digest() for d in digests],
                 state=state,
             ),
             "switchover",
         )
+        self._step("frames sent")
 
     # -- the commit point -----------------------------------------------------------------
 
@@ -633,6 +649,7 @@ class Source(Side[SourcePhase]):
         Asleep, not spinning: on two CPUs the destination needs both for that work (its
         guest's threads start meanwhile)."""
         self.link.expect((stream.Prepared,), "switchover", self.options.timeout)
+        self._step("PREPARED heard")
         self._emit(PreparedEvent(self._t()))
         self._check_cancel()
 
@@ -646,11 +663,13 @@ class Source(Side[SourcePhase]):
             raise
         self._phases.advance(SourcePhase.COMMITTED)
         self._committed_at = time.monotonic()
+        self._step("COMMIT sent", self._committed_at)
         self._emit(CommitEvent(self._t()))
         try:
             self._resumed = link.expect(
                 (stream.Resumed,), "commit", self.options.timeout, SWITCHOVER_SPIN
             )
+            self._step("RESUMED heard")
         except PeerAborted as err:
             # The destination says it could not resume, before the guest ran there: the
             # guest is ours again, intact.
@@ -680,11 +699,14 @@ class Source(Side[SourcePhase]):
             link.send(stream.DiscardPages(index, self._rounds, ranges), "switchover")
             for first, count in ranges.tolist():
                 sent[first : first + count] = False  # the destination no longer has them
+        self._step("stale pages dropped")
         state = self.guest.save_state()
+        self._step("state saved")
         link.send(
             stream.Switchover(paused_at=self._paused_at or 0.0, digests=[], state=state),
             "switchover",
         )
+        self._step("frames sent")
 
     def _postcopy_finish(self) -> None:
         """Committed: hash what the pager reads from us, then wait for its verdict; a broken
@@ -972,6 +994,7 @@ class Source(Side[SourcePhase]):
             details=self._details,
             guest_pause=self._guest_pause,
             regions=regions,
+            pause_steps=self._pause_steps(self._paused_at or 0.0),
         )
 
     def _read_guest_pause(self) -> float | None:

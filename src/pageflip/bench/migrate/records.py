@@ -16,6 +16,7 @@ from ..references import Reference
 
 __all__ = [
     "Baseline",
+    "BudgetRow",
     "CellRecord",
     "ConfigRecord",
     "Event",
@@ -23,6 +24,7 @@ __all__ = [
     "MigrateResult",
     "Notes",
     "OrderRecord",
+    "PauseStep",
     "Peak",
     "PostcopyRecord",
     "Reference",
@@ -82,6 +84,24 @@ class PostcopyRecord(TypedDict):
     after_resume_seconds: float | None
 
 
+class PauseStep(TypedDict):
+    """One step of a switchover's pause: ``at`` seconds after the guest paused (negative:
+    before), when ``side`` ("source" or "destination") finished ``step``."""
+
+    step: str
+    side: str
+    at: float
+
+
+class BudgetRow(TypedDict):
+    """One step of the pause budget of a cell: the median of its duration over the cell's
+    runs (``ms``: from the previous step's end to this one's, milliseconds)."""
+
+    step: str
+    side: str
+    ms: float | None
+
+
 class RunRecord(TypedDict):
     """One run of the matrix: what was asked, what happened, what was measured."""
 
@@ -123,6 +143,8 @@ class RunRecord(TypedDict):
     events: list[Event]
     destination_events: list[Event]
     prewarm_seconds: float | None
+    #: Both sides' pause steps, merged in time order (on one host: one clock).
+    pause_steps: list[PauseStep]
     #: Set by the matrix once the run is over.
     since_previous: NotRequired[float | None]
     wall_seconds: NotRequired[float]
@@ -161,6 +183,8 @@ class CellRecord(TypedDict):
     faults: float | None
     verified: bool
     runs: list[int]
+    #: Where the pause went, step by step (medians), and the guest's own figure beyond it.
+    pause_budget: list[BudgetRow]
 
 
 class ConfigRecord(TypedDict):

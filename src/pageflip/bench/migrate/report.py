@@ -22,7 +22,15 @@ from .targets import FLIP_DOWNTIME_LIMIT, QEMU_REFERENCE
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["COLUMNS", "cell_rows", "check_plot", "markdown_table", "plot", "target_rows"]
+__all__ = [
+    "COLUMNS",
+    "budget_markdown",
+    "cell_rows",
+    "check_plot",
+    "markdown_table",
+    "plot",
+    "target_rows",
+]
 
 #: Column titles of :func:`cell_rows`.
 COLUMNS = (
@@ -123,7 +131,43 @@ def markdown_table(result: MigrateResult) -> str:
         "",
         *markdown_targets(target_rows(result)),
     ]
+    budget = budget_markdown(result, "flip")
+    if budget:
+        lines += ["", budget.rstrip("\n")]
     lines += ["", f"QEMU context: {notes['qemu']}"]
+    return "\n".join(lines) + "\n"
+
+
+def budget_markdown(result: MigrateResult, mode: str) -> str:
+    """The pause budget of ``mode``'s cells as Markdown: one row per step (source and
+    destination in time order), one column per cell, the median milliseconds each step
+    took; "" when no cell of ``mode`` recorded steps (results of earlier versions)."""
+    cells = [c for c in result["cells"] if c["mode"] == mode and c.get("pause_budget")]
+    if not cells:
+        return ""
+    order: list[tuple[str, str]] = []
+    for c in cells:
+        for row in c["pause_budget"]:
+            if (row["side"], row["step"]) not in order:
+                order.append((row["side"], row["step"]))
+    by_cell = [{(r["side"], r["step"]): r["ms"] for r in c["pause_budget"]} for c in cells]
+    heads = [f"{c['size_label']}, {c['rate_label']}" for c in cells]
+    lines = [
+        f"**Pause budget, {mode}** (median ms per step: from the end of the step above to the "
+        "end of this one; the source's and the destination's steps on the host's one clock; "
+        "the last row is what the guest saw beyond the engine's pause)",
+        "",
+        "| side | step | " + " | ".join(heads) + " |",
+        "|---|---|" + "|".join("---:" for _ in heads) + "|",
+    ]
+    for key in order:
+        values = [cell.get(key) for cell in by_cell]
+        shown = ["-" if v is None else f"{v:.3f}" for v in values]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(shown) + " |")
+    downtime = ["-" if c["downtime"] is None else f"{c['downtime'] * 1000:.3f}" for c in cells]
+    seen = ["-" if c["guest_pause"] is None else f"{c['guest_pause'] * 1000:.3f}" for c in cells]
+    lines.append("| | **downtime (engine)** | " + " | ".join(downtime) + " |")
+    lines.append("| | **guest saw** | " + " | ".join(seen) + " |")
     return "\n".join(lines) + "\n"
 
 

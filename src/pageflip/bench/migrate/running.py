@@ -18,7 +18,7 @@ from ...memory import PAGE_SIZE, Region
 from ...units import format_rate, format_size
 from .config import MigrateBenchmarkError, MigrateConfig, ProgressCallback, RunSpec, run_order
 from .processes import Child, Filled, Listening, Migrated, Verified, destination_main, source_main
-from .records import Event, MemoryRecord, MigrateResult, PostcopyRecord, RunRecord
+from .records import Event, MemoryRecord, MigrateResult, PauseStep, PostcopyRecord, RunRecord
 from .results import results
 from .sampling import Sampler
 
@@ -236,4 +236,15 @@ def run_record(
         "events": src.events,
         "destination_events": dst.events,
         "prewarm_seconds": prewarmed,
+        "pause_steps": pause_steps(done, resumed),
     }
+
+
+def pause_steps(done: Event, resumed: Event | None) -> list[PauseStep]:
+    """The source's steps (its done event) and the destination's (its resumed event), in
+    time order: both are on the host's one monotonic clock."""
+    steps = [*done.get("pause_steps", []), *(resumed or {}).get("pause_steps", [])]
+    return sorted(
+        ({"step": s["step"], "side": s["side"], "at": float(s["at"])} for s in steps),
+        key=lambda s: s["at"],
+    )

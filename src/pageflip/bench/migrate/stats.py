@@ -7,9 +7,9 @@ from collections.abc import Iterable
 
 from ...units import format_rate, format_size
 from .config import MODES
-from .records import CellRecord, RunRecord
+from .records import BudgetRow, CellRecord, RunRecord
 
-__all__ = ["cells", "median"]
+__all__ = ["BEYOND", "cells", "median", "pause_budget"]
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -63,4 +63,33 @@ def _cell(size: int, rate: int, mode: str, rs: list[RunRecord]) -> CellRecord:
         "faults": median(p["faults"] for p in post) if post else None,
         "verified": all(r["verified"] for r in rs),
         "runs": [r["index"] for r in rs],
+        "pause_budget": pause_budget(rs),
     }
+
+
+#: The budget's last row: what the guest saw of its pause beyond the engine's window (the
+#: time to stop its writers before "paused", and to run again after "resumed").
+BEYOND = ("guest", "beyond the engine's pause")
+
+
+def pause_budget(rs: list[RunRecord]) -> list[BudgetRow]:
+    """Per step (in the order of the first run that has it): the median time from the
+    previous step's end to its end, in ms; then :data:`BEYOND`, the guest's own figure
+    minus the engine's downtime."""
+    durations: dict[tuple[str, str], list[float]] = {}
+    for r in rs:
+        previous: float | None = None
+        for s in r.get("pause_steps", []):
+            if previous is not None:
+                durations.setdefault((s["side"], s["step"]), []).append(s["at"] - previous)
+            previous = s["at"]
+    rows: list[BudgetRow] = []
+    for (side, step), values in durations.items():
+        ms = median(values)
+        rows.append({"step": step, "side": side, "ms": None if ms is None else ms * 1000})
+    beyond = median(p - r["downtime"] for r in rs if (p := r.get("guest_pause")) is not None)
+    if rows:
+        rows.append(
+            {"step": BEYOND[1], "side": BEYOND[0], "ms": None if beyond is None else beyond * 1000}
+        )
+    return rows

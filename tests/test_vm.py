@@ -181,6 +181,56 @@ def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:
         again.close()
 
 
+def test_the_cpuid_is_saved_as_set_and_set_again_only_when_it_differs(
+    vm: VirtualMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPUID never changes while a VM lives: the state carries the CPUID the VMM set (not
+    read back inside the pause), a new VM on this host has that very CPUID already (no
+    KVM_SET_CPUID2 in the pause), and a state with another CPUID still gets it set."""
+    from pageflip._sys import kvm
+    from pageflip.vm import state as vm_state
+
+    _wait_beats(vm, 2)
+    vm.pause()
+    saved = vm.save_state()
+    blobs = vm_state.decode(saved)
+    assert blobs["cpuid"] == vm.machine.cpuid_entries
+    calls: list[int] = []
+    real = kvm.ioctl
+
+    def counting(fd: int, request: int, *args: object) -> int:
+        calls.append(request)
+        return real(fd, request, *args)
+
+    monkeypatch.setattr(vm_state.kvm, "ioctl", counting)
+    same = Machine()
+    other = Machine()
+    try:
+        for machine in (same, other):
+            machine.attach(
+                [Region.movable(slot.size, name=f"ram{slot.index}") for slot in vm.machine.slots]
+            )
+        calls.clear()
+        same.load(saved)
+        assert kvm.SET_CPUID2 not in calls
+        # The same state with one CPUID entry's flags changed (entry 0's padding word, which
+        # KVM ignores): not the CPUID of the new VM, so it is set.
+        size = kvm.size_of(kvm.CpuidEntry2)
+        changed = bytearray(blobs["cpuid"])
+        changed[size - 1] ^= 0x01
+        calls.clear()
+        other.load(vm_state.encode({**blobs, "cpuid": bytes(changed)}))
+        assert calls.count(kvm.SET_CPUID2) == 1
+        assert other.cpuid_entries == bytes(changed)
+    finally:
+        for machine in (same, other):
+            regions = list(machine.regions)
+            machine.close()
+            for region in regions:
+                region.close()
+        vm.resume()
+
+
 def test_a_damaged_state_is_refused_and_the_regions_stay_yours(vm: VirtualMachine) -> None:
     vm.pause()
     state = vm.save_state()

@@ -166,6 +166,9 @@ def kvm_available() -> str | None:
 
 
 def _supported_cpuid(system_fd: int) -> Any:
+    """KVM's supported CPUID, made the CPUID of vCPU 0: the APIC ID it reports (leaf 1 EBX
+    bits 31-24, leaves 0xB and 0x1F EDX) is that of the host CPU the call happened to run
+    on, so two VMs built on one host would otherwise differ there."""
     for count in (64, 128, 256, 1024):
         buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, count)
         buf.head.nent = count
@@ -175,6 +178,11 @@ def _supported_cpuid(system_fd: int) -> Any:
             if err.errno == 7:  # E2BIG: more entries than room
                 continue
             raise
+        for entry in buf.entries[: buf.head.nent]:
+            if entry.function == 1:
+                entry.ebx &= 0x00FFFFFF
+            elif entry.function in (0xB, 0x1F):
+                entry.edx = 0
         return buf
     raise VmError("KVM_GET_SUPPORTED_CPUID returned more than 1024 entries", kind="vm")
 
@@ -264,6 +272,8 @@ class Machine:
         self._run_bytes = kvm.run_bytes(self._run_addr, self._run_size)
         self.cpuid = _supported_cpuid(self._system)
         kvm.ioctl(self._vcpu, kvm.SET_CPUID2, self.cpuid)
+        #: The CPUID set in the vCPU (its entries as bytes): saved with the state as it is.
+        self.cpuid_entries = kvm.entries_bytes(self.cpuid, self.cpuid.head.nent)
         self.msrs = msr_indices(self._system)
 
     def _enable_manual_dirty_log(self) -> bool:
@@ -585,14 +595,15 @@ class Machine:
         if not self._parked and self._thread is not None:
             raise StateError("save the VM's state with the vCPU paused", phase="running")
         meta = {**meta, "memory": self.memory, "devices": self.devices.save()}
-        return state.save_machine(self._vm, self._vcpu, self.msrs, meta)
+        return state.save_machine(self._vm, self._vcpu, self.msrs, meta, self.cpuid_entries)
 
     def load(self, saved: bytes) -> dict[str, Any]:
         """Put a saved state back (before :meth:`start`); returns its ``meta`` record."""
         if self._thread is not None and not self._parked:
             raise StateError("load a state with the vCPU thread parked", phase="running")
         blobs = state.decode(saved)
-        meta = state.restore_machine(self._vm, self._vcpu, blobs)
+        meta = state.restore_machine(self._vm, self._vcpu, blobs, self.cpuid_entries)
+        self.cpuid_entries = blobs["cpuid"]
         if meta.get("memory") != self.memory:
             raise BadGuestState(
                 f"the state is of a VM with {meta.get('memory')} bytes of RAM, this one has "

@@ -17,7 +17,8 @@ Restore order, and why:
 2. **clock** (``KVM_SET_CLOCK``): VM-wide; kvmclock readings of the vCPU then continue from
    the saved value.
 3. **CPUID**: KVM checks XSAVE, XCR and MSR values against the features CPUID announces, so
-   it comes before them.
+   it comes before them. (A new VM built on the same host has the very same CPUID set
+   already: an identical one is not set again.)
 4. **special registers**: they set the APIC base (enabled, x2APIC mode), which decides how
    the local APIC state and the TSC-deadline MSR are taken; and EFER/CR0/CR4, which the
    FPU/XSAVE state and MSRs are checked against.
@@ -131,14 +132,22 @@ RESTORE_ORDER = (
 )
 
 
-def save_machine(vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, Any]) -> bytes:
-    """The VM's and vCPU's state (the vCPU must be parked), with ``meta`` as JSON."""
+def save_machine(
+    vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, Any], cpuid: bytes
+) -> bytes:
+    """The VM's and vCPU's state (the vCPU must be parked), with ``meta`` as JSON.
+
+    ``cpuid`` is the CPUID the VMM set (its entries, as :func:`kvm.entries_bytes` gives
+    them): it never changes while the VM lives, so it is not read back inside the pause
+    (``KVM_GET_CPUID2`` costs more than any other piece). The bits KVM keeps current itself
+    (OSXSAVE, the APIC's) follow from the special registers and the local APIC, restored
+    after it."""
     blobs: dict[str, bytes] = {}
     for name, cls, get, _ in _VCPU_PIECES:
         obj = cls()
         kvm.ioctl(vcpu_fd, get, obj)
         blobs[name] = kvm.struct_bytes(obj)
-    blobs["cpuid"] = _save_cpuid(vcpu_fd)
+    blobs["cpuid"] = cpuid
     blobs["msrs"] = _save_msrs(vcpu_fd, msr_list)
     chips = []
     for chip_id in (kvm.IRQCHIP_PIC_MASTER, kvm.IRQCHIP_PIC_SLAVE, kvm.IRQCHIP_IOAPIC):
@@ -154,20 +163,6 @@ def save_machine(vm_fd: int, vcpu_fd: int, msr_list: list[int], meta: dict[str, 
     return encode(blobs)
 
 
-def _save_cpuid(vcpu_fd: int) -> bytes:
-    for count in (80, 256, 1024):
-        buf = kvm.buffer_with_entries(kvm.Cpuid2Header, kvm.CpuidEntry2, count)
-        buf.head.nent = count
-        try:
-            kvm.ioctl(vcpu_fd, kvm.GET_CPUID2, buf)
-        except OSError as err:
-            if err.errno == 7:  # E2BIG
-                continue
-            raise
-        return kvm.entries_bytes(buf, buf.head.nent)
-    raise _bad("has more than 1024 CPUID entries")
-
-
 def _save_msrs(vcpu_fd: int, msr_list: list[int]) -> bytes:
     buf = kvm.buffer_with_entries(kvm.MsrsHeader, kvm.MsrEntry, max(len(msr_list), 1))
     buf.head.nmsrs = len(msr_list)
@@ -177,16 +172,21 @@ def _save_msrs(vcpu_fd: int, msr_list: list[int]) -> bytes:
     return kvm.entries_bytes(buf, got)
 
 
-def restore_machine(vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes]) -> dict[str, Any]:
+def restore_machine(
+    vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes], cpuid: bytes = b""
+) -> dict[str, Any]:
     """Put a saved state back into a freshly built VM, in :data:`RESTORE_ORDER`; returns
-    the ``meta`` record. :class:`BadGuestState` for a state that is damaged or incomplete."""
+    the ``meta`` record. :class:`BadGuestState` for a state that is damaged or incomplete.
+
+    ``cpuid`` is the CPUID the new VM has already (set when it was built): a saved CPUID
+    equal to it byte for byte is not set again (a spare machine on the same host)."""
     missing = [name for name in (*RESTORE_ORDER, "meta") if name not in blobs]
     if missing:
         raise _bad(f"lacks {', '.join(missing)}")
     steps: dict[str, Callable[[bytes], None]] = {
         "irqchip": lambda b: _restore_irqchip(vm_fd, b),
         "clock": lambda b: _restore_clock(vm_fd, b),
-        "cpuid": lambda b: _restore_cpuid(vcpu_fd, b),
+        "cpuid": lambda b: None if b == cpuid else _restore_cpuid(vcpu_fd, b),
         "msrs": lambda b: _restore_msrs(vcpu_fd, b),
     }
     for name in RESTORE_ORDER:

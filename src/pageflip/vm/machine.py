@@ -70,6 +70,9 @@ HVM_START_MAGIC = 0x336EC578
 
 #: The interpreter's switch interval in a process that runs a vCPU thread (seconds).
 SWITCH_INTERVAL = 0.0005
+#: Longest resume() waits for the vCPU thread to leave its park (seconds): a bound, it
+#: takes tens of microseconds.
+RESUME_HANDOFF = 0.05
 
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGRTMIN + 4
@@ -472,6 +475,7 @@ class Machine:
             self._lock.notify_all()
             self._lock.wait_for(self._may_run)
             self._parked = False
+            self._lock.notify_all()  # resume() waits for this
             return not self._stopping
 
     def _may_run(self) -> bool:
@@ -582,7 +586,15 @@ class Machine:
             self.run_page.immediate_exit = 0
             self._pause_wanted = False
             self._lock.notify_all()
+            # The vCPU thread goes first: it needs the GIL to leave its park, and this
+            # thread would otherwise keep it (a migration goes on to its next frame) for
+            # up to a switch interval. Waiting here hands it over; the ioctl it enters
+            # next releases it at once.
+            self._lock.wait_for(self._unparked, RESUME_HANDOFF)
             return time.monotonic()
+
+    def _unparked(self) -> bool:
+        return not self._parked or self._stopped is not None or self._thread is None
 
     def _check_open(self) -> None:
         if self._vcpu < 0:

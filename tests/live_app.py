@@ -125,7 +125,8 @@ def main() -> None:
     if MODE == "raise":
         raise RuntimeError("simulated start-up failure of the new version")
     region = up.region("index", SIZE * 2 if MODE == "bad-size" else SIZE)
-    sock = up.listener("tcp", ("127.0.0.1", 0))
+    # port 0: any port, which matches the old version's listener; port 1 does not.
+    sock = up.listener("tcp", ("127.0.0.1", 1 if MODE == "other-address" else 0))
     extra = up.listener("unix", f"unix:{args.unix}") if args.unix else None
     if MODE == "bad-listener":
         up.listener("admin", ("127.0.0.1", 0))

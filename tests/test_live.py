@@ -209,6 +209,37 @@ def test_upgrade_under_load_fails_no_request(app: App) -> None:
     assert {a.split()[0] for a in answers} >= {"v1", "v4"}
 
 
+def test_listener_addresses_match() -> None:
+    from pageflip.live.upgrader import _same_place, _spell
+
+    def spell(address: Any) -> str:
+        from pageflip.live.upgrader import _parse
+
+        return _spell(*_parse(address))
+
+    old = {"address": "127.0.0.1:41235", "asked": spell(("127.0.0.1", 0))}
+    assert _same_place(spell(("127.0.0.1", 0)), old)  # what the old one asked
+    assert _same_place(spell(("127.0.0.1", 41235)), old)  # where it is
+    assert not _same_place(spell(("127.0.0.1", 41236)), old)
+    assert not _same_place(spell(("127.0.0.2", 0)), old)
+    assert not _same_place(spell("unix:/run/x.sock"), old)
+    # Asked for a name, bound to an address: either matches; port 0 matches any.
+    named = {"address": "127.0.0.1:8000", "asked": spell(("LocalHost", 8000))}
+    assert _same_place(spell(("localhost", 8000)), named)
+    assert _same_place(spell(("127.0.0.1", 0)), named)
+    assert not _same_place(spell(("localhost", 8001)), named)
+    v6 = {"address": "[::1]:8000", "asked": None}  # an old version that did not say
+    assert _same_place(spell(("0:0::1", 8000)), v6) and _same_place(spell(("::1", 0)), v6)
+    assert not _same_place(spell(("::", 8000)), v6)
+    unix = {"address": "unix:run/x.sock", "asked": None}
+    assert _same_place(spell(f"unix:{os.getcwd()}/run/x.sock"), unix)
+    assert _same_place(spell("unix:./run/x.sock"), unix)
+    assert not _same_place(spell("unix:run/y.sock"), unix)
+    abstract = {"address": "unix:@svc", "asked": spell("unix:@svc")}
+    assert _same_place(spell("unix:@svc"), abstract)
+    assert not _same_place(spell("unix:@other"), abstract)
+
+
 # What a bad new version does (MODES) and what the old one's report must say.
 MODES = {
     "crash-import": "exited with status 1",
@@ -216,6 +247,7 @@ MODES = {
     "never-ready": "did not become ready within 3 s",
     "bad-size": "is 65536 bytes in the old version, the new one asks for 131072",
     "bad-listener": "the old version has no listener 'admin'",
+    "other-address": "in the old version, the new one asks for 127.0.0.1:1",
     "big-state": "over the limit of 4096 bytes",
 }
 

@@ -112,6 +112,8 @@ class _Listener:
     address: str
     inherited: bool
     sockets: list[socket.socket] = field(default_factory=list)
+    #: What this version asked for, spelled by :func:`_spell` (a successor must match it).
+    asked: str | None = None
     #: A Unix socket's path and inode (removed at close unless handed over).
     path: str | None = None
     inode: int = 0
@@ -183,6 +185,38 @@ def _describe(sock: socket.socket) -> str:
         return "unix:" + (("@" + text[1:]) if text.startswith("\0") else text)
     host, port = name[0], name[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _spell(family: socket.AddressFamily, where: Any) -> str:
+    """An asked-for address, spelled as :func:`_describe` does, so that two can be compared:
+    a Unix path made absolute, a host that is an IP literal normalized."""
+    import ipaddress
+
+    if family == socket.AF_UNIX:
+        if isinstance(where, bytes):
+            return "unix:@" + where[1:].decode(errors="replace")
+        return "unix:" + os.path.abspath(str(where))
+    host, port = str(where[0]), int(where[1])
+    try:
+        host = str(ipaddress.ip_address(host or "0.0.0.0"))
+    except ValueError:
+        host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _same_place(want: str, item: dict[str, Any]) -> bool:
+    """Whether ``want`` (spelled by :func:`_spell`) names the old version's listener
+    ``item``: what the old version asked for, or where its socket is (port 0: any port)."""
+    if want == item.get("asked"):
+        return True
+    actual = str(item.get("address") or "")
+    if actual.startswith("unix:") or want.startswith("unix:"):
+        name = actual[len("unix:") :]
+        if name and not name.startswith("@"):
+            actual = "unix:" + os.path.abspath(name)
+        return want == actual
+    host, _, port = want.rpartition(":")
+    return want == actual or (port == "0" and actual.rpartition(":")[0] == host)
 
 
 def _parse(address: Address) -> tuple[socket.AddressFamily, Any]:
@@ -350,7 +384,11 @@ class Upgrader:
         version's (the same kernel socket: its backlog goes on) when taking over, else from
         systemd (``LISTEN_FDNAMES`` names it) or bound here (IPPROTO_TCP, SO_REUSEADDR,
         backlog 2048). Asked again for the same name, a new socket object of the same
-        socket (for a server that closed its own in ``on_stop`` and accepts again)."""
+        socket (for a server that closed its own in ``on_stop`` and accepts again).
+
+        When taking over, ``address`` must name the old version's listener: what the old
+        version asked for, or where its socket is (port 0 matches any port). Another address
+        under the same name is a LiveError naming both (the old version serves on)."""
         self._check_open()
         held = self._listeners.get(name)
         if held is not None:
@@ -358,12 +396,19 @@ class Upgrader:
             held.sockets.append(sock)
             return sock
         family, where = _parse(address)
+        want = _spell(family, where)
         offer = self._offer
         if offer is not None:
             if name not in offer.listeners:
                 raise LiveError(
                     f"the old version has no listener {name!r} (it has: "
                     f"{', '.join(sorted(offer.listeners)) or 'none'})"
+                )
+            item = offer.listeners[name][1]
+            if not _same_place(want, item):
+                raise LiveError(
+                    f"listener {name!r} is {item.get('address')} in the old version, the new "
+                    f"one asks for {want}"
                 )
             fd, item = offer.listeners.pop(name)
             held = _Listener(fd, str(item["address"]), True)
@@ -373,6 +418,7 @@ class Upgrader:
             held = _Listener(fd, "", True)
         else:
             held = self._bind(family, where)
+        held.asked = want
         sock = socket.socket(fileno=os.dup(held.fd))
         held.address = _describe(sock)
         held.sockets.append(sock)
@@ -811,7 +857,7 @@ class _Handover:
         up = self.up
         regions = [{"name": n, "size": h.size} for n, h in up._regions.items()]
         listeners = [
-            {"name": n, "address": h.address, "path": h.path, "inode": h.inode}
+            {"name": n, "address": h.address, "asked": h.asked, "path": h.path, "inode": h.inode}
             for n, h in up._listeners.items()
         ]
         fds = [h.fd for h in up._regions.values()] + [h.fd for h in up._listeners.values()]

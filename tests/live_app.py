@@ -6,7 +6,12 @@ listener inode, state); ``GET`` answers ``v<generation> <pid>``; ``WRITE text`` 
 text at the start of the region. Each version prints a JSON line on stdout when it serves.
 
 ``--mode-file F``: what a *new* version (or the old one's on_stop) does wrong, read when it
-starts (see MODES in the test).
+starts (see MODES in the test). ``SLOW s`` answers after s seconds (a request in flight
+during an upgrade). By default the old version stops accepting first (on_stop_accepting)
+and the new one accepts while the old one drains (take_over's accept); ``--plain-hooks``
+uses on_stop and take_over alone (the new one accepts once it has the state); the mode
+``no-accept`` makes a new version take over without accept (``never-ready`` too, which
+then hangs; ``serves-never-ready`` hangs after accepting).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--control")
 parser.add_argument("--mode-file", required=True)
 parser.add_argument("--unix")
+parser.add_argument("--plain-hooks", action="store_true")
 args = parser.parse_args()
 NEW = "PAGEFLIP_LIVE_FD" in os.environ
 MODE = mode(args.mode_file) if NEW else ""
@@ -99,6 +105,11 @@ class Server:
                 self.served += 1
                 self.idle.notify_all()
 
+    def stop_accepting(self, stopped: object) -> None:
+        with self.lock:
+            self.accepting = False
+            stopped()  # type: ignore[operator]
+
     def stop(self, deadline: float) -> bytes | None:
         with self.lock:
             self.accepting = False
@@ -131,16 +142,11 @@ def main() -> None:
     if MODE == "bad-listener":
         up.listener("admin", ("127.0.0.1", 0))
     server = Server(sock, up)
+    if not args.plain_hooks:
+        up.on_stop_accepting(server.stop_accepting)
     up.on_stop(server.stop)
     up.on_resume(server.resume)
     up.on_exit(server.exit)
-    state = up.take_over(timeout=10)
-    if MODE == "never-ready":
-        time.sleep(3600)
-    server.state = json.loads(state) if state else {}
-    up.ready()
-    if up.fresh:
-        region.view()[:9] = b"gen1-data"
     memfd = region.extents()[0].memfd
     assert memfd is not None
     region_inode = os.fstat(memfd.fd).st_ino
@@ -148,6 +154,9 @@ def main() -> None:
     def handle(line: str) -> str:
         if line == "GET":
             return f"v{up.generation} {os.getpid()}"
+        if line.startswith("SLOW "):
+            time.sleep(float(line[5:]))
+            return f"slow v{up.generation} {os.getpid()}"
         if line.startswith("WRITE "):
             data = line[6:].encode()
             region.view()[: len(data)] = data
@@ -175,6 +184,23 @@ def main() -> None:
             )
         return "?"
 
+    serving = threading.Thread(target=server.serve_forever, args=(handle,), daemon=True)
+
+    def accept() -> None:  # on take_over's thread: serve while the old version drains
+        serving.start()
+
+    if args.plain_hooks or MODE in ("no-accept", "never-ready"):
+        state = up.take_over(timeout=10)
+    else:
+        state = up.take_over(timeout=10, accept=accept)
+    if MODE in ("never-ready", "serves-never-ready"):
+        time.sleep(3600)
+    server.state = json.loads(state) if state else {}
+    up.ready()
+    if up.fresh:
+        region.view()[:9] = b"gen1-data"
+    if serving.ident is None:
+        serving.start()
     print(
         json.dumps(
             {
@@ -187,7 +213,7 @@ def main() -> None:
         flush=True,
     )
     try:
-        server.serve_forever(handle)
+        serving.join()
     finally:
         with server.lock:
             while server.active:

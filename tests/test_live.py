@@ -209,6 +209,70 @@ def test_upgrade_under_load_fails_no_request(app: App) -> None:
     assert {a.split()[0] for a in answers} >= {"v1", "v4"}
 
 
+def test_the_new_version_accepts_while_the_old_one_drains(app: App) -> None:
+    """The old version stops accepting, the new one accepts at once; a request in flight in
+    the old one finishes there meanwhile, and only then does its state come over. The
+    service's pause does not hold that drain."""
+    slow: list[str] = []
+    slow_done: list[float] = []
+
+    def ask_slow() -> None:
+        slow.append(app.ask("SLOW 4"))
+        slow_done.append(time.monotonic())
+
+    asking = threading.Thread(target=ask_slow)
+    asking.start()
+    time.sleep(0.3)  # the old version is inside SLOW
+    upgrading: list[subprocess.CompletedProcess[str]] = []
+    upgrader = threading.Thread(target=lambda: upgrading.append(app.upgrade("--json")))
+    upgrader.start()
+    try:
+        answer = ""
+        deadline = time.monotonic() + 10
+        while not answer.startswith("v2") and time.monotonic() < deadline:
+            answer = app.ask("GET")
+        new_answered = time.monotonic()
+        assert answer.startswith("v2")  # the new version answers ...
+        assert not slow  # ... while the old one still works on SLOW
+    finally:
+        asking.join()
+        upgrader.join()
+    assert slow == [f"slow v1 {app.pids[0]}"]  # finished by the old version
+    report = json.loads(upgrading[0].stdout)
+    assert slow_done[0] - new_answered > 1.0  # the drain went on for over a second
+    assert report["ok"] and report["pause"] < 0.5, report  # ... and is not in the pause
+    ready = app.wait_ready()
+    assert ready["generation"] == 2
+    assert app.info()["state"] == {"counter": 1, "from": app.pids[0]}  # after the drain
+
+
+@pytest.mark.parametrize("how", ["plain-hooks", "no-accept"])
+def test_hooks_without_early_accept(tmp_path: Path, how: str) -> None:
+    """on_stop alone (the old version), take_over without accept (the new one): the new
+    version accepts once it has the state, and the report's pause holds the drain."""
+    argv = [sys.executable, str(APP), "--control", str(tmp_path / "app.sock")]
+    argv += ["--mode-file", str(tmp_path / "mode")]
+    if how == "plain-hooks":
+        argv.append("--plain-hooks")
+    a = App(tmp_path, argv=argv)
+    try:
+        a.set_mode("no-accept" if how == "no-accept" else "")
+        slow: list[str] = []
+        asking = threading.Thread(target=lambda: slow.append(a.ask("SLOW 4")))
+        asking.start()
+        time.sleep(0.3)
+        done = a.upgrade("--json")
+        asking.join()
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["ok"] and report["pause"] > 1.0, report  # the drain is in it
+        assert slow == [f"slow v1 {a.pids[0]}"]
+        assert a.wait_ready()["generation"] == 2
+        assert a.info()["state"]["counter"] == 1
+    finally:
+        a.stop()
+
+
 def test_listener_addresses_match() -> None:
     from pageflip.live.upgrader import _same_place, _spell
 
@@ -249,6 +313,7 @@ MODES = {
     "bad-listener": "the old version has no listener 'admin'",
     "other-address": "in the old version, the new one asks for 127.0.0.1:1",
     "big-state": "over the limit of 4096 bytes",
+    "serves-never-ready": "did not become ready within 3 s",
 }
 
 

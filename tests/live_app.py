@@ -11,7 +11,7 @@ during an upgrade). By default the old version stops accepting first (on_stop_ac
 and the new one accepts while the old one drains (take_over's accept); ``--plain-hooks``
 uses on_stop and take_over alone (the new one accepts once it has the state); the mode
 ``no-accept`` makes a new version take over without accept (``never-ready`` too, which
-then hangs; ``serves-never-ready`` hangs after accepting).
+then hangs; ``serves-never-ready`` hangs after accepting). ``--size`` is the region's.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--control")
 parser.add_argument("--mode-file", required=True)
 parser.add_argument("--unix")
+parser.add_argument("--size", type=int, default=SIZE)
 parser.add_argument("--plain-hooks", action="store_true")
 args = parser.parse_args()
 NEW = "PAGEFLIP_LIVE_FD" in os.environ
@@ -131,11 +132,17 @@ class Server:
         self.exiting.set()
 
 
+def memfd_maps() -> int:
+    """Mappings of memfds in this process (the region's: one)."""
+    with open("/proc/self/maps") as f:
+        return sum("/memfd:" in line for line in f)
+
+
 def main() -> None:
     up = live.Upgrader(control=args.control, state_limit=STATE_LIMIT)
     if MODE == "raise":
         raise RuntimeError("simulated start-up failure of the new version")
-    region = up.region("index", SIZE * 2 if MODE == "bad-size" else SIZE)
+    region = up.region("index", args.size * 2 if MODE == "bad-size" else args.size)
     # port 0: any port, which matches the old version's listener; port 1 does not.
     sock = up.listener("tcp", ("127.0.0.1", 1 if MODE == "other-address" else 0))
     extra = up.listener("unix", f"unix:{args.unix}") if args.unix else None
@@ -179,6 +186,7 @@ def main() -> None:
                     "listener_inode": os.fstat(sock.fileno()).st_ino,
                     "port": sock.getsockname()[1],
                     "fds": len(os.listdir("/proc/self/fd")),
+                    "memfd_maps": memfd_maps(),
                     "served": server.served,
                 }
             )

@@ -6,7 +6,12 @@ listener inode, state); ``GET`` answers ``v<generation> <pid>``; ``WRITE text`` 
 text at the start of the region. Each version prints a JSON line on stdout when it serves.
 
 ``--mode-file F``: what a *new* version (or the old one's on_stop) does wrong, read when it
-starts (see MODES in the test).
+starts (see MODES in the test). ``SLOW s`` answers after s seconds (a request in flight
+during an upgrade). By default the old version stops accepting first (on_stop_accepting)
+and the new one accepts while the old one drains (take_over's accept); ``--plain-hooks``
+uses on_stop and take_over alone (the new one accepts once it has the state); the mode
+``no-accept`` makes a new version take over without accept (``never-ready`` too, which
+then hangs; ``serves-never-ready`` hangs after accepting). ``--size`` is the region's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--control")
 parser.add_argument("--mode-file", required=True)
 parser.add_argument("--unix")
+parser.add_argument("--size", type=int, default=SIZE)
+parser.add_argument("--plain-hooks", action="store_true")
 args = parser.parse_args()
 NEW = "PAGEFLIP_LIVE_FD" in os.environ
 MODE = mode(args.mode_file) if NEW else ""
@@ -99,6 +106,11 @@ class Server:
                 self.served += 1
                 self.idle.notify_all()
 
+    def stop_accepting(self, stopped: object) -> None:
+        with self.lock:
+            self.accepting = False
+            stopped()  # type: ignore[operator]
+
     def stop(self, deadline: float) -> bytes | None:
         with self.lock:
             self.accepting = False
@@ -120,26 +132,28 @@ class Server:
         self.exiting.set()
 
 
+def memfd_maps() -> int:
+    """Mappings of memfds in this process (the region's: one)."""
+    with open("/proc/self/maps") as f:
+        return sum("/memfd:" in line for line in f)
+
+
 def main() -> None:
     up = live.Upgrader(control=args.control, state_limit=STATE_LIMIT)
     if MODE == "raise":
         raise RuntimeError("simulated start-up failure of the new version")
-    region = up.region("index", SIZE * 2 if MODE == "bad-size" else SIZE)
-    sock = up.listener("tcp", ("127.0.0.1", 0))
+    region = up.region("index", args.size * 2 if MODE == "bad-size" else args.size)
+    # port 0: any port, which matches the old version's listener; port 1 does not.
+    sock = up.listener("tcp", ("127.0.0.1", 1 if MODE == "other-address" else 0))
     extra = up.listener("unix", f"unix:{args.unix}") if args.unix else None
     if MODE == "bad-listener":
         up.listener("admin", ("127.0.0.1", 0))
     server = Server(sock, up)
+    if not args.plain_hooks:
+        up.on_stop_accepting(server.stop_accepting)
     up.on_stop(server.stop)
     up.on_resume(server.resume)
     up.on_exit(server.exit)
-    state = up.take_over(timeout=10)
-    if MODE == "never-ready":
-        time.sleep(3600)
-    server.state = json.loads(state) if state else {}
-    up.ready()
-    if up.fresh:
-        region.view()[:9] = b"gen1-data"
     memfd = region.extents()[0].memfd
     assert memfd is not None
     region_inode = os.fstat(memfd.fd).st_ino
@@ -147,6 +161,9 @@ def main() -> None:
     def handle(line: str) -> str:
         if line == "GET":
             return f"v{up.generation} {os.getpid()}"
+        if line.startswith("SLOW "):
+            time.sleep(float(line[5:]))
+            return f"slow v{up.generation} {os.getpid()}"
         if line.startswith("WRITE "):
             data = line[6:].encode()
             region.view()[: len(data)] = data
@@ -169,11 +186,29 @@ def main() -> None:
                     "listener_inode": os.fstat(sock.fileno()).st_ino,
                     "port": sock.getsockname()[1],
                     "fds": len(os.listdir("/proc/self/fd")),
+                    "memfd_maps": memfd_maps(),
                     "served": server.served,
                 }
             )
         return "?"
 
+    serving = threading.Thread(target=server.serve_forever, args=(handle,), daemon=True)
+
+    def accept() -> None:  # on take_over's thread: serve while the old version drains
+        serving.start()
+
+    if args.plain_hooks or MODE in ("no-accept", "never-ready"):
+        state = up.take_over(timeout=10)
+    else:
+        state = up.take_over(timeout=10, accept=accept)
+    if MODE in ("never-ready", "serves-never-ready"):
+        time.sleep(3600)
+    server.state = json.loads(state) if state else {}
+    up.ready()
+    if up.fresh:
+        region.view()[:9] = b"gen1-data"
+    if serving.ident is None:
+        serving.start()
     print(
         json.dumps(
             {
@@ -186,7 +221,7 @@ def main() -> None:
         flush=True,
     )
     try:
-        server.serve_forever(handle)
+        serving.join()
     finally:
         with server.lock:
             while server.active:

@@ -96,6 +96,16 @@ class Service:
         self.servers: list[uvicorn.Server] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.config = uvicorn.Config(
+            self,
+            lifespan="off",
+            http="h11",
+            loop="asyncio",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=int(KEEP_ALIVE),
+            backlog=2048,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app behind the drain middleware: while draining, every response says
@@ -140,32 +150,45 @@ class Service:
             return 200, json.dumps({"count": self.count}).encode()
         return 404, b'{"error": "not found"}'
 
+    def prepare(self) -> None:
+        """What uvicorn does before it serves (imports, protocol classes: tens of ms), done
+        ahead, so that :meth:`listen` takes a fraction of a millisecond."""
+        if not self.config.loaded:
+            self.config.load()
+
     def start(self, sock: socket.socket) -> uvicorn.Server:
         """Serve on a copy of ``sock`` (closing the copy later leaves ``sock`` open)."""
-        config = uvicorn.Config(
-            self,
-            lifespan="off",
-            http="h11",
-            loop="asyncio",
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=int(KEEP_ALIVE),
-            backlog=2048,
-        )
-        server = uvicorn.Server(config)
+        self.prepare()
+        server = uvicorn.Server(self.config)
         self.servers.append(server)
         self.tasks.append(asyncio.ensure_future(server.serve(sockets=[sock.dup()])))
         return server
 
-    async def drain(self, deadline: float) -> None:
-        """Stop accepting (close our copies of the listener), let the connections accepted
-        just before get wired to their protocols (a few loop iterations), then wait until
-        none is left, or until ``deadline`` (time.monotonic()). The new version takes over
-        only after this: the shorter, the shorter the service's pause."""
+    async def listen(self, sock: socket.socket) -> float:
+        """Start serving on ``sock``; return (time.monotonic()) once it accepts."""
+        server = self.start(sock)
+        task = self.tasks[-1]
+        while not server.started:
+            if task.done():
+                task.result()  # it failed: raise why
+                raise RuntimeError("the server ended before it served")
+            await asyncio.sleep(0)
+        return time.monotonic()
+
+    def stop_accepting(self) -> None:
+        """Close our copies of the listener (the socket stays open in the upgrader, and in
+        the new version); from now on every response says ``Connection: close``."""
         self.draining = True
         for server in self.servers:
             for listener in getattr(server, "servers", []):
                 listener.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting (if not yet), let the connections accepted just before get wired
+        to their protocols (a few loop iterations), then wait until none is left, or until
+        ``deadline`` (time.monotonic()). In an upgrade this runs while the new version
+        accepts already: it is not part of the service's pause."""
+        self.stop_accepting()
         bound = min(deadline, time.monotonic() + 2 * KEEP_ALIVE)
         for _ in range(WIRING_TICKS):
             await asyncio.sleep(0)
@@ -175,6 +198,11 @@ class Service:
     def exit(self) -> None:
         for server in self.servers:
             server.should_exit = True
+
+    async def wait(self) -> None:
+        """Until every server has exited (one started meanwhile included)."""
+        while not all(t.done() for t in self.tasks):
+            await asyncio.gather(*list(self.tasks))
 
     def state(self) -> bytes:
         return json.dumps({"count": self.count}).encode()
@@ -222,15 +250,9 @@ def announce(port: int, generation: int) -> None:
 async def serve(service: Service, sock: socket.socket, on_serving: Callable[[], None]) -> None:
     """Serve on ``sock`` until every server of ``service`` has exited."""
     service.loop = asyncio.get_running_loop()
-    server = service.start(sock)
-    while not server.started:
-        if service.tasks[0].done():
-            service.tasks[0].result()  # it failed: raise why
-            return
-        await asyncio.sleep(0.001)
+    await service.listen(sock)
     on_serving()
-    while not all(t.done() for t in service.tasks):
-        await asyncio.gather(*list(service.tasks))
+    await service.wait()
 
 
 def listening_socket(host: str, port: int, reuseport: bool) -> socket.socket:
@@ -273,7 +295,8 @@ def run_plain(args: argparse.Namespace) -> None:
 
 def run_live(args: argparse.Namespace) -> None:
     """With pageflip.live: the index in a region (inherited after an upgrade), the listener
-    inherited too; take over from the old version, serve, then say ready."""
+    inherited too; take over from the old version (serving as soon as it stopped
+    accepting), then say ready."""
     from pageflip import live  # type: ignore[attr-defined,unused-ignore]
 
     up = live.Upgrader(control=args.control, state_limit=1 << 20)
@@ -284,23 +307,32 @@ def run_live(args: argparse.Namespace) -> None:
         fill(index, args.seed)
     sock = up.listener("http", (args.host, args.port))
     check_start_up(args)
-    state = up.take_over(timeout=10.0)
-    count = int(json.loads(state)["count"]) if state else 0
-    service = Service(index, count=count, generation=up.generation)
+    service = Service(index, count=0, generation=up.generation)
     wire_upgrader(up, service, sock)
-
-    def on_serving() -> None:
-        up.ready()
-        announce(sock.getsockname()[1], up.generation)
-
     # uvicorn handles SIGTERM and SIGINT while it serves, then raises the signal again once
     # it stopped: here that becomes an exit that closes the upgrader (its socket file goes).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
-    try:
-        asyncio.run(serve(service, sock, on_serving))
-    finally:
-        up.close()
+    with up:  # an error before ready() is told to the old version, which serves on
+        asyncio.run(serve_live(up, service, sock))
+
+
+async def serve_live(up: Any, service: Service, sock: socket.socket) -> None:
+    """Take over and serve. Everything slow is done before ``take_over``; its ``accept``
+    starts uvicorn on the inherited socket the moment the old version stopped accepting,
+    while the old one still drains; the old one's count arrives with its state, after."""
+    loop = asyncio.get_running_loop()
+    service.loop = loop
+    service.prepare()
+
+    def accept() -> float:  # on take_over's thread
+        return asyncio.run_coroutine_threadsafe(service.listen(sock), loop).result()
+
+    state = await loop.run_in_executor(None, lambda: up.take_over(timeout=10.0, accept=accept))
+    service.count += int(json.loads(state)["count"]) if state else 0
+    up.ready()
+    announce(sock.getsockname()[1], up.generation)
+    await service.wait()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -309,7 +341,20 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def wire_upgrader(up: Any, service: Service, sock: socket.socket) -> None:
     """The old version's side of an upgrade. The callbacks may come from any thread: each
-    runs its work on the service's loop (stop blocks until the drain is done)."""
+    runs its work on the service's loop (stop_accepting blocks until the listener is
+    closed, on_stop until the drain is done)."""
+
+    def stop_accepting(stopped: Callable[[], None]) -> None:
+        loop = service.loop
+        assert loop is not None
+        if _on_thread(loop):
+            raise RuntimeError("on_stop_accepting must not be called on the service's loop")
+
+        async def stop() -> None:
+            service.stop_accepting()
+            stopped()  # from the loop: the new version hears it now, not when we wake up
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=10.0)
 
     def on_stop(deadline: float) -> bytes:
         loop = service.loop
@@ -327,6 +372,7 @@ def wire_upgrader(up: Any, service: Service, sock: socket.socket) -> None:
 
         _call_soon(service, resume)
 
+    up.on_stop_accepting(stop_accepting)
     up.on_stop(on_stop)
     up.on_resume(on_resume)
     up.on_exit(lambda: _call_soon(service, service.exit))

@@ -11,8 +11,9 @@ the old version serves on if the new one fails. See ``docs/live.md``.
     index = up.region("index", 1 << 30)      # zeros when fresh, else the old version's pages
     sock = up.listener("http", ("127.0.0.1", 8000))
     ...                                      # everything slow goes here
-    state = up.take_over()                   # the old version stops and hands its state
-    up.ready()                               # serve; the old version exits
+    state = up.take_over(accept=start)       # the old version stops accepting, start()
+                                             # accepts, the old one drains, hands its state
+    up.ready()                               # regions writable; the old version exits
 
 The library never prints: it logs to the ``pageflip.live`` logger.
 """

@@ -6,8 +6,11 @@ session of its own. Over that pair (the channel's framing, one
 :class:`~pageflip._wire.Note` per message, as a destination talks to its pager) it offers
 everything at once: the memfd of each region and the fd of each listener (and of the
 control socket). The new version maps and wraps what it asks for, calls :meth:`take_over`
-when it is about to serve ("take": the old one runs ``on_stop`` and sends the state blob in
-a memfd), then :meth:`ready` ("ready": the old one runs ``on_exit`` and closes its copies).
+when it is about to serve ("take": the old one stops accepting, ``on_stop_accepting``, and
+says so, "stopped"; the new one starts accepting, take_over's ``accept``, and says when,
+"accepting"; meanwhile the old one finishes its requests, ``on_stop``, and sends the state
+blob in a memfd), then :meth:`ready` ("ready": the old one runs ``on_exit`` and closes its
+copies). The service's pause is from the old version's stop to the new one's accept.
 Any failure before "ready" (the new one exits, raises, hangs, asks for what the old one
 does not have) ends the new one's whole process group; the old one resumes and serves on.
 """
@@ -85,7 +88,9 @@ class UpgradeReport:
     listeners: list[dict[str, Any]] = field(default_factory=list)
     #: Size of the state blob handed over (None: none).
     state_bytes: int | None = None
-    #: Seconds from the old version's on_stop to the new one's ready (None: not reached).
+    #: The service's pause: seconds from the old version's stop of accepting (on_stop_accepting,
+    #: else on_stop) to the new one accepting (take_over's accept, else ready); None: not
+    #: reached.
     pause: float | None = None
     #: Seconds from the start of the upgrade to its end.
     total: float = 0.0
@@ -114,6 +119,8 @@ class _Listener:
     address: str
     inherited: bool
     sockets: list[socket.socket] = field(default_factory=list)
+    #: What this version asked for, spelled by :func:`_spell` (a successor must match it).
+    asked: str | None = None
     #: A Unix socket's path and inode (removed at close unless handed over).
     path: str | None = None
     inode: int = 0
@@ -187,6 +194,38 @@ def _describe(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _spell(family: socket.AddressFamily, where: Any) -> str:
+    """An asked-for address, spelled as :func:`_describe` does, so that two can be compared:
+    a Unix path made absolute, a host that is an IP literal normalized."""
+    import ipaddress
+
+    if family == socket.AF_UNIX:
+        if isinstance(where, bytes):
+            return "unix:@" + where[1:].decode(errors="replace")
+        return "unix:" + os.path.abspath(str(where))
+    host, port = str(where[0]), int(where[1])
+    try:
+        host = str(ipaddress.ip_address(host or "0.0.0.0"))
+    except ValueError:
+        host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _same_place(want: str, item: dict[str, Any]) -> bool:
+    """Whether ``want`` (spelled by :func:`_spell`) names the old version's listener
+    ``item``: what the old version asked for, or where its socket is (port 0: any port)."""
+    if want == item.get("asked"):
+        return True
+    actual = str(item.get("address") or "")
+    if actual.startswith("unix:") or want.startswith("unix:"):
+        name = actual[len("unix:") :]
+        if name and not name.startswith("@"):
+            actual = "unix:" + os.path.abspath(name)
+        return want == actual
+    host, _, port = want.rpartition(":")
+    return want == actual or (port == "0" and actual.rpartition(":")[0] == host)
+
+
 def _parse(address: Address) -> tuple[socket.AddressFamily, Any]:
     if isinstance(address, str):
         if not address.startswith("unix:") or len(address) == len("unix:"):
@@ -222,6 +261,7 @@ class Upgrader:
         self._regions: dict[str, _Held] = {}
         self._listeners: dict[str, _Listener] = {}
         self._on_stop: Callable[[float], bytes | None] | None = None
+        self._on_stop_accepting: Callable[[Callable[[], None]], None] | None = None
         self._on_resume: Callable[[], None] | None = None
         self._on_exit: Callable[[], None] | None = None
         self._upgrading: tuple[int, float] | None = None
@@ -352,7 +392,11 @@ class Upgrader:
         version's (the same kernel socket: its backlog goes on) when taking over, else from
         systemd (``LISTEN_FDNAMES`` names it) or bound here (IPPROTO_TCP, SO_REUSEADDR,
         backlog 2048). Asked again for the same name, a new socket object of the same
-        socket (for a server that closed its own in ``on_stop`` and accepts again)."""
+        socket (for a server that closed its own in ``on_stop`` and accepts again).
+
+        When taking over, ``address`` must name the old version's listener: what the old
+        version asked for, or where its socket is (port 0 matches any port). Another address
+        under the same name is a LiveError naming both (the old version serves on)."""
         self._check_open()
         held = self._listeners.get(name)
         if held is not None:
@@ -360,12 +404,19 @@ class Upgrader:
             held.sockets.append(sock)
             return sock
         family, where = _parse(address)
+        want = _spell(family, where)
         offer = self._offer
         if offer is not None:
             if name not in offer.listeners:
                 raise LiveError(
                     f"the old version has no listener {name!r} (it has: "
                     f"{', '.join(sorted(offer.listeners)) or 'none'})"
+                )
+            item = offer.listeners[name][1]
+            if not _same_place(want, item):
+                raise LiveError(
+                    f"listener {name!r} is {item.get('address')} in the old version, the new "
+                    f"one asks for {want}"
                 )
             fd, item = offer.listeners.pop(name)
             held = _Listener(fd, str(item["address"]), True)
@@ -375,6 +426,7 @@ class Upgrader:
             held = _Listener(fd, "", True)
         else:
             held = self._bind(family, where)
+        held.asked = want
         sock = socket.socket(fileno=os.dup(held.fd))
         held.address = _describe(sock)
         held.sockets.append(sock)
@@ -401,41 +453,88 @@ class Upgrader:
             held.path, held.inode = path, os.stat(path).st_ino
         return held
 
-    def take_over(self, timeout: float = 10.0) -> bytes | None:
+    def take_over(
+        self, timeout: float = 10.0, *, accept: Callable[[], float | None] | None = None
+    ) -> bytes | None:
         """Right before serving: the old version stops accepting, finishes its in-flight
         requests and hands its state blob, returned here (None when fresh, or when the old
         version sent none). If the old version died before it handed the state, we take
         over all the same (regions and listeners are here already): None, and
-        ``state_lost`` is True."""
+        ``state_lost`` is True.
+
+        ``accept()`` starts this version accepting on its listeners and returns once it
+        does (it may return the time.monotonic() at which it started; else its return
+        counts). It is called as soon as nothing else accepts: at once in a first version;
+        in a new one when the old version has stopped accepting, while the old one still
+        finishes its requests and before its state is here. The service's pause is then
+        from the old version's stop to this call, not the old one's drain. Requests served
+        before :meth:`ready` must not write inherited regions (read-only until then), and a
+        failure before it loses the connections this version holds (the old one serves
+        on). Without ``accept``, start accepting once this returns."""
         self._check_open()
-        offer = self._offer
-        if offer is None or self._taken:
+        if self._taken:
             return None
         self._taken = True
+        offer = self._offer
+        if offer is None:
+            self._accept(accept, None)
+            return None
         if offer.link is None:
             self._lost("its handover socket is closed")
+            self._accept(accept, None)
             return None
+        deadline = time.monotonic() + timeout
+        accepted = accept is None
+        heard = False  # "stopped": the old version knows it, and hears "accepting"
         try:
-            send_note(offer.link, {"take": True})
-            message, fds = recv_note(offer.link, timeout)
+            # "tell_stopped": say when you stopped accepting. An old version that does not
+            # know it sends its state only, after which we accept, and tell it nothing.
+            send_note(offer.link, {"take": True, "tell_stopped": not accepted})
+            while True:
+                message, fds = recv_note(offer.link, max(0.0, deadline - time.monotonic()))
+                if "stopped" not in message or "error" in message:
+                    break
+                close_all(fds)
+                heard = True
+                if not accepted:
+                    accepted = True
+                    self._accept(accept, offer.link)
         except PeerClosed:
             self._lost("it went away")
+            if not accepted:
+                self._accept(accept, None)
             return None
         except PeerTimeout:
             raise LiveError(
                 f"the old version did not hand its state within {timeout:g} s"
             ) from None
+        state: bytes | None = None
         try:
             if "error" in message:
                 raise LiveError(f"the old version refused: {message['error']}")
             size = message.get("state")
-            if size is None:
-                return None
-            if len(fds) != 1 or mm.fstat_size(fds[0]) != int(size):
-                raise LiveError("the old version's state memfd is not the size it announced")
-            return os.pread(fds[0], int(size), 0) if size else b""
+            if size is not None:
+                if len(fds) != 1 or mm.fstat_size(fds[0]) != int(size):
+                    raise LiveError("the old version's state memfd is not the size it announced")
+                state = os.pread(fds[0], int(size), 0) if size else b""
         finally:
             close_all(fds)
+        if not accepted:
+            self._accept(accept, offer.link if heard else None)
+        return state
+
+    def _accept(self, accept: Callable[[], float | None] | None, link: Endpoint | None) -> None:
+        """Call ``accept`` and tell the old version (over ``link``) when we accepted: the
+        end of the service's pause. A stamp from ``accept`` counts within its call."""
+        if accept is None:
+            return
+        called = time.monotonic()
+        said = accept()
+        done = time.monotonic()
+        at = done if said is None else min(max(float(said), called), done)
+        if link is not None:
+            with contextlib.suppress(PageflipError, OSError):
+                send_note(link, {"accepting": at})
 
     def _lost(self, why: str) -> None:
         self.state_lost = True
@@ -507,10 +606,19 @@ class Upgrader:
     # -- hooks of the running version -----------------------------------------------------
 
     def on_stop(self, fn: Callable[[float], bytes | None]) -> None:
-        """``fn(deadline)``: stop accepting, finish in-flight requests by ``deadline``
-        (time.monotonic), return the state blob (bytes or None). Called on the upgrade's
-        thread."""
+        """``fn(deadline)``: stop accepting (if :meth:`on_stop_accepting` did not), finish
+        in-flight requests by ``deadline`` (time.monotonic), return the state blob (bytes or
+        None). Called on the upgrade's thread."""
         self._on_stop = fn
+
+    def on_stop_accepting(self, fn: Callable[[Callable[[], None]], None]) -> None:
+        """``fn(stopped)``: stop accepting new connections, now, and call ``stopped()`` the
+        moment it did, from the thread that did it (the service's event loop, say): that
+        tells a new version that takes over with ``accept`` to start accepting, at once,
+        while ``on_stop`` finishes the requests in flight here. Return once stopped. If
+        ``fn`` returns without calling ``stopped()``, its call counts as the moment and the
+        new version hears it then. Called on the upgrade's thread."""
+        self._on_stop_accepting = fn
 
     def on_resume(self, fn: Callable[[], None]) -> None:
         """``fn()``: the upgrade failed after on_stop: accept again."""
@@ -737,11 +845,16 @@ class _Handover:
         self.timeout = timeout
         self.say = say
         self.start = time.monotonic()
+        self._thread = threading.current_thread()
         self.deadline = self.start + timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.link: Endpoint | None = None
         self.tail: _StderrTail | None = None
         self.stopped_at: float | None = None
+        self.accepting_at: float | None = None
+        self._stop_lock = threading.Lock()
+        self._stop_told = False
+        self._stop_failed = False
         self.report = UpgradeReport(ok=False, generation=up.generation + 1, old_pid=os.getpid())
 
     def run(self) -> UpgradeReport:
@@ -796,7 +909,7 @@ class _Handover:
         up = self.up
         regions = [{"name": n, "size": h.size} for n, h in up._regions.items()]
         listeners = [
-            {"name": n, "address": h.address, "path": h.path, "inode": h.inode}
+            {"name": n, "address": h.address, "asked": h.asked, "path": h.path, "inode": h.inode}
             for n, h in up._listeners.items()
         ]
         fds = [h.fd for h in up._regions.values()] + [h.fd for h in up._listeners.values()]
@@ -858,8 +971,15 @@ class _Handover:
         if "take" not in message:
             raise _rollback(f"the new version sent {sorted(message)}, expected take")
         up = self.up
+        tell = bool(message.get("tell_stopped"))
         self.say("the new version takes over: stopping this one")
-        self.stopped_at = time.monotonic()
+        called = self.stopped_at = time.monotonic()
+        if up._on_stop_accepting is not None:
+            try:
+                up._on_stop_accepting(lambda: self._stopped(tell))
+            except Exception as err:
+                raise _rollback(f"on_stop_accepting failed: {one_line(err)}") from None
+            self._stopped(tell, at=called)
         state: bytes | None = None
         if up._on_stop is not None:
             try:
@@ -868,6 +988,7 @@ class _Handover:
                 raise _rollback(f"on_stop failed: {one_line(err)}") from None
         if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
             raise _rollback(f"on_stop returned {type(state).__name__}, not bytes or None")
+        self._stopped(tell, at=called)
         fds: list[int] = []
         try:
             if state is not None:
@@ -890,8 +1011,31 @@ class _Handover:
         finally:
             close_all(fds)
 
+    def _stopped(self, tell: bool, at: float | None = None) -> None:
+        """Nothing here accepts any more (since ``at``, else now): the service's pause
+        starts; if ``tell``, the new version hears it (it accepts then). Once; from any
+        thread (the service's loop, through on_stop_accepting's ``stopped``), while the
+        upgrade's thread waits for on_stop_accepting: the link is not used meanwhile."""
+        with self._stop_lock:
+            if not self._stop_told:
+                self._stop_told = True
+                self.stopped_at = time.monotonic() if at is None else at
+                if tell and self.link is not None:
+                    try:
+                        send_note(self.link, {"stopped": True})
+                    except (PageflipError, OSError):
+                        self._stop_failed = True
+        if self._stop_failed and threading.current_thread() is self._thread:
+            raise _rollback(self._why_gone("before it heard that this one stopped")) from None
+
     def _wait_ready(self) -> None:
         message = self._next("become ready")
+        if "accepting" in message and self.stopped_at is not None:
+            # The new version's own stamp (CLOCK_MONOTONIC is the machine's), kept within
+            # what we saw: after we stopped, before we heard it.
+            said = float(message["accepting"])
+            self.accepting_at = min(max(said, self.stopped_at), time.monotonic())
+            message = self._next("become ready")
         if "ready" not in message:
             raise _rollback(f"the new version sent {sorted(message)}, expected ready")
         self._control_taken = bool(message.get("control"))
@@ -900,7 +1044,8 @@ class _Handover:
         up = self.up
         now = time.monotonic()
         self.report.ok = True
-        self.report.pause = None if self.stopped_at is None else now - self.stopped_at
+        if self.stopped_at is not None:
+            self.report.pause = (self.accepting_at or now) - self.stopped_at
         self.say(f"the new version (pid {self.report.new_pid}) serves")
         up._handed_over = True
         self.report.total = now - self.start

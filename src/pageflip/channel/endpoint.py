@@ -156,8 +156,11 @@ class Endpoint:
             if frame is not None:
                 return frame
             if spin_until:
+                # Yielding on each turn: the peer's thread, woken by what it just sent us,
+                # is often put on this very CPU (the scheduler's wake-affine choice) and
+                # would wait behind the spin for the rest of its time slice, 3-4 ms.
                 while time.monotonic() < spin_until and not self.conn.wait_readable(0):
-                    pass
+                    os.sched_yield()
                 spin_until = 0.0
             self._wait(phase, deadline, timeout)
             self._read(phase)

@@ -148,11 +148,15 @@ def test_peak_memory_is_measured_for_both_processes(matrix: dict[str, Any]) -> N
         assert list(run["regions"]) == ["ram", "journal", "heartbeat"]
         assert memory["ratio"] == pytest.approx(memory["peak"] / run["guest_bytes"])
         baseline = memory["baseline"]
-        assert set(baseline["by_role"]) == {"source", "destination"}
+        # By counters (no page-table walk during the migration): each process's private
+        # memory, and the guest's shared memory once.
+        assert memory["method"] == "counters"
+        assert set(baseline["by_role"]) == {"source", "destination", "shared"}
         assert memory["peak"] >= baseline["total"] > 0  # the baseline is a sample too
         assert memory["added"] >= 0
-        # Before the migration the source holds the whole guest.
-        assert baseline["by_role"]["source"] > run["guest_bytes"]
+        # Before the migration the source holds the whole guest (its memfds: shared memory,
+        # as far as it is mapped in: RssShmem leaves out the odd page never touched).
+        assert baseline["by_role"]["shared"] >= 0.99 * run["guest_bytes"]
         assert memory["pss_samples"] >= 2 and memory["rss_samples"] >= memory["pss_samples"]
     for run in (r for r in matrix["runs"] if r["mode"] == "postcopy"):
         assert "helpers" in run["memory"]["peak_pss"]["max_by_role"]  # the pager was counted

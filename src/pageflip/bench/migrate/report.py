@@ -125,7 +125,7 @@ def markdown_table(result: MigrateResult) -> str:
     lines += [
         "",
         f"Order: {result['order']['scheme']}. Memory: {notes['warmth']}.",
-        f'Peak memory: {notes["peak"]}; "added" is the peak minus both processes\' Pss just '
+        f'Peak memory: {notes["peak"]}; "added" is the peak minus the same measure just '
         "before the migration; the RSS sum counts pages mapped by both processes twice.",
         f"Times: {notes['clock']}.",
         "",

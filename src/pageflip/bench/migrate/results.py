@@ -9,7 +9,7 @@ from ..common import finite, machine
 from ..references import qemu_context
 from .config import ORDER, MigrateConfig, RunSpec
 from .records import ConfigRecord, MigrateResult, Notes, RunRecord
-from .sampling import PEAK, PSS_SHARE
+from .sampling import COUNTERS
 from .stats import cells
 from .targets import QEMU_REFERENCE, judge
 
@@ -73,7 +73,7 @@ def _config(config: MigrateConfig) -> ConfigRecord:
 def _notes(config: MigrateConfig) -> Notes:
     return {
         "clock": CLOCK,
-        "peak": PEAK.format(interval=config.sample_interval, share=PSS_SHARE),
+        "peak": COUNTERS.format(interval=config.sample_interval),
         "guest_memory": "guest memory = the workload's regions: ram, journal (4 bytes "
         "per page of ram, rounded up to a page) and heartbeat (one page); each run's "
         "'regions' gives their sizes and its done event's 'regions' the pages of each",

@@ -120,8 +120,9 @@ def test_a_silent_server_is_a_timeout_naming_the_path(served: Served) -> None:
 
 
 def test_requests_on_several_connections_are_served_at_once(served: Served) -> None:
-    with ControlClient(served.path, timeout=5) as hung, ControlClient(served.path) as other:
-        hung._send({"cmd": "hang"})
+    with socket.socket(socket.AF_UNIX) as hung, ControlClient(served.path) as other:
+        hung.connect(served.path)
+        hung.sendall(b'{"cmd": "hang"}\n')  # its thread now waits in the handler
         assert other.request("status")["ok"] is True
 
 

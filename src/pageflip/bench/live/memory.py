@@ -1,27 +1,30 @@
 """The memory of every process of the service (the ones found by the run's tag), from a
-thread: the Pss of one copy before an action, the peak of the sum during it."""
+thread, by counters (no page-table walk): one copy before an action, the peak during it."""
 
 from __future__ import annotations
 
 import threading
-import time
 
-from ..migrate.sampling import PSS_SHARE, pss_of
+from ..migrate.sampling import SharedOnce, private_of
 from .records import MemoryRecord
 from .service import tagged_pids
 
 __all__ = ["PEAK", "MemoryWatch"]
 
 PEAK = (
-    "Pss (/proc/PID/smaps_rollup: pages shared by two processes counted once) summed over "
-    "every process whose command line holds the run's directory (old, new, and any the "
-    "upgrade started), sampled every {interval:g} s but at most {share:.0%} of the time; "
-    "one copy: the same sum just before the action, with one version serving"
+    "counters, no page-table walk: RssAnon + RssFile (/proc/PID/status) summed over every "
+    "process whose command line holds the run's directory (old, new, and any the upgrade "
+    "started), plus shared memory (the index's memfd) once: the largest RssShmem a process "
+    "had just before the action plus the growth of the host's Shmem (/proc/meminfo) since; "
+    "sampled every {interval:g} s; one copy: the same sum just before the action, with one "
+    "version serving. (Reading Pss walks every page table and holds off the service's page "
+    "faults meanwhile)"
 )
 
 
 class MemoryWatch:
-    """Samples the Pss sum of the processes tagged ``tag`` until stopped."""
+    """Samples the memory of the processes tagged ``tag`` (see :data:`PEAK`) until stopped;
+    the first :meth:`total` is the baseline of the shared part."""
 
     def __init__(self, tag: str, interval: float = 0.05) -> None:
         self.tag = tag
@@ -30,20 +33,23 @@ class MemoryWatch:
         self.samples = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shared = SharedOnce()
 
     def total(self) -> int:
-        return sum(v for pid in tagged_pids(self.tag) if (v := pss_of(pid)) is not None)
+        pids = tagged_pids(self.tag)
+        own = sum(v for pid in pids if (v := private_of(pid)) is not None)
+        return own + self._shared(pids)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            started = time.perf_counter()
             self.peak = max(self.peak, self.total())
             self.samples += 1
-            cost = time.perf_counter() - started
-            self._stop.wait(max(self.interval, cost * (1 / PSS_SHARE - 1)))
+            self._stop.wait(self.interval)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pageflip-bench-pss", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="pageflip-bench-memory", daemon=True
+        )
         self._thread.start()
 
     def stop(self, one_copy: int) -> MemoryRecord:

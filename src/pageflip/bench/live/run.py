@@ -63,7 +63,7 @@ NOTES = {
     "latency": "worst: the longest request that overlapped the action; steady p99: the "
     "requests before it; longest gap: the longest time in the action without a response",
     "search": "each request searches its row's partition (4096 rows, 1 MiB) by dot product",
-    "peak": PEAK.format(interval=0.05, share=0.2),
+    "peak": PEAK.format(interval=0.05),
 }
 
 

@@ -6,14 +6,14 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..._sys.procfs import proc, procfs_path
 from .config import MigrateBenchmarkError
 from .records import MemoryRecord, Peak
 
-__all__ = ["COUNTERS", "PEAK", "PSS_SHARE", "Sampler", "pss_of"]
+__all__ = ["COUNTERS", "PEAK", "PSS_SHARE", "Sampler", "SharedOnce", "private_of", "pss_of"]
 
 #: The sampler reads Pss (a page-table walk: about 4 ms per 256 MiB mapped here) at most this
 #: share of the time: after a read that took ``c`` seconds it waits ``c * (1/share - 1)``.
@@ -66,7 +66,8 @@ def _rss(pid: int) -> int | None:
     return _read_kib(proc(pid, "status"), "VmRSS")
 
 
-def _private(pid: int) -> int | None:
+def private_of(pid: int) -> int | None:
+    """Process ``pid``'s own memory by counters: RssAnon + RssFile (None: gone)."""
     return _read_kib(proc(pid, "status"), "RssAnon", "RssFile")
 
 
@@ -95,6 +96,23 @@ def _descendants(pid: int) -> list[int]:
                     found.append(kid)
                     todo.append(kid)
     return found
+
+
+class SharedOnce:
+    """Shared memory counted once, by counters: the largest RssShmem one process had at the
+    first look, plus the growth of the host's Shmem (/proc/meminfo) since. Two processes
+    that map the same memfd count it once; a new memfd counts as it fills."""
+
+    def __init__(self) -> None:
+        self._host0: int | None = None
+        self._base = 0
+
+    def __call__(self, pids: Iterable[int]) -> int:
+        host = _read_kib(os.path.join(procfs_path(), "meminfo"), "Shmem") or 0
+        if self._host0 is None:
+            self._host0 = host
+            self._base = max((v for pid in pids if (v := _shmem(pid)) is not None), default=0)
+        return max(0, self._base + host - self._host0)
 
 
 @dataclass
@@ -135,8 +153,7 @@ class Sampler:
         self.interval = interval
         #: False: the peak comes from counters (:data:`COUNTERS`), never a page-table walk.
         self.walk = walk
-        self._host_shmem0: int | None = None
-        self._ours_shmem0 = 0
+        self._shared = SharedOnce()
         self.pss = _Peak()
         self.rss = _Peak()
         self.pss_costs: list[float] = []
@@ -173,15 +190,11 @@ class Sampler:
         return values
 
     def _counted(self) -> dict[str, int]:
-        """Memory by counters: private per role, shared memory once (see :data:`COUNTERS`)."""
-        host = _read_kib(os.path.join(procfs_path(), "meminfo"), "Shmem") or 0
-        if self._host_shmem0 is None:
-            self._host_shmem0 = host
-            # At the start only one process holds the guest's memory (the source); a
-            # destination that maps the same file already (QEMU's shared mode) counts once.
-            self._ours_shmem0 = max(self._read(_shmem).values(), default=0)
-        values = self._read(_private)
-        values["shared"] = max(0, self._ours_shmem0 + host - self._host_shmem0)
+        """Memory by counters: private per role, shared memory once (see :data:`COUNTERS`).
+        At the start only one process holds the guest's memory (the source); a destination
+        that maps the same file already (QEMU's shared mode) counts once."""
+        values = self._read(private_of)
+        values["shared"] = self._shared([*self.pids.values(), *self._helpers])
         return values
 
     def baseline(self) -> dict[str, int]:

@@ -384,7 +384,7 @@ def _encode(obj: dict[str, Any]) -> str:
 
 class ControlClient(control.ControlClient):
     """Talk to a :class:`GuestHost` at ``path`` (see :class:`pageflip.control.ControlClient`
-    for ``timeout``, ``wait`` and ``waiting``)."""
+    for ``timeout`` and ``wait``)."""
 
     what = "guest"
     hint = "start one with pageflip workload --control {path}, or give --control"

@@ -460,7 +460,6 @@ class Source(Side[SourcePhase]):
     # -- flip -----------------------------------------------------------------------------
 
     def _flip(self) -> None:
-        link = self.link
         regions = self.guest.regions
         self._phases.advance(SourcePhase.SWITCHOVER)
         self._check_cancel()
@@ -470,14 +469,9 @@ class Source(Side[SourcePhase]):
         flips, fds = self._flip_regions(regions)
         self._gc.pause()  # until the guest runs again (here or there)
         paused_at = self._pause_guest()
-        state = self.guest.save_state()
-        self._step("state saved")
         # The destination checks each memfd by identity (device, inode, seals, size): it is
         # this very file, so nothing of its pages needs hashing inside the pause.
-        link.send(stream.Flip(regions=flips, fds=fds), "switchover")
-        switchover = stream.Switchover(paused_at=paused_at, digests=[], state=state)
-        link.send(switchover, "switchover")
-        self._step("frames sent")
+        self._send_switchover(paused_at, [], stream.Flip(regions=flips, fds=fds))
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]
 
@@ -488,6 +482,20 @@ class Source(Side[SourcePhase]):
         paused_at = self._paused_at = self.guest.pause()
         self._step("paused", paused_at)
         return paused_at
+
+    def _send_switchover(
+        self, paused_at: float, digests: list[int], before: stream.Flip | None = None
+    ) -> None:
+        """The guest paused: save its state, send ``before`` (a flip's FLIP), then SWITCHOVER
+        with ``digests`` and the state (the pause budget's "state saved", "frames sent")."""
+        state = self.guest.save_state()
+        self._step("state saved")
+        if before is not None:
+            self.link.send(before, "switchover")
+        self.link.send(
+            stream.Switchover(paused_at=paused_at, digests=digests, state=state), "switchover"
+        )
+        self._step("frames sent")
 
     @staticmethod
     def _flip_regions(regions: list[Region]) -> tuple[list[stream.FlipRegion], list[int]]:
@@ -597,7 +605,6 @@ class Source(Side[SourcePhase]):
     ) -> None:
         """Pause the guest; send what is left (or, for postcopy, drop what went stale), then
         the state."""
-        link = self.link
         tracker = self._tracker
         assert tracker is not None
         self._phases.advance(SourcePhase.SWITCHOVER)
@@ -629,17 +636,7 @@ class Source(Side[SourcePhase]):
         self._rounds += 1
         self._send_round(self._rounds, final, digests, pull, total_pages)
         self._step("last round sent")
-        state = self.guest.save_state()
-        self._step("state saved")
-        link.send(
-            stream.Switchover(
-                paused_at=paused_at,
-                digests=[d.region_digest() for d in digests],
-                state=state,
-            ),
-            "switchover",
-        )
-        self._step("frames sent")
+        self._send_switchover(paused_at, [d.region_digest() for d in digests])
 
     # -- the commit point -----------------------------------------------------------------
 
@@ -700,13 +697,7 @@ class Source(Side[SourcePhase]):
             for first, count in ranges.tolist():
                 sent[first : first + count] = False  # the destination no longer has them
         self._step("stale pages dropped")
-        state = self.guest.save_state()
-        self._step("state saved")
-        link.send(
-            stream.Switchover(paused_at=self._paused_at or 0.0, digests=[], state=state),
-            "switchover",
-        )
-        self._step("frames sent")
+        self._send_switchover(self._paused_at or 0.0, [])
 
     def _postcopy_finish(self) -> None:
         """Committed: hash what the pager reads from us, then wait for its verdict; a broken

@@ -273,10 +273,10 @@ class Machine:
         self._run_addr = mm.mmap(None, self._run_size, PROT_RW, Map.SHARED, self._vcpu)
         self.run_page = kvm.Run.from_address(self._run_addr)
         self._run_bytes = kvm.run_bytes(self._run_addr, self._run_size)
-        self.cpuid = _supported_cpuid(self._system)
-        kvm.ioctl(self._vcpu, kvm.SET_CPUID2, self.cpuid)
+        cpuid = _supported_cpuid(self._system)
+        kvm.ioctl(self._vcpu, kvm.SET_CPUID2, cpuid)
         #: The CPUID set in the vCPU (its entries as bytes): saved with the state as it is.
-        self.cpuid_entries = kvm.entries_bytes(self.cpuid, self.cpuid.head.nent)
+        self.cpuid_entries = kvm.entries_bytes(cpuid, cpuid.head.nent)
         self.msrs = msr_indices(self._system)
 
     def _enable_manual_dirty_log(self) -> bool:

@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q src
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,7 +25,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The tests start hundreds of Python processes: compiled modules save each of them the
+# compiling (an environment with PYTHONDONTWRITEBYTECODE set would otherwise redo it each time).
 unit: $(STAMP)
+	$(BIN)/python -m compileall -q src tests
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -7,11 +7,12 @@ text at the start of the region. Each version prints a JSON line on stdout when 
 
 ``--mode-file F``: what a *new* version (or the old one's on_stop) does wrong, read when it
 starts (see MODES in the test). ``SLOW s`` answers after s seconds (a request in flight
-during an upgrade). By default the old version stops accepting first (on_stop_accepting)
-and the new one accepts while the old one drains (take_over's accept); ``--plain-hooks``
-uses on_stop and take_over alone (the new one accepts once it has the state); the mode
-``no-accept`` makes a new version take over without accept (``never-ready`` too, which
-then hangs; ``serves-never-ready`` hangs after accepting). ``--size`` is the region's.
+during an upgrade); ``HOLD path`` creates ``path.held``, then answers once ``path`` exists.
+By default the old version stops accepting first (on_stop_accepting) and the new one accepts
+while the old one drains (take_over's accept); ``--plain-hooks`` uses on_stop and take_over
+alone (the new one accepts once it has the state); the mode ``no-accept`` makes a new
+version take over without accept (``never-ready`` too, which then hangs;
+``serves-never-ready`` hangs after accepting). ``--size`` is the region's.
 """
 
 from __future__ import annotations
@@ -164,6 +165,14 @@ def main() -> None:
         if line.startswith("SLOW "):
             time.sleep(float(line[5:]))
             return f"slow v{up.generation} {os.getpid()}"
+        if line.startswith("HOLD "):
+            path = line[5:]
+            with open(path + ".held", "w"):
+                pass
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return f"held v{up.generation} {os.getpid()}"
         if line.startswith("WRITE "):
             data = line[6:].encode()
             region.view()[: len(data)] = data

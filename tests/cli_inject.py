@@ -93,6 +93,12 @@ def _restore_fails(cls: type[Workload], regions: Any, state: bytes) -> Workload:
     raise BadGuestState("injected: the state cannot be loaded", kind="workload", field="state")
 
 
+def _finish_restore_fails(self: Workload, state: bytes) -> None:
+    raise BadGuestState(
+        "injected: the final state cannot be loaded", kind="workload", field="state"
+    )
+
+
 def _resume_fails_after_restore(self: Workload) -> float:
     raise RuntimeError("injected: resuming failed")
 
@@ -157,6 +163,8 @@ def _resume_unless_restored(self: Workload) -> float:
 FAULTS: dict[str, Callable[[], None]] = {
     # the destination (pageflip incoming)
     "dest-restore-fails": lambda: setattr(Workload, "restore", classmethod(_restore_fails)),
+    # a flip restores ahead (PREVIEW) at setup: inside its pause it only finishes
+    "dest-finish-restore-fails": lambda: setattr(Workload, "finish_restore", _finish_restore_fails),
     "dest-resume-fails": lambda: setattr(Workload, "resume", _resume_unless_restored),
     # After WELCOME: the source knows it speaks to a pageflip destination, then waits.
     "dest-stop-in-setup": lambda: _after(Destination, "_welcome", lambda s: _stop_self()),

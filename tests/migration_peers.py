@@ -15,6 +15,7 @@ from typing import Any
 import pageflip as pf
 from pageflip.channel import Endpoint as Link
 from pageflip.guests import Workload
+from pageflip.memory import Memfd
 from pageflip.migration.destination import Destination
 from pageflip.migration.source import MigrationOptions, Source
 
@@ -85,6 +86,22 @@ def source(
             return sent
 
         Link.send = dying  # type: ignore[method-assign]
+    if fault == "swap-memfd-after-lend":
+        lending = Link.send
+
+        def swapping(self: Link, event: Any, phase: str) -> int:
+            sent = lending(self, event, phase)
+            if type(event).__name__ == "Preview":
+                # The heartbeat region, lent a moment ago, goes onto another memfd holding
+                # the same bytes: the guest runs on, the destination maps the old file.
+                region = guest.regions[2]
+                fd = os.memfd_create("pageflip-swapped")
+                os.ftruncate(fd, region.size)
+                os.pwrite(fd, bytes(region.view()), 0)
+                region.replace(0, Memfd(fd), 0, region.size)
+            return sent
+
+        Link.send = swapping  # type: ignore[method-assign]
     if fault == "corrupt-frame-header":
         original_send = Link.send
 

@@ -94,14 +94,23 @@ def test_destination_control_path_taken(pair: Pair, mode: str) -> None:
     assert run("stop", "--control", pair.a).returncode == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fault", ["dest-restore-fails", "dest-resume-fails"])
-def test_destination_fails_to_load_or_resume(pair: Pair, mode: str, fault: str) -> None:
+@pytest.mark.parametrize(
+    ("fault", "mode", "phase"),
+    [
+        # a flip restores the guest ahead, at setup, and only finishes it in the pause
+        ("dest-restore-fails", "flip", "setup"),
+        ("dest-finish-restore-fails", "flip", "switchover"),
+        ("dest-restore-fails", "precopy", "switchover"),
+        ("dest-restore-fails", "postcopy", "switchover"),
+        *[("dest-resume-fails", mode, "commit") for mode in MODES],
+    ],
+)
+def test_destination_fails_to_load_or_resume(pair: Pair, fault: str, mode: str, phase: str) -> None:
     pair.workload()
     incoming = pair.incoming(fault)
     incoming.wait_for("listening")
     out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--json")
-    line = _failed_before_commit(out, "switchover" if fault == "dest-restore-fails" else "commit")
+    line = _failed_before_commit(out, phase)
     assert "injected" in line
     pair.source_intact()
     # incoming logged the failed attempt and goes on listening: a second migration works.

@@ -11,6 +11,7 @@ long as it really was, or None when its stamps cannot be compared.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 import time
@@ -34,6 +35,7 @@ from pageflip.guests import (
 )
 from pageflip.guests import workload as workload_module
 from pageflip.guests.workload import HB_MAGIC, HB_STAMP, HEARTBEAT_WINDOW, WORDS, Pattern
+from pageflip.memory import Memfd
 
 SIZE = 4 << 20
 NPAGES = SIZE // PAGE_SIZE
@@ -768,6 +770,57 @@ def test_release_regions_hands_over_memory_with_no_views(guests: Guests) -> None
 
     dest = guests.restore(regions, state)  # the same memory, as after a flip
     assert_all_good(dest.verify())
+
+
+# -- restored ahead (a flip's PREVIEW) -----------------------------------------------------
+
+
+def mapped_again(guests: Guests, guest: Workload) -> list[Region]:
+    """The guest's memfds mapped a second time, as a flip's destination maps them."""
+    out = []
+    for region in guest.regions:
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        memfd = Memfd(os.dup(extent.memfd.fd))
+        again = Region.from_memfds([(memfd, extent.fd_offset, region.size)], region.name)
+        guests.regions.append(again)
+        out.append(again)
+    return out
+
+
+def test_a_workload_restored_ahead_takes_the_final_state_in_the_pause(guests: Guests) -> None:
+    source = guests.create()
+    wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
+    ahead = guests.restore(mapped_again(guests, source), source.state_preview())
+    ahead.prepare_resume()  # its threads start, parked, while the source writes on
+    run_writes(source, NPAGES)
+    state = source.save_state()
+
+    other = guests.create(seed=1, paused=True)
+    with pytest.raises(BadGuestState, match="another workload") as err:
+        ahead.finish_restore(other.save_state())
+    assert err.value.field == "state"
+    with pytest.raises(BadGuestState):
+        ahead.finish_restore(b"{}")
+    ahead.finish_restore(state)  # what the pause carries
+    assert ahead.total_writes == source.total_writes
+    assert ahead.migrations == source.migrations + 1
+    source.close()
+    assert_all_good(ahead.verify())
+
+    ahead.resume()
+    assert ahead.observed_pause(timeout=60.0) is not None  # the source's last beat was found
+    run_writes(ahead, NPAGES)
+    assert_all_good(ahead.verify())
+    with pytest.raises(StateError, match="never resumed"):
+        ahead.finish_restore(state)
+
+
+def test_by_default_a_guest_cannot_be_restored_ahead() -> None:
+    bare = Workload.__new__(Workload)  # Guest's defaults, not the workload's own
+    assert Guest.state_preview(bare) is None
+    with pytest.raises(BadGuestState, match="cannot be restored ahead"):
+        Guest.finish_restore(bare, b"")
 
 
 # -- the registry -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from pageflip.stream import (
     PostcopyEnd,
     PostcopyProgress,
     Prepared,
+    Preview,
     PullPages,
     Recover,
     RegionInfo,
@@ -110,6 +111,8 @@ EVENTS: list[Event] = [
     RoundAck(1),
     Flip([], []),
     Lend([], []),
+    Preview(b'{"kind":"workload"}'),
+    Preview(b""),
     Switchover(1700000000.5, [0xFFFF_FFFF_FFFF_FFFF, 7], b"\x00cpu state\xff"),
     Switchover(0.0, [], b""),
     Resumed(1700000000.75),
@@ -381,7 +384,7 @@ BOUNDS = [
     pytest.param(b"GARBAGE!GARBAGE!", "header", 0, "magic", id="magic"),
     pytest.param(header(1, 8, version=1)[:5], "header", 4, "version", id="version"),
     pytest.param(header(0, 0)[:6], "header", 5, "unknown frame type 0", id="type-0"),
-    pytest.param(header(26, 0), "header", 5, "unknown frame type 26", id="type-26"),
+    pytest.param(header(27, 0), "header", 5, "unknown frame type 27", id="type-27"),
     pytest.param(header(11, 2, nfds=254), "FLIP", 6, "at most 253", id="nfds"),
     pytest.param(header(6, 40, nfds=1), "PAGES", 6, "carries none", id="fds-on-pages"),
     pytest.param(header(6, MAX_PAYLOAD + 1), "PAGES", 8, "at most", id="payload-long"),
@@ -542,6 +545,12 @@ BOUNDS = [
         H + 10,
         "at most",
         id="state-big",
+    ),
+    pytest.param(
+        frame(26, struct.pack("<I", MAX_STATE + 1)), "PREVIEW", H, "at most", id="preview-big"
+    ),
+    pytest.param(
+        frame(26, struct.pack("<I", 5) + b"ab"), "PREVIEW", H + 4, "needs 5", id="preview-cut"
     ),
     pytest.param(
         frame(12, struct.pack("<dHI", 1.0, 0, 5) + b"abc"),
@@ -944,7 +953,7 @@ def test_fuzz_truncated_and_spliced_streams(cut: int, skip: int) -> None:
         (Hello(Role.SOURCE, PS, Feature.NONE, SESSION, "k" * 65), "at most 64"),
         (Hello(Role.SOURCE, PS, Feature.NONE, b"short"), "16 bytes"),
         (Hello(3, PS, Feature.NONE, SESSION), "not a Role"),  # type: ignore[arg-type]
-        (Hello(Role.SOURCE, PS, Feature(64), SESSION), "unknown features"),
+        (Hello(Role.SOURCE, PS, Feature(128), SESSION), "unknown features"),
         (Welcome(Feature(1 << 20)), "unknown features"),
         (Setup(9, 1, 1, []), "not a Mode"),  # type: ignore[arg-type]
         (Setup(Mode.FLIP, 0, 1, []), "chunk_pages is 0"),
@@ -969,6 +978,7 @@ def test_fuzz_truncated_and_spliced_streams(cut: int, skip: int) -> None:
         (Resumed(-1.0), ">= 0"),
         (Switchover(1.0, [], bytes(MAX_STATE + 1)), "at most 1048576"),
         (Switchover(1.0, [2**64], b""), "digest 0"),
+        (Preview(bytes(MAX_STATE + 1)), "at most 1048576"),
         (Request(0, 1, 0), "count is 0"),
         (Flip([FlipRegion(0, 1, 0, PS, 0, 0)], [5]), "fd_index 1"),
         (Flip([FlipRegion(0, 0, 0, PS, 0, 0)], [5, 6]), "not used"),
@@ -1047,7 +1057,7 @@ def test_unknown_features_of_a_newer_peer_are_dropped_from_its_hello() -> None:
     got = dec.next_event()
     assert isinstance(got, Hello)
     known = Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3
-    assert got.features == known | Feature.LEND
+    assert got.features == known | Feature.LEND | Feature.AHEAD
 
 
 @pytest.mark.parametrize(

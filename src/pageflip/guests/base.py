@@ -138,6 +138,25 @@ class Guest(abc.ABC):
         build inside the pause. The default does nothing."""
         return
 
+    def state_preview(self) -> bytes | None:
+        """The state as it stands while the guest still runs (under :data:`MAX_STATE_BYTES`),
+        for a flip's destination to restore the guest *ahead* of the pause: it calls
+        :meth:`restore` with it and :meth:`prepare_resume` while the guest runs on the
+        source, and in the pause hands the state saved there to :meth:`finish_restore`.
+        None (the default): this kind of guest cannot be restored ahead."""
+        return None
+
+    def finish_restore(self, state: bytes) -> None:
+        """A guest restored ahead from a :meth:`state_preview`, still paused and never
+        resumed, takes the state saved in the pause. Must be quick (it is inside the pause)
+        and fail (:class:`BadGuestState`) if ``state`` is not of the same guest. The
+        default raises: a kind without a preview is never restored ahead."""
+        raise BadGuestState(
+            f"a {self.kind} guest cannot be restored ahead of its state",
+            kind=self.kind,
+            field="state",
+        )
+
     def prepare_resume(self) -> None:
         """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
         resume() itself cannot fail: a destination calls it before it answers PREPARED.

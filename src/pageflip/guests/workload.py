@@ -502,6 +502,9 @@ class Workload(Guest):
         self._cond = threading.Condition()
         self._pause_requested = True
         self._stopping = False
+        #: Set with every pause or stop request: the heartbeat waits on it between beats, so
+        #: that it parks at once instead of at the end of its interval (inside the pause).
+        self._beat_wake = threading.Event()
         self._parked: list[bool] = []
         self._workers: list[threading.Thread] = []
         #: Set when no launch of the workers is in flight (see _start_workers).
@@ -522,11 +525,16 @@ class Workload(Guest):
         """Part of __init__: the problems found, with those ``carried`` from before."""
         self._problems_lock = threading.Lock()
         self._page_problems: dict[int, str] = {}
-        self._other_problems: list[str] = [
-            f"before migration {migrations}: {text}" for text in carried
-        ]
-        self._problem_count = max(carried_count, len(self._other_problems))
+        self._other_problems: list[str] = []
+        self._problem_count = 0
+        self._carry(migrations, carried, carried_count)
         self._last_verify_problems = 0
+
+    def _carry(self, migrations: int, carried: list[str], carried_count: int) -> None:
+        """The problems a restored workload carries from before (its only ones so far)."""
+        with self._problems_lock:
+            self._other_problems = [f"before migration {migrations}: {text}" for text in carried]
+            self._problem_count = max(carried_count, len(self._other_problems))
 
     def _init_heartbeat(self, last_beat: int, *, restored: bool) -> None:
         """Part of __init__: the heartbeat's figures, and the arrival check of a restore."""
@@ -779,6 +787,7 @@ class Workload(Guest):
             raise ClosedError("cannot pause: the workload is closed", what="workload")
         with self._cond:
             self._pause_requested = True
+            self._beat_wake.set()
             self._cond.notify_all()
             self._cond.wait_for(self._all_parked)
             if self._paused_at is None:
@@ -796,6 +805,7 @@ class Workload(Guest):
             if not self._pause_requested and self._resumed_at is not None:
                 return self._resumed_at
             self._pause_requested = False
+            self._beat_wake.clear()
             self._paused_at = None
             self._run_epoch += 1
             self._resumed_at = time.monotonic()
@@ -876,6 +886,7 @@ class Workload(Guest):
         with self._cond:
             self._pause_requested = True
             self._stopping = True
+            self._beat_wake.set()
             self._cond.notify_all()
         self._launched.wait()
         for worker in self._workers:
@@ -1005,10 +1016,10 @@ class Workload(Guest):
         """Stamp ``page`` every :data:`HEARTBEAT_INTERVAL` until ``until`` (ns, or for good),
         keeping the largest gap in ``seen`` (or as a running gap if None). Returns the last
         stamp, and whether a pause (or stop) ended the beats (after one last stamp)."""
-        sleep, clock, interval = time.sleep, time.monotonic_ns, HEARTBEAT_INTERVAL
+        wait, clock, interval = self._beat_wake.wait, time.monotonic_ns, HEARTBEAT_INTERVAL
         largest = 0 if seen is not None else self._hb_max_running
         while True:
-            sleep(interval)
+            wait(interval)
             now = clock()
             page[HB_STAMP] = now
             gap, last = now - last, now
@@ -1340,12 +1351,22 @@ class Workload(Guest):
                     "save_state() needs a paused workload", phase="running", needed="paused"
                 )
             paused_monotonic = self._paused_at if self._paused_at is not None else 0.0
+        return self._saved(paused_monotonic).to_bytes()
+
+    def state_preview(self) -> bytes:
+        """The state as it stands, running or not (a flip's destination restores the
+        workload ahead from it; see :meth:`finish_restore`)."""
+        if self._closed:
+            raise ClosedError("cannot preview the state: the workload is closed", what="workload")
+        return self._saved(0.0).to_bytes()
+
+    def _saved(self, paused_monotonic: float) -> SavedState:
         with self._problems_lock:
             messages = self._other_problems + [
                 self._page_problems[p] for p in sorted(self._page_problems)
             ]
             count = self._problem_count
-        saved = SavedState(
+        return SavedState(
             seed=self._seed,
             size=self.size,
             npages=self._npages,
@@ -1360,7 +1381,43 @@ class Workload(Guest):
             problem_count=count,
             problems=[text[:MAX_MESSAGE] for text in messages[:MAX_CARRIED]],
         )
-        return saved.to_bytes()
+
+    def finish_restore(self, state: bytes) -> None:
+        """Restored ahead (from a :meth:`state_preview`, workers started and parked): take
+        what changed while the source ran on (writes, rate, problems, the heartbeat's last
+        stamp) from the ``state`` saved in the pause. :class:`BadGuestState` if it is the
+        state of another workload; then nothing changed here."""
+        saved = SavedState.from_bytes(state)
+        with self._cond:
+            if self._run_epoch or self._counts != [0] * self._threads:
+                raise StateError(
+                    "finish_restore() is for a workload restored ahead and never resumed",
+                    phase="resumed",
+                    needed="restored",
+                )
+        mine = (self._seed, self._npages, self._threads, self._migrations, self._created_wall)
+        theirs = (
+            saved.seed,
+            saved.npages,
+            saved.threads,
+            saved.migrations + 1,
+            saved.created_wall,
+        )
+        if mine != theirs:
+            raise BadGuestState(
+                f"the state is of another workload (seed, pages, threads, migration, created: "
+                f"{theirs[:4]}, {theirs[4]:.6f}) than the preview it was restored from "
+                f"({mine[:4]}, {mine[4]:.6f})",
+                kind=self.kind,
+                field="state",
+            )
+        self._base_writes = self._restored_writes = saved.total_writes
+        self._dirty_rate = float(saved.dirty_rate)
+        self._carry(self._migrations, saved.problems, saved.problem_count)
+        self._hb_last = saved.heartbeat_ns
+        with self._arrival_lock:
+            self._arrival_expected = saved.heartbeat_ns
+            self._arrival_problem = None
 
     def status(self) -> dict[str, object]:
         """Size, rate asked and measured, writes, pause state, migrations, problems."""

@@ -382,7 +382,7 @@ class Destination(Side[DestinationPhase]):
     def _our_features(self) -> stream.Feature:
         f = stream.Feature.XXH3 | stream.Feature.ZSTD
         if self.link.local:
-            f |= stream.Feature.FLIP | stream.Feature.LEND
+            f |= stream.Feature.FLIP | stream.Feature.LEND | stream.Feature.AHEAD
             if features.has("process_vm_readv"):
                 f |= stream.Feature.PULL
                 if features.has("uffd_missing_shmem"):
@@ -441,6 +441,8 @@ class Destination(Side[DestinationPhase]):
             self._start_pager()
         if mode is stream.Mode.FLIP and stream.Feature.LEND in shared:
             self._take_lend(link.expect((stream.Lend,), "setup", self.timeout))
+            if stream.Feature.AHEAD in shared:
+                self._restore_ahead(link.expect((stream.Preview,), "setup", self.timeout))
         if mode is not stream.Mode.FLIP:
             for info in setup.regions:
                 region = Region.movable(info.size, info.name)
@@ -580,26 +582,39 @@ class Destination(Side[DestinationPhase]):
         assert self._guest_class is not None
         self._guest_class.prepare_regions(self._regions)
 
+    def _restore_ahead(self, event: stream.Preview) -> None:
+        """PREVIEW (AHEAD): restore the guest now, paused, from the state it had a moment
+        ago, and start its threads (parked): in the pause only what changed is loaded
+        (:meth:`Guest.finish_restore`). An empty preview: this kind has none, the guest is
+        restored in the pause as without AHEAD."""
+        if not event.state:
+            return
+        assert self._guest_class is not None
+        guest = self._guest_class.restore(list(self._regions), event.state)
+        self._guest, self._regions = guest, []  # the guest owns them now
+        guest.prepare_resume()
+
     def _take_flip(self, event: stream.Flip) -> None:
         """The source's memfds become the guest's regions here (checked and mapped by the
         channel's rules for a peer's memory); after a LEND, FLIP must name the very memfds
         that were lent, which are mapped already."""
         # The guest is paused from here until it resumes: no garbage collection meanwhile.
         self._gc.pause()
-        if not self._regions:
+        lent = self._guest.regions if self._guest is not None else self._regions
+        if not lent:
             self._regions = self._map_flip(event, "FLIP")
             return
         fds, event.fds = list(event.fds), []
         try:
             by_index = {fr.index: fr for fr in event.regions}
-            if sorted(by_index) != list(range(len(self._regions))) or any(
-                fr.size != self._regions[fr.index].size for fr in event.regions
+            if sorted(by_index) != list(range(len(lent))) or any(
+                fr.size != lent[fr.index].size for fr in event.regions
             ):
                 raise RemoteProtocolError(
                     "FLIP names other memfds than the LEND before it", frame="FLIP"
                 )
             named = [(by_index[i].fd_index, by_index[i].inode) for i in range(len(by_index))]
-            check_same_memfds(fds, named, self._regions, frame="FLIP")
+            check_same_memfds(fds, named, lent, frame="FLIP")
         finally:
             close_all(fds)
 
@@ -669,12 +684,17 @@ class Destination(Side[DestinationPhase]):
             digests.release()
         digests_kept = [d.digests for d in self._digests]
         self._digests = []
-        guest = self._guest_class.restore(list(self._regions), switchover.state)
-        self._regions = []  # the guest owns them now
-        self._guest = guest
-        self._step("state restored")
-        guest.prepare_resume()
-        self._step("guest prepared")
+        if self._guest is not None:  # restored ahead (PREVIEW), its threads parked
+            guest = self._guest
+            guest.finish_restore(switchover.state)
+            self._step("state restored")
+        else:
+            guest = self._guest_class.restore(list(self._regions), switchover.state)
+            self._regions = []  # the guest owns them now
+            self._guest = guest
+            self._step("state restored")
+            guest.prepare_resume()
+            self._step("guest prepared")
         if postcopy and self._uffd >= 0:  # handed over at SETUP: the source is paused now
             assert self._pager is not None
             send_note(self._pager, {"go": True})

@@ -60,7 +60,7 @@ from ..errors import (
 )
 from ..guests import Guest
 from ..guests.base import DirtyTracking
-from ..memory import Region
+from ..memory import Memfd, Region
 from ..runs import Runs, coarsen, pages_to_runs, runs_pages, runs_to_pages, union_runs
 from ..transport import Address, TcpAuth
 from ._gil import responsive
@@ -203,6 +203,8 @@ class Source(Side[SourcePhase]):
         self._paused_at: float | None = None
         self._mode = ""
         self._features = stream.Feature(0)
+        #: AHEAD: what the LEND gave (see _check_lent); empty otherwise.
+        self._lent: list[tuple[Memfd, int, int]] = []
         self._rounds = 0
         self._pages_requested = 0
         self._digest_kind = "verified"
@@ -331,7 +333,7 @@ class Source(Side[SourcePhase]):
             f |= stream.Feature.ZSTD
         if self.address.local:
             if all(_flippable(r) is None for r in self.guest.regions):
-                f |= stream.Feature.FLIP | stream.Feature.LEND
+                f |= stream.Feature.FLIP | stream.Feature.LEND | stream.Feature.AHEAD
             if self.options.pull and features.has("process_vm_readv"):
                 # The destination's pager reads our memory: postcopy needs the pull.
                 f |= stream.Feature.PULL | stream.Feature.POSTCOPY
@@ -413,6 +415,13 @@ class Source(Side[SourcePhase]):
             # ready before it says ACCEPTED, so that none of it falls in the pause.
             flips, fds = self._flip_regions(regions)
             link.send(stream.Lend(regions=flips, fds=fds), "setup")
+            if stream.Feature.AHEAD in self._features:
+                # What the pause would otherwise carry again: the memfds (we check ourselves
+                # that they stand, see _check_lent) and, where the guest has one, a preview
+                # of its state, from which the destination restores it ahead.
+                self._lent = self._lent_memfds(regions)
+                preview = self.guest.state_preview() or b""
+                link.send(stream.Preview(state=preview), "setup")
         answer = link.expect((stream.Accepted, stream.Reject), "setup", timeout)
         if isinstance(answer, stream.Reject):
             raise MigrationError(
@@ -466,12 +475,15 @@ class Source(Side[SourcePhase]):
         self._hold_events()
         self._emit(SwitchoverEvent(self._t(), 0, 0, 0.0, "flip"))
         # What does not change while the guest runs is gathered before it pauses.
-        flips, fds = self._flip_regions(regions)
+        lent = self._lent
+        flip = None if lent else stream.Flip(*self._flip_regions(regions))
         self._gc.pause()  # until the guest runs again (here or there)
         paused_at = self._pause_guest()
+        if lent:  # AHEAD: the destination has them mapped and checked since the LEND
+            self._check_lent(regions, lent)
         # The destination checks each memfd by identity (device, inode, seals, size): it is
         # this very file, so nothing of its pages needs hashing inside the pause.
-        self._send_switchover(paused_at, [], stream.Flip(regions=flips, fds=fds))
+        self._send_switchover(paused_at, [], flip)
         self._digest_kind = "identity"
         self._moved = [r.size // PAGE_SIZE for r in regions]
 
@@ -496,6 +508,31 @@ class Source(Side[SourcePhase]):
             stream.Switchover(paused_at=paused_at, digests=digests, state=state), "switchover"
         )
         self._step("frames sent")
+
+    @staticmethod
+    def _lent_memfds(regions: list[Region]) -> list[tuple[Memfd, int, int]]:
+        """What a LEND gave of each region: its memfd, the offset and the size mapped."""
+        lent = []
+        for region in regions:
+            (extent,) = region.extents()
+            assert extent.memfd is not None
+            lent.append((extent.memfd, extent.fd_offset, region.size))
+        return lent
+
+    @staticmethod
+    def _check_lent(regions: list[Region], lent: list[tuple[Memfd, int, int]]) -> None:
+        """In the pause, with AHEAD: our regions must still be the very memfds we lent
+        (the same open files, offsets and sizes), since no FLIP names them again."""
+        now = Source._lent_memfds(regions) if len(regions) == len(lent) else []
+        if len(now) != len(lent) or any(
+            a[0] is not b[0] or a[0].fd != b[0].fd or a[1:] != b[1:]
+            for a, b in zip(now, lent, strict=True)
+        ):
+            raise MigrationError(
+                "the guest's regions are no longer the memfds lent to the destination",
+                phase="switchover",
+                guest="source",
+            )
 
     @staticmethod
     def _flip_regions(regions: list[Region]) -> tuple[list[stream.FlipRegion], list[int]]:

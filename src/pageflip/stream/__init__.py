@@ -693,7 +693,35 @@ class Lend(Flip):
     """LEND: a flip's memfds, lent at setup while the guest still runs at the source (the
     fds travel with the frame; same layout as FLIP). The destination maps them and gets
     them ready, but must not write to them: until COMMIT the guest is the source's. The
-    FLIP in the pause then names the same memfds (by inode)."""
+    FLIP in the pause then names the same memfds (by inode), or with the AHEAD feature
+    the SWITCHOVER alone stands for them."""
+
+
+@frame(26, "PREVIEW", 4, 4 + MAX_STATE)
+@dataclass(slots=True)
+class Preview(Event):
+    """PREVIEW: the guest's state as it stands while it still runs at the source (AHEAD,
+    after LEND), for the destination to restore the guest ahead of the pause; the state in
+    SWITCHOVER is then all the pause carries, and must be of the same guest."""
+
+    state: bytes
+
+    def write(self, w: Writer) -> None:
+        state = w.blob(self.state, "state")
+        if state.nbytes > MAX_STATE:
+            raise w.fail(f"state is {state.nbytes} bytes, at most {MAX_STATE}")
+        w.uint(U32, state.nbytes, "state_len")
+        w.put(state)
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        at = r.at
+        n = r.uint(U32, "state_len")
+        if n > MAX_STATE:
+            raise Invalid(f"state of {n} bytes, at most {MAX_STATE}", at)
+        state = r.blob(n, "state")
+        r.finish()
+        return cls(state)
 
 
 @frame(12, "SWITCHOVER", 8 + 2 + 4, 8 + 2 + 8 * MAX_REGIONS + 4 + MAX_STATE)

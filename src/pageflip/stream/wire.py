@@ -75,10 +75,21 @@ class Feature(enum.IntFlag):
     #: maps them, fills its page tables and prepares the guest's memory meanwhile, and the
     #: FLIP in the pause only confirms them.
     LEND = 32
+    #: A flip's pause carries SWITCHOVER alone: after LEND the source sends a preview of the
+    #: guest's state (PREVIEW, when its kind has one) from which the destination restores the
+    #: guest ahead, threads started and parked, and in the pause the source checks itself
+    #: that its regions are still the lent memfds instead of sending them again in FLIP.
+    AHEAD = 64
 
 
 KNOWN_FEATURES: Final = int(
-    Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3 | Feature.LEND
+    Feature.FLIP
+    | Feature.PULL
+    | Feature.ZSTD
+    | Feature.POSTCOPY
+    | Feature.XXH3
+    | Feature.LEND
+    | Feature.AHEAD
 )
 
 

@@ -82,7 +82,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -248,7 +248,9 @@ class SavedState:
     problems: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        data: dict[str, Any] = {"format": STATE_FORMAT, "kind": Workload.kind, **asdict(self)}
+        # Not asdict(): it deep-copies field by field, and this runs inside the pause.
+        data: dict[str, Any] = {"format": STATE_FORMAT, "kind": Workload.kind}
+        data.update((name, getattr(self, name)) for name in _STATE_FIELDS)
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -274,6 +276,9 @@ class SavedState:
                 field="size",
             )
         return saved
+
+
+_STATE_FIELDS = tuple(f.name for f in fields(SavedState))
 
 
 def _state_object(state: bytes) -> dict[str, Any]:

@@ -791,8 +791,10 @@ def mapped_again(guests: Guests, guest: Workload) -> list[Region]:
 def test_a_workload_restored_ahead_takes_the_final_state_in_the_pause(guests: Guests) -> None:
     source = guests.create()
     wait_until(lambda: beat_words(source.regions[2])[HB_STAMP] > 0, "a first beat")
-    ahead = guests.restore(mapped_again(guests, source), source.state_preview())
-    ahead.prepare_resume()  # its threads start, parked, while the source writes on
+    # Its threads start, parked, and its pattern is made, while the source writes on.
+    ahead = Workload.restore_ahead(mapped_again(guests, source), source.state_preview())
+    guests.guests.append(ahead)
+    assert ahead._pattern_obj is not None and len(heartbeat_threads()) == 2
     run_writes(source, NPAGES)
     state = source.save_state()
 

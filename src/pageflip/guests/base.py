@@ -140,11 +140,26 @@ class Guest(abc.ABC):
 
     def state_preview(self) -> bytes | None:
         """The state as it stands while the guest still runs (under :data:`MAX_STATE_BYTES`),
-        for a flip's destination to restore the guest *ahead* of the pause: it calls
-        :meth:`restore` with it and :meth:`prepare_resume` while the guest runs on the
-        source, and in the pause hands the state saved there to :meth:`finish_restore`.
+        for a flip's destination to restore the guest *ahead* of the pause
+        (:meth:`restore_ahead`) while the guest still runs on the source, and in the pause
+        hand the state saved there to :meth:`finish_restore`.
         None (the default): this kind of guest cannot be restored ahead."""
         return None
+
+    @classmethod
+    def restore_ahead(cls, regions: list[Region], preview: bytes) -> Self:
+        """Restore a guest from a :meth:`state_preview` ahead of the pause: :meth:`restore`
+        and :meth:`prepare_resume`, and whatever else this kind can do now so that neither
+        the pause nor the first moments after the resume pay for it. The guest owns the
+        regions once this returns; if it fails, the guest it made is closed (a flip's
+        regions are lent: closing them frees nothing of the source's)."""
+        guest = cls.restore(regions, preview)
+        try:
+            guest.prepare_resume()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
 
     def finish_restore(self, state: bytes) -> None:
         """A guest restored ahead from a :meth:`state_preview`, still paused and never

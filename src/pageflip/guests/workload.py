@@ -1387,6 +1387,14 @@ class Workload(Guest):
             problems=[text[:MAX_MESSAGE] for text in messages[:MAX_CARRIED]],
         )
 
+    @classmethod
+    def restore_ahead(cls, regions: list[Region], preview: bytes) -> Self:
+        """As :meth:`Guest.restore_ahead`, and the page pattern is made now: its first
+        use by a worker after the resume would hold the GIL for milliseconds (2.5 ms)."""
+        guest = super().restore_ahead(regions, preview)
+        guest._pattern  # noqa: B018  # made on first use
+        return guest
+
     def finish_restore(self, state: bytes) -> None:
         """Restored ahead (from a :meth:`state_preview`, workers started and parked): take
         what changed while the source ran on (writes, rate, problems, the heartbeat's last

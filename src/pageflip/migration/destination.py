@@ -590,9 +590,8 @@ class Destination(Side[DestinationPhase]):
         if not event.state:
             return
         assert self._guest_class is not None
-        guest = self._guest_class.restore(list(self._regions), event.state)
+        guest = self._guest_class.restore_ahead(list(self._regions), event.state)
         self._guest, self._regions = guest, []  # the guest owns them now
-        guest.prepare_resume()
 
     def _take_flip(self, event: stream.Flip) -> None:
         """The source's memfds become the guest's regions here (checked and mapped by the

@@ -504,7 +504,11 @@ class Workload(Guest):
 
     def _init_run_control(self) -> None:
         """Part of __init__: what starts, pauses and stops the workers (made paused)."""
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        #: What a worker idle between two batches waits on (the same lock): a pause does not
+        #: wake it, it counts as parked meanwhile (see _run).
+        self._ticks = threading.Condition(lock)
         self._pause_requested = True
         self._stopping = False
         #: Set with every pause or stop request: the heartbeat waits on it between beats, so
@@ -893,6 +897,7 @@ class Workload(Guest):
             self._stopping = True
             self._beat_wake.set()
             self._cond.notify_all()
+            self._ticks.notify_all()
         self._launched.wait()
         for worker in self._workers:
             worker.join()
@@ -927,7 +932,19 @@ class Workload(Guest):
                 delay = TICK - (time.monotonic() - now)
                 if delay > 0:
                     with self._cond:
-                        self._cond.wait_for(lambda: self._stopping or self._pause_requested, delay)
+                        # Idle until the next tick, between two batches: as good as parked,
+                        # so that a pause neither wakes this thread nor waits for it (it looks
+                        # at the pause again before it writes).
+                        epoch = self._run_epoch
+                        self._parked[t] = True
+                        self._cond.notify_all()
+                        self._ticks.wait_for(lambda: self._stopping, delay)
+                        if self._stopping:
+                            return
+                        if not self._pause_requested:
+                            self._parked[t] = False
+                        if self._run_epoch != epoch:
+                            last = None  # paused and resumed meanwhile: no tokens for that
         except Exception as err:
             logger.exception("workload worker %d failed", t)
             self._add_problem(None, f"worker {t} stopped: {type(err).__name__}: {err}")

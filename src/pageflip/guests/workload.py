@@ -509,6 +509,9 @@ class Workload(Guest):
         #: What a worker idle between two batches waits on (the same lock): a pause does not
         #: wake it, it counts as parked meanwhile (see _run).
         self._ticks = threading.Condition(lock)
+        #: What the parked heartbeat waits on (the same lock): a resume wakes it first, since
+        #: its first beat ends the pause the guest observes.
+        self._beat_park = threading.Condition(lock)
         self._pause_requested = True
         self._stopping = False
         #: Set with every pause or stop request: the heartbeat waits on it between beats, so
@@ -820,6 +823,7 @@ class Workload(Guest):
             self._resumed_at = time.monotonic()
             if not self._parked:
                 self._start_workers()
+            self._beat_park.notify_all()
             self._cond.notify_all()
             logger.debug("workload resumed")
             return self._resumed_at
@@ -896,6 +900,7 @@ class Workload(Guest):
             self._pause_requested = True
             self._stopping = True
             self._beat_wake.set()
+            self._beat_park.notify_all()
             self._cond.notify_all()
             self._ticks.notify_all()
         self._launched.wait()
@@ -966,7 +971,9 @@ class Workload(Guest):
                         self._cond.notify_all()
                         with self._hb_cond:  # observed_pause() waiters: no beat is coming
                             self._hb_cond.notify_all()
-                        self._cond.wait_for(lambda: self._stopping or not self._pause_requested)
+                        self._beat_park.wait_for(
+                            lambda: self._stopping or not self._pause_requested
+                        )
                         if self._stopping:
                             return
                         self._parked[slot] = False

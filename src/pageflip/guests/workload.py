@@ -943,9 +943,8 @@ class Workload(Guest):
                         epoch = self._run_epoch
                         self._parked[t] = True
                         self._cond.notify_all()
-                        self._ticks.wait_for(lambda: self._stopping, delay)
-                        if self._stopping:
-                            return
+                        if self._ticks.wait_for(lambda: self._stopping, delay):
+                            return  # stopping
                         if not self._pause_requested:
                             self._parked[t] = False
                         if self._run_epoch != epoch:

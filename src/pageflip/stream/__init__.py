@@ -707,19 +707,11 @@ class Preview(Event):
     state: bytes
 
     def write(self, w: Writer) -> None:
-        state = w.blob(self.state, "state")
-        if state.nbytes > MAX_STATE:
-            raise w.fail(f"state is {state.nbytes} bytes, at most {MAX_STATE}")
-        w.uint(U32, state.nbytes, "state_len")
-        w.put(state)
+        w.state(self.state)
 
     @classmethod
     def read(cls, r: Reader) -> Self:
-        at = r.at
-        n = r.uint(U32, "state_len")
-        if n > MAX_STATE:
-            raise Invalid(f"state of {n} bytes, at most {MAX_STATE}", at)
-        state = r.blob(n, "state")
+        state = r.state()
         r.finish()
         return cls(state)
 
@@ -740,21 +732,13 @@ class Switchover(Event):
     def write(self, w: Writer) -> None:
         w.time(self.paused_at, "paused_at")
         w.digests(self.digests, allow_empty=True)
-        state = w.blob(self.state, "state")
-        if state.nbytes > MAX_STATE:
-            raise w.fail(f"state is {state.nbytes} bytes, at most {MAX_STATE}")
-        w.uint(U32, state.nbytes, "state_len")
-        w.put(state)
+        w.state(self.state)
 
     @classmethod
     def read(cls, r: Reader) -> Self:
         paused_at = r.time("paused_at")
         digests = r.digests(allow_empty=True)
-        at = r.at
-        n = r.uint(U32, "state_len")
-        if n > MAX_STATE:
-            raise Invalid(f"state of {n} bytes, at most {MAX_STATE}", at)
-        state = r.blob(n, "state")
+        state = r.state()
         r.finish()
         return cls(paused_at, digests, state)
 

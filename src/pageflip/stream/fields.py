@@ -22,9 +22,11 @@ from .wire import (
     F64,
     MAX_REGIONS,
     MAX_RUNS,
+    MAX_STATE,
     RUN_SIZE,
     U8,
     U16,
+    U32,
     U64,
     Runs,
     bad_run,
@@ -159,6 +161,14 @@ class Writer:
         self.uint(U16, n, "nregions")
         for i, digest in enumerate(digests):
             self.uint(U64, digest, f"digest {i}")
+
+    def state(self, state: bytes) -> None:
+        """Write a guest's state (SWITCHOVER, PREVIEW): its length (u32), then its bytes."""
+        view = self.blob(state, "state")
+        if view.nbytes > MAX_STATE:
+            raise self.fail(f"state is {view.nbytes} bytes, at most {MAX_STATE}")
+        self.uint(U32, view.nbytes, "state_len")
+        self.put(view)
 
     def compressed(self, raw: memoryview) -> bytes | None:
         """``raw`` compressed, when the encoder compresses and that is smaller; or None."""
@@ -320,6 +330,14 @@ class Reader:
         if known is not None and n != len(known) and not (allow_empty and not n):
             raise Invalid(f"{n} digests for {len(known)} regions", at)
         return list(self.unpack(struct.Struct(f"<{n}Q"), f"{n} digests"))
+
+    def state(self) -> bytes:
+        """A guest's state (SWITCHOVER, PREVIEW): its length (u32), then its bytes."""
+        at = self.at
+        n = self.uint(U32, "state_len")
+        if n > MAX_STATE:
+            raise Invalid(f"state of {n} bytes, at most {MAX_STATE}", at)
+        return self.blob(n, "state")
 
     def raw(self, n: int, what: str) -> bytes | memoryview:
         """The next ``n`` bytes: a read-only view that takes the buffer over when that

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_procs import Host, hosts, one_line, run
@@ -259,6 +260,29 @@ def test_the_dirty_log_finds_the_guests_writes(vm: VirtualMachine) -> None:
         vm.pause()
         tracker.collect()  # what was written up to the pause
         assert sum(len(r) for r in tracker.collect()) == 0  # paused: nothing new
+        vm.resume()
+    finally:
+        tracker.close()
+
+
+def test_a_lazy_dirty_log_watches_only_what_was_armed(vm: VirtualMachine) -> None:
+    """Started lazily, the log protects nothing: every page counts as written until arm()
+    watches it (a precopy's first round arms each chunk before it reads it)."""
+    _wait_beats(vm, 1)
+    tracker = vm.dirty_tracker()
+    tracker.start(lazily=True)
+    try:
+        n = vm.machine.slots[0].size // 4096
+        half = n // 2 // 64 * 64  # the guest's buffer (16-48 MiB of 64) straddles it
+        with pytest.raises(ValueError, match="whole words of 64"):
+            tracker.arm(0, 10, 64)
+        tracker.arm(0, 0, half)
+        time.sleep(0.5)
+        vm.pause()
+        pages = np.concatenate([np.arange(a, a + c) for a, c in tracker.collect()[0].tolist()])
+        assert int((pages >= half).sum()) == n - half  # not armed: every page counts
+        assert 0 < int((pages < half).sum()) < half  # armed: what the guest wrote
+        assert sum(len(r) for r in tracker.collect()) == 0  # all watched now; paused
         vm.resume()
     finally:
         tracker.close()

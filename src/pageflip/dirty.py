@@ -71,8 +71,9 @@ class DirtyTracker:
     def active(self) -> bool:
         return self._uffd >= 0
 
-    def start(self) -> None:
-        """Register every range for write-protect tracking and protect it all."""
+    def start(self, *, lazily: bool = False) -> None:
+        """Register every range for write-protect tracking and protect it all (also when
+        asked to go ``lazily``: protecting a range here costs the guest nothing)."""
         if self._closed:
             raise ClosedError("the dirty tracker is closed", what="dirty tracker")
         if self.active:
@@ -90,6 +91,10 @@ class DirtyTracker:
         except BaseException:
             self.stop()
             raise
+
+    def arm(self, region: int, first: int, count: int) -> None:
+        """Nothing to do: :meth:`start` protected everything."""
+        self._check_active()
 
     def collect(self) -> list[Runs]:
         """Per range, the runs of pages written since the last call; protects them again."""

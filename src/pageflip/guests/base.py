@@ -52,12 +52,19 @@ MAX_STATE_BYTES = 64 << 10
 
 class DirtyTracking(Protocol):
     """Finds the pages a guest wrote: :meth:`start`, then :meth:`collect` per round (per
-    region, runs of pages written since the previous call), :meth:`close` at the end."""
+    region, runs of pages written since the previous call), :meth:`close` at the end.
+
+    ``start(lazily=True)`` may leave the memory unwatched (every page counts as written)
+    until :meth:`arm` watches a part of it: a precopy's first round arms each chunk just
+    before it reads it, so that the guest does not pay for the protection of its whole
+    memory at once. A tracker that protects everything at start ignores both."""
 
     @property
     def active(self) -> bool: ...
 
-    def start(self) -> None: ...
+    def start(self, *, lazily: bool = False) -> None: ...
+
+    def arm(self, region: int, first: int, count: int) -> None: ...
 
     def collect(self) -> list[Runs]: ...
 

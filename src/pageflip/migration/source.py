@@ -586,7 +586,9 @@ class Source(Side[SourcePhase]):
         )
         decision = policy.first()
         if decision is Decision.ANOTHER_ROUND:
-            tracker.start()  # a pure postcopy sends nothing twice: no tracking
+            # A pure postcopy sends nothing twice: no tracking. The first round arms the
+            # tracker chunk by chunk as it reads them (see _send_round).
+            tracker.start(lazily=True)
         self._phases.advance(SourcePhase.PRECOPY)
         todo: list[Runs] = [np.array([[0, d.npages]], np.uint64) for d in digests]
         while decision is Decision.ANOTHER_ROUND:
@@ -893,11 +895,18 @@ class Source(Side[SourcePhase]):
         todo = sum(runs_pages(r) for r in runs_per_region)
         started = time.monotonic()
         last_progress = 0.0
+        tracker = self._tracker if number == 1 and self._tracker is not None else None
         for index, runs in enumerate(runs_per_region):
             every = runs_to_pages(runs)
             for lo in range(0, len(every), CHUNK_PAGES):
                 self._check_cancel()
                 pages = every[lo : lo + CHUNK_PAGES]
+                if tracker is not None and tracker.active:
+                    # Round 1 reads every page, chunk by chunk from the first: each chunk is
+                    # watched from just before it is read.
+                    first = int(pages[0])
+                    assert int(pages[-1]) == first + len(pages) - 1  # round 1: every page
+                    tracker.arm(index, first, len(pages))
                 zero = digests[index].update_pages(pages)
                 zeros = int(zero.sum())
                 if zeros:

@@ -184,11 +184,12 @@ class Pager:
     """Fill every missing page of the regions from the source process, faults first.
 
     One thread waits on the uffd and serves faults as they come; ``workers`` threads sweep
-    the regions in order meanwhile. All of them start with the object and wait for
-    :meth:`start`. A page is *claimed* (under a lock) before it is read, so no two threads
-    install the same page; a fault on a page another thread is installing is left to that
-    thread's UFFDIO_COPY, which wakes the faulting thread. Several sweeping threads help even
-    on two CPUs: installing a page waits on the host more than it works.
+    the regions in order meanwhile, going on from wherever the latest fault was. All of them
+    start with the object and wait for :meth:`start`. A page is *claimed* (under a lock)
+    before it is read, so no two threads install the same page; a fault on a page another
+    thread is installing is left to that thread's UFFDIO_COPY, which wakes the faulting
+    thread. Several sweeping threads help even on two CPUs: installing a page waits on the
+    host more than it works.
     """
 
     def __init__(self, workers: int = 3) -> None:
@@ -376,6 +377,12 @@ class Pager:
                         if region.filled[page]:
                             uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
                         continue
+                    with self._lock:
+                        # The sweep goes on from here, at once: a guest that touched this
+                        # page touches the next ones next (a VM rewriting its memory in
+                        # order faulted on every page otherwise, each waiting for a round
+                        # trip). What the sweep skipped it takes up when it reaches the end.
+                        self.regions[index].cursor = run[0] + run[1]
                     self._install(buffer, index, *run)
                     self.requested += 1
                     self.fault_pages += run[1]

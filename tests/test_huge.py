@@ -1,0 +1,239 @@
+"""Huge movable regions: hugetlb and shmem THP, what the probe says, and what happens without.
+
+Tests that need huge pages reserve them here and give the machine's settings back, also on
+failure: a hugetlb pool of 64 pages of 2 MiB (root), or the per-size shmem THP control set to
+``advise`` (root). Where no huge pages can be had, the errors and the probe must name the
+exact setting that would enable them; those tests run on a fake sysfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pageflip as pf
+from pageflip import features
+from pageflip._sys import huge
+from pageflip._sys import probe as sysprobe
+
+MIB = 1 << 20
+HUGE = 2 * MIB
+#: Pages of 2 MiB a test pool holds: 128 MiB.
+POOL_PAGES = 64
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+THP_2M = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing the hugetlb pool or the THP settings needs root")
+
+
+@pytest.fixture
+def hugetlb_pool() -> Iterator[huge.Pool]:
+    """A 2 MiB hugetlb pool with POOL_PAGES free pages more than before; the old size is
+    written back afterwards, whatever happened."""
+    _need_root()
+    if huge.default_hugetlb_size() != HUGE:
+        pytest.skip("the default hugetlb page size here is not 2 MiB")
+    with open(NR_HUGEPAGES) as f:
+        old = int(f.read())
+    try:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old + POOL_PAGES))
+        pool = huge.pool(HUGE)
+        if pool.available < POOL_PAGES:
+            pytest.skip(f"the kernel found only {pool.available} free 2 MiB pages for the pool")
+        yield pool
+    finally:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
+
+
+@pytest.fixture
+def thp_shmem() -> Iterator[None]:
+    """shmem THP for MADV_HUGEPAGE mappings (the per-size control at ``advise``), given back
+    afterwards."""
+    _need_root()
+    if not os.path.exists(THP_2M):
+        pytest.skip("no per-size shmem THP control on this kernel")
+    with open(THP_2M) as f:
+        old = re.search(r"\[(\w+)\]", f.read())
+    assert old is not None
+    try:
+        with open(THP_2M, "w") as f:
+            f.write("advise")
+        yield
+    finally:
+        with open(THP_2M, "w") as f:
+            f.write(old.group(1))
+
+
+@pytest.fixture
+def no_huge_pages(tmp_path: Path) -> Iterator[Path]:
+    """A fake sysfs where the 2 MiB and 1 GiB pools are empty and shmem THP is off."""
+    for kb in (2048, 1048576):
+        pool = tmp_path / "kernel/mm/hugepages" / f"hugepages-{kb}kB"
+        pool.mkdir(parents=True)
+        for name in ("nr_hugepages", "free_hugepages", "resv_hugepages"):
+            (pool / name).write_text("0\n")
+    thp = tmp_path / "kernel/mm/transparent_hugepage"
+    (thp / "hugepages-2048kB").mkdir(parents=True)
+    (thp / "shmem_enabled").write_text("always within_size advise [never] deny force\n")
+    (thp / "hugepages-2048kB/shmem_enabled").write_text(
+        "always [inherit] within_size advise never\n"
+    )
+    huge.set_sysfs_path(str(tmp_path))
+    features._cache.clear()
+    try:
+        yield tmp_path
+    finally:
+        huge.set_sysfs_path("/sys")
+        features._cache.clear()
+
+
+def _smaps(address: int) -> dict[str, int]:
+    """The kB fields of our mapping that starts at ``address``, from /proc/self/smaps."""
+    fields: dict[str, int] = {}
+    current = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                current = int(line.split("-")[0], 16) == address
+            elif current and line.rstrip().endswith(" kB"):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+# -- regions --------------------------------------------------------------------------------
+
+
+def test_hugetlb_region_has_2mib_pages_and_rounds_its_size_up_saying_so(
+    hugetlb_pool: huge.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="pageflip.memory"):
+        region = pf.Region.movable(3 * MIB, name="big", huge="hugetlb")
+    try:
+        assert (region.size, region.page_size, region.huge) == (2 * HUGE, HUGE, "hugetlb")
+        assert region.address % HUGE == 0 and region.movable
+        assert "3145728 bytes rounded up to 4194304, a whole number of 2 MiB pages" in caplog.text
+        assert "hugetlb 2 MiB pages" in repr(region)
+        arr = region.numpy(np.uint64)
+        arr[:] = np.arange(arr.size, dtype=np.uint64)
+        assert int(arr[-1]) == arr.size - 1
+        del arr
+        assert _smaps(region.address)["KernelPageSize"] == 2048
+        # The mapping reserved its two pages from the pool when it was made.
+        assert huge.pool(HUGE).available == hugetlb_pool.available - 2
+    finally:
+        region.close()
+    assert huge.pool(HUGE).available == hugetlb_pool.available
+
+
+def test_a_huge_region_is_sliced_in_whole_huge_pages(hugetlb_pool: huge.Pool) -> None:
+    with pf.Region.movable(2 * HUGE, huge="hugetlb") as region:
+        assert region[HUGE:].size == HUGE
+        with pytest.raises(pf.SpanError, match="multiples of 2097152"):
+            region[4096:HUGE]
+
+
+def test_huge_true_and_auto_take_the_hugetlb_pool_first(hugetlb_pool: huge.Pool) -> None:
+    for choice in (True, "auto"):
+        with pf.Region.movable(HUGE, huge=choice) as region:
+            assert (region.huge, region.page_size) == ("hugetlb", HUGE)
+
+
+def test_hugetlb_without_enough_pool_names_the_sysctl() -> None:
+    pool = huge.pool(HUGE)
+    if pool.available >= 4:
+        pytest.skip("the 2 MiB pool has free pages here")
+    with pytest.raises(pf.FeatureUnavailable) as info:
+        pf.Region.movable(4 * HUGE, huge="hugetlb")
+    assert info.value.feature == "hugetlb_2m"
+    assert "need 4 pages" in str(info.value)
+    assert re.search(r"`sysctl -w vm\.nr_hugepages=\d+`", str(info.value))
+
+
+def test_auto_falls_back_to_4kib_pages_and_says_so(
+    no_huge_pages: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="pageflip.memory"):
+        region = pf.Region.movable(3 * MIB, huge="auto")
+    with region:
+        assert (region.page_size, region.huge, region.size) == (4096, None, 3 * MIB)
+    assert "no huge pages for 3145728 bytes here" in caplog.text
+    assert "using 4 KiB pages" in caplog.text
+
+
+def test_huge_without_any_huge_pages_names_every_setting(no_huge_pages: Path) -> None:
+    with pytest.raises(pf.FeatureUnavailable) as info:
+        pf.Region.movable(3 * MIB, huge=True)
+    message = str(info.value)
+    assert "`sysctl -w vm.nr_hugepages=2`" in message
+    per_size = no_huge_pages / "kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
+    assert f"`echo advise > {per_size}`" in message
+    assert "\n" not in message
+
+
+def test_thp_where_shmem_thp_is_off_names_the_setting(no_huge_pages: Path) -> None:
+    with pytest.raises(pf.FeatureUnavailable) as info:
+        pf.Region.movable(HUGE, huge="thp")
+    assert info.value.feature == "shmem_thp"
+    assert "hugepages-2048kB/shmem_enabled=inherit, shmem_enabled=never" in str(info.value)
+    assert "`echo advise > " in str(info.value)
+
+
+def test_a_bad_huge_argument_is_refused() -> None:
+    with pytest.raises(pf.BadArgument, match="huge must be one of"):
+        pf.Region.movable(HUGE, huge="2M")  # type: ignore[arg-type]
+
+
+def test_thp_region_maps_its_pages_whole(thp_shmem: None) -> None:
+    with pf.Region.movable(5 * MIB, huge="thp", populate=True) as region:
+        assert (region.size, region.page_size, region.huge) == (6 * MIB, HUGE, "thp")
+        assert region.address % HUGE == 0
+        # Every 2 MiB folio is mapped by one page-middle-directory entry.
+        assert _smaps(region.address)["ShmemPmdMapped"] == 6 * 1024
+
+
+# -- the probe ------------------------------------------------------------------------------
+
+
+def test_probe_names_the_setting_for_each_missing_huge_option(no_huge_pages: Path) -> None:
+    report = pf.probe()
+    for name in ("hugetlb_2m", "hugetlb_1g", "shmem_thp"):
+        assert not report[name].available and name in sysprobe.SETTINGS
+    assert report["hugetlb_2m"].detail == (
+        "the 2 MiB pool: 0 of 0 pages free; to reserve some: `sysctl -w vm.nr_hugepages=64`"
+    )
+    gib = no_huge_pages / "kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
+    assert report["hugetlb_1g"].detail.endswith(f"`echo 1 > {gib}`")
+    assert "to allow it: `echo advise > " in report["shmem_thp"].detail
+
+
+def test_probe_reports_the_pool_and_uses_a_page(hugetlb_pool: huge.Pool) -> None:
+    features._cache.clear()
+    try:
+        feature = pf.probe()["hugetlb_2m"]
+    finally:
+        features._cache.clear()
+    assert feature.available
+    assert re.fullmatch(r"2 MiB hugetlb memfds; 2 MiB pool: \d+ of \d+ pages free", feature.detail)
+
+
+def test_probe_sees_shmem_thp_once_allowed(thp_shmem: None) -> None:
+    features._cache.clear()
+    try:
+        feature = pf.probe()["shmem_thp"]
+    finally:
+        features._cache.clear()
+    assert feature.available, feature
+    assert "hugepages-2048kB/shmem_enabled=advise" in feature.detail

@@ -9,6 +9,7 @@ exact setting that would enable them; those tests run on a fake sysfs.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 import pageflip as pf
+from helpers import join, run_thread
 from pageflip import features
 from pageflip._sys import huge
 from pageflip._sys import probe as sysprobe
@@ -237,3 +239,141 @@ def test_probe_sees_shmem_thp_once_allowed(thp_shmem: None) -> None:
         features._cache.clear()
     assert feature.available, feature
     assert "hugepages-2048kB/shmem_enabled=advise" in feature.detail
+
+
+# -- the channel moves huge regions whole ---------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[pf.Channel, pf.Channel]]:
+    a, b = pf.channel_pair(timeout=30)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _fill(region: pf.Region, seed: int) -> bytes:
+    arr = region.numpy(np.uint64)
+    arr[:] = np.arange(arr.size, dtype=np.uint64) * 2654435761 + seed
+    data = arr.tobytes()
+    del arr
+    return data
+
+
+def test_a_huge_region_moves_whole_into_a_new_region(
+    hugetlb_pool: huge.Pool, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    src = pf.Region.movable(2 * HUGE, name="weights", huge="hugetlb")
+    data = _fill(src, 1)
+    frames = pf.physical_frames(src) if os.geteuid() == 0 else None
+    thread, out = run_thread(b.receive)
+    t = a.gift(src)
+    got, tr = join(thread, out)
+    with got:
+        assert t.moved and tr.moved and t.method == "move" and t.reason is None
+        assert t.pages_moved == 2 * HUGE // 4096  # counted in 4 KiB pages, as for any move
+        assert (got.page_size, got.huge, got.size) == (HUGE, "hugetlb", 2 * HUGE)
+        assert got.address % HUGE == 0 and src.closed
+        assert bytes(got.view()) == data
+        assert _smaps(got.address)["KernelPageSize"] == 2048
+        if frames is not None:
+            assert (pf.physical_frames(got) == frames).all()
+        arr = got.numpy(np.uint64)  # numpy views as for 4 KiB pages
+        assert arr.size == 2 * HUGE // 8
+        del arr
+
+
+def test_receive_into_a_huge_destination_moves_and_keeps_the_rest(
+    hugetlb_pool: huge.Pool, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    dest = pf.Region.movable(3 * HUGE, name="dest", huge="hugetlb")
+    before = _fill(dest, 7)
+    src = pf.Region.movable(HUGE, name="src", huge="hugetlb")
+    data = _fill(src, 2)
+    thread, out = run_thread(lambda: b.receive_into(dest[HUGE : 2 * HUGE]))
+    t = a.gift(src)
+    tr = join(thread, out)
+    with dest:
+        assert t.moved and tr.moved and tr.method == "move"
+        view = dest.view()
+        assert bytes(view[:HUGE]) == before[:HUGE]
+        assert bytes(view[HUGE : 2 * HUGE]) == data
+        assert bytes(view[2 * HUGE :]) == before[2 * HUGE :]
+        view.release()
+        # The part that arrived is a huge page of the sender's memfd, given away again whole.
+        thread, out = run_thread(b.receive)
+        t = a.gift(dest[HUGE : 2 * HUGE])
+        got, _ = join(thread, out)
+        with got:
+            assert t.moved and bytes(got.view()) == data
+
+
+def test_a_huge_transfer_split_off_huge_page_boundaries_is_copied_saying_why(
+    hugetlb_pool: huge.Pool, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    src = pf.Region.movable(2 * HUGE, huge="hugetlb")
+    data = _fill(src, 3)
+    head = bytearray(MIB)  # 1 MiB: the rest starts 1 MiB into the memfd
+    dest = pf.Region.movable(2 * HUGE, huge="hugetlb")
+    thread, out = run_thread(lambda: b.receive_into([head, dest]))
+    t = a.gift(src)
+    join(thread, out)
+    with dest:
+        view = dest.view()
+        assert bytes(head) + bytes(view[: 2 * HUGE - MIB]) == data
+        view.release()
+        assert t.pages_moved == 0 and t.method == "pread"
+        assert t.reason is not None
+        assert "is not aligned to 2 MiB pages" in t.reason
+        assert "the length 1048576 is not a multiple of the page size 2097152 (2 MiB)" in t.reason
+
+
+def test_huge_and_4kib_pages_do_not_mix_a_move_copies(
+    hugetlb_pool: huge.Pool, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    for src_huge, dest_huge, words in (
+        ("hugetlb", False, "the source has 2 MiB pages, the destination region 4 KiB pages"),
+        (False, "hugetlb", "the source has 4 KiB pages, the destination region 2 MiB pages"),
+    ):
+        src = pf.Region.movable(HUGE, huge=src_huge)
+        data = _fill(src, 4)
+        with pf.Region.movable(HUGE, huge=dest_huge) as dest:
+            thread, out = run_thread(lambda dest=dest: b.receive_into(dest))
+            t = a.gift(src)
+            join(thread, out)
+            assert t.method == "pread" and t.pages_moved == 0 and t.reason == words
+            assert bytes(dest.view()) == data
+
+
+def test_a_huge_region_moves_into_foreign_memory_only_at_huge_page_boundaries(
+    hugetlb_pool: huge.Pool, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    backing = mmap.mmap(-1, 3 * HUGE)  # shared anonymous memory, no region of ours
+    address = int(np.frombuffer(backing, np.uint8).ctypes.data)
+    aligned = -address % HUGE
+    try:
+        for offset, moved in ((aligned, True), (aligned + 4096, False)):
+            src = pf.Region.movable(HUGE, huge="hugetlb")
+            data = _fill(src, offset)
+            target = memoryview(backing)[offset : offset + HUGE]
+            thread, out = run_thread(lambda target=target: b.receive_into(target))
+            t = a.gift(src)
+            join(thread, out)
+            assert bytes(target) == data
+            target.release()
+            if moved:
+                assert t.moved and t.reason is None
+            else:
+                assert t.method == "pread" and t.reason is not None
+                assert f"the destination at {address + offset:#x} is not aligned to 2 MiB" in (
+                    t.reason
+                )
+    finally:
+        backing.close()

@@ -14,6 +14,10 @@ The rules for a move, per byte range:
 5. the destination is memory pageflip may replace (a region, anonymous or memfd memory,
    not a file mapping).
 
+Pages are the source memfd's: 2 MiB (or 1 GiB) for a hugetlb memfd, so a huge region moves
+in whole huge pages (rules 3 and 4 in its units), and only into a destination with pages of
+the same size (a region of another page size gets a copy).
+
 A move maps the writer's memfd pages over the destination: the reader then holds the very
 same physical pages, and the writer unmaps its own view before ``gift`` returns. Anything
 else is copied, by the fastest way available, and the Transfer says which rule made it copy.
@@ -39,6 +43,7 @@ from .. import features
 from .._sys import io, mm
 from .._sys.fds import close_all
 from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
+from .._sys.huge import size_name
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import mappings
 from .._wire import (
@@ -74,6 +79,7 @@ from .peer import (
     check_peer_memfd,
     forbid_peer_read,
     map_checked_memfds,
+    memfd_page_size,
     pull_from,
 )
 
@@ -279,9 +285,15 @@ class _Segment:
     target: _Target
     dst: int  # reader's address
     length: int
+    #: The source's page size: its memfd's (2 MiB for a hugetlb one), else 4 KiB.
+    unit: int = PAGE_SIZE
 
 
-def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list[_Segment]:
+def _segments(
+    spans: list[SpanRow], targets: list[_Target], nbytes: int, units: dict[int, int]
+) -> list[_Segment]:
+    """The offer's ``spans`` cut where ``targets`` meet; ``units`` is each memfd's page size
+    by fd index."""
     out: list[_Segment] = []
     ti, toff = 0, 0
     for si, (addr, length, fd_index, fd_offset) in enumerate(spans):
@@ -298,6 +310,7 @@ def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list
                     target,
                     target.address + toff,
                     n,
+                    units.get(fd_index, PAGE_SIZE),
                 )
             )
             soff += n
@@ -308,23 +321,42 @@ def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list
     return out
 
 
+def _page_words(unit: int) -> str:
+    return "page-aligned" if unit == PAGE_SIZE else f"aligned to {size_name(unit)} pages"
+
+
 def _copy_reasons(seg: _Segment, gift: bool, allow_move: bool) -> list[str]:
-    """Each RFC rule this segment breaks, in words; empty when it can move."""
+    """Each RFC rule this segment breaks, in words; empty when it can move.
+
+    The rules count in the pages of the source memfd and of a destination region (a
+    destination that is not a region takes the source's): both must be the same size.
+    """
     why = []
     if not allow_move:
         why.append("the reader asked for a copy (move=False)")
     if not gift:
         why.append("send() keeps the writer's pages mapped (copy semantics)")
+    region = seg.target.region
+    dst_unit = region.page_size if region is not None else seg.unit
+    # Where the sizes differ, that is the reason; alignment is then told in the smaller.
+    unit = min(seg.unit, dst_unit) if seg.fd_index >= 0 else dst_unit
     if seg.fd_index < 0:
         if gift:
             why.append("the source is not movable: private anonymous memory")
-    elif seg.fd_offset % PAGE_SIZE or seg.src % PAGE_SIZE:
-        why.append(f"the source at {seg.src:#x} is not page-aligned")
-    if seg.dst % PAGE_SIZE:
-        why.append(f"the destination at {seg.dst:#x} is not page-aligned")
-    if seg.length % PAGE_SIZE:
-        why.append(f"the length {seg.length} is not a multiple of the page size {PAGE_SIZE}")
-    if seg.target.region is None and seg.target.no_move:
+    else:
+        if seg.unit != dst_unit:
+            why.append(
+                f"the source has {size_name(seg.unit)} pages, the destination region "
+                f"{size_name(dst_unit)} pages"
+            )
+        if seg.fd_offset % unit or seg.src % unit:
+            why.append(f"the source at {seg.src:#x} is not {_page_words(unit)}")
+    if seg.dst % unit:
+        why.append(f"the destination at {seg.dst:#x} is not {_page_words(unit)}")
+    if seg.length % unit:
+        size = "" if unit == PAGE_SIZE else f" ({size_name(unit)})"
+        why.append(f"the length {seg.length} is not a multiple of the page size {unit}{size}")
+    if region is None and seg.target.no_move:
         why.append(seg.target.no_move)
     return why
 
@@ -651,10 +683,10 @@ class Channel:
             label = name or offer.name
             region: Region | None = None
             try:
-                self._check_memfds(offer)
+                units = self._check_memfds(offer)
                 all_fds = all(row.fd_index >= 0 for row in offer.spans)
                 gift = bool(offer.flags & _GIFT)
-                if move and gift and all_fds and self._aligned(offer):
+                if move and gift and all_fds and self._aligned(offer, units):
                     region = self._map_offer(offer, label)
                     if populate:
                         mm.madvise(region.address, region.size, Madv.POPULATE_READ)
@@ -665,7 +697,7 @@ class Channel:
                     self._answer(Done(offer.nbytes, pages, 0, "move", ""))
                     return region, transfer
                 region = Region.movable(offer.nbytes, label)
-                transfer = self._take(offer, _targets(region), start, copy_method, move)
+                transfer = self._take(offer, _targets(region), start, copy_method, move, units)
                 if populate:
                     mm.madvise(region.address, region.size, Madv.POPULATE_READ)
                 return region, transfer
@@ -691,8 +723,8 @@ class Channel:
             offer = self._next_offer()
             start = time.perf_counter()  # the transfer, not the wait for the writer
             try:
-                self._check_memfds(offer)
-                return self._take(offer, targets, start, copy_method, move)
+                units = self._check_memfds(offer)
+                return self._take(offer, targets, start, copy_method, move, units)
             finally:
                 close_all(offer.fds)
 
@@ -725,16 +757,24 @@ class Channel:
             log.debug("the writer left before our DONE; the data is already here")
 
     @staticmethod
-    def _aligned(offer: Offer) -> bool:
-        return all(not (row.fd_offset % PAGE_SIZE or row.length % PAGE_SIZE) for row in offer.spans)
+    def _aligned(offer: Offer, units: dict[int, int]) -> bool:
+        """Whether every span is whole pages of its memfd, all of one page size."""
+        if len(set(units.values())) > 1:
+            return False
+        return all(
+            not (row.fd_offset % units[row.fd_index] or row.length % units[row.fd_index])
+            for row in offer.spans
+        )
 
-    def _check_memfds(self, offer: Offer) -> None:
-        """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd)."""
+    def _check_memfds(self, offer: Offer) -> dict[int, int]:
+        """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd);
+        returns each memfd's page size by fd index."""
+        units: dict[int, int] = {}
         for row in offer.spans:
             if row.fd_index < 0:
                 continue
             try:
-                check_peer_memfd(
+                st = check_peer_memfd(
                     offer.fds[row.fd_index],
                     offset=row.fd_offset,
                     length=row.length,
@@ -743,6 +783,8 @@ class Channel:
                 )
             except RemoteProtocolError as err:
                 raise self._refuse(err) from None
+            units[row.fd_index] = memfd_page_size(st)
+        return units
 
     @staticmethod
     def _map_offer(offer: Offer, name: str) -> Region:
@@ -762,6 +804,7 @@ class Channel:
         start: float,
         copy_method: CopyMethod,
         allow_move: bool,
+        units: dict[int, int],
     ) -> Transfer:
         room = sum(t.length for t in targets)
         if room < offer.nbytes:
@@ -771,10 +814,13 @@ class Channel:
                     length=room,
                 )
             )
-        segments = _segments(offer.spans, targets, offer.nbytes)
+        segments = _segments(offer.spans, targets, offer.nbytes, units)
         moves, preads, remote, reasons = _by_method(segments, bool(offer.flags & _GIFT), allow_move)
         methods: list[str] = []
-        holders = {i: Memfd(fd, shared=True) for i, fd in enumerate(offer.fds)}
+        holders = {
+            i: Memfd(fd, shared=True, page_size=units.get(i, PAGE_SIZE))
+            for i, fd in enumerate(offer.fds)
+        }
         offer.fds = []
         try:
             if moves:
@@ -829,7 +875,9 @@ class Channel:
                     continue
                 key = (id(target.region), seg.fd_index)
                 if key not in own:
-                    own[key] = (target.region, Memfd(os.dup(holders[seg.fd_index].fd), shared=True))
+                    holder = holders[seg.fd_index]
+                    dup = Memfd(os.dup(holder.fd), shared=True, page_size=holder.page_size)
+                    own[key] = (target.region, dup)
                 offset = target.region_offset + (seg.dst - target.address)
                 target.region.replace(offset, own[key][1], seg.fd_offset, seg.length)
         except BaseException:

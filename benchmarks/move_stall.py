@@ -1,12 +1,15 @@
 """Reproduce the 4 GiB move stalls of docs/benchmarks.md outside the handoff benchmark.
 
-``python benchmarks/move_stall.py --size 4G --runs 8 [--sleep 0.5] [--canary]``
+``python benchmarks/move_stall.py --size 4G --runs 8 [--sleep 0.5] [--canary] [--huge KIND]``
 
 Each run fills a fresh movable region (one write per page), waits ``--sleep`` seconds and
 gifts it to a second process, which reports when ``receive()`` returned, how long receive()
 itself took and the CPU time, page faults and involuntary context switches it spent meanwhile
-(``getrusage``). ``--canary`` runs a third process that wakes every millisecond for the
-whole time, so that the machine's CPUs never idle for long.
+(``getrusage``); the writer reports how long it took to let go of its mapping afterwards
+(``Transfer.release``). ``--canary`` runs a third process that wakes every millisecond for
+the whole time, so that the machine's CPUs never idle for long. ``--huge`` takes the region's
+pages as ``Region.movable(huge=...)`` does (``hugetlb`` needs a pool: ``sysctl -w
+vm.nr_hugepages=N``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--canary", action="store_true")
+    parser.add_argument(
+        "--huge", choices=["no", "auto", "hugetlb", "hugetlb-1g", "thp"], default="no"
+    )
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     sender, receiver = pf.channel_pair()
@@ -67,18 +73,20 @@ def main() -> None:
     receiver.close()
     try:
         for i in range(args.runs):
-            region = pf.Region.movable(args.size, name="stall")
+            huge = False if args.huge == "no" else args.huge
+            region = pf.Region.movable(args.size, name="stall", huge=huge)
             words = region.numpy(np.uint64)
             words[:: pf.PAGE_SIZE // 8] = i  # one write per page: every page exists
             del words
             time.sleep(args.sleep)
             t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
-            sender.gift(region)
+            gift = sender.gift(region)
             received, inside, user, system, faults, switches = results.get(timeout=60)
             print(
                 f"run {i + 1}: access {(received - t0) * 1e3:7.2f} ms, receive() "
                 f"{inside * 1e3:5.2f} ms, CPU user {user * 1e3:5.1f} ms system "
-                f"{system * 1e3:4.1f} ms, {faults} faults, {switches} involuntary switches",
+                f"{system * 1e3:4.1f} ms, {faults} faults, {switches} involuntary switches; "
+                f"writer's release {gift.release * 1e3:6.2f} ms",
                 flush=True,
             )
     finally:

@@ -533,4 +533,5 @@ def test_transfer_is_plain_data() -> None:
         "method": "move",
         "reason": None,
         "seconds": 0.001,
+        "release": 0.0,
     }

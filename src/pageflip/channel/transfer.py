@@ -28,6 +28,7 @@ still the writer's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -46,6 +47,7 @@ from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
 from .._sys.huge import size_name
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import mappings
+from .._sys.sched import idle_priority
 from .._wire import (
     Done,
     Frame,
@@ -101,8 +103,11 @@ PIPE_SIZE = 1 << 20
 class Transfer:
     """What one gift, send, receive or receive_into did.
 
-    ``seconds`` is the writer's whole call (until the reader answered) and, on the reader,
-    the time from the writer's offer to the data being in place (not the wait for it).
+    ``seconds`` is the writer's call until the reader answered and, on the reader, the time
+    from the writer's offer to the data being in place (not the wait for it). ``release`` is
+    what a gift spent afterwards letting go of the writer's own mapping of the pages (unmap
+    and close, at idle priority, after the reader had them: never on the reader's path); 0
+    for a send and on the reader.
     ``method`` is ``"move"`` when every page moved, else the copy method (``"pread"`` from
     a gifted memfd, ``"process_vm_readv"``, ``"vmsplice"``, ``"stream"``), joined with ``+``
     when a transfer mixed them. ``reason`` says in words which rule made it copy (None for a
@@ -115,6 +120,7 @@ class Transfer:
     method: str
     reason: str | None
     seconds: float
+    release: float = 0.0
 
     @property
     def moved(self) -> bool:
@@ -131,7 +137,11 @@ class Transfer:
             else f"{self.pages_moved} pages moved, {self.pages_copied} copied"
         )
         why = f" ({self.reason})" if self.reason else ""
-        return f"{self.nbytes} bytes by {self.method}: {what} in {self.seconds * 1e3:.3f} ms{why}"
+        freed = f", released in {self.release * 1e3:.3f} ms" if self.release else ""
+        return (
+            f"{self.nbytes} bytes by {self.method}: {what} in {self.seconds * 1e3:.3f} ms"
+            f"{freed}{why}"
+        )
 
 
 def _readable(item: Any) -> memoryview:
@@ -538,6 +548,10 @@ class Channel:
         this returns the writer no longer maps the pages: a whole region is closed, a slice
         becomes inaccessible. If the reader refuses or dies first, nothing changed here.
         Raises BufferInUse while a view or array still uses the pages.
+
+        The writer lets go of its mapping only once the reader has answered, and at idle
+        priority (see :mod:`pageflip._sys.sched`), so that tearing down a large mapping does
+        not hold the reader off its CPU; ``Transfer.release`` says how long it took.
         """
         with self._lock:
             self._check_usable()
@@ -551,9 +565,11 @@ class Channel:
             ]
             name = chosen[0].region.name
             transfer = self._offer(pieces, gift=True, name=name)
-            for span in chosen:
-                span.region.give_away(span.offset, span.offset + span.size)
-            return transfer
+            start = time.perf_counter()
+            with idle_priority():
+                for span in chosen:
+                    span.region.give_away(span.offset, span.offset + span.size)
+            return dataclasses.replace(transfer, release=time.perf_counter() - start)
 
     def send(self, buffer: Any) -> Transfer:
         """Copy ``buffer`` (any contiguous buffer, a region, a slice, or a list) to the reader.

@@ -23,6 +23,7 @@ from helpers import join, run_thread
 from pageflip import features
 from pageflip._sys import huge, sched
 from pageflip._sys import probe as sysprobe
+from pageflip.dirty import DirtyTracker
 
 MIB = 1 << 20
 HUGE = 2 * MIB
@@ -408,3 +409,52 @@ def test_idle_priority_lowers_the_thread_and_gives_it_back() -> None:
     with pytest.raises(RuntimeError), sched.idle_priority():
         raise RuntimeError("the body failed")
     assert os.sched_getscheduler(0) == before[0]
+
+
+# -- dirty tracking on huge pages -------------------------------------------------------------
+
+
+def _written_runs(region: pf.Region) -> tuple[list[list[int]], list[list[int]]]:
+    """The runs DirtyTracker reports after two writes 4 MiB apart, then after one more."""
+    arr = region.numpy()
+    arr[:] = 1
+    try:
+        with DirtyTracker([region]) as tracker:
+            arr[5000] = 2
+            arr[4 * MIB + 3] = 3
+            (first,) = tracker.collect()
+            arr[5001] = 4
+            (second,) = tracker.collect()
+        assert (arr[5000], arr[4 * MIB + 3], arr[5001]) == (2, 3, 4)
+    finally:
+        del arr
+    return first.tolist(), second.tolist()
+
+
+def test_dirty_tracking_on_hugetlb_reports_whole_huge_pages(hugetlb_pool: huge.Pool) -> None:
+    with pf.Region.movable(8 * MIB, huge="hugetlb", populate=True) as region:
+        first, second = _written_runs(region)
+    # In 4 KiB pages: each write marks its whole 2 MiB page written.
+    assert first == [[0, 512], [1024, 512]] and second == [[0, 512]]
+
+
+def test_dirty_tracking_on_thp_reports_4kib_pages(thp_shmem: None) -> None:
+    with pf.Region.movable(8 * MIB, huge="thp", populate=True) as region:
+        first, second = _written_runs(region)
+    # Write-protecting splits the 2 MiB mappings into 4 KiB ones: each write is one page.
+    assert first == [[1, 1], [1024, 1]] and second == [[1, 1]]
+
+
+def test_a_thp_region_moves_and_its_pages_stay_whole(
+    thp_shmem: None, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    src = pf.Region.movable(4 * MIB, huge="thp", populate=True)
+    data = _fill(src, 6)
+    thread, out = run_thread(b.receive)
+    t = a.gift(src)
+    got, _ = join(thread, out)
+    with got:
+        assert t.moved and got.address % HUGE == 0
+        assert bytes(got.view()) == data  # touches every page
+        assert _smaps(got.address)["ShmemPmdMapped"] == 4 * 1024

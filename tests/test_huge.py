@@ -8,6 +8,7 @@ exact setting that would enable them; those tests run on a fake sysfs.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -458,3 +459,35 @@ def test_a_thp_region_moves_and_its_pages_stay_whole(
         assert t.moved and got.address % HUGE == 0
         assert bytes(got.view()) == data  # touches every page
         assert _smaps(got.address)["ShmemPmdMapped"] == 4 * 1024
+
+
+# -- the handoff benchmark's huge page rows ------------------------------------------------------
+
+
+def test_bench_handoff_huge_adds_the_move_on_2mib_pages(hugetlb_pool: huge.Pool) -> None:
+    from click.testing import CliRunner
+
+    from pageflip.cli import main
+
+    args = ["bench", "handoff", "--size", "4M", "--repeat", "1", "--methods", "move"]
+    result = CliRunner().invoke(main, [*args, "--huge", "--overhead-rounds", "0", "--json"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = json.loads(result.stdout)
+    assert list(data["results"]) == ["move", "move-huge"]
+    row = data["results"]["move-huge"]
+    assert (row["pages_moved"], row["pages_copied"], row["reported_method"]) == (1024, 0, "move")
+    assert row["release_median"] > 0 and data["results"]["move"]["release_median"] > 0
+    targets = {t["id"]: t for t in data["targets"]}
+    assert targets["huge_release"]["measured"] is not None
+    assert targets["huge_touched_vs_4k"]["measured"] is not None
+    assert targets["huge_access_scaling"]["measured"] is None  # only above 1 GiB
+
+
+def test_bench_handoff_huge_needs_whole_huge_pages() -> None:
+    from click.testing import CliRunner
+
+    from pageflip.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "handoff", "--size", "3M", "--huge"])
+    assert result.exit_code != 0
+    assert "whole number of 2 MiB pages" in result.output

@@ -86,7 +86,8 @@ def main() -> None:
                 f"run {i + 1}: access {(received - t0) * 1e3:7.2f} ms, receive() "
                 f"{inside * 1e3:5.2f} ms, CPU user {user * 1e3:5.1f} ms system "
                 f"{system * 1e3:4.1f} ms, {faults} faults, {switches} involuntary switches; "
-                f"writer's release {gift.release * 1e3:6.2f} ms",
+                f"writer's release {gift.release * 1e3:6.2f} ms "
+                f"({gift.release_cpu * 1e3:.2f} ms of CPU)",
                 flush=True,
             )
     finally:

@@ -534,4 +534,5 @@ def test_transfer_is_plain_data() -> None:
         "reason": None,
         "seconds": 0.001,
         "release": 0.0,
+        "release_cpu": 0.0,
     }

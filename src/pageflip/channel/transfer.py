@@ -106,8 +106,9 @@ class Transfer:
     ``seconds`` is the writer's call until the reader answered and, on the reader, the time
     from the writer's offer to the data being in place (not the wait for it). ``release`` is
     what a gift spent afterwards letting go of the writer's own mapping of the pages (unmap
-    and close, at idle priority, after the reader had them: never on the reader's path); 0
-    for a send and on the reader.
+    and close, at idle priority, after the reader had them: never on the reader's path), and
+    ``release_cpu`` the CPU time that took (the wall time also counts the waits for a CPU that
+    others wanted); both 0 for a send and on the reader.
     ``method`` is ``"move"`` when every page moved, else the copy method (``"pread"`` from
     a gifted memfd, ``"process_vm_readv"``, ``"vmsplice"``, ``"stream"``), joined with ``+``
     when a transfer mixed them. ``reason`` says in words which rule made it copy (None for a
@@ -121,6 +122,7 @@ class Transfer:
     reason: str | None
     seconds: float
     release: float = 0.0
+    release_cpu: float = 0.0
 
     @property
     def moved(self) -> bool:
@@ -565,11 +567,15 @@ class Channel:
             ]
             name = chosen[0].region.name
             transfer = self._offer(pieces, gift=True, name=name)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             with idle_priority():
                 for span in chosen:
                     span.region.give_away(span.offset, span.offset + span.size)
-            return dataclasses.replace(transfer, release=time.perf_counter() - start)
+            return dataclasses.replace(
+                transfer,
+                release=time.perf_counter() - start,
+                release_cpu=time.thread_time() - cpu,
+            )
 
     def send(self, buffer: Any) -> Transfer:
         """Copy ``buffer`` (any contiguous buffer, a region, a slice, or a list) to the reader.

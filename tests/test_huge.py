@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from pageflip import features
 from pageflip._sys import huge, sched
 from pageflip._sys import probe as sysprobe
 from pageflip.dirty import DirtyTracker
+from test_migration import Run
 
 MIB = 1 << 20
 HUGE = 2 * MIB
@@ -494,3 +496,26 @@ def test_bench_handoff_huge_needs_whole_huge_pages() -> None:
     result = CliRunner().invoke(main, ["bench", "handoff", "--size", "3M", "--huge"])
     assert result.exit_code != 0
     assert "whole number of 2 MiB pages" in result.output
+
+
+# -- a workload on huge pages migrates by flip -------------------------------------------------
+
+
+@pytest.fixture
+def run(spawn: Any, tmp_path: Path) -> Iterator[Run]:
+    r = Run(spawn, str(tmp_path / "incoming.sock"))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_workload_on_huge_pages_flips_whole(hugetlb_pool: huge.Pool, run: Run) -> None:
+    src, dst = run.start(size=16 * MIB, options={"mode": "flip", "huge": "hugetlb"})
+    assert src["ok"], src
+    done = src["done"]
+    assert done["mode"] == "flip" and done["pages_copied"] == 0 and done["pages_moved"] > 0
+    assert src["memfds_left"] == []
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    if os.geteuid() == 0:
+        assert dst["frames"] == src["frames"]  # the very same huge pages

@@ -510,6 +510,16 @@ def run(spawn: Any, tmp_path: Path) -> Iterator[Run]:
         r.close()
 
 
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_a_workload_on_huge_pages_migrates_by_copies(
+    hugetlb_pool: huge.Pool, run: Run, mode: str
+) -> None:
+    src, dst = run.start(size=16 * MIB, options={"mode": mode, "huge": "hugetlb"})
+    assert src["ok"], src
+    assert src["done"]["mode"] == mode and src["done"]["digest"] == "verified"
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+
+
 def test_a_workload_on_huge_pages_flips_whole(hugetlb_pool: huge.Pool, run: Run) -> None:
     src, dst = run.start(size=16 * MIB, options={"mode": "flip", "huge": "hugetlb"})
     assert src["ok"], src
@@ -519,3 +529,29 @@ def test_a_workload_on_huge_pages_flips_whole(hugetlb_pool: huge.Pool, run: Run)
     assert dst is not None and dst["ok"] and dst["verify"], dst
     if os.geteuid() == 0:
         assert dst["frames"] == src["frames"]  # the very same huge pages
+
+
+def test_the_huge_targets_judge_every_run_and_the_release_cpu() -> None:
+    from pageflip.bench import handoff
+
+    def row(access: list[float], touched: float, release_cpu: float | None) -> Any:
+        return {
+            "access_seconds": access,
+            "access_median": sorted(access)[len(access) // 2],
+            "touched_median": touched,
+            "release_cpu_median": release_cpu,
+        }
+
+    rows = {
+        "move": row([0.001], 0.050, 0.020),
+        "move-huge": row([0.001, 0.0011, 0.0025], 0.008, 0.0015),
+        "move-huge@1G": row([0.001, 0.001, 0.001], 0.002, 0.0004),
+    }
+    got = {t["id"]: t for t in handoff._huge_targets(rows)}
+    # One run of three at 2.5 ms against 2x the 1 GiB median (2 ms): missed.
+    assert got["huge_access_scaling"]["measured"] == pytest.approx(2.5)
+    assert got["huge_access_scaling"]["passed"] is False
+    assert got["huge_touched_vs_4k"]["limit"] == pytest.approx(10.0)
+    assert got["huge_touched_vs_4k"]["passed"] is True
+    assert got["huge_release"]["measured"] == pytest.approx(1.5)
+    assert got["huge_release"]["passed"] is True

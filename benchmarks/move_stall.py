@@ -1,6 +1,7 @@
 """Reproduce the 4 GiB move stalls of docs/benchmarks.md outside the handoff benchmark.
 
-``python benchmarks/move_stall.py --size 4G --runs 8 [--sleep 0.5] [--canary] [--huge KIND]``
+``python benchmarks/move_stall.py --size 4G --runs 8 [--sleep 0.5] [--canary] [--huge KIND]
+[--hold SECONDS]``
 
 Each run fills a fresh movable region (one write per page), waits ``--sleep`` seconds and
 gifts it to a second process, which reports when ``receive()`` returned, how long receive()
@@ -9,7 +10,10 @@ itself took and the CPU time, page faults and involuntary context switches it sp
 (``Transfer.release``). ``--canary`` runs a third process that wakes every millisecond for
 the whole time, so that the machine's CPUs never idle for long. ``--huge`` takes the region's
 pages as ``Region.movable(huge=...)`` does (``hugetlb`` needs a pool: ``sysctl -w
-vm.nr_hugepages=N``).
+vm.nr_hugepages=N``). The receiver closes each region at once, which frees its pages and so
+unmaps them from the writer too (the writer's release then mostly waits for that); with
+``--hold`` it keeps the region that many seconds first (and reports only then), and the
+release is the writer's own.
 """
 
 from __future__ import annotations
@@ -26,23 +30,28 @@ import pageflip as pf
 from pageflip.units import parse_size
 
 
-def _receiver(channel: pf.Channel, out: Any, runs: int) -> None:
+def _receiver(channel: pf.Channel, out: Any, runs: int, hold: float) -> None:
     for _ in range(runs):
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         region, transfer = channel.receive()
         received = time.clock_gettime(time.CLOCK_MONOTONIC)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        out.put(
-            (
-                received,
-                transfer.seconds,
-                r1.ru_utime - r0.ru_utime,
-                r1.ru_stime - r0.ru_stime,
-                r1.ru_minflt - r0.ru_minflt,
-                r1.ru_nivcsw - r0.ru_nivcsw,
-            )
+        report = (
+            received,
+            transfer.seconds,
+            r1.ru_utime - r0.ru_utime,
+            r1.ru_stime - r0.ru_stime,
+            r1.ru_minflt - r0.ru_minflt,
+            r1.ru_nivcsw - r0.ru_nivcsw,
         )
-        region.close()
+        if hold:
+            # Reported once closed: the writer's next run then finds us waiting again.
+            time.sleep(hold)
+            region.close()
+            out.put(report)
+        else:
+            out.put(report)
+            region.close()
     channel.close()
 
 
@@ -57,6 +66,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--canary", action="store_true")
+    parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument(
         "--huge", choices=["no", "auto", "hugetlb", "hugetlb-1g", "thp"], default="no"
     )
@@ -65,7 +75,7 @@ def main() -> None:
     sender, receiver = pf.channel_pair()
     results = ctx.Queue()
     stop = ctx.Event()
-    procs = [ctx.Process(target=_receiver, args=(receiver, results, args.runs))]
+    procs = [ctx.Process(target=_receiver, args=(receiver, results, args.runs, args.hold))]
     if args.canary:
         procs.append(ctx.Process(target=_canary, args=(stop,)))
     for p in procs:

@@ -25,6 +25,10 @@ def idle_priority() -> Iterator[bool]:
     Yields whether the thread's priority was lowered: it is left alone when its policy is
     one it could not get back without privilege (real-time), or the kernel refuses.
     """
+    if os.environ.get("PF_EXP") == "yield":
+        os.sched_yield()
+        yield False
+        return
     try:
         policy = os.sched_getscheduler(0)
         param = os.sched_getparam(0)

@@ -842,7 +842,8 @@ class HandoffRow(TypedDict):
     transfers: list[TransferRecord]
     sender_transfers: list[TransferRecord]
     #: Median of the writer's release after a gift (``Transfer.release``: wall time, at
-    #: idle priority, so it waits while the receiver touches the pages), if it gifted.
+    #: idle priority, so it waits while the receiver touches the pages and frees them), if
+    #: it gifted.
     release_median: float | None
     #: Median CPU time of that release (``Transfer.release_cpu``): the teardown's own cost.
     release_cpu_median: float | None

@@ -107,8 +107,9 @@ class Transfer:
     from the writer's offer to the data being in place (not the wait for it). ``release`` is
     what a gift spent afterwards letting go of the writer's own mapping of the pages (unmap
     and close, at idle priority, after the reader had them: never on the reader's path), and
-    ``release_cpu`` the CPU time that took (the wall time also counts the waits for a CPU that
-    others wanted); both 0 for a send and on the reader.
+    ``release_cpu`` the CPU time that took (the wall time also counts waiting for CPUs others
+    want, or for a reader freeing the same pages meanwhile); both 0 for a send and on the
+    reader.
     ``method`` is ``"move"`` when every page moved, else the copy method (``"pread"`` from
     a gifted memfd, ``"process_vm_readv"``, ``"vmsplice"``, ``"stream"``), joined with ``+``
     when a transfer mixed them. ``reason`` says in words which rule made it copy (None for a

@@ -841,9 +841,8 @@ class HandoffRow(TypedDict):
     reported_method: str | None
     transfers: list[TransferRecord]
     sender_transfers: list[TransferRecord]
-    #: Median of the writer's release after a gift (``Transfer.release``: wall time, at
-    #: idle priority, so it waits while the receiver touches the pages and frees them), if
-    #: it gifted.
+    #: Median of the writer's release after a gift (``Transfer.release``: wall time, so it
+    #: shares the CPUs with the receiver touching the pages and freeing them), if it gifted.
     release_median: float | None
     #: Median CPU time of that release (``Transfer.release_cpu``): the teardown's own cost.
     release_cpu_median: float | None
@@ -1220,7 +1219,7 @@ def markdown_table(result: HandoffResult) -> str:
             )
             lines += [
                 "",
-                "The writer's release of its mapping, at idle priority after the reader had "
+                "The writer's release of its mapping, after the reader had "
                 f"the pages (Transfer.release_cpu and release, medians): {freed}.",
             ]
     lines += ["", *markdown_targets(target_rows(result))]

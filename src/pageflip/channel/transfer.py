@@ -47,7 +47,6 @@ from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
 from .._sys.huge import size_name
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import mappings
-from .._sys.sched import idle_priority
 from .._wire import (
     Done,
     Frame,
@@ -106,7 +105,7 @@ class Transfer:
     ``seconds`` is the writer's call until the reader answered and, on the reader, the time
     from the writer's offer to the data being in place (not the wait for it). ``release`` is
     what a gift spent afterwards letting go of the writer's own mapping of the pages (unmap
-    and close, at idle priority, after the reader had them: never on the reader's path), and
+    and close, after the reader had them: never on the reader's path), and
     ``release_cpu`` the CPU time that took (the wall time also counts waiting for CPUs others
     want, or for a reader freeing the same pages meanwhile); both 0 for a send and on the
     reader.
@@ -552,9 +551,9 @@ class Channel:
         becomes inaccessible. If the reader refuses or dies first, nothing changed here.
         Raises BufferInUse while a view or array still uses the pages.
 
-        The writer lets go of its mapping only once the reader has answered, and at idle
-        priority (see :mod:`pageflip._sys.sched`), so that tearing down a large mapping does
-        not hold the reader off its CPU; ``Transfer.release`` says how long it took.
+        The writer lets go of its mapping only once the reader has answered, and lets the
+        reader run first (see below), so that tearing down a large mapping never holds the
+        reader off its CPU; ``Transfer.release`` says how long it took.
         """
         with self._lock:
             self._check_usable()
@@ -569,9 +568,13 @@ class Channel:
             name = chosen[0].region.name
             transfer = self._offer(pieces, gift=True, name=name)
             start, cpu = time.perf_counter(), time.thread_time()
-            with idle_priority():
-                for span in chosen:
-                    span.region.give_away(span.offset, span.offset + span.size)
+            # The reader's answer woke us with a sync wake-up (a Unix socket's), which puts us
+            # on the reader's CPU, ahead of it: unmapping a populated mapping there (30-70 ms
+            # per GiB of 4 KiB pages) would keep the reader from returning with its pages.
+            # Yielding lets it run first; the teardown then shares the CPU fairly.
+            os.sched_yield()
+            for span in chosen:
+                span.region.give_away(span.offset, span.offset + span.size)
             return dataclasses.replace(
                 transfer,
                 release=time.perf_counter() - start,

@@ -538,3 +538,25 @@ def test_the_huge_targets_judge_every_run_and_the_release_cpu() -> None:
     assert got["huge_touched_vs_4k"]["passed"] is True
     assert got["huge_release"]["measured"] == pytest.approx(1.5)
     assert got["huge_release"]["passed"] is True
+
+
+def test_bench_migrate_runs_the_workload_on_huge_pages(hugetlb_pool: huge.Pool) -> None:
+    from pageflip.bench import migrate as bench_migrate
+
+    config = bench_migrate.MigrateConfig(
+        sizes=(16 * MIB,),
+        rates=(0,),
+        modes=("flip", "precopy"),
+        warmup=0.2,
+        settle=0.0,
+        verify_delay=0.1,
+        huge="hugetlb",
+    )
+    result = bench_migrate.run(config)
+    assert result["complete"] and result["config"]["huge"] == "hugetlb"
+    assert all(run["verified"] for run in result["runs"])
+    flip = next(run for run in result["runs"] if run["mode"] == "flip")
+    assert flip["pages_copied"] == 0 and flip["pages_moved"] > 0
+    assert "the workload on hugetlb huge pages" in bench_migrate.markdown_table(result)
+    with pytest.raises(pf.BadArgument, match="huge must be one of"):
+        bench_migrate.MigrateConfig(huge="2M")

@@ -314,6 +314,13 @@ def _print_handoff(result: HandoffResult) -> None:
     help="Touch and free the guest's size of memory before each migration (warm memory); "
     "--no-prewarm with --settle 15 gives cold runs.",
 )
+@click.option(
+    "--huge",
+    type=click.Choice(["auto", "hugetlb", "hugetlb-1g", "thp"]),
+    default=None,
+    help="Put the workload's memory on huge pages (hugetlb needs a pool: sysctl -w "
+    "vm.nr_hugepages=N; the destination of a copy still gets 4 KiB pages).",
+)
 @_report_options
 @click.option(
     "--plot",
@@ -330,6 +337,7 @@ def bench_migrate(
     warmup: float,
     settle: float,
     prewarm: bool,
+    huge: str | None,
     as_json: bool,
     markdown: bool,
     output: Path | None,
@@ -348,7 +356,9 @@ def bench_migrate(
     """
     from ..bench import migrate as bench_migrate_module
 
-    config = _migrate_config(sizes, rates, modes, repeat, downtime_limit, warmup, settle, prewarm)
+    config = _migrate_config(
+        sizes, rates, modes, repeat, downtime_limit, warmup, settle, prewarm, huge
+    )
     if plot_path is not None:
         bench_migrate_module.check_plot()  # before a long run, not after it
     console = _stderr_console()
@@ -407,6 +417,7 @@ def _migrate_config(
     warmup: float,
     settle: float,
     prewarm: bool,
+    huge: str | None = None,
 ) -> MigrateConfig:
     """The benchmark's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.migrate import MigrateConfig
@@ -425,6 +436,7 @@ def _migrate_config(
             warmup=warmup,
             settle=settle,
             prewarm=prewarm,
+            huge=huge,
         )
     except BadArgument as err:
         raise click.BadParameter(str(err)) from None

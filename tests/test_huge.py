@@ -557,6 +557,8 @@ def test_bench_migrate_runs_the_workload_on_huge_pages(hugetlb_pool: huge.Pool) 
     assert all(run["verified"] for run in result["runs"])
     flip = next(run for run in result["runs"] if run["mode"] == "flip")
     assert flip["pages_copied"] == 0 and flip["pages_moved"] > 0
+    # The guest's hugetlb pages count in the peak memory (they are not in RssShmem or Shmem).
+    assert flip["memory"]["peak_pss"]["max_by_role"]["shared"] >= 16 * MIB
     assert "the workload on hugetlb huge pages" in bench_migrate.markdown_table(result)
     with pytest.raises(pf.BadArgument, match="huge must be one of"):
         bench_migrate.MigrateConfig(huge="2M")

@@ -539,6 +539,14 @@ def test_the_huge_targets_judge_every_run_and_the_release_cpu() -> None:
     assert got["huge_release"]["measured"] == pytest.approx(1.5)
     assert got["huge_release"]["passed"] is True
 
+    # The 4 KiB move's scaling target counts every run too, not only the median.
+    rows["move@1G"] = row([0.001, 0.001, 0.001], 0.05, 0.02)
+    rows["move"]["access_seconds"] = [0.001, 0.001, 0.0021]
+    for r in rows.values():
+        r.update(semantics="move", fallback=False, gib_per_s=1.0)
+    (scaling,) = [t for t in handoff._targets(rows, 1.0, {}) if t["id"] == "move_access_scaling"]
+    assert scaling["measured"] == pytest.approx(2.1) and scaling["passed"] is False
+
 
 def test_bench_migrate_runs_the_workload_on_huge_pages(hugetlb_pool: huge.Pool) -> None:
     from pageflip.bench import migrate as bench_migrate

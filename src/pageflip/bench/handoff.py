@@ -107,7 +107,9 @@ CLOCK = "CLOCK_MONOTONIC via time.clock_gettime: system-wide, so sender and rece
 #: Speed targets, by id: what each one demands.
 TARGETS = {
     "move_access": "move: the receiver can access the data in under 5 ms (stated for 1 GiB)",
-    "move_access_scaling": "move at this size: access within 2x of a 1 GiB move in the same run",
+    "move_access_scaling": (
+        "move at this size: every run's access within 2x of the median 1 GiB move, same run"
+    ),
     "huge_access_scaling": (
         "move on 2 MiB pages at this size: every run's access within 2x of the median 1 GiB "
         "move on 2 MiB pages, same run"
@@ -987,7 +989,7 @@ def _targets(
         _target("move_access", move["access_median"] * ms if move else None, 5.0, "ms"),
         _target(
             "move_access_scaling",
-            move["access_median"] * ms if move and move_1g else None,
+            max(move["access_seconds"]) * ms if move and move_1g else None,
             2 * move_1g["access_median"] * ms if move_1g else None,
             "ms",
         ),

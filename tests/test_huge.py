@@ -155,6 +155,9 @@ def test_huge_true_and_auto_take_the_hugetlb_pool_first(hugetlb_pool: huge.Pool)
     for choice in (True, "auto"):
         with pf.Region.movable(HUGE, huge=choice) as region:
             assert (region.huge, region.page_size) == ("hugetlb", HUGE)
+    # Less than one huge page: auto keeps 4 KiB pages rather than round up 512-fold.
+    with pf.Region.movable(4096, huge="auto") as region:
+        assert (region.huge, region.page_size, region.size) == (None, 4096, 4096)
 
 
 def test_hugetlb_without_enough_pool_names_the_sysctl() -> None:

@@ -216,6 +216,9 @@ def _choose_pages(huge: HugePages, size: int) -> tuple[HugeKind | None, int]:
         return "thp", _huge.THP_SIZE
     if huge not in (True, "auto"):
         raise BadArgument(f"huge must be one of {_HUGE_CHOICES}, not {huge!r}", argument="huge")
+    if huge == "auto" and size < _huge.HUGE_2M:
+        log.info("%d bytes are less than one 2 MiB page; using 4 KiB pages", size)
+        return None, PAGE_SIZE
     gib = _huge.pool(_huge.HUGE_1G)
     if huge == "auto" and size % _huge.HUGE_1G == 0 and gib.available >= size // _huge.HUGE_1G:
         return "hugetlb", _huge.HUGE_1G
@@ -306,7 +309,8 @@ class Region:
         honours for shmem only where its ``shmem_enabled`` settings allow (FeatureUnavailable
         otherwise); True takes hugetlb 2 MiB pages where the pool has enough, else THP;
         ``"auto"`` does the same (and 1 GiB pages for whole GiBs the 1 GiB pool has) but
-        falls back to 4 KiB pages, logging why. The size is rounded up to whole huge pages
+        falls back to 4 KiB pages, logging why (also for less than one 2 MiB page, which
+        would round up 512-fold). The size is rounded up to whole huge pages
         (logged when that adds bytes), and ``page_size`` tells what the region got.
         """
         kind, page_size = _choose_pages(huge, size)

@@ -447,8 +447,30 @@ def test_a_thp_region_moves_and_its_pages_stay_whole(
     got, _ = join(thread, out)
     with got:
         assert t.moved and got.address % HUGE == 0
+        assert (got.huge, got.page_size) == ("thp", HUGE)  # the offer said THP
         assert bytes(got.view()) == data  # touches every page
         assert _smaps(got.address)["ShmemPmdMapped"] == 4 * 1024
+
+
+def test_a_thp_region_moves_in_2mib_units_only(
+    thp_shmem: None, pair: tuple[pf.Channel, pf.Channel]
+) -> None:
+    a, b = pair
+    # Into a THP destination: a move. Into 4 KiB pages: a copy that says why.
+    for dest_huge, moved in (("thp", True), (False, False)):
+        src = pf.Region.movable(HUGE, huge="thp")
+        data = _fill(src, 8)
+        with pf.Region.movable(2 * HUGE, huge=dest_huge) as dest:
+            thread, out = run_thread(lambda dest=dest: b.receive_into(dest[:HUGE]))
+            t = a.gift(src)
+            join(thread, out)
+            assert bytes(dest.view(0, HUGE)) == data
+            if moved:
+                assert t.moved and t.reason is None
+            else:
+                assert t.method == "pread" and t.reason == (
+                    "the source has 2 MiB pages, the destination region 4 KiB pages"
+                )
 
 
 # -- the handoff benchmark's huge page rows ------------------------------------------------------

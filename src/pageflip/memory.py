@@ -70,15 +70,23 @@ class Memfd:
     """An owned memfd: closed exactly once; ``shared`` once another process has it too.
 
     ``page_size`` is the size of its pages as mmap enforces it: a hugetlb memfd's huge page
-    size, else 4 KiB (also for a memfd with transparent huge pages).
+    size, else 4 KiB (also for a memfd with transparent huge pages, which ``thp`` says).
     """
 
-    __slots__ = ("__weakref__", "fd", "page_size", "shared")
+    __slots__ = ("__weakref__", "fd", "page_size", "shared", "thp")
 
-    def __init__(self, fd: int, *, shared: bool = False, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self, fd: int, *, shared: bool = False, page_size: int = PAGE_SIZE, thp: bool = False
+    ) -> None:
         self.fd = fd
         self.shared = shared
         self.page_size = page_size
+        self.thp = thp
+
+    @property
+    def unit(self) -> int:
+        """The size its pages move in: ``page_size``, or 2 MiB for transparent huge pages."""
+        return _huge.THP_SIZE if self.thp else self.page_size
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -319,7 +327,9 @@ class Region:
             fd = mm.memfd_create(f"pageflip:{name}", _huge.memfd_flags(page_size))
         else:
             fd = mm.memfd_create(f"pageflip:{name}")
-        memfd = Memfd(fd, page_size=page_size if kind == "hugetlb" else PAGE_SIZE)
+        memfd = Memfd(
+            fd, page_size=page_size if kind == "hugetlb" else PAGE_SIZE, thp=kind == "thp"
+        )
         try:
             mm.ftruncate(fd, size)
             mm.add_seals(fd, REGION_SEALS)
@@ -375,9 +385,13 @@ class Region:
         :func:`pageflip.channel.map_peer_memfds`, which checks each piece first.
         """
         size = sum(length for _, _, length in pieces)
-        page_size = max(memfd.page_size for memfd, _, _ in pieces)
+        page_size = max(memfd.unit for memfd, _, _ in pieces)
         size = _check_size(size, page_size, name)
-        kind: HugeKind | None = "hugetlb" if page_size > PAGE_SIZE else None
+        kind: HugeKind | None = None
+        if any(memfd.page_size > PAGE_SIZE for memfd, _, _ in pieces):
+            kind = "hugetlb"
+        elif any(memfd.thp for memfd, _, _ in pieces):
+            kind = "thp"
         # Mapped where a 2 MiB page can sit whole, so that huge pages of a shmem memfd (THP)
         # are mapped whole too.
         align = max(page_size, _huge.THP_SIZE) if size >= _huge.THP_SIZE else PAGE_SIZE

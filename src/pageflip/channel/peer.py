@@ -233,16 +233,27 @@ def check_same_memfds(
 
 
 def map_checked_memfds(
-    fds: Sequence[int], pieces: Sequence[tuple[int, int, int]], name: str, *, shared: bool = True
+    fds: Sequence[int],
+    pieces: Sequence[tuple[int, int, int]],
+    name: str,
+    *,
+    shared: bool = True,
+    thp: bool = False,
 ) -> Region:
     """:func:`map_peer_memfds` without the checks, for a caller that has just made them
-    itself (each piece passed :func:`check_peer_memfd`): the mapping alone."""
+    itself (each piece passed :func:`check_peer_memfd`): the mapping alone. ``thp``: the
+    peer says its shmem memfds hold transparent huge pages."""
     holders: dict[int, Memfd] = {}
     try:
         for index, _, _ in pieces:
             if index not in holders:
                 page_size = memfd_page_size(os.fstat(fds[index]))
-                holders[index] = Memfd(os.dup(fds[index]), shared=shared, page_size=page_size)
+                holders[index] = Memfd(
+                    os.dup(fds[index]),
+                    shared=shared,
+                    page_size=page_size,
+                    thp=thp and page_size == PAGE_SIZE,
+                )
         return Region.from_memfds([(holders[i], off, n) for i, off, n in pieces], name)
     except BaseException:
         for holder in holders.values():

@@ -14,9 +14,10 @@ The rules for a move, per byte range:
 5. the destination is memory pageflip may replace (a region, anonymous or memfd memory,
    not a file mapping).
 
-Pages are the source memfd's: 2 MiB (or 1 GiB) for a hugetlb memfd, so a huge region moves
-in whole huge pages (rules 3 and 4 in its units), and only into a destination with pages of
-the same size (a region of another page size gets a copy).
+Pages are the source memfd's: 2 MiB (or 1 GiB) for a hugetlb memfd, and 2 MiB for a memfd of
+transparent huge pages when the writer says so (OfferFlags.THP), so a huge region moves in
+whole huge pages (rules 3 and 4 in its units), and only into a destination with pages of the
+same size (a region of another page size gets a copy).
 
 A move maps the writer's memfd pages over the destination: the reader then holds the very
 same physical pages, and the writer unmaps its own view before ``gift`` returns. Anything
@@ -44,7 +45,7 @@ from .. import features
 from .._sys import io, mm
 from .._sys.fds import close_all
 from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
-from .._sys.huge import size_name
+from .._sys.huge import THP_SIZE, size_name
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import mappings
 from .._wire import (
@@ -333,6 +334,14 @@ def _segments(
     return out
 
 
+def _move_units(offer: Offer, pages: dict[int, int]) -> dict[int, int]:
+    """The unit each memfd of ``offer`` moves in, by fd index: its page size (``pages``), or
+    2 MiB for a shmem memfd when the writer says its memfds hold transparent huge pages."""
+    if not offer.flags & OfferFlags.THP:
+        return pages
+    return {i: THP_SIZE if size == PAGE_SIZE else size for i, size in pages.items()}
+
+
 def _page_words(unit: int) -> str:
     return "page-aligned" if unit == PAGE_SIZE else f"aligned to {size_name(unit)} pages"
 
@@ -610,6 +619,9 @@ class Channel:
         spans, fds = _offer_rows(pieces, gift)
         nbytes = sum(p.length for p in pieces)
         flags = OfferFlags.GIFT if gift else OfferFlags.NONE
+        held = [p.memfd for p in pieces if p.memfd is not None]
+        if gift and held and all(m.thp for m in held):
+            flags |= OfferFlags.THP  # moved in 2 MiB units, kept huge on the reader's side
         copies = [p for p in pieces if not (gift and p.memfd is not None)]
         ptracer = False
         if copies and features.has("process_vm_readv"):
@@ -709,21 +721,22 @@ class Channel:
             label = name or offer.name
             region: Region | None = None
             try:
-                units = self._check_memfds(offer)
+                pages = self._check_memfds(offer)
+                units = _move_units(offer, pages)
                 all_fds = all(row.fd_index >= 0 for row in offer.spans)
                 gift = bool(offer.flags & _GIFT)
                 if move and gift and all_fds and self._aligned(offer, units):
                     region = self._map_offer(offer, label)
                     if populate:
                         mm.madvise(region.address, region.size, Madv.POPULATE_READ)
-                    pages = region.size // PAGE_SIZE
+                    moved = region.size // PAGE_SIZE
                     transfer = Transfer(
-                        offer.nbytes, pages, 0, "move", None, time.perf_counter() - start
+                        offer.nbytes, moved, 0, "move", None, time.perf_counter() - start
                     )
-                    self._answer(Done(offer.nbytes, pages, 0, "move", ""))
+                    self._answer(Done(offer.nbytes, moved, 0, "move", ""))
                     return region, transfer
                 region = Region.movable(offer.nbytes, label)
-                transfer = self._take(offer, _targets(region), start, copy_method, move, units)
+                transfer = self._take(offer, _targets(region), start, copy_method, move, pages)
                 if populate:
                     mm.madvise(region.address, region.size, Madv.POPULATE_READ)
                 return region, transfer
@@ -749,8 +762,8 @@ class Channel:
             offer = self._next_offer()
             start = time.perf_counter()  # the transfer, not the wait for the writer
             try:
-                units = self._check_memfds(offer)
-                return self._take(offer, targets, start, copy_method, move, units)
+                pages = self._check_memfds(offer)
+                return self._take(offer, targets, start, copy_method, move, pages)
             finally:
                 close_all(offer.fds)
 
@@ -794,7 +807,7 @@ class Channel:
 
     def _check_memfds(self, offer: Offer) -> dict[int, int]:
         """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd);
-        returns each memfd's page size by fd index."""
+        returns each memfd's page size by fd index (see :func:`_move_units`)."""
         units: dict[int, int] = {}
         for row in offer.spans:
             if row.fd_index < 0:
@@ -817,7 +830,10 @@ class Channel:
         """A new region mapping the offer's memfds: the move."""
         # Every span's memfd passed _check_memfds already (the offer was refused otherwise).
         region = map_checked_memfds(
-            offer.fds, [(row.fd_index, row.fd_offset, row.length) for row in offer.spans], name
+            offer.fds,
+            [(row.fd_index, row.fd_offset, row.length) for row in offer.spans],
+            name,
+            thp=bool(offer.flags & OfferFlags.THP),
         )
         fds, offer.fds = offer.fds, []
         close_all(fds)  # the region holds its own
@@ -830,7 +846,7 @@ class Channel:
         start: float,
         copy_method: CopyMethod,
         allow_move: bool,
-        units: dict[int, int],
+        pages: dict[int, int],
     ) -> Transfer:
         room = sum(t.length for t in targets)
         if room < offer.nbytes:
@@ -840,11 +856,17 @@ class Channel:
                     length=room,
                 )
             )
-        segments = _segments(offer.spans, targets, offer.nbytes, units)
+        segments = _segments(offer.spans, targets, offer.nbytes, _move_units(offer, pages))
         moves, preads, remote, reasons = _by_method(segments, bool(offer.flags & _GIFT), allow_move)
         methods: list[str] = []
+        thp = bool(offer.flags & OfferFlags.THP)
         holders = {
-            i: Memfd(fd, shared=True, page_size=units.get(i, PAGE_SIZE))
+            i: Memfd(
+                fd,
+                shared=True,
+                page_size=pages.get(i, PAGE_SIZE),
+                thp=thp and pages.get(i, PAGE_SIZE) == PAGE_SIZE,
+            )
             for i, fd in enumerate(offer.fds)
         }
         offer.fds = []
@@ -902,7 +924,12 @@ class Channel:
                 key = (id(target.region), seg.fd_index)
                 if key not in own:
                     holder = holders[seg.fd_index]
-                    dup = Memfd(os.dup(holder.fd), shared=True, page_size=holder.page_size)
+                    dup = Memfd(
+                        os.dup(holder.fd),
+                        shared=True,
+                        page_size=holder.page_size,
+                        thp=holder.thp,
+                    )
                     own[key] = (target.region, dup)
                 offset = target.region_offset + (seg.dst - target.address)
                 target.region.replace(offset, own[key][1], seg.fd_offset, seg.length)

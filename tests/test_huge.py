@@ -595,3 +595,18 @@ def test_bench_migrate_runs_the_workload_on_huge_pages(hugetlb_pool: huge.Pool) 
     assert "the workload on hugetlb huge pages" in bench_migrate.markdown_table(result)
     with pytest.raises(pf.BadArgument, match="huge must be one of"):
         bench_migrate.MigrateConfig(huge="2M")
+
+
+def test_bench_migrate_without_the_huge_pages_fails_in_one_line() -> None:
+    from pageflip.bench import migrate as bench_migrate
+
+    if huge.pool(huge.HUGE_1G).available:
+        pytest.skip("the 1 GiB pool has free pages here")
+    config = bench_migrate.MigrateConfig(
+        sizes=(16 * MIB,), rates=(0,), modes=("flip",), settle=0.0, huge="hugetlb-1g"
+    )
+    with pytest.raises(bench_migrate.MigrateBenchmarkError) as info:
+        bench_migrate.run(config)
+    message = str(info.value)
+    assert "the source failed: FeatureUnavailable: " in message
+    assert "hugepages-1048576kB/nr_hugepages" in message and "Traceback" not in message

@@ -118,7 +118,11 @@ def source_main(
     try:
         started = now()
         pages: dict[str, Any] = {} if huge is None else {"huge": huge}
-        guest = Workload.create(size, dirty_rate=rate, threads=threads, **pages)
+        try:
+            guest = Workload.create(size, dirty_rate=rate, threads=threads, **pages)
+        except PageflipError as err:  # no huge pages here, say: one line, not a traceback
+            conn.send(_failed(err, []))
+            return
         guest_bytes = sum(r.size for r in guest.regions)
         regions = {r.name: r.size for r in guest.regions}
         conn.send(Filled(os.getpid(), guest_bytes, regions, now() - started))

@@ -35,7 +35,7 @@ def frames_sample(guest: Any) -> list[int] | None:
         return None
     out: list[int] = []
     for region in guest.regions:
-        span = region[0 : min(16 * pf.PAGE_SIZE, region.size)]
+        span = region[0 : min(max(16 * pf.PAGE_SIZE, region.page_size), region.size)]
         out.extend(int(x) for x in pf.physical_frames(span))
     return out
 
@@ -49,7 +49,7 @@ def source(
     fault: str = "",
 ) -> None:
     """Host a workload, migrate it to ``to``; on failure check it still runs here, intact."""
-    guest = Workload.create(size, dirty_rate=rate, threads=2)
+    guest = Workload.create(size, dirty_rate=rate, threads=2, huge=options.pop("huge", False))
     time.sleep(0.2)
     frames = frames_sample(guest)
     events: list[dict[str, Any]] = []

@@ -533,4 +533,6 @@ def test_transfer_is_plain_data() -> None:
         "method": "move",
         "reason": None,
         "seconds": 0.001,
+        "release": 0.0,
+        "release_cpu": 0.0,
     }

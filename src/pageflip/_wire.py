@@ -57,6 +57,9 @@ class OfferFlags(enum.IntFlag):
     GIFT = 1
     #: The writer lets the reader read its memory with process_vm_readv.
     PEER_READ = 2
+    #: Every memfd of a gift holds transparent huge pages: the reader moves them in 2 MiB
+    #: units (a hugetlb memfd's page size the reader learns from the memfd itself).
+    THP = 4
 
 
 class SpanRow(NamedTuple):
@@ -184,7 +187,7 @@ def encode(frame: Frame) -> tuple[bytes, list[int]]:
 
 
 _TYPES = {t.value: t for t in FrameType}
-_KNOWN_OFFER_FLAGS = int(OfferFlags.GIFT | OfferFlags.PEER_READ)
+_KNOWN_OFFER_FLAGS = int(OfferFlags.GIFT | OfferFlags.PEER_READ | OfferFlags.THP)
 
 
 class Decoder:

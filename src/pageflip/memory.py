@@ -6,6 +6,11 @@ be copied. Both give zero-copy views (:meth:`Region.view`, :meth:`Region.numpy`)
 tracks every view it hands out, so that closing or gifting memory that a view or array still
 uses raises :class:`~pageflip.errors.BufferInUse` instead of leaving a dangling pointer.
 
+A movable region has 4 KiB pages, or huge ones (``Region.movable(size, huge=...)``): a
+hugetlb memfd (2 MiB or 1 GiB pages from the kernel's pool) or a memfd whose mapping has
+transparent huge pages (``"thp"``). ``region.page_size`` is the unit its size, its slices
+and its moves come in; ``region.huge`` says which kind of huge pages back it, if any.
+
 Internally a region is a list of *extents*: byte ranges of its address range, each backed by
 a range of a memfd (or by anonymous memory), or gone (gifted away). A move into part of a
 region replaces the extents under it; a gift of part of a region marks them gone and makes
@@ -17,38 +22,71 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import errno
 import functools
 import gc
+import logging
 import os
 import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, SupportsIndex, overload
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, SupportsIndex, overload
 
 import numpy as np
 import numpy.typing as npt
 
+from ._sys import huge as _huge
 from ._sys import mm, pagemap
 from ._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Map, Seal
 from ._sys.mm import PAGE_SIZE
-from .errors import BufferInUse, ClosedError, FeatureUnavailable, SpanError, WrongType
+from .errors import (
+    BadArgument,
+    BufferInUse,
+    ClosedError,
+    FeatureUnavailable,
+    SpanError,
+    WrongType,
+)
 
-__all__ = ["PAGE_SIZE", "Region", "Span", "physical_frames"]
+__all__ = ["PAGE_SIZE", "HugeKind", "HugePages", "Region", "Span", "physical_frames"]
+
+log = logging.getLogger("pageflip.memory")
+
+#: What backs a huge region: a hugetlb memfd, or a memfd with transparent huge pages.
+HugeKind = Literal["hugetlb", "thp"]
+#: What ``Region.movable(huge=...)`` takes: False (4 KiB pages), True (huge pages, hugetlb
+#: first, else THP; FeatureUnavailable if neither), ``"auto"`` (the same, else 4 KiB pages,
+#: saying so in the log), ``"hugetlb"`` (2 MiB), ``"hugetlb-1g"`` (1 GiB) or ``"thp"``.
+HugePages = bool | Literal["auto", "hugetlb", "hugetlb-1g", "thp"]
+_HUGE_CHOICES = (False, True, "auto", "hugetlb", "hugetlb-1g", "thp")
 
 #: Seals every movable region carries: a receiver's mapping can never be cut short.
 REGION_SEALS = Seal.SHRINK | Seal.GROW
 
 
 class Memfd:
-    """An owned memfd: closed exactly once; ``shared`` once another process has it too."""
+    """An owned memfd: closed exactly once; ``shared`` once another process has it too.
 
-    __slots__ = ("__weakref__", "fd", "shared")
+    ``page_size`` is the size of its pages as mmap enforces it: a hugetlb memfd's huge page
+    size, else 4 KiB (also for a memfd with transparent huge pages, which ``thp`` says).
+    """
 
-    def __init__(self, fd: int, *, shared: bool = False) -> None:
+    __slots__ = ("__weakref__", "fd", "page_size", "shared", "thp")
+
+    def __init__(
+        self, fd: int, *, shared: bool = False, page_size: int = PAGE_SIZE, thp: bool = False
+    ) -> None:
         self.fd = fd
         self.shared = shared
+        self.page_size = page_size
+        self.thp = thp
+
+    @property
+    def unit(self) -> int:
+        """The size its pages move in: ``page_size``, or 2 MiB for transparent huge pages."""
+        return _huge.THP_SIZE if self.thp else self.page_size
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -162,8 +200,69 @@ class _MakerOrFlag(Generic[_P]):
         return self._flag(obj)
 
 
-def _page_aligned(n: int) -> bool:
-    return n % PAGE_SIZE == 0
+def _choose_pages(huge: HugePages, size: int) -> tuple[HugeKind | None, int]:
+    """Which pages a movable region of ``size`` bytes gets for ``huge``: (kind, page size).
+
+    Explicit choices are not checked here: making the mapping says whether the pool has
+    the pages (see _hugetlb_unavailable). True and "auto" look at the pools and settings.
+    """
+    if huge is False:
+        return None, PAGE_SIZE
+    if huge == "hugetlb":
+        return "hugetlb", _huge.HUGE_2M
+    if huge == "hugetlb-1g":
+        return "hugetlb", _huge.HUGE_1G
+    if huge == "thp":
+        thp = _huge.thp_shmem()
+        if not thp.available:
+            raise FeatureUnavailable(
+                f"shmem transparent huge pages are {thp.describe()}; to allow them: "
+                f"{thp.setting()}",
+                feature="shmem_thp",
+                reason=thp.describe(),
+            )
+        return "thp", _huge.THP_SIZE
+    if huge not in (True, "auto"):
+        raise BadArgument(f"huge must be one of {_HUGE_CHOICES}, not {huge!r}", argument="huge")
+    if huge == "auto" and size < _huge.HUGE_2M:
+        log.info("%d bytes are less than one 2 MiB page; using 4 KiB pages", size)
+        return None, PAGE_SIZE
+    gib = _huge.pool(_huge.HUGE_1G)
+    if huge == "auto" and size % _huge.HUGE_1G == 0 and gib.available >= size // _huge.HUGE_1G:
+        return "hugetlb", _huge.HUGE_1G
+    two = _huge.pool(_huge.HUGE_2M)
+    if two.available >= -(-size // _huge.HUGE_2M):
+        return "hugetlb", _huge.HUGE_2M
+    thp = _huge.thp_shmem()
+    if thp.available:
+        return "thp", _huge.THP_SIZE
+    need = -(-size // _huge.HUGE_2M)
+    why = (
+        f"no huge pages for {size} bytes here: the hugetlb {two.describe()}, {need} needed "
+        f"({two.setting(two.total + need - two.available)} reserves them), and shmem THP is "
+        f"{thp.describe()} ({thp.setting()} allows it)"
+    )
+    if huge is True:
+        raise FeatureUnavailable(why, feature="hugetlb_2m", reason=why)
+    log.info("%s; using 4 KiB pages", why)
+    return None, PAGE_SIZE
+
+
+def _hugetlb_unavailable(page_size: int, size: int, err: OSError) -> FeatureUnavailable:
+    """The error for a hugetlb mapping the pool could not back (mmap said ENOMEM)."""
+    pool = _huge.pool(page_size)
+    need = size // page_size
+    feature = "hugetlb_1g" if page_size == _huge.HUGE_1G else "hugetlb_2m"
+    if not pool.exists:
+        why = pool.describe()
+    else:
+        why = (
+            f"{size} bytes of {_huge.size_name(page_size)} hugetlb pages need {need} "
+            f"page{'' if need == 1 else 's'}; "
+            f"the {pool.describe()} ({os.strerror(err.errno or 0)}); to reserve enough: "
+            f"{pool.setting(pool.total + need - pool.available)}"
+        )
+    return FeatureUnavailable(why, feature=feature, reason=why)
 
 
 class Region:
@@ -173,12 +272,23 @@ class Region:
     them on receive. ``r[start:stop]`` is a :class:`Span` of page-aligned offsets.
     """
 
-    def __init__(self, address: int, size: int, extents: list[Extent], name: str) -> None:
+    def __init__(
+        self,
+        address: int,
+        size: int,
+        extents: list[Extent],
+        name: str,
+        *,
+        page_size: int = PAGE_SIZE,
+        huge: HugeKind | None = None,
+    ) -> None:
         # Private: use Region.movable(), Region.anonymous() or Channel.receive().
         self._address = address
         self._size = size
         self._extents = extents
         self._name = name
+        self._page_size = page_size
+        self._huge = huge
         self._closed = False
         self._exports: list[tuple[weakref.ReferenceType[Any], int, int]] = []
         _register(self)
@@ -186,26 +296,65 @@ class Region:
     # -- construction -------------------------------------------------------------------
 
     def _make_movable(  # type: ignore[misc]  # the class, not self: see _MakerOrFlag
-        cls: type[Region], /, size: int, name: str = "region", *, populate: bool = False
+        cls: type[Region],
+        /,
+        size: int,
+        name: str = "region",
+        *,
+        populate: bool = False,
+        huge: HugePages = False,
     ) -> Region:
         """``size`` bytes (rounded up to whole pages) of memfd memory that can be moved.
 
         The memfd is sealed against shrinking and growing, so a process that maps it can
         never be hit by SIGBUS. ``populate`` allocates every page now instead of on first
         touch.
+
+        ``huge`` asks for huge pages (see :data:`HugePages`): ``"hugetlb"`` (2 MiB) and
+        ``"hugetlb-1g"`` take them from the kernel's hugetlb pool, reserved when the region
+        is made (FeatureUnavailable, naming the setting that reserves a pool, when it has
+        too few); ``"thp"`` advises transparent huge pages on a plain memfd, which the kernel
+        honours for shmem only where its ``shmem_enabled`` settings allow (FeatureUnavailable
+        otherwise); True takes hugetlb 2 MiB pages where the pool has enough, else THP;
+        ``"auto"`` does the same (and 1 GiB pages for whole GiBs the 1 GiB pool has) but
+        falls back to 4 KiB pages, logging why (also for less than one 2 MiB page, which
+        would round up 512-fold). The size is rounded up to whole huge pages
+        (logged when that adds bytes), and ``page_size`` tells what the region got.
         """
-        size = _check_size(size)
-        fd = mm.memfd_create(f"pageflip:{name}")
-        memfd = Memfd(fd)
+        kind, page_size = _choose_pages(huge, size)
+        size = _check_size(size, page_size, name)
+        if kind == "hugetlb":
+            fd = mm.memfd_create(f"pageflip:{name}", _huge.memfd_flags(page_size))
+        else:
+            fd = mm.memfd_create(f"pageflip:{name}")
+        memfd = Memfd(
+            fd, page_size=page_size if kind == "hugetlb" else PAGE_SIZE, thp=kind == "thp"
+        )
         try:
             mm.ftruncate(fd, size)
             mm.add_seals(fd, REGION_SEALS)
-            flags = Map.SHARED | (Map.POPULATE if populate else Map(0))
-            address = mm.mmap(None, size, PROT_RW, flags, fd)
+            if kind == "thp":
+                # Advised before any page exists: MAP_POPULATE would allocate 4 KiB pages.
+                address = mm.map_aligned(size, page_size, PROT_RW, Map.SHARED, fd)
+                try:
+                    mm.madvise(address, size, Madv.HUGEPAGE)
+                    if populate:
+                        mm.madvise(address, size, Madv.POPULATE_WRITE)
+                except BaseException:
+                    mm.munmap(address, size)
+                    raise
+            else:
+                flags = Map.SHARED | (Map.POPULATE if populate else Map(0))
+                try:
+                    address = mm.map_aligned(size, page_size, PROT_RW, flags, fd)
+                except OSError as err:
+                    if kind == "hugetlb" and err.errno == errno.ENOMEM:
+                        raise _hugetlb_unavailable(page_size, size, err) from None
+                    raise
         except BaseException:
             memfd.close()
             raise
-        return cls(address, size, [Extent(0, size, memfd)], name)
+        return cls(address, size, [Extent(0, size, memfd)], name, page_size=page_size, huge=kind)
 
     @classmethod
     def anonymous(
@@ -236,13 +385,29 @@ class Region:
         :func:`pageflip.channel.map_peer_memfds`, which checks each piece first.
         """
         size = sum(length for _, _, length in pieces)
-        size = _check_size(size)
+        page_size = max(memfd.unit for memfd, _, _ in pieces)
+        size = _check_size(size, page_size, name)
+        kind: HugeKind | None = None
+        if any(memfd.page_size > PAGE_SIZE for memfd, _, _ in pieces):
+            kind = "hugetlb"
+        elif any(memfd.thp for memfd, _, _ in pieces):
+            kind = "thp"
+        # Mapped where a 2 MiB page can sit whole, so that huge pages of a shmem memfd (THP)
+        # are mapped whole too.
+        align = max(page_size, _huge.THP_SIZE) if size >= _huge.THP_SIZE else PAGE_SIZE
         rw = PROT_RW
         if len(pieces) == 1:
             memfd, fd_offset, _ = pieces[0]
-            address = mm.mmap(None, size, rw, Map.SHARED, memfd.fd, fd_offset)
-            return cls(address, size, [Extent(0, size, memfd, fd_offset)], name)
-        address = mm.reserve(size)
+            address = mm.map_aligned(size, align, rw, Map.SHARED, memfd.fd, fd_offset)
+            return cls(
+                address,
+                size,
+                [Extent(0, size, memfd, fd_offset)],
+                name,
+                page_size=page_size,
+                huge=kind,
+            )
+        address = mm.reserve(size, align)
         extents = []
         offset = 0
         try:
@@ -253,7 +418,7 @@ class Region:
         except BaseException:
             mm.munmap(address, size)
             raise
-        return cls(address, size, extents, name)
+        return cls(address, size, extents, name, page_size=page_size, huge=kind)
 
     # -- properties ---------------------------------------------------------------------
 
@@ -272,6 +437,20 @@ class Region:
         return self._name
 
     @property
+    def page_size(self) -> int:
+        """The size of the region's pages: 4096, or a huge page size (2 MiB, 1 GiB).
+
+        Its size, the offsets of its slices and the moves into or out of it come in whole
+        pages of this size.
+        """
+        return self._page_size
+
+    @property
+    def huge(self) -> HugeKind | None:
+        """``"hugetlb"`` or ``"thp"`` for a region on huge pages, None for 4 KiB pages."""
+        return self._huge
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -287,7 +466,8 @@ class Region:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("movable" if self.movable else "copy-only")
-        return f"<Region {self._name!r} {self._size} bytes at {self._address:#x}, {state}>"
+        pages = f", {self._huge} {_huge.size_name(self._page_size)} pages" if self._huge else ""
+        return f"<Region {self._name!r} {self._size} bytes at {self._address:#x}, {state}{pages}>"
 
     # -- views --------------------------------------------------------------------------
 
@@ -352,9 +532,10 @@ class Region:
                 offset=start,
                 length=stop - start,
             )
-        if need_pages and not (_page_aligned(start) and _page_aligned(stop)):
+        page = self._page_size
+        if need_pages and (start % page or stop % page):
             raise SpanError(
-                f"a region slice needs page-aligned offsets (multiples of {PAGE_SIZE}), "
+                f"a region slice needs page-aligned offsets (multiples of {page}), "
                 f"got [{start}, {stop})",
                 offset=start,
                 length=stop - start,
@@ -554,11 +735,22 @@ class Span:
         return f"<Span {self.region.name!r}[{self.offset}:{self.offset + self.size}]>"
 
 
-def _check_size(size: int) -> int:
+def _check_size(size: int, page_size: int = PAGE_SIZE, name: str = "") -> int:
+    """``size`` rounded up to whole pages of ``page_size``; logged where a huge page size
+    added more than rounding to 4 KiB pages would."""
     size = int(size)
     if size <= 0:
         raise SpanError(f"a region needs a positive size, got {size}", length=size)
-    return mm.page_round_up(size)
+    rounded = -(-size // page_size) * page_size
+    if page_size > PAGE_SIZE and rounded != mm.page_round_up(size):
+        log.info(
+            "region %r: %d bytes rounded up to %d, a whole number of %s pages",
+            name,
+            size,
+            rounded,
+            _huge.size_name(page_size),
+        )
+    return rounded
 
 
 def writable_address(buffer: Any) -> tuple[int, int]:

@@ -29,9 +29,14 @@ class Memfd(enum.IntFlag):
     NONE = 0
     CLOEXEC = 0x0001
     ALLOW_SEALING = 0x0002
+    #: Back the memfd with hugetlb pages (of the default size unless a HUGE_* size is given).
     HUGETLB = 0x0004
     NOEXEC_SEAL = 0x0008
     EXEC = 0x0010
+    #: ``MFD_HUGE_2MB``: with HUGETLB, 2 MiB pages (log2 of the size, shifted by 26).
+    HUGE_2MB = 21 << 26
+    #: ``MFD_HUGE_1GB``: with HUGETLB, 1 GiB pages.
+    HUGE_1GB = 30 << 26
 
 
 class Seal(enum.IntFlag):

@@ -42,9 +42,36 @@ def mmap(
     return result
 
 
-def reserve(length: int) -> int:
-    """Reserve ``length`` bytes of address space: no access, no memory behind it."""
-    return mmap(None, length, Prot.NONE, _RESERVE)
+def reserve(length: int, align: int = PAGE_SIZE) -> int:
+    """Reserve ``length`` bytes of address space: no access, no memory behind it.
+
+    The range starts on a multiple of ``align`` (a power of two): a huge page's mapping
+    must, and a shmem mapping whose huge pages should be mapped whole does.
+    """
+    if align <= PAGE_SIZE:
+        return mmap(None, length, Prot.NONE, _RESERVE)
+    raw = mmap(None, length + align, Prot.NONE, _RESERVE)
+    start = (raw + align - 1) & ~(align - 1)
+    if start > raw:
+        munmap(raw, start - raw)
+    tail = raw + length + align - (start + length)
+    if tail:
+        munmap(start + length, tail)
+    return start
+
+
+def map_aligned(
+    length: int, align: int, prot: Prot, flags: Map, fd: int = -1, offset: int = 0
+) -> int:
+    """``mmap`` of ``length`` bytes at an address that is a multiple of ``align``."""
+    if align <= PAGE_SIZE:
+        return mmap(None, length, prot, flags, fd, offset)
+    start = reserve(length, align)
+    try:
+        return mmap(start, length, prot, flags | Map.FIXED, fd, offset)
+    except BaseException:
+        munmap(start, length)
+        raise
 
 
 def release(addr: int, length: int) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import FeatureUnavailable
 from . import fds as _fds
+from . import huge as _huge
 from . import io as _io
 from . import mm as _mm
 from . import pagemap as _pagemap
@@ -368,6 +369,68 @@ def _check_thp() -> str:
     return f"anonymous THP: {mode}"
 
 
+def _check_hugetlb(page_size: int) -> Callable[[], str]:
+    """A hugetlb memfd of ``page_size`` pages, one page mapped (which reserves it from the
+    pool) and, for 2 MiB, touched, where the pool has a free page; else the setting that
+    reserves one. (Touching a 1 GiB page would zero a GiB: about 0.1 s.)"""
+
+    def check() -> str:
+        pool = _huge.pool(page_size)
+        name = _huge.size_name(page_size)
+        if not pool.exists:
+            raise FeatureUnavailable(pool.describe(), reason=f"not present: {pool.describe()}")
+        if pool.available == 0:
+            more = max(1, (128 << 20) // page_size)
+            why = f"the {pool.describe()}; to reserve some: {pool.setting(pool.total + more)}"
+            raise FeatureUnavailable(why, reason=why)
+        fd = _mm.memfd_create("pageflip-probe", _huge.memfd_flags(page_size))
+        try:
+            _mm.ftruncate(fd, page_size)
+            addr = _mm.map_aligned(page_size, page_size, Prot.READ | Prot.WRITE, Map.SHARED, fd)
+            try:
+                if page_size <= _huge.HUGE_2M:
+                    ctypes.c_ubyte.from_address(addr).value = 1
+            finally:
+                _mm.munmap(addr, page_size)
+        finally:
+            os.close(fd)
+        return f"{name} hugetlb memfds; {pool.describe()}"
+
+    return check
+
+
+def _check_shmem_thp() -> str:
+    """A memfd mapping advised MADV_HUGEPAGE gets a 2 MiB page (PAGEMAP_SCAN says HUGE)."""
+    thp = _huge.thp_shmem()
+    if not thp.available:
+        why = f"shmem THP is {thp.describe()}; to allow it: {thp.setting()}"
+        raise FeatureUnavailable(why, reason=why)
+    size = _huge.THP_SIZE
+    fd = _mm.memfd_create("pageflip-probe")
+    pm = _pagemap.open_pagemap()
+    try:
+        _mm.ftruncate(fd, size)
+        addr = _mm.map_aligned(size, size, Prot.READ | Prot.WRITE, Map.SHARED, fd)
+        try:
+            _mm.madvise(addr, size, Madv.HUGEPAGE)
+            _mm.madvise(addr, size, Madv.POPULATE_WRITE)
+            found = _pagemap.scan(
+                pm,
+                addr,
+                addr + size,
+                category_mask=PageCategory.HUGE,
+                return_mask=PageCategory.HUGE,
+            )
+        finally:
+            _mm.munmap(addr, size)
+    finally:
+        os.close(pm)
+        os.close(fd)
+    if not len(found):
+        raise OSError(errno.ENOMEM, f"{thp.describe()}, yet the kernel gave 4 KiB pages")
+    return f"2 MiB pages for MADV_HUGEPAGE memfds ({thp.describe()})"
+
+
 CHECKS: dict[str, tuple[Callable[[], str], str]] = {
     "memfd_seals": (_check_memfd, "movable regions: memfd sealed against shrink and grow"),
     "mmap_fixed": (_check_mmap_fixed, "the move: map received pages over a chosen range"),
@@ -391,7 +454,14 @@ CHECKS: dict[str, tuple[Callable[[], str], str]] = {
     "pidfd_getfd": (_check_pidfd_getfd, "take an fd from a peer"),
     "pagemap_pfn": (_check_pfn, "proof: physical frame numbers"),
     "thp": (_check_thp, "faster first touch of copied memory"),
+    "hugetlb_2m": (_check_hugetlb(_huge.HUGE_2M), "movable regions on 2 MiB hugetlb pages"),
+    "hugetlb_1g": (_check_hugetlb(_huge.HUGE_1G), "movable regions on 1 GiB hugetlb pages"),
+    "shmem_thp": (_check_shmem_thp, "movable regions on transparent huge pages"),
 }
+
+#: Features that depend on how the machine is set up (a pool reserved, a sysfs setting),
+#: not on the kernel alone: missing ones name the setting that enables them.
+SETTINGS = frozenset({"hugetlb_2m", "hugetlb_1g", "shmem_thp"})
 
 
 def run_check(name: str) -> Feature:

@@ -6,6 +6,7 @@ pageflip move and by every copy path next to it. Each method runs between two re
 
 ========================  ===============================================================
 ``move``                  ``gift(Region.movable)`` -> ``receive()``: the pages change owner
+``move-huge``             the same on 2 MiB hugetlb pages (``--huge``; needs a hugetlb pool)
 ``process_vm_readv``      ``send()`` -> ``receive_into(warm, copy_method="process_vm_readv")``
 ``vmsplice-gift``         ``gift(Region.anonymous)`` -> ``receive_into(warm, "vmsplice")``
 ``vmsplice``              ``send()`` -> ``receive_into(warm, copy_method="vmsplice")``
@@ -106,7 +107,20 @@ CLOCK = "CLOCK_MONOTONIC via time.clock_gettime: system-wide, so sender and rece
 #: Speed targets, by id: what each one demands.
 TARGETS = {
     "move_access": "move: the receiver can access the data in under 5 ms (stated for 1 GiB)",
-    "move_access_scaling": "move at this size: access within 2x of a 1 GiB move in the same run",
+    "move_access_scaling": (
+        "move at this size: every run's access within 2x of the median 1 GiB move, same run"
+    ),
+    "huge_access_scaling": (
+        "move on 2 MiB pages at this size: every run's access within 2x of the median 1 GiB "
+        "move on 2 MiB pages, same run"
+    ),
+    "huge_touched_vs_4k": (
+        "move + touching every 4 KiB on 2 MiB pages at least 5x faster than on 4 KiB pages "
+        "(stated for 1 GiB)"
+    ),
+    "huge_release": (
+        "the writer's release (CPU time) of a moved region on 2 MiB pages < 2 ms (stated for 4 GiB)"
+    ),
     "move_touched_vs_copy": (
         "move + touching every page faster than the fastest copy path in the same run"
     ),
@@ -146,6 +160,18 @@ _METHOD_LIST = (
         "move",
         "mapped",
         "the move at 1 GiB, for the size scaling target (added when --size > 1G)",
+    ),
+    Method(
+        "move-huge",
+        "move",
+        "mapped",
+        "gift(Region.movable(huge='hugetlb')) -> receive(): 2 MiB pages",
+    ),
+    Method(
+        "move-huge@1G",
+        "move",
+        "mapped",
+        "the move on 2 MiB pages at 1 GiB, for the size scaling target (added when --size > 1G)",
     ),
     Method(
         "process_vm_readv",
@@ -219,8 +245,22 @@ _METHOD_LIST = (
 
 #: Every method by key, in table order.
 METHODS: dict[str, Method] = {m.key: m for m in _METHOD_LIST}
-#: What ``--methods`` runs by default: everything (``move@1G`` is added by size, not chosen).
-DEFAULT_METHODS: tuple[str, ...] = tuple(k for k in METHODS if k != "move@1G")
+#: Methods on huge pages: run only when asked for (``--huge``), since they need a hugetlb pool.
+HUGE_METHODS: tuple[str, ...] = ("move-huge",)
+#: What ``--methods`` runs by default: everything but the huge pages (the ``@1G`` rows are
+#: added by size, not chosen).
+DEFAULT_METHODS: tuple[str, ...] = tuple(
+    k for k in METHODS if not k.endswith("@1G") and k not in HUGE_METHODS
+)
+#: The huge page size of the huge rows.
+HUGE_PAGE = 2 << 20
+#: Keys whose sender gifts a freshly filled movable region, and its ``huge`` argument.
+_GIFTED: dict[str, Any] = {
+    "move": False,
+    "move@1G": False,
+    "move-huge": "hugetlb",
+    "move-huge@1G": "hugetlb",
+}
 
 #: Called before each step with (steps done, steps in all, what runs now).
 ProgressCallback = Callable[[int, int, str], None]
@@ -238,11 +278,17 @@ class HandoffConfig:
     touch_threads: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS or m == "move@1G"]
+        unknown = [m for m in self.methods if m not in METHODS or m.endswith("@1G")]
         if unknown:
             raise BadArgument(
-                f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS)}",
+                f"unknown method(s) {unknown}; choose from {list(DEFAULT_METHODS + HUGE_METHODS)}",
                 argument="methods",
+            )
+        if "move-huge" in self.methods and self.size % HUGE_PAGE:
+            raise BadArgument(
+                f"the huge page rows need a size that is a whole number of 2 MiB pages, "
+                f"not {self.size} bytes",
+                argument="size",
             )
         if not self.methods:
             raise BadArgument("choose at least one method", argument="methods")
@@ -272,6 +318,8 @@ class HandoffConfig:
         chosen = set(self.methods)
         if "move" in chosen and self.nbytes > GIB:
             chosen.add("move@1G")
+        if "move-huge" in chosen and self.nbytes > GIB:
+            chosen.add("move-huge@1G")
         return [k for k in METHODS if k in chosen]
 
 
@@ -335,8 +383,8 @@ class _Sender:
         fill(_words(self.source), SEED)
 
     def do_prepare(self, ctrl: Connection, key: str, size: int) -> None:
-        if key in ("move", "move@1G"):
-            region = Region.movable(size, name="bench")
+        if key in _GIFTED:
+            region = Region.movable(size, name="bench", huge=_GIFTED[key])
         elif key == "vmsplice-gift":
             region = Region.anonymous(size, name="bench", hugepages=True)  # like the source
         else:
@@ -354,7 +402,7 @@ class _Sender:
         method = METHODS[key]
         transfer = None
         t0 = now()
-        if key in ("move", "move@1G", "vmsplice-gift"):
+        if key in _GIFTED or key == "vmsplice-gift":
             region, self.pending = self.pending, None
             assert region is not None, "prepare comes first"
             transfer = self.channel.gift(region)
@@ -679,7 +727,7 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> H
     steps = 3 + config.repeat * (len(keys) + 1) + (1 if config.overhead_rounds else 0)
     step = _Steps(steps, on_progress)
     started = datetime.datetime.now(datetime.UTC)
-    runs = {k: _Runs(GIB if k == "move@1G" else config.nbytes) for k in keys}
+    runs = {k: _Runs(GIB if k.endswith("@1G") else config.nbytes) for k in keys}
     memcpy: list[float] = []
     overhead: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -726,8 +774,10 @@ def _set_up(sender: _Worker, receiver: _Worker, config: HandoffConfig, step: _St
     step("warm-up: every method once, untimed")
     methods = config.keys()
     for key in methods:
-        _, received = _handoff(sender, receiver, key, min(WARMUP_SIZE, size))
-        _check_run(key, min(WARMUP_SIZE, size), received)
+        # A huge region is at least one huge page (the size is a whole number of them).
+        warm = min(HUGE_PAGE if _GIFTED.get(key) else WARMUP_SIZE, size)
+        _, received = _handoff(sender, receiver, key, warm)
+        _check_run(key, warm, received)
 
 
 def _repeat(
@@ -793,6 +843,11 @@ class HandoffRow(TypedDict):
     reported_method: str | None
     transfers: list[TransferRecord]
     sender_transfers: list[TransferRecord]
+    #: Median of the writer's release after a gift (``Transfer.release``: wall time, so it
+    #: shares the CPUs with the receiver touching the pages and freeing them), if it gifted.
+    release_median: float | None
+    #: Median CPU time of that release (``Transfer.release_cpu``): the teardown's own cost.
+    release_cpu_median: float | None
 
 
 class HandoffTarget(TypedDict):
@@ -900,7 +955,14 @@ def _row(key: str, runs: _Runs, move: _Runs | None, memcpy_rate: float) -> Hando
         "reported_method": None if last is None else last["method"],
         "transfers": runs.transfers,
         "sender_transfers": runs.sender_transfers,
+        "release_median": _release_median(runs.sender_transfers, "release"),
+        "release_cpu_median": _release_median(runs.sender_transfers, "release_cpu"),
     }
+
+
+def _release_median(transfers: list[TransferRecord], field: str) -> float | None:
+    releases = [t[field] for t in transfers if t is not None and t.get("release")]
+    return _median(releases) if releases else None
 
 
 def _target(key: str, measured: float | None, limit: float | None, unit: str) -> HandoffTarget:
@@ -927,7 +989,7 @@ def _targets(
         _target("move_access", move["access_median"] * ms if move else None, 5.0, "ms"),
         _target(
             "move_access_scaling",
-            move["access_median"] * ms if move and move_1g else None,
+            max(move["access_seconds"]) * ms if move and move_1g else None,
             2 * move_1g["access_median"] * ms if move_1g else None,
             "ms",
         ),
@@ -944,6 +1006,7 @@ def _targets(
     copy_target = _target("copy_vs_memcpy", fraction, 0.7, "fraction of memcpy")
     copy_target["passed"] = None if fraction is None else fraction >= 0.7
     out.append(copy_target)
+    out += _huge_targets(rows)
     user = [overhead[k] for k in ("gift_user_us", "receive_user_us") if k in overhead]
     out.append(_target("overhead", max(user) if user else None, 100.0, "us"))
     cpu = [overhead[k] for k in ("gift_cpu_median_us", "receive_cpu_median_us") if k in overhead]
@@ -955,6 +1018,28 @@ def _targets(
         if target["id"] == "copy_vs_memcpy" and fallbacks:
             target["best_fallback"] = max(fallbacks, key=lambda r: r["gib_per_s"])["key"]
     return out
+
+
+def _huge_targets(rows: dict[str, HandoffRow]) -> list[HandoffTarget]:
+    """The targets of the huge page rows (not measured without ``--huge``)."""
+    huge, huge_1g, move = rows.get("move-huge"), rows.get("move-huge@1G"), rows.get("move")
+    ms = 1e3
+    release = None if huge is None else huge["release_cpu_median"]
+    return [
+        _target(
+            "huge_access_scaling",
+            max(huge["access_seconds"]) * ms if huge and huge_1g else None,
+            2 * huge_1g["access_median"] * ms if huge_1g else None,
+            "ms",
+        ),
+        _target(
+            "huge_touched_vs_4k",
+            huge["touched_median"] * ms if huge and move else None,
+            move["touched_median"] / 5 * ms if huge and move else None,
+            "ms",
+        ),
+        _target("huge_release", None if release is None else release * ms, 2.0, "ms"),
+    ]
 
 
 def _overhead(overhead: dict[str, list[float]]) -> Overhead:
@@ -1127,6 +1212,18 @@ def markdown_table(result: HandoffResult) -> str:
             for r in moves
         )
         lines += ["", f"Fastest of the {result['repeat']} runs: {best}."]
+        released = [r for r in moves if r.get("release_median") is not None]
+        if released:
+            freed = ", ".join(
+                f"{r['key']} {_ms(r['release_cpu_median'] or 0.0)} ms of CPU "
+                f"({_ms(r['release_median'] or 0.0)} ms in all)"
+                for r in released
+            )
+            lines += [
+                "",
+                "The writer's release of its mapping, after the reader had "
+                f"the pages (Transfer.release_cpu and release, medians): {freed}.",
+            ]
     lines += ["", *markdown_targets(target_rows(result))]
     over = result["overhead"]
     if over:

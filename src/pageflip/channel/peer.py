@@ -21,7 +21,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from .._sys import io, mm
+from .._sys import huge, io, mm
 from .._sys.flags import Seal
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import sysctl
@@ -35,6 +35,7 @@ __all__ = [
     "forbid_peer_read",
     "map_checked_memfds",
     "map_peer_memfds",
+    "memfd_page_size",
     "pull_from",
     "read_from",
 ]
@@ -57,6 +58,29 @@ def _memfd_device() -> int:
         os.close(fd)
 
 
+@functools.cache
+def _hugetlb_devices() -> dict[int, int]:
+    """Device -> page size of the kernel's internal hugetlbfs mounts, where hugetlb memfds
+    live (one per page size), probed once from memfds of our own (made without a page)."""
+    devices: dict[int, int] = {}
+    for page_size in huge.hugetlb_sizes():
+        try:
+            fd = mm.memfd_create("pageflip:probe", huge.memfd_flags(page_size))
+        except OSError:
+            continue
+        try:
+            devices[os.fstat(fd).st_dev] = page_size
+        finally:
+            os.close(fd)
+    return devices
+
+
+def memfd_page_size(st: os.stat_result) -> int:
+    """The page size of a memfd that passed :func:`check_peer_memfd`, from its stat: a
+    hugetlb memfd's huge page size, else 4 KiB."""
+    return _hugetlb_devices().get(st.st_dev, PAGE_SIZE)
+
+
 def check_peer_memfd(
     fd: int, *, offset: int, length: int, what: str, frame: str, inode: int | None = None
 ) -> os.stat_result:
@@ -69,8 +93,8 @@ def check_peer_memfd(
     the error. The rules, each named in the message that refuses it:
 
     * *not a memfd*: F_GET_SEALS fails (a pipe, socket, directory, a file on disk), or the
-      file is not a regular file on the kernel's internal shmem mount (a tmpfs file opened
-      by path, a hugetlb memfd);
+      file is not a regular file on the kernel's internal shmem mount or on one of its
+      internal hugetlbfs mounts (a tmpfs or hugetlbfs file opened by path is refused);
     * *not the memfd announced*: ``inode`` is given and differs (the device needs no field
       of its own: the rule above already fixed it to the memfd mount);
     * *not sealed against shrinking*: the peer could truncate it under our mapping, and
@@ -113,7 +137,8 @@ def _memfd_seals_and_stat(fd: int, *, what: str, frame: str) -> tuple[int, os.st
             f"{what} is not a memfd (F_GET_SEALS: not a shmem file)", frame=frame
         ) from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_dev != _memfd_device():
+    memfd_mount = st.st_dev == _memfd_device() or st.st_dev in _hugetlb_devices()
+    if not stat.S_ISREG(st.st_mode) or not memfd_mount:
         raise RemoteProtocolError(
             f"{what} is not a memfd (a file on device "
             f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}, memfds live on "
@@ -208,15 +233,27 @@ def check_same_memfds(
 
 
 def map_checked_memfds(
-    fds: Sequence[int], pieces: Sequence[tuple[int, int, int]], name: str, *, shared: bool = True
+    fds: Sequence[int],
+    pieces: Sequence[tuple[int, int, int]],
+    name: str,
+    *,
+    shared: bool = True,
+    thp: bool = False,
 ) -> Region:
     """:func:`map_peer_memfds` without the checks, for a caller that has just made them
-    itself (each piece passed :func:`check_peer_memfd`): the mapping alone."""
+    itself (each piece passed :func:`check_peer_memfd`): the mapping alone. ``thp``: the
+    peer says its shmem memfds hold transparent huge pages."""
     holders: dict[int, Memfd] = {}
     try:
         for index, _, _ in pieces:
             if index not in holders:
-                holders[index] = Memfd(os.dup(fds[index]), shared=shared)
+                page_size = memfd_page_size(os.fstat(fds[index]))
+                holders[index] = Memfd(
+                    os.dup(fds[index]),
+                    shared=shared,
+                    page_size=page_size,
+                    thp=thp and page_size == PAGE_SIZE,
+                )
         return Region.from_memfds([(holders[i], off, n) for i, off, n in pieces], name)
     except BaseException:
         for holder in holders.values():

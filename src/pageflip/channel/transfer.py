@@ -14,6 +14,11 @@ The rules for a move, per byte range:
 5. the destination is memory pageflip may replace (a region, anonymous or memfd memory,
    not a file mapping).
 
+Pages are the source memfd's: 2 MiB (or 1 GiB) for a hugetlb memfd, and 2 MiB for a memfd of
+transparent huge pages when the writer says so (OfferFlags.THP), so a huge region moves in
+whole huge pages (rules 3 and 4 in its units), and only into a destination with pages of the
+same size (a region of another page size gets a copy).
+
 A move maps the writer's memfd pages over the destination: the reader then holds the very
 same physical pages, and the writer unmaps its own view before ``gift`` returns. Anything
 else is copied, by the fastest way available, and the Transfer says which rule made it copy.
@@ -24,6 +29,7 @@ still the writer's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -39,6 +45,7 @@ from .. import features
 from .._sys import io, mm
 from .._sys.fds import close_all
 from .._sys.flags import MAP_SHARED_FIXED, PROT_RW, Madv, Splice
+from .._sys.huge import THP_SIZE, size_name
 from .._sys.mm import PAGE_SIZE
 from .._sys.procfs import mappings
 from .._wire import (
@@ -74,6 +81,7 @@ from .peer import (
     check_peer_memfd,
     forbid_peer_read,
     map_checked_memfds,
+    memfd_page_size,
     pull_from,
 )
 
@@ -95,8 +103,13 @@ PIPE_SIZE = 1 << 20
 class Transfer:
     """What one gift, send, receive or receive_into did.
 
-    ``seconds`` is the writer's whole call (until the reader answered) and, on the reader,
-    the time from the writer's offer to the data being in place (not the wait for it).
+    ``seconds`` is the writer's call until the reader answered and, on the reader, the time
+    from the writer's offer to the data being in place (not the wait for it). ``release`` is
+    what a gift spent afterwards letting go of the writer's own mapping of the pages (unmap
+    and close, after the reader had them: never on the reader's path), and
+    ``release_cpu`` the CPU time that took (the wall time also counts waiting for CPUs others
+    want, or for a reader freeing the same pages meanwhile); both 0 for a send and on the
+    reader.
     ``method`` is ``"move"`` when every page moved, else the copy method (``"pread"`` from
     a gifted memfd, ``"process_vm_readv"``, ``"vmsplice"``, ``"stream"``), joined with ``+``
     when a transfer mixed them. ``reason`` says in words which rule made it copy (None for a
@@ -109,6 +122,8 @@ class Transfer:
     method: str
     reason: str | None
     seconds: float
+    release: float = 0.0
+    release_cpu: float = 0.0
 
     @property
     def moved(self) -> bool:
@@ -125,7 +140,11 @@ class Transfer:
             else f"{self.pages_moved} pages moved, {self.pages_copied} copied"
         )
         why = f" ({self.reason})" if self.reason else ""
-        return f"{self.nbytes} bytes by {self.method}: {what} in {self.seconds * 1e3:.3f} ms{why}"
+        freed = f", released in {self.release * 1e3:.3f} ms" if self.release else ""
+        return (
+            f"{self.nbytes} bytes by {self.method}: {what} in {self.seconds * 1e3:.3f} ms"
+            f"{freed}{why}"
+        )
 
 
 def _readable(item: Any) -> memoryview:
@@ -279,9 +298,15 @@ class _Segment:
     target: _Target
     dst: int  # reader's address
     length: int
+    #: The source's page size: its memfd's (2 MiB for a hugetlb one), else 4 KiB.
+    unit: int = PAGE_SIZE
 
 
-def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list[_Segment]:
+def _segments(
+    spans: list[SpanRow], targets: list[_Target], nbytes: int, units: dict[int, int]
+) -> list[_Segment]:
+    """The offer's ``spans`` cut where ``targets`` meet; ``units`` is each memfd's page size
+    by fd index."""
     out: list[_Segment] = []
     ti, toff = 0, 0
     for si, (addr, length, fd_index, fd_offset) in enumerate(spans):
@@ -298,6 +323,7 @@ def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list
                     target,
                     target.address + toff,
                     n,
+                    units.get(fd_index, PAGE_SIZE),
                 )
             )
             soff += n
@@ -308,23 +334,50 @@ def _segments(spans: list[SpanRow], targets: list[_Target], nbytes: int) -> list
     return out
 
 
+def _move_units(offer: Offer, pages: dict[int, int]) -> dict[int, int]:
+    """The unit each memfd of ``offer`` moves in, by fd index: its page size (``pages``), or
+    2 MiB for a shmem memfd when the writer says its memfds hold transparent huge pages."""
+    if not offer.flags & OfferFlags.THP:
+        return pages
+    return {i: THP_SIZE if size == PAGE_SIZE else size for i, size in pages.items()}
+
+
+def _page_words(unit: int) -> str:
+    return "page-aligned" if unit == PAGE_SIZE else f"aligned to {size_name(unit)} pages"
+
+
 def _copy_reasons(seg: _Segment, gift: bool, allow_move: bool) -> list[str]:
-    """Each RFC rule this segment breaks, in words; empty when it can move."""
+    """Each RFC rule this segment breaks, in words; empty when it can move.
+
+    The rules count in the pages of the source memfd and of a destination region (a
+    destination that is not a region takes the source's): both must be the same size.
+    """
     why = []
     if not allow_move:
         why.append("the reader asked for a copy (move=False)")
     if not gift:
         why.append("send() keeps the writer's pages mapped (copy semantics)")
+    region = seg.target.region
+    dst_unit = region.page_size if region is not None else seg.unit
+    # Where the sizes differ, that is the reason; alignment is then told in the smaller.
+    unit = min(seg.unit, dst_unit) if seg.fd_index >= 0 else dst_unit
     if seg.fd_index < 0:
         if gift:
             why.append("the source is not movable: private anonymous memory")
-    elif seg.fd_offset % PAGE_SIZE or seg.src % PAGE_SIZE:
-        why.append(f"the source at {seg.src:#x} is not page-aligned")
-    if seg.dst % PAGE_SIZE:
-        why.append(f"the destination at {seg.dst:#x} is not page-aligned")
-    if seg.length % PAGE_SIZE:
-        why.append(f"the length {seg.length} is not a multiple of the page size {PAGE_SIZE}")
-    if seg.target.region is None and seg.target.no_move:
+    else:
+        if seg.unit != dst_unit:
+            why.append(
+                f"the source has {size_name(seg.unit)} pages, the destination region "
+                f"{size_name(dst_unit)} pages"
+            )
+        if seg.fd_offset % unit or seg.src % unit:
+            why.append(f"the source at {seg.src:#x} is not {_page_words(unit)}")
+    if seg.dst % unit:
+        why.append(f"the destination at {seg.dst:#x} is not {_page_words(unit)}")
+    if seg.length % unit:
+        size = "" if unit == PAGE_SIZE else f" ({size_name(unit)})"
+        why.append(f"the length {seg.length} is not a multiple of the page size {unit}{size}")
+    if region is None and seg.target.no_move:
         why.append(seg.target.no_move)
     return why
 
@@ -506,6 +559,10 @@ class Channel:
         this returns the writer no longer maps the pages: a whole region is closed, a slice
         becomes inaccessible. If the reader refuses or dies first, nothing changed here.
         Raises BufferInUse while a view or array still uses the pages.
+
+        The writer lets go of its mapping only once the reader has answered, and lets the
+        reader run first (see below), so that tearing down a large mapping never holds the
+        reader off its CPU; ``Transfer.release`` says how long it took.
         """
         with self._lock:
             self._check_usable()
@@ -519,9 +576,19 @@ class Channel:
             ]
             name = chosen[0].region.name
             transfer = self._offer(pieces, gift=True, name=name)
+            start, cpu = time.perf_counter(), time.thread_time()
+            # The reader's answer woke us with a sync wake-up (a Unix socket's), which puts us
+            # on the reader's CPU, ahead of it: unmapping a populated mapping there (30-70 ms
+            # per GiB of 4 KiB pages) would keep the reader from returning with its pages.
+            # Yielding lets it run first; the teardown then shares the CPU fairly.
+            os.sched_yield()
             for span in chosen:
                 span.region.give_away(span.offset, span.offset + span.size)
-            return transfer
+            return dataclasses.replace(
+                transfer,
+                release=time.perf_counter() - start,
+                release_cpu=time.thread_time() - cpu,
+            )
 
     def send(self, buffer: Any) -> Transfer:
         """Copy ``buffer`` (any contiguous buffer, a region, a slice, or a list) to the reader.
@@ -552,6 +619,9 @@ class Channel:
         spans, fds = _offer_rows(pieces, gift)
         nbytes = sum(p.length for p in pieces)
         flags = OfferFlags.GIFT if gift else OfferFlags.NONE
+        held = [p.memfd for p in pieces if p.memfd is not None]
+        if gift and held and all(m.thp for m in held):
+            flags |= OfferFlags.THP  # moved in 2 MiB units, kept huge on the reader's side
         copies = [p for p in pieces if not (gift and p.memfd is not None)]
         ptracer = False
         if copies and features.has("process_vm_readv"):
@@ -651,21 +721,22 @@ class Channel:
             label = name or offer.name
             region: Region | None = None
             try:
-                self._check_memfds(offer)
+                pages = self._check_memfds(offer)
+                units = _move_units(offer, pages)
                 all_fds = all(row.fd_index >= 0 for row in offer.spans)
                 gift = bool(offer.flags & _GIFT)
-                if move and gift and all_fds and self._aligned(offer):
+                if move and gift and all_fds and self._aligned(offer, units):
                     region = self._map_offer(offer, label)
                     if populate:
                         mm.madvise(region.address, region.size, Madv.POPULATE_READ)
-                    pages = region.size // PAGE_SIZE
+                    moved = region.size // PAGE_SIZE
                     transfer = Transfer(
-                        offer.nbytes, pages, 0, "move", None, time.perf_counter() - start
+                        offer.nbytes, moved, 0, "move", None, time.perf_counter() - start
                     )
-                    self._answer(Done(offer.nbytes, pages, 0, "move", ""))
+                    self._answer(Done(offer.nbytes, moved, 0, "move", ""))
                     return region, transfer
                 region = Region.movable(offer.nbytes, label)
-                transfer = self._take(offer, _targets(region), start, copy_method, move)
+                transfer = self._take(offer, _targets(region), start, copy_method, move, pages)
                 if populate:
                     mm.madvise(region.address, region.size, Madv.POPULATE_READ)
                 return region, transfer
@@ -691,8 +762,8 @@ class Channel:
             offer = self._next_offer()
             start = time.perf_counter()  # the transfer, not the wait for the writer
             try:
-                self._check_memfds(offer)
-                return self._take(offer, targets, start, copy_method, move)
+                pages = self._check_memfds(offer)
+                return self._take(offer, targets, start, copy_method, move, pages)
             finally:
                 close_all(offer.fds)
 
@@ -725,16 +796,24 @@ class Channel:
             log.debug("the writer left before our DONE; the data is already here")
 
     @staticmethod
-    def _aligned(offer: Offer) -> bool:
-        return all(not (row.fd_offset % PAGE_SIZE or row.length % PAGE_SIZE) for row in offer.spans)
+    def _aligned(offer: Offer, units: dict[int, int]) -> bool:
+        """Whether every span is whole pages of its memfd, all of one page size."""
+        if len(set(units.values())) > 1:
+            return False
+        return all(
+            not (row.fd_offset % units[row.fd_index] or row.length % units[row.fd_index])
+            for row in offer.spans
+        )
 
-    def _check_memfds(self, offer: Offer) -> None:
-        """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd)."""
+    def _check_memfds(self, offer: Offer) -> dict[int, int]:
+        """Refuse the offer unless each span's memfd range may be mapped (check_peer_memfd);
+        returns each memfd's page size by fd index (see :func:`_move_units`)."""
+        units: dict[int, int] = {}
         for row in offer.spans:
             if row.fd_index < 0:
                 continue
             try:
-                check_peer_memfd(
+                st = check_peer_memfd(
                     offer.fds[row.fd_index],
                     offset=row.fd_offset,
                     length=row.length,
@@ -743,13 +822,18 @@ class Channel:
                 )
             except RemoteProtocolError as err:
                 raise self._refuse(err) from None
+            units[row.fd_index] = memfd_page_size(st)
+        return units
 
     @staticmethod
     def _map_offer(offer: Offer, name: str) -> Region:
         """A new region mapping the offer's memfds: the move."""
         # Every span's memfd passed _check_memfds already (the offer was refused otherwise).
         region = map_checked_memfds(
-            offer.fds, [(row.fd_index, row.fd_offset, row.length) for row in offer.spans], name
+            offer.fds,
+            [(row.fd_index, row.fd_offset, row.length) for row in offer.spans],
+            name,
+            thp=bool(offer.flags & OfferFlags.THP),
         )
         fds, offer.fds = offer.fds, []
         close_all(fds)  # the region holds its own
@@ -762,6 +846,7 @@ class Channel:
         start: float,
         copy_method: CopyMethod,
         allow_move: bool,
+        pages: dict[int, int],
     ) -> Transfer:
         room = sum(t.length for t in targets)
         if room < offer.nbytes:
@@ -771,10 +856,19 @@ class Channel:
                     length=room,
                 )
             )
-        segments = _segments(offer.spans, targets, offer.nbytes)
+        segments = _segments(offer.spans, targets, offer.nbytes, _move_units(offer, pages))
         moves, preads, remote, reasons = _by_method(segments, bool(offer.flags & _GIFT), allow_move)
         methods: list[str] = []
-        holders = {i: Memfd(fd, shared=True) for i, fd in enumerate(offer.fds)}
+        thp = bool(offer.flags & OfferFlags.THP)
+        holders = {
+            i: Memfd(
+                fd,
+                shared=True,
+                page_size=pages.get(i, PAGE_SIZE),
+                thp=thp and pages.get(i, PAGE_SIZE) == PAGE_SIZE,
+            )
+            for i, fd in enumerate(offer.fds)
+        }
         offer.fds = []
         try:
             if moves:
@@ -829,7 +923,14 @@ class Channel:
                     continue
                 key = (id(target.region), seg.fd_index)
                 if key not in own:
-                    own[key] = (target.region, Memfd(os.dup(holders[seg.fd_index].fd), shared=True))
+                    holder = holders[seg.fd_index]
+                    dup = Memfd(
+                        os.dup(holder.fd),
+                        shared=True,
+                        page_size=holder.page_size,
+                        thp=holder.thp,
+                    )
+                    own[key] = (target.region, dup)
                 offset = target.region_offset + (seg.dst - target.address)
                 target.region.replace(offset, own[key][1], seg.fd_offset, seg.length)
         except BaseException:

@@ -151,6 +151,11 @@ def _write_json(output: Path | None, text: str) -> None:
     show_default=True,
     help="Threads that touch the moved pages (0: two if there are two CPUs).",
 )
+@click.option(
+    "--huge",
+    is_flag=True,
+    help="Add the move on 2 MiB hugetlb pages (needs a pool: sysctl -w vm.nr_hugepages=N).",
+)
 @_report_options
 def handoff(
     size: int,
@@ -158,6 +163,7 @@ def handoff(
     methods: tuple[str, ...],
     overhead_rounds: int,
     touch_threads: int,
+    huge: bool,
     as_json: bool,
     markdown: bool,
     output: Path | None,
@@ -166,7 +172,9 @@ def handoff(
     """Time handing SIZE bytes to another process: a move against every copy path.
 
     Methods: move, process_vm_readv, vmsplice-gift, vmsplice, stream (warm targets), the
-    same copies into fresh memory (*-fresh), shared-memory and pickle-pipe. Each runs
+    same copies into fresh memory (*-fresh), shared-memory and pickle-pipe; with --huge
+    also move-huge, the move on 2 MiB hugetlb pages (the size must be whole 2 MiB pages,
+    and the hugetlb pool must hold it: sysctl -w vm.nr_hugepages=N). Each runs
     between two real processes; access time is until the receiver holds the data, "all
     pages" until every page was touched too. Ratios are to the move; copy rates are a
     fraction of a single-thread memcpy measured in the same run.
@@ -174,12 +182,15 @@ def handoff(
     from ..bench import handoff as bench_handoff
 
     chosen = _split_methods(methods) or bench_handoff.DEFAULT_METHODS
-    unknown = [m for m in chosen if m not in bench_handoff.DEFAULT_METHODS]
+    known = bench_handoff.DEFAULT_METHODS + bench_handoff.HUGE_METHODS
+    unknown = [m for m in chosen if m not in known]
     if unknown:
         raise click.BadParameter(
-            f"unknown {', '.join(unknown)}; choose from {', '.join(bench_handoff.DEFAULT_METHODS)}",
+            f"unknown {', '.join(unknown)}; choose from {', '.join(known)}",
             param_hint="--methods",
         )
+    if huge and "move-huge" not in chosen:
+        chosen = (*chosen, "move-huge")
     try:
         config = bench_handoff.HandoffConfig(
             size=size,
@@ -303,6 +314,13 @@ def _print_handoff(result: HandoffResult) -> None:
     help="Touch and free the guest's size of memory before each migration (warm memory); "
     "--no-prewarm with --settle 15 gives cold runs.",
 )
+@click.option(
+    "--huge",
+    type=click.Choice(["auto", "hugetlb", "hugetlb-1g", "thp"]),
+    default=None,
+    help="Put the workload's memory on huge pages (hugetlb needs a pool: sysctl -w "
+    "vm.nr_hugepages=N; the destination of a copy still gets 4 KiB pages).",
+)
 @_report_options
 @click.option(
     "--plot",
@@ -319,6 +337,7 @@ def bench_migrate(
     warmup: float,
     settle: float,
     prewarm: bool,
+    huge: str | None,
     as_json: bool,
     markdown: bool,
     output: Path | None,
@@ -337,7 +356,9 @@ def bench_migrate(
     """
     from ..bench import migrate as bench_migrate_module
 
-    config = _migrate_config(sizes, rates, modes, repeat, downtime_limit, warmup, settle, prewarm)
+    config = _migrate_config(
+        sizes, rates, modes, repeat, downtime_limit, warmup, settle, prewarm, huge
+    )
     if plot_path is not None:
         bench_migrate_module.check_plot()  # before a long run, not after it
     console = _stderr_console()
@@ -396,6 +417,7 @@ def _migrate_config(
     warmup: float,
     settle: float,
     prewarm: bool,
+    huge: str | None = None,
 ) -> MigrateConfig:
     """The benchmark's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.migrate import MigrateConfig
@@ -414,6 +436,7 @@ def _migrate_config(
             warmup=warmup,
             settle=settle,
             prewarm=prewarm,
+            huge=huge,
         )
     except BadArgument as err:
         raise click.BadParameter(str(err)) from None

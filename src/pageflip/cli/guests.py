@@ -159,10 +159,23 @@ def serve_host(host: Any, as_json: bool, tick: Callable[[], None] | None = None)
     show_default=True,
     help="Seed of the page contents (the guest's identity in its own checks).",
 )
+@click.option(
+    "--huge",
+    type=click.Choice(["auto", "hugetlb", "hugetlb-1g", "thp"]),
+    default=None,
+    help="Put the memory on huge pages (hugetlb needs a pool: sysctl -w vm.nr_hugepages=N; "
+    "auto falls back to 4 KiB pages).",
+)
 @control_option
 @json_option
 def workload(
-    size: int, dirty_rate: int, threads: int, seed: int, control: str, as_json: bool
+    size: int,
+    dirty_rate: int,
+    threads: int,
+    seed: int,
+    huge: str | None,
+    control: str,
+    as_json: bool,
 ) -> None:
     """Start the reference workload and serve it on --control until it migrates away.
 
@@ -191,7 +204,8 @@ def workload(
         ),
     )
     try:
-        guest = _fill(Workload, size, dirty_rate, threads, seed, filled)
+        options = {} if huge is None else {"huge": huge}
+        guest = _fill(Workload, size, dirty_rate, threads, seed, filled, **options)
         host.attach(guest)
         emit(
             as_json,
@@ -205,7 +219,15 @@ def workload(
     serve_host(host, as_json, _rate_check(host, dirty_rate, as_json))
 
 
-def _fill(cls: Any, size: int, dirty_rate: int, threads: int, seed: int, filled: list[int]) -> Any:
+def _fill(
+    cls: Any,
+    size: int,
+    dirty_rate: int,
+    threads: int,
+    seed: int,
+    filled: list[int],
+    **options: Any,
+) -> Any:
     def progress(done: int, total: int) -> None:
         filled[0] = done
         if bar is not None:
@@ -225,7 +247,7 @@ def _fill(cls: Any, size: int, dirty_rate: int, threads: int, seed: int, filled:
         bar.start()
     try:
         return cls.create(
-            size, dirty_rate=dirty_rate, threads=threads, seed=seed, progress=progress
+            size, dirty_rate=dirty_rate, threads=threads, seed=seed, progress=progress, **options
         )
     finally:
         if bar is not None:

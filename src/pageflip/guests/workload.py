@@ -95,7 +95,7 @@ import numpy.typing as npt
 
 from .._sys import procfs
 from ..errors import BadArgument, ClosedError, StateError
-from ..memory import LOST_PAGE, PAGE_SIZE, Region
+from ..memory import LOST_PAGE, PAGE_SIZE, HugePages, Region
 from .base import MAX_STATE_BYTES, BadGuestState, Guest, VerifyReport, register
 
 __all__ = ["Pattern", "Workload"]
@@ -590,12 +590,14 @@ class Workload(Guest):
         progress: Progress | None = None,
         *,
         paused: bool = False,
+        huge: HugePages = False,
     ) -> Self:
         """A new workload of ``size`` bytes (rounded up to pages), every page at version 0.
 
         ``dirty_rate`` is in bytes per second over all ``threads`` (0: the workers idle).
         ``progress(done_bytes, total_bytes)`` follows the initial fill, which takes seconds
-        for a GiB. The workload starts running unless ``paused``.
+        for a GiB. The workload starts running unless ``paused``. ``huge`` puts its memory
+        on huge pages, as ``Region.movable(huge=...)`` does (its size then rounds up to them).
         """
         if threads < 1:
             raise BadArgument(
@@ -610,7 +612,7 @@ class Workload(Guest):
             raise BadArgument(f"seed must be non-negative, not {seed}", argument="seed")
         regions: list[Region] = []
         try:
-            regions.append(ram := Region.movable(size, name="ram"))
+            regions.append(ram := Region.movable(size, name="ram", huge=huge))
             journal_bytes = _journal_bytes(ram.size // PAGE_SIZE)
             regions.append(journal := Region.movable(journal_bytes, name="journal"))
             regions.append(heartbeat := Region.movable(PAGE_SIZE, name="heartbeat"))

@@ -24,6 +24,8 @@ __all__ = [
 MiB = 1 << 20
 GiB = 1 << 30
 MODES: tuple[str, ...] = ("flip", "precopy", "postcopy")
+#: What ``huge`` takes (see :data:`pageflip.memory.HugePages`).
+HUGE_CHOICES: tuple[str, ...] = ("auto", "hugetlb", "hugetlb-1g", "thp")
 DEFAULT_SIZES: tuple[int, ...] = (256 * MiB, 1 * GiB, 4 * GiB)
 DEFAULT_RATES: tuple[int, ...] = (0, 64 * MiB, 256 * MiB)
 
@@ -64,6 +66,9 @@ class MigrateConfig:
     verify_delay: float = 0.3
     #: Longest wait for any one step (a fill, a migration, a check), seconds.
     timeout: float = 900.0
+    #: Huge pages for the workload's memory (``Region.movable(huge=...)``: "hugetlb",
+    #: "hugetlb-1g", "thp" or "auto"); None: 4 KiB pages.
+    huge: str | None = None
 
     def __post_init__(self) -> None:
         if not self.sizes or not self.rates or not self.modes:
@@ -91,6 +96,11 @@ class MigrateConfig:
             raise BadArgument("warmup, settle and verify_delay cannot be negative")
         if self.sample_interval <= 0 or self.timeout <= 0:
             raise BadArgument("sample_interval and timeout must be positive")
+        if self.huge not in (None, *HUGE_CHOICES):
+            raise BadArgument(
+                f"huge must be one of {list(HUGE_CHOICES)} or None, not {self.huge!r}",
+                argument="huge",
+            )
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,16 @@ def _failed(err: PageflipError, events: list[Event]) -> Failed:
 
 
 def source_main(
-    conn: Connection, to: str, size: int, rate: int, threads: int, options: dict[str, Any]
+    conn: Connection,
+    to: str,
+    size: int,
+    rate: int,
+    threads: int,
+    options: dict[str, Any],
+    huge: str | None = None,
 ) -> None:
-    """A run's source: create the workload, wait for go, migrate it, report."""
+    """A run's source: create the workload (on ``huge`` pages if asked), wait for go,
+    migrate it, report."""
     stop_on_signals()
     from ...guests import Workload
     from ...migration.source import MigrationOptions, Source
@@ -110,7 +117,12 @@ def source_main(
     guest = None
     try:
         started = now()
-        guest = Workload.create(size, dirty_rate=rate, threads=threads)
+        pages: dict[str, Any] = {} if huge is None else {"huge": huge}
+        try:
+            guest = Workload.create(size, dirty_rate=rate, threads=threads, **pages)
+        except PageflipError as err:  # no huge pages here, say: one line, not a traceback
+            conn.send(_failed(err, []))
+            return
         guest_bytes = sum(r.size for r in guest.regions)
         regions = {r.name: r.size for r in guest.regions}
         conn.send(Filled(os.getpid(), guest_bytes, regions, now() - started))

@@ -199,6 +199,8 @@ class ConfigRecord(TypedDict):
     sample_interval: float
     verify_delay: float
     timeout: float
+    #: The workload's huge pages (None: 4 KiB); absent from results made before it existed.
+    huge: NotRequired[str | None]
 
 
 class OrderRecord(TypedDict):

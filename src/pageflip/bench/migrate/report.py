@@ -111,7 +111,8 @@ def markdown_table(result: MigrateResult) -> str:
         f"**Migration matrix**, {len(result['runs'])} run(s), median of {cfg['repeat']} per "
         f"row, {result['date']}, Linux {machine['kernel']}, {machine.get('cpus')} x "
         f"{machine.get('cpu')}, {machine.get('memory_gib')} GiB; downtime limit "
-        f"{_ms(cfg['downtime_limit'])}, {cfg['threads']} writer threads",
+        f"{_ms(cfg['downtime_limit'])}, {cfg['threads']} writer threads"
+        + (f", the workload on {cfg['huge']} huge pages" if cfg.get("huge") else ""),
         "",
     ]
     if not result.get("complete", True):

@@ -67,6 +67,7 @@ def _config(config: MigrateConfig) -> ConfigRecord:
         "sample_interval": config.sample_interval,
         "verify_delay": config.verify_delay,
         "timeout": config.timeout,
+        "huge": config.huge,
     }
 
 

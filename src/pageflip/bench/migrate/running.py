@@ -72,7 +72,10 @@ def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> RunReco
         )
         children.append(dst)
         src = Child(
-            ctx, "source", source_main, (listen, spec.size, spec.rate, config.threads, options)
+            ctx,
+            "source",
+            source_main,
+            (listen, spec.size, spec.rate, config.threads, options, config.huge),
         )
         children.append(src)
         listening = dst.expect(Listening, config.timeout, what)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..._sys import huge
 from ..._sys.procfs import proc, procfs_path
 from .config import MigrateBenchmarkError
 from .records import MemoryRecord, Peak
@@ -31,9 +32,10 @@ PEAK = (
 #: How the peak is measured without walking page tables (``Sampler(walk=False)``), in words.
 COUNTERS = (
     "counters, no page-table walk: each process's RssAnon + RssFile (/proc/PID/status), plus "
-    "shared memory counted once: the largest shmem (RssShmem) a process mapped at the start "
-    "(the guest's, held by the source), plus the growth of the host's Shmem (/proc/meminfo) "
-    "since; sampled every {interval:g} s from a "
+    "shared memory counted once: the largest shmem and hugetlb memory (RssShmem + "
+    "HugetlbPages) a process mapped at the start (the guest's, held by the source), plus the "
+    "growth of the host's Shmem (/proc/meminfo) and of its hugetlb pages in use since; "
+    "sampled every {interval:g} s from a "
     "thread of the benchmark from just before the migration until it completed. (Reading Pss "
     "walks every page table and holds off the guest's page faults meanwhile: 20-60 ms per "
     "4 GiB, which showed as pauses the guest observed)"
@@ -72,7 +74,14 @@ def private_of(pid: int) -> int | None:
 
 
 def _shmem(pid: int) -> int | None:
-    return _read_kib(proc(pid, "status"), "RssShmem")
+    """Shared memory a process maps: shmem (memfds) and hugetlb pages (hugetlb memfds)."""
+    return _read_kib(proc(pid, "status"), "RssShmem", "HugetlbPages")
+
+
+def _hugetlb_in_use() -> int:
+    """Bytes of the host's hugetlb pools in use (hugetlb memory is not in Shmem)."""
+    pools = (huge.pool(size) for size in huge.hugetlb_sizes())
+    return sum((p.total - p.free) * p.page_size for p in pools)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -99,9 +108,10 @@ def _descendants(pid: int) -> list[int]:
 
 
 class SharedOnce:
-    """Shared memory counted once, by counters: the largest RssShmem one process had at the
-    first look, plus the growth of the host's Shmem (/proc/meminfo) since. Two processes
-    that map the same memfd count it once; a new memfd counts as it fills."""
+    """Shared memory counted once, by counters: the largest RssShmem + HugetlbPages one
+    process had at the first look, plus the growth of the host's Shmem (/proc/meminfo) and
+    of its hugetlb pages in use since. Two processes that map the same memfd count it once;
+    a new memfd counts as it fills."""
 
     def __init__(self) -> None:
         self._host0: int | None = None
@@ -109,6 +119,7 @@ class SharedOnce:
 
     def __call__(self, pids: Iterable[int]) -> int:
         host = _read_kib(os.path.join(procfs_path(), "meminfo"), "Shmem") or 0
+        host += _hugetlb_in_use()
         if self._host0 is None:
             self._host0 = host
             self._base = max((v for pid in pids if (v := _shmem(pid)) is not None), default=0)

@@ -121,6 +121,12 @@ MAX_BATCH_PAGES = (16 << 20) // PAGE_SIZE
 #: of writing each), so that pause() waits for one chunk, not for a whole batch (up to a
 #: tick's worth of writes: milliseconds at 256 MiB/s).
 PAUSE_CHUNK_PAGES = 64
+#: Seconds a worker sleeps between two chunks of a batch. numpy lets go of the GIL for a
+#: moment many times in a chunk and the worker takes it straight back, which the GIL's
+#: switch interval does not count as a switch: another thread that waits for the GIL (the
+#: heartbeat) got it only once the whole batch was written, 3.4 ms at 256 MiB/s with one
+#: worker, which the heartbeat took for a pause. Asleep, the worker leaves it free.
+CHUNK_BREATHER = 20e-6
 #: Pages handled per step by the initial fill.
 CHUNK_PAGES = (16 << 20) // PAGE_SIZE
 #: Pages handled per step by verify(): small, so that few pages change while one step reads
@@ -1150,8 +1156,10 @@ class Workload(Guest):
         batch: Pages = picks.astype(np.int64) * self._threads + t
         written = 0
         for start in range(0, count, PAUSE_CHUNK_PAGES):
-            if start and (self._pause_requested or self._stopping):
-                break
+            if start:
+                time.sleep(CHUNK_BREATHER)
+                if self._pause_requested or self._stopping:
+                    break
             pages = batch[start : start + PAUSE_CHUNK_PAGES]
             self._write_pages(pages)
             written += pages.size

@@ -336,13 +336,7 @@ class Region:
             if kind == "thp":
                 # Advised before any page exists: MAP_POPULATE would allocate 4 KiB pages.
                 address = mm.map_aligned(size, page_size, PROT_RW, Map.SHARED, fd)
-                try:
-                    mm.madvise(address, size, Madv.HUGEPAGE)
-                    if populate:
-                        mm.madvise(address, size, Madv.POPULATE_WRITE)
-                except BaseException:
-                    mm.munmap(address, size)
-                    raise
+                _advise(address, size, hugepage=True, populate=populate)
             else:
                 flags = Map.SHARED | (Map.POPULATE if populate else Map(0))
                 try:
@@ -367,14 +361,7 @@ class Region:
         """
         size = _check_size(size)
         address = mm.mmap(None, size, PROT_RW, Map.PRIVATE | Map.ANONYMOUS)
-        try:
-            if hugepages:
-                mm.madvise(address, size, Madv.HUGEPAGE)
-            if populate:
-                mm.madvise(address, size, Madv.POPULATE_WRITE)
-        except BaseException:
-            mm.munmap(address, size)
-            raise
+        _advise(address, size, hugepage=hugepages, populate=populate)
         return cls(address, size, [Extent(0, size, None)], name)
 
     @classmethod
@@ -733,6 +720,19 @@ class Span:
 
     def __repr__(self) -> str:
         return f"<Span {self.region.name!r}[{self.offset}:{self.offset + self.size}]>"
+
+
+def _advise(address: int, size: int, *, hugepage: bool, populate: bool) -> None:
+    """Ask a new mapping for transparent huge pages and/or allocate it now; unmapped if
+    that fails."""
+    try:
+        if hugepage:
+            mm.madvise(address, size, Madv.HUGEPAGE)
+        if populate:
+            mm.madvise(address, size, Madv.POPULATE_WRITE)
+    except BaseException:
+        mm.munmap(address, size)
+        raise
 
 
 def _check_size(size: int, page_size: int = PAGE_SIZE, name: str = "") -> int:

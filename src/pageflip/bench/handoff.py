@@ -987,12 +987,7 @@ def _targets(
     ms = 1e3
     out = [
         _target("move_access", move["access_median"] * ms if move else None, 5.0, "ms"),
-        _target(
-            "move_access_scaling",
-            max(move["access_seconds"]) * ms if move and move_1g else None,
-            2 * move_1g["access_median"] * ms if move_1g else None,
-            "ms",
-        ),
+        _scaling_target("move_access_scaling", move, move_1g),
         _target(
             "move_touched_vs_copy",
             move["touched_median"] * ms if move else None,
@@ -1020,18 +1015,23 @@ def _targets(
     return out
 
 
+def _scaling_target(key: str, row: HandoffRow | None, row_1g: HandoffRow | None) -> HandoffTarget:
+    """Every run's access of ``row`` within 2x of the median 1 GiB one (``row_1g``)."""
+    return _target(
+        key,
+        max(row["access_seconds"]) * 1e3 if row and row_1g else None,
+        2 * row_1g["access_median"] * 1e3 if row_1g else None,
+        "ms",
+    )
+
+
 def _huge_targets(rows: dict[str, HandoffRow]) -> list[HandoffTarget]:
     """The targets of the huge page rows (not measured without ``--huge``)."""
     huge, huge_1g, move = rows.get("move-huge"), rows.get("move-huge@1G"), rows.get("move")
     ms = 1e3
     release = None if huge is None else huge["release_cpu_median"]
     return [
-        _target(
-            "huge_access_scaling",
-            max(huge["access_seconds"]) * ms if huge and huge_1g else None,
-            2 * huge_1g["access_median"] * ms if huge_1g else None,
-            "ms",
-        ),
+        _scaling_target("huge_access_scaling", huge, huge_1g),
         _target(
             "huge_touched_vs_4k",
             huge["touched_median"] * ms if huge and move else None,

@@ -60,7 +60,9 @@ HugeKind = Literal["hugetlb", "thp"]
 #: first, else THP; FeatureUnavailable if neither), ``"auto"`` (the same, else 4 KiB pages,
 #: saying so in the log), ``"hugetlb"`` (2 MiB), ``"hugetlb-1g"`` (1 GiB) or ``"thp"``.
 HugePages = bool | Literal["auto", "hugetlb", "hugetlb-1g", "thp"]
-_HUGE_CHOICES = (False, True, "auto", "hugetlb", "hugetlb-1g", "thp")
+#: The names among them (for command-line choices and configurations).
+HUGE_NAMES: tuple[str, ...] = ("auto", "hugetlb", "hugetlb-1g", "thp")
+_HUGE_CHOICES = (False, True, *HUGE_NAMES)
 
 #: Seals every movable region carries: a receiver's mapping can never be cut short.
 REGION_SEALS = Seal.SHRINK | Seal.GROW

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ..bench.common import finite
 from ..errors import BadArgument
+from ..memory import HUGE_NAMES
 from ..units import format_size
 from ._base import DURATION, SIZE, main
 from ._base import stderr_console as _stderr_console
@@ -316,7 +317,7 @@ def _print_handoff(result: HandoffResult) -> None:
 )
 @click.option(
     "--huge",
-    type=click.Choice(["auto", "hugetlb", "hugetlb-1g", "thp"]),
+    type=click.Choice(HUGE_NAMES),
     default=None,
     help="Put the workload's memory on huge pages (hugetlb needs a pool: sysctl -w "
     "vm.nr_hugepages=N; the destination of a copy still gets 4 KiB pages).",

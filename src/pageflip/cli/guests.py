@@ -29,6 +29,7 @@ from rich.table import Table
 
 from ..display import fmt_seconds
 from ..errors import GuestLost, MigrationError, PageflipError, SpanError, one_line
+from ..memory import HUGE_NAMES
 from ..units import format_size, human_size
 from ._base import (
     DURATION,
@@ -161,7 +162,7 @@ def serve_host(host: Any, as_json: bool, tick: Callable[[], None] | None = None)
 )
 @click.option(
     "--huge",
-    type=click.Choice(["auto", "hugetlb", "hugetlb-1g", "thp"]),
+    type=click.Choice(HUGE_NAMES),
     default=None,
     help="Put the memory on huge pages (hugetlb needs a pool: sysctl -w vm.nr_hugepages=N; "
     "auto falls back to 4 KiB pages).",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import BadArgument, MigrateBenchmarkError
-from ...memory import PAGE_SIZE
+from ...memory import HUGE_NAMES, PAGE_SIZE
 from ...units import format_rate, format_size
 
 __all__ = [
@@ -25,7 +25,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 MODES: tuple[str, ...] = ("flip", "precopy", "postcopy")
 #: What ``huge`` takes (see :data:`pageflip.memory.HugePages`).
-HUGE_CHOICES: tuple[str, ...] = ("auto", "hugetlb", "hugetlb-1g", "thp")
+HUGE_CHOICES = HUGE_NAMES
 DEFAULT_SIZES: tuple[int, ...] = (256 * MiB, 1 * GiB, 4 * GiB)
 DEFAULT_RATES: tuple[int, ...] = (0, 64 * MiB, 256 * MiB)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import functools
 from ctypes import c_int, c_ulong, c_void_p
 from typing import Any, TypeVar
 
@@ -438,12 +439,19 @@ def run(fd: int) -> bool:
 
 
 def buffer_with_entries(header: type[ctypes.Structure], entry: type[Any], count: int) -> Any:
-    """A structure with a flexible array: ``header`` followed by ``count`` ``entry`` items."""
+    """A structure with a flexible array: ``header`` followed by ``count`` ``entry`` items
+    (zeroed)."""
+    return _with_entries(header, entry, count)()
 
+
+@functools.lru_cache(maxsize=32)
+def _with_entries(header: type[ctypes.Structure], entry: type[Any], count: int) -> type[Any]:
+    # Making a ctypes structure type costs ~100 us, more than the ioctl it is for: a VM's
+    # MSRs are saved and loaded inside a migration's pause, always with the same count.
     class WithEntries(ctypes.Structure):
         _fields_ = [("head", header), ("entries", entry * count)]
 
-    return WithEntries()
+    return WithEntries
 
 
 _S = TypeVar("_S", bound=ctypes.Structure)

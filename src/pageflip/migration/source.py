@@ -682,9 +682,12 @@ class Source(Side[SourcePhase]):
     def _await_prepared(self) -> None:
         """The guest is paused here: wait for the destination to have done all that can fail.
 
-        Asleep, not spinning: on two CPUs the destination needs both for that work (its
-        guest's threads start meanwhile)."""
-        self.link.expect((stream.Prepared,), "switchover", self.options.timeout)
+        A flip's destination has little left to do by then (its guest was restored ahead,
+        or loads its state on a machine built before the pause), so the source polls
+        rather than pay a wake-up. Any other mode sleeps: the destination writes the last
+        round and checks every digest meanwhile, and on two CPUs it needs both."""
+        spin = SWITCHOVER_SPIN if self._mode == "flip" else 0.0
+        self.link.expect((stream.Prepared,), "switchover", self.options.timeout, spin)
         self._step("PREPARED heard")
         self._emit(PreparedEvent(self._t()))
         self._check_cancel()

@@ -40,6 +40,7 @@ from typing import IO, Any
 from ...errors import BenchmarkError, PageflipError
 from ...units import format_size
 from ..common import now
+from ..migrate.running import pause_steps
 from ..migrate.sampling import Sampler
 from .config import VmRunSpec
 from .console import ConsoleLog
@@ -270,6 +271,8 @@ def _migrate(
     if record["guest_pause_s"] is None:  # a guest without P: the engine's own figure
         record["guest_pause_s"] = done.get("guest_pause")
     record["switchover_to_running_s"] = _switchover_to_running(events, dst.events)
+    resumed = next((e for e in dst.events if e.get("event") == "resumed"), None)
+    record["details"]["pause_steps"] = pause_steps(done, resumed)
 
     first = next(iter(dst.log.heartbeats()), None)
     if first is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import functools
 from ctypes import c_int, c_ulong, c_void_p
 from typing import Any, TypeVar
 
@@ -441,17 +440,21 @@ def run(fd: int) -> bool:
 def buffer_with_entries(header: type[ctypes.Structure], entry: type[Any], count: int) -> Any:
     """A structure with a flexible array: ``header`` followed by ``count`` ``entry`` items
     (zeroed)."""
-    return _with_entries(header, entry, count)()
+    key = (header, entry, count)
+    made = _WITH_ENTRIES.get(key)
+    if made is None:
+
+        class WithEntries(ctypes.Structure):
+            _fields_ = [("head", header), ("entries", entry * count)]
+
+        made = _WITH_ENTRIES[key] = WithEntries
+    return made()
 
 
-@functools.lru_cache(maxsize=32)
-def _with_entries(header: type[ctypes.Structure], entry: type[Any], count: int) -> type[Any]:
-    # Making a ctypes structure type costs ~100 us, more than the ioctl it is for: a VM's
-    # MSRs are saved and loaded inside a migration's pause, always with the same count.
-    class WithEntries(ctypes.Structure):
-        _fields_ = [("head", header), ("entries", entry * count)]
-
-    return WithEntries
+#: The types :func:`buffer_with_entries` made. Making a ctypes structure type costs more
+#: than the ioctl it is for (~60 us), and a VM's MSRs are saved and loaded inside a
+#: migration's pause, always with the same count.
+_WITH_ENTRIES: dict[tuple[type[Any], type[Any], int], type[ctypes.Structure]] = {}
 
 
 _S = TypeVar("_S", bound=ctypes.Structure)

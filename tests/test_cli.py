@@ -80,6 +80,19 @@ def test_format_size_is_the_inverse_of_parse_size() -> None:
     assert format_size(1 << 30) == "1G"
 
 
+def test_status_shows_sizes_rates_durations_and_moments_for_people() -> None:
+    """The status table spells bytes, rates, seconds and moments out (--json keeps numbers)."""
+    from pageflip.cli.guests import _plain
+
+    assert _plain(268435456, "memory") == "256 MiB"
+    assert _plain(268435456.0, "write_rate") == "256 MiB/s"
+    heartbeat = {"interval": 0.0005, "observed_pause": None, "settled": True}
+    assert _plain(heartbeat) == "interval: 0.50 ms, observed_pause: None, settled: True"
+    assert _plain(1796038522.380091, "started").startswith("2026-")
+    assert _plain(16384, "npages") == "16384"
+    assert _plain(0.123456789, "anything") == "0.123457"
+
+
 def test_a_bad_size_is_a_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(main, ["bench", "handoff", "--size", "4Q"])
     assert result.exit_code == 2

@@ -792,16 +792,35 @@ def status(control: str, as_json: bool) -> None:
     table.add_column("")
     table.add_column("")
     for key, value in answer["status"].items():
-        table.add_row(escape(str(key)), escape(_plain(value)))
+        table.add_row(escape(str(key)), escape(_plain(value, str(key))))
     Console().print(table)
 
 
-def _plain(value: Any) -> str:
+#: Status fields shown for people in bytes, in bytes per second, in seconds and as moments
+#: (``--json`` keeps the raw numbers).
+_SIZES = frozenset({"size", "memory"})
+_RATES = frozenset({"dirty_rate", "write_rate"})
+_SECONDS = frozenset(
+    {"interval", "window", "switchover_gap", "max_gap_after_resume", "observed_pause"}
+    | {"max_gap_running", "seconds"}
+)
+_MOMENTS = frozenset({"started", "booted"})
+
+
+def _plain(value: Any, key: str = "") -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_plain(v)}" for k, v in value.items())
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+        return ", ".join(f"{k}: {_plain(v, str(k))}" for k, v in value.items())
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if key in _SIZES:
+        return human_size(value)
+    if key in _RATES:
+        return f"{human_size(value)}/s"
+    if key in _SECONDS:
+        return fmt_seconds(value)
+    if key in _MOMENTS and value > 0:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 @main.command()

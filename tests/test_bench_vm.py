@@ -64,6 +64,11 @@ def _config(tmp_path: Path, **kw: Any) -> VmConfig:
             guest.Pause(1830, 412, 1000, 99123),
         ),
         ("VERIFY bad=0 pages=262144 ms=930", guest.Verify(0, 262144, 930)),
+        (
+            "GAPS n=2 g1=2100 e1=500000 g2=3400 e2=900000 now=1000000",
+            guest.Gaps(2, ((2100, 500000), (3400, 900000)), 1000000),
+        ),
+        ("GAPS n=0 now=77", guest.Gaps(0, (), 77)),
         ("VERIFY bad=3 pages=65536 ms=120\r", guest.Verify(3, 65536, 120)),
         ("RATE 64", guest.RateSet(64)),
         ("BYE", guest.Bye()),
@@ -78,10 +83,31 @@ def test_console_lines_parse_to_their_records(line: str, parsed: guest.ConsoleLi
 
 @pytest.mark.parametrize(
     "line",
-    ["", "SeaBIOS (version 1.16)", "HB n=7 t=14", "PAUSE at_n=3", "VERIFY bad=", "READYMADE x=1"],
+    [
+        "",
+        "SeaBIOS (version 1.16)",
+        "HB n=7 t=14",
+        "PAUSE at_n=3",
+        "VERIFY bad=",
+        "READYMADE x=1",
+        "GAPS n=2 g1=5 e1=9 now=10",  # torn: the second gap is missing
+    ],
 )
 def test_other_and_torn_lines_parse_to_nothing(line: str) -> None:
     assert guest.parse_line(line) is None
+
+
+def test_the_gap_of_the_pause_is_the_one_that_overlaps_the_stop_and_the_restart() -> None:
+    """Guest times are placed on the host's clock by the line's arrival: the line came at
+    100.0 s host time with now=10 s guest time, so guest 9.5 s is host 99.5 s."""
+    gaps = guest.Gaps(3, ((4000, 9_000_000), (2600, 9_501_000), (6000, 9_900_000)), 10_000_000)
+    # The guest was stopped from 99.4990 to 99.5005 (host): the gap ending at 99.501.
+    assert gaps.spanning(100.0, 99.499, 99.5005) == pytest.approx(0.0026)
+    # A stall at another moment (the 6 ms one at 99.9) is not the pause.
+    assert gaps.spanning(100.0, 99.7, 99.71) is None
+    # Two gaps overlapping the window: the longer one.
+    assert gaps.spanning(100.0, 99.0, 99.9) == pytest.approx(0.006)
+    assert guest.Gaps(0, (), 5).spanning(100.0, 99.0, 99.5) is None
 
 
 def test_a_guest_fault_is_recognised() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cli_procs import Host, hosts, one_line, run
+from pageflip.bench.vm import guest as bench_guest
 from pageflip.errors import BadImage, GuestStopped
 from pageflip.memory import Region
 from pageflip.vm import Machine, VirtualMachine, kvm_available, layout, read_pvh
@@ -160,6 +161,26 @@ def test_boot_heartbeat_pause_resume(vm: VirtualMachine) -> None:
     report = vm.verify()
     assert report.ok, report.problems
     assert report.pages_checked == 32 << 8
+
+
+def test_the_guest_tells_the_gap_of_a_pause_apart_from_other_gaps(vm: VirtualMachine) -> None:
+    """G: the guest's long loop gaps with the guest time each ended; placed on the host's
+    clock by the answer's arrival, the one that overlaps the pause is as long as it."""
+    _wait_beats(vm, 2)
+    stopped = vm.pause()
+    time.sleep(0.08)
+    restarted = vm.resume()
+    _wait_beats(vm, 1)
+    fields, line = vm.ask("G", "GAPS")
+    answer = bench_guest.parse_line(line)
+    assert isinstance(answer, bench_guest.Gaps), line
+    assert answer.count == fields["n"] >= 1 and answer.gaps
+    assert vm.answered_at is not None
+    gap = answer.spanning(vm.answered_at, stopped, restarted)
+    assert gap is not None and 0.08 <= gap < 0.5, (gap, line)
+    # Just before the pause the guest ran on: no gap of that size there.
+    earlier = answer.spanning(vm.answered_at, stopped - 0.06, stopped - 0.05)
+    assert earlier is None or earlier < 0.08, (earlier, line)
 
 
 def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:

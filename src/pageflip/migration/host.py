@@ -16,8 +16,10 @@ One request per line, one JSON object per answer line::
                                            -> takes up a postcopy whose connection broke;
                                               its events until "done" or "failed"
     {"cmd": "console", "send": "P", "expect": "PAUSE"}
-                                           -> {"ok": true, "line": ..., "fields": {...}}
-                                              (a VM: a request on its serial console)
+                                           -> {"ok": true, "line": ..., "fields": {...},
+                                               "at": ...}   (a VM: a request on its serial
+                                              console; "at": when the line's end arrived,
+                                              CLOCK_MONOTONIC)
     {"cmd": "upgrade"}                     -> a live update's events (see .upgrade)
     {"cmd": "cancel"}                      -> {"ok": true}   (a migration before its commit)
     {"cmd": "quit"}                        -> {"ok": true}   (stops the guest, ends the host)
@@ -224,7 +226,7 @@ class GuestHost:
         fields, line = ask(
             str(request["send"]), str(request["expect"]), float(request.get("timeout", 30.0))
         )
-        return {"fields": fields, "line": line}
+        return {"fields": fields, "line": line, "at": getattr(guest, "answered_at", None)}
 
     def _status_answer(self) -> dict[str, Any]:
         guest = self.guest

@@ -43,6 +43,7 @@ CONSOLE_LINES = 200
 #: Longest wait for READY before a verify (the fill of a large guest can take a while).
 READY_WAIT = 600.0
 _FIELD = re.compile(r"(\w+)=(-?\d+)")
+_NO_ANSWER: tuple[int, dict[str, int], str, float] = (0, {}, "", 0.0)
 
 
 def _fields(line: str) -> dict[str, int]:
@@ -79,7 +80,9 @@ class _Console:
         self.heartbeats = 0
         #: (line number, fields) of every heartbeat since the latest resume (at most two).
         self.after_resume: list[dict[str, int]] = []
-        self.answers: dict[str, tuple[int, dict[str, int], str]] = {}
+        #: The latest answer of each kind: (line number, fields, line, CLOCK_MONOTONIC
+        #: moment its end arrived).
+        self.answers: dict[str, tuple[int, dict[str, int], str, float]] = {}
         self.failure: str | None = None
 
     def feed(self, data: bytes) -> None:
@@ -102,8 +105,8 @@ class _Console:
                 self.heartbeats += 1
                 if len(self.after_resume) < 2:
                     self.after_resume.append(fields)
-            elif head in ("VERIFY", "PAUSE", "RATE", "BYE"):
-                self.answers[head] = (self.count, fields, line)
+            elif head in ("VERIFY", "PAUSE", "GAPS", "RATE", "BYE"):
+                self.answers[head] = (self.count, fields, line, time.monotonic())
             elif head in ("PFGUEST-ERROR", "MINIGUEST-ERROR", "GUEST-EXCEPTION"):
                 self.failure = line
             self.cond.notify_all()
@@ -137,6 +140,8 @@ class VirtualMachine(Guest):
         self._closed = False
         self._released = False
         self._started_at = time.time()
+        #: When the end of the latest answer to :meth:`ask` arrived (CLOCK_MONOTONIC).
+        self.answered_at: float | None = None
 
     # -- making one -----------------------------------------------------------------------
 
@@ -372,17 +377,18 @@ class VirtualMachine(Guest):
 
     def ask(self, request: str, answer: str, timeout: float = 30.0) -> tuple[dict[str, int], str]:
         """Send ``request`` to the guest's serial input and wait for the next line that
-        starts with ``answer``: its fields and the line."""
+        starts with ``answer``: its fields and the line (:attr:`answered_at`: when its end
+        arrived, CLOCK_MONOTONIC)."""
         machine = self._live(f"ask the guest for {answer}")
         if self.paused:
             raise StateError(f"the VM is paused: it cannot answer {request!r}", phase="paused")
         console = self._console
         with console.cond:
-            seen = console.answers.get(answer, (0, {}, ""))[0]
+            seen = console.answers.get(answer, _NO_ANSWER)[0]
             machine.devices.serial.feed(request.encode())
 
             def answered() -> bool:
-                return console.answers.get(answer, (0, {}, ""))[0] > seen or self._gone()
+                return console.answers.get(answer, _NO_ANSWER)[0] > seen or self._gone()
 
             if not console.cond.wait_for(answered, timeout):
                 raise VmError(
@@ -390,7 +396,7 @@ class VirtualMachine(Guest):
                 )
             if self._gone():
                 raise VmError(f"the VM stopped before it answered {request!r}", kind="vm")
-            _, fields, line = console.answers[answer]
+            _, fields, line, self.answered_at = console.answers[answer]
             return fields, line
 
     def observed_pause(self, timeout: float = 0.0) -> float | None:

@@ -13,6 +13,10 @@ prints a heartbeat every MS ms. On input it answers:
 ``P``       ``PAUSE max_us=<U> at_n=<hb> tick_us=<U> iters=<n>``: the largest gap between two
             iterations of its main loop since the previous ``P`` (then it starts over): the
             pause the guest itself observed
+``G``       ``GAPS n=<count> g1=<us> e1=<us> ... now=<us>``: its latest loop gaps longer than
+            1.5 ticks (at most 32, oldest first), each with the guest time its end came, and
+            the guest time the line was printed (all in microseconds since ``READY``): what
+            :meth:`Gaps.spanning` places on the host's clock to find the gap of the pause
 ``R<n>;``   ``RATE <n>``: a new dirty rate, MiB/s
 ``Q``       ``BYE``
 
@@ -34,6 +38,7 @@ __all__ = [
     "PFGUEST",
     "ConsoleLine",
     "Fault",
+    "Gaps",
     "GuestFlavour",
     "Heartbeat",
     "Pause",
@@ -43,6 +48,7 @@ __all__ = [
     "Verify",
     "Bye",
     "cmdline",
+    "gaps_request",
     "parse_line",
     "pause_request",
     "quit_request",
@@ -51,6 +57,8 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+#: How many of its latest long loop gaps the guest keeps for ``G``.
+GAP_RING = 32
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,35 @@ class Pause:
 
 
 @dataclass(frozen=True)
+class Gaps:
+    """``GAPS n=.. g1=.. e1=.. ... now=..``: the guest's latest long loop gaps (oldest
+    first): each its length and the guest time its end came, in microseconds since READY;
+    ``now_us``: the guest time the line was printed (its last field)."""
+
+    count: int
+    gaps: tuple[tuple[int, int], ...]
+    now_us: int
+
+    def spanning(
+        self, line_at: float, start: float, end: float, slack: float = 0.001
+    ) -> float | None:
+        """The longest gap that overlaps the host's moments ``start`` .. ``end`` (seconds,
+        CLOCK_MONOTONIC), in seconds; None when none does.
+
+        ``line_at`` is when this line's end reached the host: the guest printed ``now`` just
+        before it, so a guest time ``t`` is ``line_at - (now - t)`` on the host's clock
+        (off by the line's last bytes' way out and the guest's clock calibration, well
+        under ``slack`` within seconds)."""
+        found = [
+            length
+            for length, end_us in self.gaps
+            if (gap_end := line_at - (self.now_us - end_us) / 1e6) >= start - slack
+            and gap_end - length / 1e6 <= end + slack
+        ]
+        return max(found) / 1e6 if found else None
+
+
+@dataclass(frozen=True)
 class Verify:
     """``VERIFY bad=.. pages=.. ms=..``: ``bad`` pages of ``pages`` were wrong."""
 
@@ -170,14 +207,14 @@ class Fault:
     text: str
 
 
-ConsoleLine = Started | Ready | Heartbeat | Pause | Verify | RateSet | Bye | Fault
+ConsoleLine = Started | Ready | Heartbeat | Pause | Gaps | Verify | RateSet | Bye | Fault
 
 _KEYWORD = re.compile(
-    r"(?:^|[^A-Za-z_])(?P<kw>PFGUEST start|MINIGUEST start|READY|HB|PAUSE|VERIFY|RATE|BYE)"
+    r"(?:^|[^A-Za-z_])(?P<kw>PFGUEST start|MINIGUEST start|READY|HB|PAUSE|GAPS|VERIFY|RATE|BYE)"
     r"(?=\s|$)(?P<rest>.*)"
 )
 _FAULT = re.compile(r"GUEST-EXCEPTION|GUEST-ERROR|PANIC")
-_PAIR = re.compile(r"([a-z_]+)=(-?\d+)")
+_PAIR = re.compile(r"([a-z_0-9]+)=(-?\d+)")
 
 
 def _fields(rest: str) -> dict[str, int]:
@@ -210,6 +247,14 @@ def parse_line(text: str) -> ConsoleLine | None:
         if not _need(f, "max_us"):
             return None
         return Pause(f["max_us"], f.get("at_n", 0), f.get("tick_us", 0), f.get("iters", 0))
+    if kw == "GAPS":
+        if not _need(f, "n", "now"):
+            return None
+        count = min(f["n"], GAP_RING)
+        if not _need(f, *(f"{k}{i}" for i in range(1, count + 1) for k in "ge")):
+            return None
+        gaps = tuple((f[f"g{i}"], f[f"e{i}"]) for i in range(1, count + 1))
+        return Gaps(f["n"], gaps, f["now"])
     if kw == "VERIFY":
         if not _need(f, "bad", "pages"):
             return None
@@ -226,6 +271,11 @@ def parse_line(text: str) -> ConsoleLine | None:
 def pause_request() -> bytes:
     """Ask for the largest pause since the previous request (and start over)."""
     return b"P"
+
+
+def gaps_request() -> bytes:
+    """Ask for the latest long loop gaps (nothing starts over)."""
+    return b"G"
 
 
 def verify_request() -> bytes:

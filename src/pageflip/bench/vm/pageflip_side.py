@@ -44,7 +44,7 @@ from ..migrate.running import pause_steps
 from ..migrate.sampling import Sampler
 from .config import VmRunSpec
 from .console import ConsoleLog
-from .guest import Heartbeat, Ready
+from .guest import Gaps, Heartbeat, Ready, parse_line
 from .records import VmRunRecord, add_memory, blank_record
 
 __all__ = ["pageflip_vm_available", "run_pageflip"]
@@ -265,6 +265,7 @@ def _migrate(
     record["downtime_s"] = done.get("downtime")
     record["bytes_moved"] = done.get("bytes_on_wire")
     record["details"]["done"] = done
+    record["guest_switchover_s"] = _ask_switchover_gap(dst_sock, events, dst.events, record)
     # The pause the guest saw from the P above to this one, as for QEMU (the done event's
     # guest_pause covers only the two heartbeats after the resume).
     record["guest_pause_s"] = _ask_pause(dst_sock)
@@ -320,6 +321,33 @@ def _ask_pause(control: str) -> float | None:
         return None
     max_us = answer.get("fields", {}).get("max_us")
     return None if max_us is None else float(max_us) / 1e6
+
+
+def _ask_switchover_gap(
+    control: str,
+    source: list[dict[str, Any]],
+    destination: list[dict[str, Any]],
+    record: VmRunRecord,
+) -> float | None:
+    """The guest's loop gap that spans the pause: its ``G`` answer (see
+    :meth:`.guest.Gaps.spanning`) against the source's switchover and the destination's
+    resumed events; None when the guest cannot tell or no long gap overlaps them."""
+    from ...migration.host import ControlClient
+
+    switch = next((e for e in source if e.get("event") == "switchover"), None)
+    resumed = next((e for e in destination if e.get("event") == "resumed"), None)
+    if switch is None or resumed is None or "at" not in switch or "at" not in resumed:
+        return None
+    try:
+        with ControlClient(control, timeout=_STEP) as client:
+            answer = client.request("console", send="G", expect="GAPS", timeout=_STEP)
+    except (OSError, PageflipError):
+        return None
+    gaps = parse_line(str(answer.get("line", "")))
+    if not isinstance(gaps, Gaps) or answer.get("at") is None:
+        return None
+    record["details"]["gaps"] = {"line": answer["line"], "at": answer["at"]}
+    return gaps.spanning(float(answer["at"]), float(switch["at"]), float(resumed["at"]))
 
 
 def _switchover_to_running(

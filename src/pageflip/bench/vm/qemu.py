@@ -42,7 +42,16 @@ from ..common import now
 from ..migrate.sampling import Sampler
 from .config import VmOptions, VmRunSpec
 from .console import ConsoleLog, SerialConsole, connect_unix
-from .guest import Heartbeat, Pause, Ready, Verify, pause_request, verify_request
+from .guest import (
+    Gaps,
+    Heartbeat,
+    Pause,
+    Ready,
+    Verify,
+    gaps_request,
+    pause_request,
+    verify_request,
+)
 from .qmp import Event, QmpClient
 from .records import VmRunRecord, add_memory, blank_record
 
@@ -333,7 +342,11 @@ def _migrate(
     before = [t for t, _ in src.log.heartbeats(src_mark) if t < first_line.t]
     before = before or [t for t, _ in src.log.heartbeats() if t < first_line.t]
     record["host_gap_s"] = first_line.t - before[-1] if before else None
+    gaps: tuple[float, Gaps] | None = None
     if flavour.has_pause:
+        _, gaps_line, answer = dst.log.wait_for(Gaps, _STEP, start=dst.send(gaps_request()))
+        gaps = (gaps_line.t, answer)
+        record["details"]["gaps"] = {"line": gaps_line.text, "at": gaps_line.t}
         _, _, pause = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
         record["guest_pause_s"] = pause.seconds
         record["details"]["pause"] = {
@@ -345,7 +358,9 @@ def _migrate(
     _, _, check = dst.log.wait_for(Verify, o.verify_timeout, start=dst.send(verify_request()))
     record["verify_bad"], record["verify_pages"] = check.bad, check.pages
     record["details"]["verify_ms"] = check.ms
-    _fill_from_events(record, src, dst)
+    stopped = _fill_from_events(record, src, dst)
+    if gaps is not None and stopped is not None:
+        record["guest_switchover_s"] = gaps[1].spanning(gaps[0], *stopped)
     if spec.system_mode == "postcopy":
         incoming = dst.run("query-migrate")
         record["details"]["postcopy_blocktime_ms"] = incoming.get("postcopy-blocktime")
@@ -434,9 +449,10 @@ def _wait_running(dst: _Qemu) -> None:
         time.sleep(0.02)
 
 
-def _fill_from_events(record: VmRunRecord, src: _Qemu, dst: _Qemu) -> None:
+def _fill_from_events(record: VmRunRecord, src: _Qemu, dst: _Qemu) -> tuple[float, float] | None:
     """Switchover to running: the source's last STOP until the destination's first RESUME,
-    by QEMU's own timestamps (the same host clock)."""
+    by QEMU's own timestamps (the same host clock). Returns both moments on
+    CLOCK_MONOTONIC (QEMU stamps the realtime clock), None without them."""
     assert src.qmp is not None and dst.qmp is not None
     stops = [e for e in src.qmp.poll_events(0.05) if e.name == "STOP"]
     resumes = [e for e in dst.qmp.poll_events(0.05) if e.name == "RESUME"]
@@ -444,6 +460,9 @@ def _fill_from_events(record: VmRunRecord, src: _Qemu, dst: _Qemu) -> None:
     resume: Event | None = resumes[0] if resumes else None
     if stop and resume and stop.timestamp is not None and resume.timestamp is not None:
         record["switchover_to_running_s"] = resume.timestamp - stop.timestamp
+        offset = time.time() - time.monotonic()
+        return stop.timestamp - offset, resume.timestamp - offset
+    return None
 
 
 def _write_rate(log: ConsoleLog, since: float) -> float | None:

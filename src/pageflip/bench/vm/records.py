@@ -38,6 +38,7 @@ METRICS: tuple[str, ...] = (
     "total_s",
     "downtime_s",
     "guest_pause_s",
+    "guest_switchover_s",
     "host_gap_s",
     "switchover_to_running_s",
     "bytes_moved",
@@ -68,6 +69,10 @@ class VmRunRecord(TypedDict):
     #: The guest's own figure: the largest gap between two iterations of its main loop around
     #: the migration (None: the guest cannot tell).
     guest_pause_s: float | None
+    #: The guest's own figure for the pause itself: its loop gap that spans the moments the
+    #: system stopped and restarted it (None: no gap longer than 1.5 ticks did, or the guest
+    #: cannot tell). Stalls at other moments of the migration count only in guest_pause_s.
+    guest_switchover_s: float | None
     #: On the host: the last heartbeat line from the source until the first from the
     #: destination (includes up to one heartbeat period).
     host_gap_s: float | None
@@ -115,6 +120,7 @@ class CellRecord(TypedDict):
     downtime_s: float | None
     guest_pause_s: float | None
     guest_pause_max_s: float | None
+    guest_switchover_s: float | None
     host_gap_s: float | None
     switchover_to_running_s: float | None
     bytes_moved: float | None
@@ -184,6 +190,7 @@ def blank_record(spec: VmRunSpec) -> VmRunRecord:
         "total_s": None,
         "downtime_s": None,
         "guest_pause_s": None,
+        "guest_switchover_s": None,
         "host_gap_s": None,
         "switchover_to_running_s": None,
         "setup_s": None,

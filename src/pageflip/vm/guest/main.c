@@ -35,6 +35,10 @@
 /* Each tick costs the host ~70-80 us of CPU on a PVM host (emulated ring 0, a wake-up):
  * 1000 us ticks keep an idle guest at ~9 % of a core, 5000 us at ~4 % (README.md). */
 #define DEFAULT_TICK_US 5000
+/* The loop gaps longer than 1.5 ticks, the latest GAP_RING of them, for the G request: a
+ * host that maps guest time to its own (with the line's now=) tells which one spans the
+ * moment it paused the guest, apart from stalls at any other time. */
+#define GAP_RING 32
 
 /* ------------------------------------------------------------ both rings */
 static inline uint64_t rdtsc(void)
@@ -502,6 +506,8 @@ void umain(void)
     uint64_t now = now_us(), dirty_t = now, next_hb = now + hb * 1000, next_poll = now;
     uint64_t last_hb_t = now, last_hb_dirtied = 0;
     uint64_t prev = clock_cyc(), hb_gap = 0, p_gap = 0, p_gap_at = 0;
+    uint64_t big_gap = tick_us * tsc_khz * 3 / 2000, gaps = 0;
+    uint64_t gap_len[GAP_RING], gap_end[GAP_RING];
     int64_t pending_rate = -1;
     for (;;) {
         /* the pause measurement: the gap since the previous iteration began */
@@ -513,6 +519,11 @@ void umain(void)
         if (gap > p_gap) {
             p_gap = gap;
             p_gap_at = hbn;
+        }
+        if (gap > big_gap) {
+            gap_len[gaps % GAP_RING] = gap;
+            gap_end[gaps % GAP_RING] = c;
+            gaps++;
         }
         now = cyc_us(c);
         if (rate > 0 && npages) {
@@ -582,6 +593,22 @@ void umain(void)
                     p_gap = 0;
                     p_gap_at = hbn;
                     iters = 0;
+                } else if (ch == 'G') {
+                    uputs("GAPS");
+                    ukv("n", gaps);
+                    uint64_t first = gaps > GAP_RING ? gaps - GAP_RING : 0;
+                    for (uint64_t i = first; i < gaps; i++) {
+                        uputs(" g");
+                        uputu(i - first + 1);
+                        uputc('=');
+                        uputu(cyc_us(gap_len[i % GAP_RING]));
+                        uputs(" e");
+                        uputu(i - first + 1);
+                        uputc('=');
+                        uputu(cyc_us(gap_end[i % GAP_RING]) - ready);
+                    }
+                    ukv("now", now_us() - ready);  /* last: the line ends right after it */
+                    uputc('\n');
                 } else if (ch == 'R') {
                     pending_rate = 0;
                 } else if (ch == 'Q') {

@@ -65,10 +65,10 @@ def _config(tmp_path: Path, **kw: Any) -> VmConfig:
         ),
         ("VERIFY bad=0 pages=262144 ms=930", guest.Verify(0, 262144, 930)),
         (
-            "GAPS n=2 g1=2100 e1=500000 g2=3400 e2=900000 now=1000000",
-            guest.Gaps(2, ((2100, 500000), (3400, 900000)), 1000000),
+            "GAPS n=40 k=2 g1=2100 e1=500000 g2=3400 e2=900000 now=1000000",
+            guest.Gaps(40, ((2100, 500000), (3400, 900000)), 1000000),
         ),
-        ("GAPS n=0 now=77", guest.Gaps(0, (), 77)),
+        ("GAPS n=3 k=0 now=77", guest.Gaps(3, (), 77)),
         ("VERIFY bad=3 pages=65536 ms=120\r", guest.Verify(3, 65536, 120)),
         ("RATE 64", guest.RateSet(64)),
         ("BYE", guest.Bye()),
@@ -90,7 +90,8 @@ def test_console_lines_parse_to_their_records(line: str, parsed: guest.ConsoleLi
         "PAUSE at_n=3",
         "VERIFY bad=",
         "READYMADE x=1",
-        "GAPS n=2 g1=5 e1=9 now=10",  # torn: the second gap is missing
+        "GAPS n=2 k=2 g1=5 e1=9 now=10",  # torn: the second gap is missing
+        "GAPS n=2 g1=5 e1=9 now=10",  # no count of those listed
     ],
 )
 def test_other_and_torn_lines_parse_to_nothing(line: str) -> None:
@@ -136,6 +137,10 @@ def test_requests_are_the_guests_single_characters() -> None:
         b"Q",
     )
     assert guest.rate_request(256) == b"R256;"
+    assert guest.gaps_request(2.5) == b"G2500;"
+    assert guest.gaps_request(0.0001) == b"G1;"
+    with pytest.raises(BadArgument):
+        guest.gaps_request(0)
 
 
 def test_console_log_waits_for_a_kind_from_an_index() -> None:

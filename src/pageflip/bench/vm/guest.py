@@ -13,10 +13,11 @@ prints a heartbeat every MS ms. On input it answers:
 ``P``       ``PAUSE max_us=<U> at_n=<hb> tick_us=<U> iters=<n>``: the largest gap between two
             iterations of its main loop since the previous ``P`` (then it starts over): the
             pause the guest itself observed
-``G``       ``GAPS n=<count> g1=<us> e1=<us> ... now=<us>``: its latest loop gaps longer than
-            1.5 ticks (at most 32, oldest first), each with the guest time its end came, and
-            the guest time the line was printed (all in microseconds since ``READY``): what
-            :meth:`Gaps.spanning` places on the host's clock to find the gap of the pause
+``G<ms>;``  ``GAPS n=<count> k=<listed> g1=<us> e1=<us> ... now=<us>``: its loop gaps longer
+            than 1.5 ticks that ended in the last ``ms`` milliseconds (of its latest 1024;
+            oldest first), each with the guest time its end came, and the guest time the line
+            was printed (all in microseconds since ``READY``): what :meth:`Gaps.spanning`
+            places on the host's clock to find the gap of the pause
 ``R<n>;``   ``RATE <n>``: a new dirty rate, MiB/s
 ``Q``       ``BYE``
 
@@ -27,6 +28,7 @@ between heartbeats tells.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ __all__ = [
     "MINIGUEST",
     "PFGUEST",
     "ConsoleLine",
+    "GAPS_MARGIN",
     "Fault",
     "Gaps",
     "GuestFlavour",
@@ -57,8 +60,8 @@ __all__ = [
 ]
 
 MiB = 1 << 20
-#: How many of its latest long loop gaps the guest keeps for ``G``.
-GAP_RING = 32
+#: Seconds of a ``G`` request's window before the moment the guest was stopped.
+GAPS_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,10 @@ class Pause:
 
 @dataclass(frozen=True)
 class Gaps:
-    """``GAPS n=.. g1=.. e1=.. ... now=..``: the guest's latest long loop gaps (oldest
-    first): each its length and the guest time its end came, in microseconds since READY;
-    ``now_us``: the guest time the line was printed (its last field)."""
+    """``GAPS n=.. k=.. g1=.. e1=.. ... now=..``: the guest's long loop gaps of the window
+    asked for (oldest first; ``count`` of them since READY): each its length and the guest
+    time its end came, in microseconds since READY; ``now_us``: the guest time the line was
+    printed (its last field)."""
 
     count: int
     gaps: tuple[tuple[int, int], ...]
@@ -248,12 +252,12 @@ def parse_line(text: str) -> ConsoleLine | None:
             return None
         return Pause(f["max_us"], f.get("at_n", 0), f.get("tick_us", 0), f.get("iters", 0))
     if kw == "GAPS":
-        if not _need(f, "n", "now"):
+        if not _need(f, "n", "k", "now"):
             return None
-        count = min(f["n"], GAP_RING)
-        if not _need(f, *(f"{k}{i}" for i in range(1, count + 1) for k in "ge")):
+        listed = range(1, f["k"] + 1)
+        if not _need(f, *(f"{key}{i}" for i in listed for key in "ge")):
             return None
-        gaps = tuple((f[f"g{i}"], f[f"e{i}"]) for i in range(1, count + 1))
+        gaps = tuple((f[f"g{i}"], f[f"e{i}"]) for i in listed)
         return Gaps(f["n"], gaps, f["now"])
     if kw == "VERIFY":
         if not _need(f, "bad", "pages"):
@@ -273,9 +277,12 @@ def pause_request() -> bytes:
     return b"P"
 
 
-def gaps_request() -> bytes:
-    """Ask for the latest long loop gaps (nothing starts over)."""
-    return b"G"
+def gaps_request(window: float) -> bytes:
+    """Ask for the long loop gaps that ended in the last ``window`` seconds (nothing starts
+    over)."""
+    if window <= 0:
+        raise BadArgument("the window of gaps must be positive", argument="window")
+    return b"G%d;" % max(1, math.ceil(window * 1000))
 
 
 def verify_request() -> bytes:

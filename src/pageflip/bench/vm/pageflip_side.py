@@ -44,7 +44,7 @@ from ..migrate.running import pause_steps
 from ..migrate.sampling import Sampler
 from .config import VmRunSpec
 from .console import ConsoleLog
-from .guest import Gaps, Heartbeat, Ready, parse_line
+from .guest import GAPS_MARGIN, Gaps, Heartbeat, Ready, gaps_request, parse_line
 from .records import VmRunRecord, add_memory, blank_record
 
 __all__ = ["pageflip_vm_available", "run_pageflip"]
@@ -338,9 +338,12 @@ def _ask_switchover_gap(
     resumed = next((e for e in destination if e.get("event") == "resumed"), None)
     if switch is None or resumed is None or "at" not in switch or "at" not in resumed:
         return None
+    window = now() - float(switch["at"]) + GAPS_MARGIN
     try:
         with ControlClient(control, timeout=_STEP) as client:
-            answer = client.request("console", send="G", expect="GAPS", timeout=_STEP)
+            answer = client.request(
+                "console", send=gaps_request(window).decode(), expect="GAPS", timeout=_STEP
+            )
     except (OSError, PageflipError):
         return None
     gaps = parse_line(str(answer.get("line", "")))

@@ -43,6 +43,7 @@ from ..migrate.sampling import Sampler
 from .config import VmOptions, VmRunSpec
 from .console import ConsoleLog, SerialConsole, connect_unix
 from .guest import (
+    GAPS_MARGIN,
     Gaps,
     Heartbeat,
     Pause,
@@ -342,11 +343,14 @@ def _migrate(
     before = [t for t, _ in src.log.heartbeats(src_mark) if t < first_line.t]
     before = before or [t for t, _ in src.log.heartbeats() if t < first_line.t]
     record["host_gap_s"] = first_line.t - before[-1] if before else None
-    gaps: tuple[float, Gaps] | None = None
-    if flavour.has_pause:
-        _, gaps_line, answer = dst.log.wait_for(Gaps, _STEP, start=dst.send(gaps_request()))
-        gaps = (gaps_line.t, answer)
+    stopped = _fill_from_events(record, src, dst)
+    if flavour.has_pause and stopped is not None:
+        window = now() - stopped[0] + GAPS_MARGIN
+        asked = dst.send(gaps_request(window))
+        _, gaps_line, gaps = dst.log.wait_for(Gaps, _STEP, start=asked)
         record["details"]["gaps"] = {"line": gaps_line.text, "at": gaps_line.t}
+        record["guest_switchover_s"] = gaps.spanning(gaps_line.t, *stopped)
+    if flavour.has_pause:
         _, _, pause = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
         record["guest_pause_s"] = pause.seconds
         record["details"]["pause"] = {
@@ -358,9 +362,6 @@ def _migrate(
     _, _, check = dst.log.wait_for(Verify, o.verify_timeout, start=dst.send(verify_request()))
     record["verify_bad"], record["verify_pages"] = check.bad, check.pages
     record["details"]["verify_ms"] = check.ms
-    stopped = _fill_from_events(record, src, dst)
-    if gaps is not None and stopped is not None:
-        record["guest_switchover_s"] = gaps[1].spanning(gaps[0], *stopped)
     if spec.system_mode == "postcopy":
         incoming = dst.run("query-migrate")
         record["details"]["postcopy_blocktime_ms"] = incoming.get("postcopy-blocktime")

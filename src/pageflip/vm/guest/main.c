@@ -38,7 +38,8 @@
 /* The loop gaps longer than 1.5 ticks, the latest GAP_RING of them, for the G request: a
  * host that maps guest time to its own (with the line's now=) tells which one spans the
  * moment it paused the guest, apart from stalls at any other time. */
-#define GAP_RING 32
+#define GAP_RING 1024
+static uint64_t gap_len[GAP_RING], gap_end[GAP_RING];
 
 /* ------------------------------------------------------------ both rings */
 static inline uint64_t rdtsc(void)
@@ -507,8 +508,7 @@ void umain(void)
     uint64_t last_hb_t = now, last_hb_dirtied = 0;
     uint64_t prev = clock_cyc(), hb_gap = 0, p_gap = 0, p_gap_at = 0;
     uint64_t big_gap = tick_us * tsc_khz * 3 / 2000, gaps = 0;
-    uint64_t gap_len[GAP_RING], gap_end[GAP_RING];
-    int64_t pending_rate = -1;
+    int64_t pending_rate = -1, pending_gaps = -1;
     for (;;) {
         /* the pause measurement: the gap since the previous iteration began */
         uint64_t c = clock_cyc(), gap = c - prev;
@@ -563,6 +563,36 @@ void umain(void)
                     pending_rate = pending_rate * 10 + (ch - '0');
                     continue;
                 }
+                if (pending_gaps >= 0 && ch >= '0' && ch <= '9') {
+                    pending_gaps = pending_gaps * 10 + (ch - '0');
+                    continue;
+                }
+                if (pending_gaps >= 0) {  /* G<ms>: the gaps that ended in the last ms */
+                    uint64_t c_now = clock_cyc(), back = (uint64_t)pending_gaps * tsc_khz;
+                    uint64_t since = c_now > back && pending_gaps ? c_now - back : 0;
+                    uint64_t first = gaps > GAP_RING ? gaps - GAP_RING : 0, k = 0;
+                    while (first < gaps && gap_end[first % GAP_RING] < since)
+                        first++;
+                    pending_gaps = -1;
+                    uputs("GAPS");
+                    ukv("n", gaps);
+                    ukv("k", gaps - first);
+                    for (uint64_t i = first; i < gaps; i++) {
+                        k++;
+                        uputs(" g");
+                        uputu(k);
+                        uputc('=');
+                        uputu(cyc_us(gap_len[i % GAP_RING]));
+                        uputs(" e");
+                        uputu(k);
+                        uputc('=');
+                        uputu(cyc_us(gap_end[i % GAP_RING]) - ready);
+                    }
+                    ukv("now", now_us() - ready);  /* last: the line ends right after it */
+                    uputc('\n');
+                    if (ch == ';')
+                        continue;
+                }
                 if (pending_rate >= 0) {  /* ';' or any other non-digit ends R<digits> */
                     rate = (uint64_t)pending_rate;
                     pending_rate = -1;
@@ -594,21 +624,7 @@ void umain(void)
                     p_gap_at = hbn;
                     iters = 0;
                 } else if (ch == 'G') {
-                    uputs("GAPS");
-                    ukv("n", gaps);
-                    uint64_t first = gaps > GAP_RING ? gaps - GAP_RING : 0;
-                    for (uint64_t i = first; i < gaps; i++) {
-                        uputs(" g");
-                        uputu(i - first + 1);
-                        uputc('=');
-                        uputu(cyc_us(gap_len[i % GAP_RING]));
-                        uputs(" e");
-                        uputu(i - first + 1);
-                        uputc('=');
-                        uputu(cyc_us(gap_end[i % GAP_RING]) - ready);
-                    }
-                    ukv("now", now_us() - ready);  /* last: the line ends right after it */
-                    uputc('\n');
+                    pending_gaps = 0;
                 } else if (ch == 'R') {
                     pending_rate = 0;
                 } else if (ch == 'Q') {

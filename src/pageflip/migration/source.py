@@ -328,7 +328,7 @@ class Source(Side[SourcePhase]):
             self._peer = ProcessWatch.of(self._link.peer_pid())
 
     def _our_features(self) -> stream.Feature:
-        f = stream.Feature.XXH3
+        f = stream.Feature.XXH3 | stream.Feature.HUGE
         if self.options.compress is not None:
             f |= stream.Feature.ZSTD
         if self.address.local:
@@ -401,12 +401,23 @@ class Source(Side[SourcePhase]):
             wire = stream.Mode.PRECOPY_POSTCOPY
         else:
             wire = stream.Mode[mode.upper()]
+        # With HUGE the destination makes each region on the pages ours sits on; a peer
+        # without it makes 4 KiB pages, and is told nothing else.
+        kinds = [
+            stream.PageKind.of(r.huge, r.page_size)
+            if stream.Feature.HUGE in self._features
+            else stream.PageKind.SMALL
+            for r in regions
+        ]
         link.send(
             stream.Setup(
                 mode=wire,
                 chunk_pages=1,
                 src_pid=os.getpid(),
-                regions=[stream.RegionInfo(r.name, r.size, r.address, r.movable) for r in regions],
+                regions=[
+                    stream.RegionInfo(r.name, r.size, r.address, r.movable, kind)
+                    for r, kind in zip(regions, kinds, strict=True)
+                ],
             ),
             "setup",
         )
@@ -432,7 +443,10 @@ class Source(Side[SourcePhase]):
                 self._t(),
                 mode=mode,
                 transport=str(self.address),
-                regions=[{"name": r.name, "size": r.size, "movable": r.movable} for r in regions],
+                regions=[
+                    {"name": r.name, "size": r.size, "movable": r.movable, "pages": k.describe()}
+                    for r, k in zip(regions, kinds, strict=True)
+                ],
                 total_bytes=sum(r.size for r in regions),
                 features=[f.name for f in stream.Feature if f in self._features and f.name],
                 downtime_limit=self.options.downtime_limit,

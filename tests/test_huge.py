@@ -21,12 +21,16 @@ import numpy as np
 import pytest
 
 import pageflip as pf
+from cli_procs import hosts, pagers
 from helpers import join, run_thread
 from pageflip import features
 from pageflip._sys import huge
 from pageflip._sys import probe as sysprobe
 from pageflip.dirty import DirtyTracker
+from test_after_commit import Pair, _after_stop
 from test_migration import Run, _source_kept_it
+
+_ = hosts  # the fixture
 
 MIB = 1 << 20
 HUGE = 2 * MIB
@@ -787,3 +791,31 @@ def test_bench_migrate_without_the_huge_pages_fails_in_one_line() -> None:
     message = str(info.value)
     assert "the source failed: FeatureUnavailable: " in message
     assert "hugepages-1048576kB/nr_hugepages" in message and "Traceback" not in message
+
+
+# -- a pager's worker replaced on huge pages ------------------------------------------------
+
+
+@pytest.fixture
+def hosted(tmp_path: Path, hosts: list[Any]) -> Iterator[Pair]:
+    """A workload and a destination as `pageflip` processes (test_after_commit's pair)."""
+    yield Pair(tmp_path, hosts)
+
+
+def test_a_new_pager_worker_takes_over_whole_huge_pages(
+    hugetlb_pool: huge.Pool, hosted: Pair
+) -> None:
+    """Postcopy after a round, on hugetlb: the pager's worker is stopped before the
+    switchover, then killed; the keeper's new worker finds the huge pages the round left
+    (in the destination's page tables, which it reads from its own process) and brings the
+    rest in whole huge pages."""
+    hosted.workload("--huge", "hugetlb", size="16M")
+    incoming = hosted.incoming(faults="dest-kill-pager-worker")
+    migrate = hosted.migrate("postcopy", "--postcopy-after-rounds", "1")
+    done = migrate.wait_for("done")
+    assert done["digest"] == "verified", done
+    assert migrate.finish() == 0
+    incoming.wait_for("running")
+    assert hosted.verify(hosted.b)["ok"]
+    assert "its worker was killed by signal 9; a new one took over" in _after_stop(hosted, incoming)
+    assert pagers() == []

@@ -606,6 +606,8 @@ class _Keeper:
         self.start_fds: list[int] = []
         self.go = False
         self.reported = False  # the worker said "complete" or "lost": nothing to serve
+        #: The destination heard "started" for its "start" (from whichever worker).
+        self.acknowledged = False
         self.restarts = 0
         self.worker = self._new_worker()
 
@@ -684,6 +686,7 @@ class _Keeper:
             self._replace(f"failed: {note.message['error']}", kill=True)
             return
         self.reported = self.reported or "complete" in note.message or "lost" in note.message
+        self.acknowledged = self.acknowledged or "started" in note.message
         send_note(self.link, note.message)
 
     def _replace(self, why: str, *, kill: bool) -> None:
@@ -701,6 +704,11 @@ class _Keeper:
             _fds.close_all(fds)
             if "started" not in message:
                 raise RuntimeError(f"a new pager worker said {message} instead of started")
+            if not self.acknowledged:
+                # The old worker died between "start" and its answer: the destination
+                # still waits for one.
+                send_note(self.link, message)
+                self.acknowledged = True
         send_note(self.link, {"restarted": f"its worker {why}; a new one took over"})
 
 

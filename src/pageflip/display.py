@@ -189,6 +189,8 @@ class MigrationDisplay:
     def _switchover(self, event: dict[str, Any]) -> None:
         reason = event.get("reason")
         expected = _finite(event.get("expected_downtime"))
+        if event.get("why"):  # precopy stopped without converging
+            self._say(f"[yellow]{escape(str(event['why']))}[/]")
         self._say(
             "switchover: the guest is paused; handing its memory over"
             if reason == "flip"

@@ -554,14 +554,16 @@ def _event_text(event: dict[str, Any]) -> str:
     type=click.IntRange(min=1),
     default=30,
     show_default=True,
-    help="Precopy rounds before --on-no-convergence decides.",
+    help="Precopy rounds before --on-no-convergence decides (sooner once two rounds in a "
+    "row show that precopy cannot converge within them).",
 )
 @click.option(
     "--on-no-convergence",
     type=click.Choice(["force", "postcopy"]),
     default="force",
     show_default=True,
-    help="After --max-rounds: switch over anyway, or go postcopy.",
+    help="When precopy cannot converge: switch over anyway (the display says so, and "
+    "whether the expected pause is over --downtime-limit), or go postcopy.",
 )
 @click.option(
     "--postcopy-after-rounds",

@@ -500,6 +500,25 @@ def test_bench_handoff_huge_adds_the_move_on_2mib_pages(hugetlb_pool: huge.Pool)
     assert targets["huge_access_scaling"]["measured"] is None  # only above 1 GiB
 
 
+def test_bench_handoff_huge_names_the_pool_it_needs(hugetlb_pool: huge.Pool) -> None:
+    """The huge row holds its region twice over: a pool that holds it once is too small,
+    and the one line says the sysctl that reserves enough, before anything starts."""
+    from click.testing import CliRunner
+
+    from pageflip.cli import main
+
+    pool = huge.pool(HUGE)
+    size = pool.available * HUGE  # the region fits once, not twice
+    args = ["bench", "handoff", "--size", str(size), "--repeat", "1", "--methods", "move"]
+    result = CliRunner().invoke(main, [*args, "--huge", "--overhead-rounds", "0"])
+    assert result.exit_code == 1
+    need = 2 * pool.available
+    assert result.output.startswith("FeatureUnavailable: the huge page rows hold a region")
+    assert f"{need} pages of 2 MiB" in result.output
+    assert f"`sysctl -w vm.nr_hugepages={pool.total + need - pool.available}`" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_bench_handoff_huge_needs_whole_huge_pages() -> None:
     from click.testing import CliRunner
 

@@ -165,7 +165,8 @@ def serve_host(host: Any, as_json: bool, tick: Callable[[], None] | None = None)
     type=click.Choice(HUGE_NAMES),
     default=None,
     help="Put the memory on huge pages (hugetlb needs a pool: sysctl -w vm.nr_hugepages=N; "
-    "auto falls back to 4 KiB pages).",
+    "auto falls back to 4 KiB pages). A precopy or postcopy destination makes the same kind "
+    "of pages (a second SIZE from the pool on this host); a flip moves these very pages.",
 )
 @control_option
 @json_option

@@ -3,9 +3,10 @@
 It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
 digest is kept as pages arrive and the region digests must equal the source's at
 switchover; with flip, each memfd must pass :func:`~pageflip.channel.check_peer_memfd` as the
-very one the source named (device, inode, seals, size). Everything that can
-fail happens before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room
-for the guest is checked at SETUP, the guest is restored paused, the caller's ``prepare``
+very one the source named (device, inode, seals, size). Everything that can fail happens
+before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room for the guest
+(memory, fds, the huge pages its regions sit on) is checked at SETUP and its regions are
+made on the source's kind of pages, the guest is restored paused, the caller's ``prepare``
 runs, a postcopy's pager takes the memory. Then it resumes the guest only on COMMIT.
 
 After the commit point a postcopy guest is kept whatever the source does: its pager pulls

@@ -29,7 +29,7 @@ checks that each frame is well formed)::
       HELLO(role=SOURCE, features, session) ---->
                                             <---- HELLO(role=DESTINATION, ...)
                                             <---- WELCOME(shared features) or REJECT(reason)
-      SETUP(mode, chunk_pages, regions)     ---->
+      SETUP(mode, chunk_pages, regions)     ---->   (with HUGE, each region's kind of pages)
                                             <---- ACCEPTED (room checked, regions ready)
                                                   or REJECT(reason)
     mode PRECOPY (round 1 sends everything, later rounds what the guest dirtied):

@@ -433,6 +433,42 @@ def test_dirty_tracking_on_hugetlb_reports_whole_huge_pages(hugetlb_pool: huge.P
     assert first == [[0, 512], [1024, 512]] and second == [[0, 512]]
 
 
+def test_a_scan_that_cuts_a_written_huge_page_reports_nothing_of_it(
+    hugetlb_pool: huge.Pool,
+) -> None:
+    """A trap the tracker avoids by scanning whole regions: PAGEMAP_SCAN with WP_MATCHING
+    over part of a written hugetlb page backs out (it cannot protect part of one) and says
+    nothing, leaving the page written; a scan of the whole page then reports it."""
+    from pageflip._sys import pagemap
+    from pageflip._sys.flags import PageCategory, PmScan
+
+    scan = PmScan.WP_MATCHING | PmScan.CHECK_WPASYNC
+    written = PageCategory.WRITTEN
+    with (
+        pf.Region.movable(4 * HUGE, huge="hugetlb", populate=True) as region,
+        DirtyTracker([region]) as tracker,
+    ):
+        view = region.view()
+        view[HUGE + 3 * pf.PAGE_SIZE] = 1
+        view.release()
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            part = region.address + HUGE + 3 * pf.PAGE_SIZE
+            cut = pagemap.scan(
+                fd,
+                part,
+                part + pf.PAGE_SIZE,
+                flags=scan,
+                category_mask=written,
+                return_mask=written,
+            )
+        finally:
+            os.close(fd)
+        assert len(cut) == 0
+        (runs,) = tracker.collect()
+        assert runs.tolist() == [[512, 512]]  # still written, reported whole
+
+
 def test_dirty_tracking_on_thp_reports_4kib_pages(thp_shmem: None) -> None:
     with pf.Region.movable(8 * MIB, huge="thp", populate=True) as region:
         first, second = _written_runs(region)

@@ -13,6 +13,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import pageflip as pf
+from pageflip import stream
+from pageflip._sys import huge, mm
 from pageflip.channel import Endpoint as Link
 from pageflip.guests import Workload
 from pageflip.memory import Memfd
@@ -27,6 +29,44 @@ def mapped_memfds(pid: int | str = "self") -> list[str]:
             for line in f
             if "/memfd:pageflip" in line
         ]
+
+
+def region_pages(guest: Any) -> list[dict[str, Any]]:
+    """Per region of a guest: what pageflip says its pages are, and what the kernel says
+    (/proc/self/smaps: the page size of the mapping, and the bytes shmem maps in 2 MiB)."""
+    fields: dict[int, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not line.rstrip().endswith(" kB") and ":" not in head:
+                current = fields.setdefault(int(head.split("-")[0], 16), {})
+            elif current is not None and line.rstrip().endswith(" kB"):
+                name, value = line.split(":")
+                current[name] = int(value.split()[0])
+    out = []
+    for region in guest.regions:
+        kernel = fields.get(region.address, {})
+        out.append(
+            {
+                "name": region.name,
+                "page_size": region.page_size,
+                "huge": region.huge,
+                "kernel_page_kb": kernel.get("KernelPageSize"),
+                "pmd_mapped_kb": kernel.get("ShmemPmdMapped"),
+                "size_kb": region.size >> 10,
+            }
+        )
+    return out
+
+
+def take_free_huge_pages() -> pf.Region | None:
+    """Another party takes every 2 MiB page the hugetlb pool can still give (the pages are
+    touched: they are gone from the pool until the region is closed)."""
+    free = huge.pool(huge.HUGE_2M).available
+    if not free:
+        return None
+    return pf.Region.movable(free * huge.HUGE_2M, name="thief", huge="hugetlb", populate=True)
 
 
 def frames_sample(guest: Any) -> list[int] | None:
@@ -102,6 +142,18 @@ def source(
             return sent
 
         Link.send = swapping  # type: ignore[method-assign]
+    stolen: list[pf.Region | None] = []
+    theft: dict[str, int] = {}
+    if fault == "take-the-pool-after-setup":
+        # Once the destination said ACCEPTED (its regions made), every free huge page goes.
+        def on_setup(event: Any) -> None:
+            events.append(event.as_dict())
+            if event.kind == "setup":
+                stolen.append(take_free_huge_pages())
+                theft["pages"] = stolen[0].size // huge.HUGE_2M if stolen[0] else 0
+                theft["left"] = huge.pool(huge.HUGE_2M).available
+
+        migration._on_event = on_setup
     if fault == "corrupt-frame-header":
         original_send = Link.send
 
@@ -142,8 +194,12 @@ def source(
             "events": events,
             "frames": frames,
             "memfds_left": mapped_memfds(),
+            "theft": theft,
         }
     )
+    for region in stolen:
+        if region is not None:
+            region.close()
 
 
 def destination(listen: str, results: Connection, fault: str = "") -> None:
@@ -171,6 +227,27 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
 
         dest_module.Destination._copy_in = fail_in_pull  # type: ignore[method-assign]
         del original_pull
+    if fault == "without-huge":
+        # A destination from before the HUGE feature: it makes 4 KiB pages whatever the
+        # source's are.
+        offered = dest_module.Destination._our_features
+
+        def old_features(self: Destination) -> Any:
+            return offered(self) & ~stream.Feature.HUGE
+
+        dest_module.Destination._our_features = old_features  # type: ignore[method-assign]
+    thief: list[pf.Region | None] = []
+    if fault == "take-the-pool-after-a-punch":
+        # The moment a huge page is punched out (stale pages dropped at a postcopy's
+        # switchover), another party takes every free huge page, the punched one too.
+        punch = mm.punch_hole
+
+        def punch_and_steal(fd: int, offset: int, length: int) -> None:
+            punch(fd, offset, length)
+            if not thief and os.fstat(fd).st_blksize > pf.PAGE_SIZE:
+                thief.append(take_free_huge_pages())
+
+        mm.punch_hole = punch_and_steal  # type: ignore[assignment]
     if fault == "kill-at-switchover":
 
         def die_at_switchover(self: Destination, switchover: Any) -> Any:
@@ -181,8 +258,17 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
         guest = dest.run()
     except pf.MigrationError as err:
         results.send(
-            {"ok": False, "error": str(err), "type": type(err).__name__, "phase": err.phase}
+            {
+                "ok": False,
+                "error": str(err),
+                "type": type(err).__name__,
+                "phase": err.phase,
+                "stolen": [r.size if r else 0 for r in thief],
+            }
         )
+        for region in thief:
+            if region is not None:
+                region.close()
         return
     time.sleep(0.3)
     report = guest.verify()
@@ -195,6 +281,8 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
             "frames": frames_sample(guest),
             "done": dest.done,
             "pager_exits": dest.pager_exits,
+            "postcopy": dest.postcopy,
+            "pages": region_pages(guest),
             "events": events,
         }
     )

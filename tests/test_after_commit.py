@@ -44,10 +44,10 @@ class Pair:
         self.started.append(host)
         return host
 
-    def workload(self, *, faults: str = "", size: str = "32M", rate: str = "16M") -> Host:
+    def workload(self, *extra: str, faults: str = "", size: str = "32M", rate: str = "16M") -> Host:
         host = self.start(
             Host(
-                *("workload", "--size", size, "--dirty-rate", rate, "--control", self.a),
+                *("workload", "--size", size, "--dirty-rate", rate, "--control", self.a, *extra),
                 faults=faults,
                 stderr_to=self.tmp / "workload.err",
             )

@@ -114,6 +114,46 @@ def test_migrate_to_nobody_fails_cleanly_and_the_guest_stays(
     assert workload.finish() == 0
 
 
+def test_a_precopy_that_cannot_converge_says_so(tmp_path: Path, procs: list[Proc]) -> None:
+    """Writes faster than the rounds go: the display says, before the pause, that precopy
+    cannot converge and that the forced pause is over the limit; --json says it in the
+    switchover event and the report."""
+    a, b, listen = (str(tmp_path / n) for n in ("a.sock", "b.sock", "in.sock"))
+    workload = Proc("workload", "--size", "32M", "--dirty-rate", "256M", "--control", a)
+    procs.append(workload)
+    workload.wait_for("ready")
+    incoming = Proc("incoming", "--listen", listen, "--control", b)
+    procs.append(incoming)
+    incoming.wait_for("listening")
+    out = pageflip(
+        *("migrate", "--control", a, "--to", listen, "--mode", "precopy"),
+        *("--max-bandwidth", "64M"),
+    )
+    said = " ".join(out.stderr.split())  # the display wraps long lines
+    assert "precopy cannot converge: round 2 sent" in said, out.stderr
+    assert "switching over anyway, with an expected pause of" in said
+    assert "OVER the 300 ms downtime limit" in said
+    assert workload.finish() == 0
+    incoming.wait_for("running")
+
+    # Back the other way, as JSON lines.
+    workload = Proc("incoming", "--listen", listen + "2", "--control", a)
+    procs.append(workload)
+    workload.wait_for("listening")
+    out = pageflip(
+        *("migrate", "--control", b, "--to", listen + "2", "--mode", "precopy"),
+        *("--max-bandwidth", "64M", "--json"),
+    )
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    (switch,) = [e for e in events if e["event"] == "switchover"]
+    assert switch["reason"] == "forced" and switch["why"].startswith("precopy cannot converge")
+    assert events[-1]["details"]["no_convergence"] == switch["why"]
+    assert incoming.finish() == 0
+    workload.wait_for("running")
+    pageflip("stop", "--control", a)
+    assert workload.finish() == 0
+
+
 def test_bad_durations_and_modes_are_usage_errors(tmp_path: Path) -> None:
     out = pageflip("migrate", "--to", "x", "--downtime-limit", "soon", check=False)
     assert out.returncode == 2 and "not a duration" in out.stderr

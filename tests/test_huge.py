@@ -21,12 +21,16 @@ import numpy as np
 import pytest
 
 import pageflip as pf
+from cli_procs import hosts, pagers
 from helpers import join, run_thread
 from pageflip import features
 from pageflip._sys import huge
 from pageflip._sys import probe as sysprobe
 from pageflip.dirty import DirtyTracker
-from test_migration import Run
+from test_after_commit import Pair, _after_stop
+from test_migration import Run, _source_kept_it
+
+_ = hosts  # the fixture
 
 MIB = 1 << 20
 HUGE = 2 * MIB
@@ -429,6 +433,42 @@ def test_dirty_tracking_on_hugetlb_reports_whole_huge_pages(hugetlb_pool: huge.P
     assert first == [[0, 512], [1024, 512]] and second == [[0, 512]]
 
 
+def test_a_scan_that_cuts_a_written_huge_page_reports_nothing_of_it(
+    hugetlb_pool: huge.Pool,
+) -> None:
+    """A trap the tracker avoids by scanning whole regions: PAGEMAP_SCAN with WP_MATCHING
+    over part of a written hugetlb page backs out (it cannot protect part of one) and says
+    nothing, leaving the page written; a scan of the whole page then reports it."""
+    from pageflip._sys import pagemap
+    from pageflip._sys.flags import PageCategory, PmScan
+
+    scan = PmScan.WP_MATCHING | PmScan.CHECK_WPASYNC
+    written = PageCategory.WRITTEN
+    with (
+        pf.Region.movable(4 * HUGE, huge="hugetlb", populate=True) as region,
+        DirtyTracker([region]) as tracker,
+    ):
+        view = region.view()
+        view[HUGE + 3 * pf.PAGE_SIZE] = 1
+        view.release()
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            part = region.address + HUGE + 3 * pf.PAGE_SIZE
+            cut = pagemap.scan(
+                fd,
+                part,
+                part + pf.PAGE_SIZE,
+                flags=scan,
+                category_mask=written,
+                return_mask=written,
+            )
+        finally:
+            os.close(fd)
+        assert len(cut) == 0
+        (runs,) = tracker.collect()
+        assert runs.tolist() == [[512, 512]]  # still written, reported whole
+
+
 def test_dirty_tracking_on_thp_reports_4kib_pages(thp_shmem: None) -> None:
     with pf.Region.movable(8 * MIB, huge="thp", populate=True) as region:
         first, second = _written_runs(region)
@@ -496,6 +536,25 @@ def test_bench_handoff_huge_adds_the_move_on_2mib_pages(hugetlb_pool: huge.Pool)
     assert targets["huge_access_scaling"]["measured"] is None  # only above 1 GiB
 
 
+def test_bench_handoff_huge_names_the_pool_it_needs(hugetlb_pool: huge.Pool) -> None:
+    """The huge row holds its region twice over: a pool that holds it once is too small,
+    and the one line says the sysctl that reserves enough, before anything starts."""
+    from click.testing import CliRunner
+
+    from pageflip.cli import main
+
+    pool = huge.pool(HUGE)
+    size = pool.available * HUGE  # the region fits once, not twice
+    args = ["bench", "handoff", "--size", str(size), "--repeat", "1", "--methods", "move"]
+    result = CliRunner().invoke(main, [*args, "--huge", "--overhead-rounds", "0"])
+    assert result.exit_code == 1
+    need = 2 * pool.available
+    assert result.output.startswith("FeatureUnavailable: the huge page rows hold a region")
+    assert f"{need} pages of 2 MiB" in result.output
+    assert f"`sysctl -w vm.nr_hugepages={pool.total + need - pool.available}`" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_bench_handoff_huge_needs_whole_huge_pages() -> None:
     from click.testing import CliRunner
 
@@ -518,14 +577,191 @@ def run(spawn: Any, tmp_path: Path) -> Iterator[Run]:
         r.close()
 
 
-@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
-def test_a_workload_on_huge_pages_migrates_by_copies(
-    hugetlb_pool: huge.Pool, run: Run, mode: str
+#: The copy modes, as options: precopy, postcopy at once, postcopy after a round (its
+#: stale pages dropped at the switchover and fetched again).
+COPIES = {
+    "precopy": {"mode": "precopy"},
+    "postcopy": {"mode": "postcopy"},
+    "postcopy-after-a-round": {"mode": "postcopy", "postcopy_after_rounds": 1},
+}
+
+
+def _ram(dst: dict[str, Any]) -> dict[str, Any]:
+    """What the destination's guest memory sits on (pageflip's word and the kernel's)."""
+    ram = next(r for r in dst["pages"] if r["name"] == "ram")
+    assert all(r["page_size"] == pf.PAGE_SIZE for r in dst["pages"] if r["name"] != "ram")
+    return ram
+
+
+@pytest.mark.parametrize("copy", list(COPIES))
+def test_copies_land_on_hugetlb_pages_like_the_sources(
+    hugetlb_pool: huge.Pool, run: Run, copy: str
 ) -> None:
-    src, dst = run.start(size=16 * MIB, options={"mode": mode, "huge": "hugetlb"})
+    """With the HUGE feature the destination makes its region of the source's kind: a
+    hugetlb memfd of 2 MiB pages (the kernel maps it so), and a postcopy pager faults and
+    installs it in whole huge pages."""
+    options = {**COPIES[copy], "huge": "hugetlb"}
+    src, dst = run.start(size=16 * MIB, options=options)
     assert src["ok"], src
+    mode = options["mode"]
     assert src["done"]["mode"] == mode and src["done"]["digest"] == "verified"
     assert dst is not None and dst["ok"] and dst["verify"], dst
+    setup = next(e for e in src["events"] if e["event"] == "setup")
+    assert "HUGE" in setup["features"]
+    assert [r["pages"] for r in setup["regions"]] == ["2 MiB hugetlb", "4 KiB", "4 KiB"]
+    ram = _ram(dst)
+    assert (ram["huge"], ram["page_size"], ram["kernel_page_kb"]) == ("hugetlb", HUGE, 2048)
+    if mode == "postcopy":
+        # UFFDIO_COPY into hugetlb takes whole, aligned huge pages only (EINVAL otherwise):
+        # every page the pager installed there went in as one.
+        report = dst["postcopy"]
+        assert report["digests"] == "verified" and report["pushed"] > 0
+
+
+@pytest.mark.parametrize("copy", ["precopy", "postcopy"])
+def test_copies_land_on_transparent_huge_pages_like_the_sources(
+    thp_shmem: None, run: Run, copy: str
+) -> None:
+    """A THP source gets a THP destination: precopy writes into 2 MiB folios; postcopy's
+    UFFDIO_COPY makes 4 KiB pages, collapsed into 2 MiB ones once every page is in."""
+    src, dst = run.start(size=16 * MIB, options={**COPIES[copy], "huge": "thp"})
+    assert src["ok"] and src["done"]["digest"] == "verified", src
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    ram = _ram(dst)
+    assert (ram["huge"], ram["page_size"]) == ("thp", HUGE)
+    assert ram["pmd_mapped_kb"] == ram["size_kb"]  # all of it mapped in 2 MiB pages
+    if copy == "postcopy":
+        assert dst["postcopy"]["thp_collapse_seconds"] > 0
+
+
+def test_a_destination_without_the_huge_feature_makes_4kib_pages(
+    hugetlb_pool: huge.Pool, run: Run
+) -> None:
+    """An older destination does not offer HUGE: the source announces 4 KiB pages and the
+    copy lands on them, as before."""
+    src, dst = run.start(
+        size=16 * MIB,
+        options={"mode": "precopy", "huge": "hugetlb"},
+        destination_fault="without-huge",
+    )
+    assert src["ok"] and src["done"]["digest"] == "verified", src
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    setup = next(e for e in src["events"] if e["event"] == "setup")
+    assert "HUGE" not in setup["features"]
+    assert {r["pages"] for r in setup["regions"]} == {"4 KiB"}
+    ram = _ram(dst)
+    assert (ram["huge"], ram["page_size"], ram["kernel_page_kb"]) == (None, pf.PAGE_SIZE, 4)
+
+
+@pytest.mark.parametrize("copy", ["precopy", "postcopy"])
+def test_a_pool_too_small_for_the_destination_fails_in_setup_naming_the_sysctl(
+    hugetlb_pool: huge.Pool, run: Run, copy: str
+) -> None:
+    """The source's 8 pages fit, the destination's 8 more do not (3 are left): refused in
+    setup, before anything was sent, with the sysctl that reserves enough for the whole
+    guest; the guest runs on at the source, intact."""
+    others = pf.Region.movable(
+        (huge.pool(HUGE).available - 11) * HUGE, name="others", huge="hugetlb", populate=True
+    )
+    try:
+        total = huge.pool(HUGE).total
+        src, dst = run.start(size=16 * MIB, options={**COPIES[copy], "huge": "hugetlb"})
+    finally:
+        others.close()
+    _source_kept_it(src, "setup")
+    assert dst is not None and not dst["ok"] and dst["phase"] == "setup", dst
+    message = src["error"]
+    assert "need 8 pages and the 2 MiB pool: 3 of" in message
+    assert f"`sysctl -w vm.nr_hugepages={total + 8 - 3}`" in message
+    assert "\n" not in message
+    assert not [e for e in src["events"] if e["event"] in ("round", "switchover")]
+
+
+@pytest.mark.parametrize("copy", list(COPIES))
+def test_the_pool_taken_after_setup_cannot_hurt_the_destination(
+    hugetlb_pool: huge.Pool, run: Run, copy: str
+) -> None:
+    """A hugetlb mapping reserves its pages when it is made (no MAP_NORESERVE): once the
+    destination said ACCEPTED, another party takes every free huge page, and every page
+    the destination fills afterwards (copies, the pager's UFFDIO_COPY, pages dropped as
+    stale and fetched again) still comes from its reservation."""
+    src, dst = run.start(
+        size=16 * MIB,
+        options={**COPIES[copy], "huge": "hugetlb"},
+        source_fault="take-the-pool-after-setup",
+    )
+    assert src["ok"] and src["done"]["digest"] == "verified", src
+    assert src["theft"]["pages"] > 0 and src["theft"]["left"] == 0, src["theft"]
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert _ram(dst)["kernel_page_kb"] == 2048
+
+
+def test_the_pool_taken_mid_migration_fails_before_the_commit_point(
+    hugetlb_pool: huge.Pool, run: Run
+) -> None:
+    """Stale huge pages dropped at a postcopy's switchover give their reservation back
+    with them: the destination reserves them again at once. Here another party takes them
+    in between: the destination cannot be sure of its memory, gives up before PREPARED,
+    and the guest runs on at the source, intact."""
+    src, dst = run.start(
+        size=16 * MIB,
+        rate=64 * MIB,
+        options={**COPIES["postcopy-after-a-round"], "huge": "hugetlb"},
+        destination_fault="take-the-pool-after-a-punch",
+    )
+    _source_kept_it(src, "switchover")
+    assert "could not be reserved again" in src["error"], src["error"]
+    assert "`sysctl -w vm.nr_hugepages=" in src["error"]
+    assert not [e for e in src["events"] if e["event"] in ("prepared", "commit")]
+    assert dst is not None and not dst["ok"] and dst["stolen"][0] > 0, dst
+
+
+def test_a_punched_huge_page_is_reserved_again(hugetlb_pool: huge.Pool) -> None:
+    """Punching whole huge pages out of a hugetlb memfd frees them and their reservation;
+    Memfd.punch reserves them again, so that nobody can take them from under the mapping.
+    Cutting a huge page only zeroes that part (the page stays)."""
+    with pf.Region.movable(4 * HUGE, huge="hugetlb") as region:
+        view = region.view()
+        view[:] = b"\x07" * len(view)
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        before = huge.pool(HUGE)
+        extent.memfd.punch(HUGE, HUGE)  # a whole page: freed, reserved again
+        extent.memfd.punch(2 * HUGE + 4096, 4096)  # a cut: zeroed in place
+        after = huge.pool(HUGE)
+        assert after.available == before.available  # nothing free for anyone else
+        assert (after.free, after.reserved) == (before.free + 1, before.reserved + 1)
+        others = pf.Region.movable(after.available * HUGE, huge="hugetlb", populate=True)
+        try:
+            view[HUGE] = 1  # comes from the reservation: no SIGBUS
+            assert view[HUGE + 1] == 0 and view[2 * HUGE + 4096] == 0
+            assert view[2 * HUGE] == 7 and view[2 * HUGE + 8192] == 7
+        finally:
+            others.close()
+        view.release()
+
+
+def test_the_pager_tells_present_huge_pages_by_the_page_tables(hugetlb_pool: huge.Pool) -> None:
+    """A hugetlb memfd calls all of itself data (SEEK_DATA cannot tell its holes): which
+    huge pages a region holds comes from the page tables of the process that maps it."""
+    from pageflip.migration.pager import held_pages, present_pages
+
+    with pf.Region.movable(4 * HUGE, huge="hugetlb") as region:
+        view = region.view()
+        view[HUGE + 5] = 1
+        view[3 * HUGE] = 1
+        (extent,) = region.extents()
+        assert extent.memfd is not None
+        npages = region.size // pf.PAGE_SIZE
+        assert present_pages(extent.memfd.fd, npages).all()  # what SEEK_DATA says
+        held = held_pages(extent.memfd.fd, npages, unit=HUGE, address=region.address)
+        per_huge_page = held.reshape(4, 512)
+        assert per_huge_page.all(axis=1).tolist() == [False, True, False, True]
+        assert (per_huge_page.any(axis=1) == per_huge_page.all(axis=1)).all()
+        extent.memfd.punch(HUGE, HUGE)
+        held = held_pages(extent.memfd.fd, npages, unit=HUGE, address=region.address)
+        assert held.reshape(4, 512).all(axis=1).tolist() == [False, False, False, True]
+        view.release()
 
 
 def test_a_workload_on_huge_pages_flips_whole(hugetlb_pool: huge.Pool, run: Run) -> None:
@@ -610,3 +846,31 @@ def test_bench_migrate_without_the_huge_pages_fails_in_one_line() -> None:
     message = str(info.value)
     assert "the source failed: FeatureUnavailable: " in message
     assert "hugepages-1048576kB/nr_hugepages" in message and "Traceback" not in message
+
+
+# -- a pager's worker replaced on huge pages ------------------------------------------------
+
+
+@pytest.fixture
+def hosted(tmp_path: Path, hosts: list[Any]) -> Iterator[Pair]:
+    """A workload and a destination as `pageflip` processes (test_after_commit's pair)."""
+    yield Pair(tmp_path, hosts)
+
+
+def test_a_new_pager_worker_takes_over_whole_huge_pages(
+    hugetlb_pool: huge.Pool, hosted: Pair
+) -> None:
+    """Postcopy after a round, on hugetlb: the pager's worker is stopped before the
+    switchover, then killed; the keeper's new worker finds the huge pages the round left
+    (in the destination's page tables, which it reads from its own process) and brings the
+    rest in whole huge pages."""
+    hosted.workload("--huge", "hugetlb", size="16M")
+    incoming = hosted.incoming(faults="dest-kill-pager-worker")
+    migrate = hosted.migrate("postcopy", "--postcopy-after-rounds", "1")
+    done = migrate.wait_for("done")
+    assert done["digest"] == "verified", done
+    assert migrate.finish() == 0
+    incoming.wait_for("running")
+    assert hosted.verify(hosted.b)["ok"]
+    assert "its worker was killed by signal 9; a new one took over" in _after_stop(hosted, incoming)
+    assert pagers() == []

@@ -258,18 +258,33 @@ def test_precopy_that_cannot_converge_is_forced_after_max_rounds(run: Run) -> No
     src, dst = run.start(
         size=32 * MiB,
         rate=256 * MiB,
-        # Rounds slowed to 64 MiB/s: each lasts long enough to be written to again.
-        options={
-            "mode": "precopy",
-            "downtime_limit": 1e-6,
-            "max_rounds": 3,
-            "max_bandwidth": 64 * MiB,
-        },
+        options={"mode": "precopy", "downtime_limit": 1e-6, "max_rounds": 1},
     )
     assert src["ok"], src
-    switch = [e for e in src["events"] if e["event"] == "switchover"]
-    assert switch and switch[0]["reason"] == "forced"
-    assert src["done"]["rounds"] == 4  # three rounds, then the final one while paused
+    (switch,) = [e for e in src["events"] if e["event"] == "switchover"]
+    assert switch["reason"] == "forced"
+    assert switch["why"].startswith("precopy did not converge in 1 round; switching over")
+    assert src["done"]["rounds"] == 2  # one round, then the final one while paused
+    assert dst is not None and dst["verify"], dst
+
+
+def test_precopy_that_cannot_converge_says_so_after_two_rounds(run: Run) -> None:
+    """Writes as fast as the rounds (256 MiB/s against rounds slowed to 64 MiB/s): each
+    round leaves about as much to send as it sent. Two rounds show it, not thirty; the
+    forced pause is said, in the event and the report, to be over the downtime limit."""
+    src, dst = run.start(
+        size=32 * MiB,
+        rate=256 * MiB,
+        options={"mode": "precopy", "max_bandwidth": 64 * MiB},  # 300 ms, 30 rounds
+    )
+    assert src["ok"], src
+    (switch,) = [e for e in src["events"] if e["event"] == "switchover"]
+    assert switch["reason"] == "forced"
+    why = switch["why"]
+    assert why.startswith("precopy cannot converge: round 2 sent"), why
+    assert "OVER the 300 ms downtime limit" in why, why
+    assert src["done"]["rounds"] == 3  # two rounds, then the final one while paused
+    assert src["done"]["details"]["no_convergence"] == why
     assert dst is not None and dst["verify"], dst
 
 

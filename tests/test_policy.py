@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pageflip import PAGE_SIZE
 from pageflip.migration.policy import (
+    STALLED_ROUNDS,
     SWITCHOVER_HEADROOM,
     Convergence,
     Decision,
@@ -161,28 +162,65 @@ def test_an_estimate_exactly_at_the_target_switches_over_and_a_hair_above_does_n
     assert precopy().after(above) is Decision.ANOTHER_ROUND
 
 
-# -- no convergence: max rounds, then force or postcopy ------------------------------------
+# -- no convergence: max rounds, or rounds that cannot get there; then force or postcopy ----
+
+
+#: A round of 512 MiB at 1 GiB/s that leaves half of it written again: 318 ms expected
+#: against a 180 ms target, and each round would halve the bytes' part of it, so one more
+#: round gets there. Fed again and again it never does: only max_rounds stops it.
+HALVING = RoundFigures(
+    pages=131072, seconds=131072 * PAGE_SIZE / (1 << 30), dirty_pages=65536, scan_seconds=0.0005
+)
 
 
 @recorded
-def test_writes_as_fast_as_the_rounds_are_forced_after_max_rounds() -> None:
-    policy = precopy(max_rounds=3)
+def test_writes_as_fast_as_the_rounds_are_seen_not_to_converge_after_two_rounds() -> None:
+    """The runaway run (recorded with max_rounds 3, which forced it after the third): each
+    round left as much to send as it sent. Two rounds in a row show it: no third one, and
+    the forced pause is said to be over the downtime limit."""
+    policy = precopy()  # 30 rounds allowed
     decisions = feed(policy, figures(RUNAWAY_32M))
-    assert decisions == [Decision.ANOTHER_ROUND, Decision.ANOTHER_ROUND, Decision.FORCED]
-    assert policy.rounds == 3
-    assert policy.expected == pytest.approx(0.602812, abs=1e-5)  # what the run expected
+    assert decisions == [Decision.ANOTHER_ROUND, Decision.FORCED]
+    assert policy.rounds == STALLED_ROUNDS == 2
+    assert policy.expected == pytest.approx(0.6186, abs=1e-4)
+    assert policy.why == (
+        "precopy cannot converge: round 2 sent 8089 pages and 8134 were written meanwhile: "
+        "each round leaves as much to send as it sent; switching over anyway, with an "
+        "expected pause of 619 ms, OVER the 300 ms downtime limit"
+    )
     for one in figures(RUNAWAY_32M):
         assert one.dirty_pages >= 0.98 * one.pages  # nothing shrinks: rounds cannot help
         assert one.dirty_rate == pytest.approx(policy.bandwidth, rel=0.05)
 
 
 @recorded
+def test_a_round_that_shrinks_what_is_left_too_slowly_counts_as_no_convergence() -> None:
+    """The runaway run's first round left 98.6% of what it sent: at that rate the 180 ms
+    target is 109 rounds away, past the 30 allowed."""
+    policy = precopy()
+    assert policy.after(figures(RUNAWAY_32M)[0]) is Decision.ANOTHER_ROUND
+    assert policy._stall(figures(RUNAWAY_32M)[0]) == (
+        "round 1 sent 8201 pages and 8089 were written meanwhile (99%): 109 more rounds to "
+        "reach the 180 ms target, over the 30 allowed"
+    )
+
+
+@recorded
+def test_one_hopeless_round_alone_does_not_stop_precopy() -> None:
+    """A burst of writes in one round, then rounds that shrink fast: precopy goes on."""
+    burst, *_ = figures(RUNAWAY_32M)
+    calm = RoundFigures(pages=8089, seconds=0.1, dirty_pages=400, scan_seconds=0.001)
+    policy = precopy()
+    assert feed(policy, [burst, calm, calm]) == [Decision.ANOTHER_ROUND, Decision.CONVERGED]
+    assert policy.why is None
+
+
+@recorded
 def test_writes_as_fast_as_the_rounds_fall_back_to_postcopy_when_allowed() -> None:
     policy = precopy(max_rounds=4, on_no_convergence="postcopy", postcopy_possible=True)
-    assert feed(policy, figures(RUNAWAY_32M_AGAIN)) == [Decision.ANOTHER_ROUND] * 3 + [
-        Decision.POSTCOPY
-    ]
-    assert policy.bandwidth == pytest.approx(RUNAWAY_32M_AGAIN[-1][4], rel=1e-6)
+    assert feed(policy, figures(RUNAWAY_32M_AGAIN)) == [Decision.ANOTHER_ROUND, Decision.POSTCOPY]
+    assert policy.bandwidth == pytest.approx(RUNAWAY_32M_AGAIN[1][4], rel=1e-6)
+    assert policy.why is not None and policy.why.endswith("; switching to postcopy")
 
 
 @recorded
@@ -190,16 +228,43 @@ def test_the_postcopy_fallback_is_forced_where_the_destination_cannot_page() -> 
     """Over TCP there is no pager: the fallback is a forced switchover."""
     policy = precopy(max_rounds=4, on_no_convergence="postcopy", postcopy_possible=False)
     assert feed(policy, figures(RUNAWAY_32M_AGAIN))[-1] is Decision.FORCED
+    assert policy.why is not None and "OVER the 300 ms downtime limit" in policy.why
 
 
-@recorded
+def test_hugetlb_pages_all_written_every_round_stop_precopy_after_two() -> None:
+    """The 4 GiB workload on 2 MiB pages under 256 MiB/s of random writes (benchmarks.md:
+    31 rounds, 67.5 s and a forced 1.73 s pause): writes are tracked in whole huge pages, so
+    every round leaves all of the memory to send again. Two rounds show it; with the
+    postcopy fallback it goes postcopy, else the forced pause is said to be over the limit."""
+    everything = 1 << 20  # 4 GiB of 4 KiB pages
+    one = RoundFigures(pages=everything, seconds=4.0, dirty_pages=everything, scan_seconds=0.003)
+    forced = precopy()
+    assert feed(forced, [one] * 31) == [Decision.ANOTHER_ROUND, Decision.FORCED]
+    assert forced.why is not None and "OVER the 300 ms downtime limit" in forced.why
+    fallback = precopy(on_no_convergence="postcopy", postcopy_possible=True)
+    assert feed(fallback, [one] * 31) == [Decision.ANOTHER_ROUND, Decision.POSTCOPY]
+
+
 def test_max_rounds_counts_every_round_fed() -> None:
-    runaway = figures(RUNAWAY_32M)[0]
+    """Rounds that each foresee convergence within max_rounds but never reach it."""
     for max_rounds in (1, 2, 5, 30):
         policy = precopy(max_rounds=max_rounds)
-        decisions = feed(policy, [runaway] * 100)
+        decisions = feed(policy, [HALVING] * 100)
         assert len(decisions) == max_rounds
         assert decisions[-1] is Decision.FORCED
+        assert policy.why == (
+            f"precopy did not converge in {max_rounds} round{'' if max_rounds == 1 else 's'}; "
+            "switching over anyway, with an "
+            "expected pause of 318 ms, OVER the 300 ms downtime limit"
+        )
+
+
+def test_a_forced_pause_within_the_limit_says_so() -> None:
+    """Over the 3/5 target but under the limit itself: forced, and said to be within it."""
+    policy = precopy(max_rounds=1, downtime_limit=0.4)
+    assert policy.after(HALVING) is Decision.FORCED
+    assert policy.why is not None
+    assert policy.why.endswith("expected pause of 318 ms (the downtime limit is 400 ms)")
 
 
 @recorded
@@ -265,10 +330,16 @@ def test_nothing_written_converges_even_without_a_bandwidth() -> None:
     assert policy.expected == 0.002
 
 
-def test_a_scan_longer_than_the_target_keeps_an_idle_guest_in_precopy_until_max_rounds() -> None:
-    policy = precopy(max_rounds=2)
+def test_a_scan_longer_than_the_target_is_seen_not_to_converge() -> None:
+    """Nothing written, but the scan alone is over the target: no round can help."""
+    policy = precopy()
     slow_scan = RoundFigures(pages=1000, seconds=0.1, dirty_pages=0, scan_seconds=0.25)
     assert feed(policy, [slow_scan] * 5) == [Decision.ANOTHER_ROUND, Decision.FORCED]
+    assert policy.why is not None
+    assert "the pause's fixed part (280 ms, the last scan's included) is over the 180 ms" in (
+        policy.why
+    )
+    assert policy.why.endswith("expected pause of 250 ms (the downtime limit is 300 ms)")
 
 
 # -- the estimate --------------------------------------------------------------------------
@@ -330,11 +401,15 @@ def test_every_precopy_switches_over_within_max_rounds(
     assert policy.bandwidth >= 0.0
     last = decisions[-1]
     if last is Decision.CONVERGED:
-        assert policy.expected <= policy.target
+        assert policy.expected <= policy.target and policy.why is None
     if last is Decision.POSTCOPY:
         assert possible and fallback == "postcopy"
     if last in (Decision.POSTCOPY, Decision.FORCED):
-        assert policy.rounds == max_rounds and policy.expected > policy.target
+        assert policy.expected > policy.target and policy.why is not None
+        # At max_rounds, or sooner once enough rounds in a row saw it could not converge.
+        assert policy.rounds == max_rounds or (
+            policy.rounds >= STALLED_ROUNDS and policy.why.startswith("precopy cannot converge")
+        )
 
 
 def test_the_decisions_name_the_switchover_reasons_events_give() -> None:

@@ -179,6 +179,24 @@ def test_the_display_names_the_shared_stream_features() -> None:
     assert "ram 1.0 MiB" in text
 
 
+def test_the_display_names_the_pages_a_region_sits_on() -> None:
+    regions = [
+        {"name": "ram", "size": 16 << 20, "movable": True, "pages": "2 MiB hugetlb"},
+        {"name": "journal", "size": 1 << 20, "movable": True, "pages": "4 KiB"},
+    ]
+    text = _show(
+        {
+            "event": "setup",
+            "mode": "precopy",
+            "transport": "/run/in.sock",
+            "regions": regions,
+            "total_bytes": 17 << 20,
+            "features": ["HUGE"],
+        }
+    )
+    assert "(ram 16.0 MiB on 2 MiB hugetlb pages, journal 1.0 MiB) to" in text
+
+
 # -- the display ------------------------------------------------------------------------------
 
 

@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 from pageflip.runs import (
     Runs,
     coarsen,
+    cut_runs,
     pages_to_runs,
     runs_pages,
     runs_to_pages,
     split_runs,
     union_runs,
+    widen_runs,
 )
 
 NPAGES = 512
@@ -75,9 +77,38 @@ def test_split_keeps_order_and_bounds_each_piece(pages: set[int], most: int) -> 
     assert joined == sorted(pages)
 
 
+units = st.sampled_from([1, 2, 8, 64, 512])
+
+
+@given(page_sets, units)
+def test_widen_covers_whole_units_of_every_page_and_no_other(pages: set[int], unit: int) -> None:
+    """The huge pages 4 KiB pages fall in (a region of NPAGES, a whole number of units)."""
+    widened = widen_runs(runs_of(pages), unit, NPAGES)
+    assert well_formed(widened)
+    assert set(runs_to_pages(widened).tolist()) == {
+        q for p in pages for q in range(p // unit * unit, p // unit * unit + unit)
+    }
+
+
+@given(page_sets, units)
+def test_cut_splits_whole_units_from_the_rest(pages: set[int], unit: int) -> None:
+    whole, rest = cut_runs(runs_of(pages), unit)
+    covered = set(runs_to_pages(whole).tolist())
+    assert all(first % unit == 0 and count % unit == 0 for first, count in whole.tolist())
+    assert covered | set(runs_to_pages(rest).tolist()) == pages
+    assert not covered & set(runs_to_pages(rest).tolist())
+    # What is left over lies in units that miss a page: none of them could go whole.
+    for page in runs_to_pages(rest).tolist():
+        start = page // unit * unit
+        assert not set(range(start, start + unit)) <= pages
+    assert rest[:, 0].tolist() == sorted(rest[:, 0].tolist())
+
+
 def test_empty_runs() -> None:
     empty = runs_of(set())
     assert empty.shape == (0, 2) and runs_pages(empty) == 0
     assert union_runs(empty, empty, NPAGES).shape == (0, 2)
     assert coarsen(empty, 4).shape == (0, 2)
     assert split_runs(empty, 4) == []
+    assert widen_runs(empty, 512, NPAGES).shape == (0, 2)
+    assert [part.shape for part in cut_runs(empty, 512)] == [(0, 2), (0, 2)]

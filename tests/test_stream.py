@@ -45,6 +45,7 @@ from pageflip.stream import (
     Lend,
     Mode,
     PageFlags,
+    PageKind,
     Pages,
     PostcopyEnd,
     PostcopyProgress,
@@ -86,6 +87,14 @@ REGIONS = [
     RegionInfo("ram", 64 * PS, 0x7F00_0000_0000, movable=True),
     RegionInfo("vram", 16 * PS, 0, movable=False),
 ]
+MiB = 1 << 20
+#: Regions on every kind of huge page (the HUGE feature).
+HUGE_REGIONS = [
+    RegionInfo("ram", 4 * MiB, 0x7F00_0020_0000, True, PageKind.HUGETLB),
+    RegionInfo("gib", 1 << 30, 0x7F00_4000_0000, True, PageKind.HUGETLB_1G),
+    RegionInfo("thp", 2 * MiB, 0x7F00_8000_0000, True, PageKind.THP),
+    RegionInfo("journal", PS, 0x7F00_9000_0000, True, PageKind.SMALL),
+]
 
 #: One event of every frame type (FLIP without fds here; fds have their own tests).
 EVENTS: list[Event] = [
@@ -122,6 +131,8 @@ EVENTS: list[Event] = [
     Abort("precopy", "the guest died"),
     Verified(True, ""),
     Verified(False, "region ram: digest mismatch in chunk 3"),
+    # Last: it declares other regions, which a stateful decoder checks later frames against.
+    Setup(Mode.POSTCOPY, 1, 4242, HUGE_REGIONS),
 ]
 
 
@@ -448,7 +459,28 @@ BOUNDS = [
         id="addr-wrap",
     ),
     pytest.param(
-        frame(4, setup_payload(flags=2)), "SETUP", H + 27, "unknown flags", id="region-flags"
+        frame(4, setup_payload(flags=8)), "SETUP", H + 27, "unknown flags", id="region-flags"
+    ),
+    pytest.param(
+        frame(4, setup_payload(flags=3)),
+        "SETUP",
+        H + 11,
+        "size 16384 is not a whole number of 2 MiB hugetlb pages",
+        id="region-hugetlb-size",
+    ),
+    pytest.param(
+        frame(4, setup_payload(flags=7)),
+        "SETUP",
+        H + 11,
+        "not a whole number of 2 MiB THP pages",
+        id="region-thp-size",
+    ),
+    pytest.param(
+        frame(4, setup_payload(flags=5, size=1 << 21)),
+        "SETUP",
+        H + 11,
+        "not a whole number of 1 GiB hugetlb pages",
+        id="region-1g-size",
     ),
     pytest.param(frame(4, setup_payload(name=b"\xc3")), "SETUP", H + 29, "UTF-8", id="name-utf8"),
     pytest.param(
@@ -953,13 +985,21 @@ def test_fuzz_truncated_and_spliced_streams(cut: int, skip: int) -> None:
         (Hello(Role.SOURCE, PS, Feature.NONE, SESSION, "k" * 65), "at most 64"),
         (Hello(Role.SOURCE, PS, Feature.NONE, b"short"), "16 bytes"),
         (Hello(3, PS, Feature.NONE, SESSION), "not a Role"),  # type: ignore[arg-type]
-        (Hello(Role.SOURCE, PS, Feature(128), SESSION), "unknown features"),
+        (Hello(Role.SOURCE, PS, Feature(256), SESSION), "unknown features"),
         (Welcome(Feature(1 << 20)), "unknown features"),
         (Setup(9, 1, 1, []), "not a Mode"),  # type: ignore[arg-type]
         (Setup(Mode.FLIP, 0, 1, []), "chunk_pages is 0"),
         (Setup(Mode.FLIP, 1, 1, [RegionInfo("r", PS + 1, 0, True)]), "multiple"),
         (Setup(Mode.FLIP, 1, 1, [RegionInfo("r", PS, 5, True)] * 1025), "at most 1024"),
         (Setup(Mode.FLIP, 1, -1, []), "src_pid -1 is not a u32"),
+        (
+            Setup(Mode.FLIP, 1, 1, [RegionInfo("r", PS, 0, True, PageKind.HUGETLB)]),
+            "size 4096 is not a whole number of 2 MiB hugetlb pages",
+        ),
+        (
+            Setup(Mode.FLIP, 1, 1, [RegionInfo("r", PS, 0, True, 4)]),  # type: ignore[arg-type]
+            "pages 4 is not a PageKind",
+        ),
         (Pages(0, 0, runs((0, 2)), bytes(PS)), "data is 4096 bytes, the runs cover 8192"),
         (Pages(0, 0, runs((0, 1)), "text"), "not a contiguous buffer"),  # type: ignore[arg-type]
         (Pages(0, 0, runs((0, 0)), b""), "count is 0"),
@@ -1057,7 +1097,7 @@ def test_unknown_features_of_a_newer_peer_are_dropped_from_its_hello() -> None:
     got = dec.next_event()
     assert isinstance(got, Hello)
     known = Feature.FLIP | Feature.PULL | Feature.ZSTD | Feature.POSTCOPY | Feature.XXH3
-    assert got.features == known | Feature.LEND | Feature.AHEAD
+    assert got.features == known | Feature.LEND | Feature.AHEAD | Feature.HUGE
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,7 @@ class MigrationDisplay:
     def _setup(self, event: dict[str, Any]) -> None:
         regions = ", ".join(
             f"{escape(str(r.get('name')))} {fmt_size(r.get('size'))}"
+            + (f" on {escape(str(r['pages']))} pages" if r.get("pages", "4 KiB") != "4 KiB" else "")
             for r in event.get("regions") or []
         )
         features = ", ".join(str(f) for f in event.get("features") or []).lower()
@@ -188,6 +189,8 @@ class MigrationDisplay:
     def _switchover(self, event: dict[str, Any]) -> None:
         reason = event.get("reason")
         expected = _finite(event.get("expected_downtime"))
+        if event.get("why"):  # precopy stopped without converging
+            self._say(f"[yellow]{escape(str(event['why']))}[/]")
         self._say(
             "switchover: the guest is paused; handing its memory over"
             if reason == "flip"

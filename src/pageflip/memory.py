@@ -90,6 +90,35 @@ class Memfd:
         """The size its pages move in: ``page_size``, or 2 MiB for transparent huge pages."""
         return _huge.THP_SIZE if self.thp else self.page_size
 
+    def punch(self, offset: int, length: int) -> None:
+        """Free the pages of ``[offset, offset+length)``: they read as zeros from now on,
+        and a mapping that touches them next gets new ones. (On a hugetlb memfd the parts
+        of huge pages the range only cuts are zeroed in place; whole ones are freed.)
+
+        A hugetlb memfd's shared mappings reserved their pages from the pool when they were
+        made, so that no touch of them can fail. Punching a whole huge page gives its
+        reservation back with it, and another process could take the page: the next touch
+        here would be SIGBUS. So the freed pages are reserved again at once (a new shared
+        mapping of the range reserves what it lacks, and its reservation outlives it);
+        FeatureUnavailable, naming the setting, if the pool no longer has them.
+        """
+        mm.punch_hole(self.fd, offset, length)
+        size = self.page_size
+        first, end = -(-offset // size) * size, (offset + length) // size * size
+        if size > PAGE_SIZE and end > first:
+            try:
+                address = mm.mmap(None, end - first, PROT_RW, Map.SHARED, self.fd, first)
+            except OSError as err:
+                if err.errno != errno.ENOMEM:
+                    raise
+                why = _hugetlb_unavailable(size, end - first, err)
+                raise FeatureUnavailable(
+                    f"huge pages just freed could not be reserved again: {why}",
+                    feature=why.feature,
+                    reason=why.reason,
+                ) from None
+            mm.munmap(address, end - first)
+
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:

@@ -15,11 +15,13 @@ import numpy.typing as npt
 __all__ = [
     "Runs",
     "coarsen",
+    "cut_runs",
     "pages_to_runs",
     "runs_pages",
     "runs_to_pages",
     "split_runs",
     "union_runs",
+    "widen_runs",
 ]
 
 #: Page runs: an (n, 2) array of (first page, page count), in ascending order.
@@ -101,3 +103,39 @@ def coarsen(runs: Runs, max_gap: int) -> Runs:
     firsts = np.flatnonzero(np.concatenate(([True], open_gap)))
     lasts = np.concatenate((firsts[1:] - 1, [len(runs) - 1]))
     return np.stack([starts[firsts], ends[lasts] - starts[firsts]], axis=1).astype(np.uint64)
+
+
+def widen_runs(runs: Runs, unit: int, npages: int) -> Runs:
+    """The runs grown to whole units of ``unit`` pages (each start rounded down, each end up,
+    to at most ``npages``), those that then touch or overlap merged: the huge pages a set of
+    4 KiB pages falls in."""
+    if unit <= 1 or not len(runs):
+        return runs
+    starts = runs[:, 0].astype(np.int64) // unit * unit
+    ends = np.minimum(-(-(runs[:, 0] + runs[:, 1]).astype(np.int64) // unit) * unit, npages)
+    # Ascending, non-overlapping runs keep their ends in order when widened: a new run
+    # begins where a start lies past the end before it.
+    open_gap = starts[1:] > ends[:-1]
+    firsts = np.flatnonzero(np.concatenate(([True], open_gap)))
+    lasts = np.concatenate((firsts[1:] - 1, [len(starts) - 1]))
+    return np.stack([starts[firsts], ends[lasts] - starts[firsts]], axis=1).astype(np.uint64)
+
+
+def cut_runs(runs: Runs, unit: int) -> tuple[Runs, Runs]:
+    """The runs cut at every multiple of ``unit`` pages: (the whole units they cover, the
+    rest), each sorted."""
+    if not len(runs):
+        return runs, runs
+    first = runs[:, 0].astype(np.int64)
+    end = first + runs[:, 1].astype(np.int64)
+    lo = -(-first // unit) * unit
+    hi = end // unit * unit
+    whole = hi > lo
+    head_end = np.where(whole, lo, end)
+    tail_start = np.where(whole, hi, end)
+    head = np.stack([first, head_end - first], axis=1)[head_end > first]
+    tail = np.stack([tail_start, end - tail_start], axis=1)[end > tail_start]
+    rest = np.concatenate([head, tail])
+    rest = rest[np.argsort(rest[:, 0], kind="stable")]
+    units = np.stack([lo[whole], (hi - lo)[whole]], axis=1)
+    return units.astype(np.uint64), rest.astype(np.uint64)

@@ -100,6 +100,8 @@ class Madv(enum.IntEnum):
     NOHUGEPAGE = 15
     POPULATE_READ = 22
     POPULATE_WRITE = 23
+    #: Make transparent huge pages of a range now (Linux 6.1+), copying its small pages.
+    COLLAPSE = 25
 
 
 class Falloc(enum.IntFlag):

@@ -56,8 +56,9 @@ import numpy.typing as npt
 
 from .. import channel_pair
 from .._children import Child, raise_failure, serve, stop_on_signals
+from .._sys import huge as _huge
 from ..channel import Channel, CopyMethod
-from ..errors import BadArgument, PageflipError
+from ..errors import BadArgument, FeatureUnavailable, PageflipError
 from ..memory import PAGE_SIZE, Region
 from ..units import format_size
 from .common import BenchmarkError, machine, markdown_targets, now
@@ -724,10 +725,11 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> H
     also when something fails.
     """
     keys = config.keys()
+    runs = {k: _Runs(GIB if k.endswith("@1G") else config.nbytes) for k in keys}
+    _check_huge_pool([runs[k].size for k in keys if _GIFTED.get(k) == "hugetlb"])
     steps = 3 + config.repeat * (len(keys) + 1) + (1 if config.overhead_rounds else 0)
     step = _Steps(steps, on_progress)
     started = datetime.datetime.now(datetime.UTC)
-    runs = {k: _Runs(GIB if k.endswith("@1G") else config.nbytes) for k in keys}
     memcpy: list[float] = []
     overhead: dict[str, list[float]] = {}
     ctx = multiprocessing.get_context("spawn")
@@ -761,6 +763,25 @@ def run(config: HandoffConfig, on_progress: ProgressCallback | None = None) -> H
             worker.stop(10.0 if finished else 1.0)
     step.finish()
     return _results(config, started, runs, memcpy, overhead)
+
+
+def _check_huge_pool(sizes: list[int]) -> None:
+    """The huge page rows (of these sizes) hold their region twice over at most: the sender
+    fills the next one while the receiver may still hold the last. FeatureUnavailable,
+    naming the sysctl that reserves enough, when the 2 MiB pool has fewer free pages."""
+    if not sizes:
+        return
+    need = 2 * max(sizes) // HUGE_PAGE
+    pool = _huge.pool(HUGE_PAGE)
+    if pool.available >= need:
+        return
+    why = (
+        f"the huge page rows hold a region of {format_size(max(sizes))} twice over (the "
+        f"sender fills the next one while the receiver may still hold the last): {need} "
+        f"pages of 2 MiB, and the {pool.describe()}; to reserve enough: "
+        f"{pool.setting(pool.total + need - pool.available)}"
+    )
+    raise FeatureUnavailable(why, feature="hugetlb_2m", reason=why)
 
 
 def _set_up(sender: _Worker, receiver: _Worker, config: HandoffConfig, step: _Steps) -> None:

@@ -155,7 +155,8 @@ def _write_json(output: Path | None, text: str) -> None:
 @click.option(
     "--huge",
     is_flag=True,
-    help="Add the move on 2 MiB hugetlb pages (needs a pool: sysctl -w vm.nr_hugepages=N).",
+    help="Add the move on 2 MiB hugetlb pages (needs a pool holding SIZE twice over: "
+    "sysctl -w vm.nr_hugepages=N, N = 2 x SIZE / 2 MiB).",
 )
 @_report_options
 def handoff(
@@ -175,7 +176,8 @@ def handoff(
     Methods: move, process_vm_readv, vmsplice-gift, vmsplice, stream (warm targets), the
     same copies into fresh memory (*-fresh), shared-memory and pickle-pipe; with --huge
     also move-huge, the move on 2 MiB hugetlb pages (the size must be whole 2 MiB pages,
-    and the hugetlb pool must hold it: sysctl -w vm.nr_hugepages=N). Each runs
+    and the hugetlb pool must hold it twice over, as the sender fills the next region while
+    the receiver may hold the last: sysctl -w vm.nr_hugepages=N). Each runs
     between two real processes; access time is until the receiver holds the data, "all
     pages" until every page was touched too. Ratios are to the move; copy rates are a
     fraction of a single-thread memcpy measured in the same run.
@@ -320,7 +322,8 @@ def _print_handoff(result: HandoffResult) -> None:
     type=click.Choice(HUGE_NAMES),
     default=None,
     help="Put the workload's memory on huge pages (hugetlb needs a pool: sysctl -w "
-    "vm.nr_hugepages=N; the destination of a copy still gets 4 KiB pages).",
+    "vm.nr_hugepages=N). Precopy and postcopy destinations make the same kind of pages, so "
+    "with them the pool must hold the size twice (a flip moves the very pages).",
 )
 @_report_options
 @click.option(

@@ -165,7 +165,8 @@ def serve_host(host: Any, as_json: bool, tick: Callable[[], None] | None = None)
     type=click.Choice(HUGE_NAMES),
     default=None,
     help="Put the memory on huge pages (hugetlb needs a pool: sysctl -w vm.nr_hugepages=N; "
-    "auto falls back to 4 KiB pages).",
+    "auto falls back to 4 KiB pages). A precopy or postcopy destination makes the same kind "
+    "of pages (a second SIZE from the pool on this host); a flip moves these very pages.",
 )
 @control_option
 @json_option
@@ -554,14 +555,16 @@ def _event_text(event: dict[str, Any]) -> str:
     type=click.IntRange(min=1),
     default=30,
     show_default=True,
-    help="Precopy rounds before --on-no-convergence decides.",
+    help="Precopy rounds before --on-no-convergence decides (sooner once two rounds in a "
+    "row show that precopy cannot converge within them).",
 )
 @click.option(
     "--on-no-convergence",
     type=click.Choice(["force", "postcopy"]),
     default="force",
     show_default=True,
-    help="After --max-rounds: switch over anyway, or go postcopy.",
+    help="When precopy cannot converge: switch over anyway (the display says so, and "
+    "whether the expected pause is over --downtime-limit), or go postcopy.",
 )
 @click.option(
     "--postcopy-after-rounds",

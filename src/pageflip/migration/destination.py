@@ -3,9 +3,10 @@
 It never resumes a guest whose pages it has not verified: with copies, every page's xxh3
 digest is kept as pages arrive and the region digests must equal the source's at
 switchover; with flip, each memfd must pass :func:`~pageflip.channel.check_peer_memfd` as the
-very one the source named (device, inode, seals, size). Everything that can
-fail happens before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room
-for the guest is checked at SETUP, the guest is restored paused, the caller's ``prepare``
+very one the source named (device, inode, seals, size). Everything that can fail happens
+before it answers PREPARED (the commit point is drawn in :mod:`.phases`): room for the guest
+(memory, fds, the huge pages its regions sit on) is checked at SETUP and its regions are
+made on the source's kind of pages, the guest is restored paused, the caller's ``prepare``
 runs, a postcopy's pager takes the memory. Then it resumes the guest only on COMMIT.
 
 After the commit point a postcopy guest is kept whatever the source does: its pager pulls
@@ -55,7 +56,7 @@ from ..errors import (
 )
 from ..guests import Guest, guest_class, guest_kinds
 from ..memory import Region
-from ..runs import Runs
+from ..runs import Runs, cut_runs, widen_runs
 from ..transport import Address, Connection, Listener, TcpAuth
 from . import room
 from ._gil import responsive
@@ -71,7 +72,7 @@ from .events import (
     ResumedEvent,
     SetupEvent,
 )
-from .pager import Ledger, open_pager_link, present_pages, recv_note, send_note
+from .pager import Ledger, fault_unit, held_pages, open_pager_link, recv_note, send_note
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase
 
 log = logging.getLogger("pageflip.migration")
@@ -92,6 +93,8 @@ _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PAGER_SILENCE = 5.0
 #: Seconds between the postcopy progress frames sent to the source.
 PROGRESS_EVERY = 0.25
+#: Zeros to write over the parts of transparent huge pages a ZERO run cuts.
+_ZEROS = memoryview(bytes(2 << 20))
 
 
 class Hasher:
@@ -380,7 +383,7 @@ class Destination(Side[DestinationPhase]):
     # -- setup ----------------------------------------------------------------------------
 
     def _our_features(self) -> stream.Feature:
-        f = stream.Feature.XXH3 | stream.Feature.ZSTD
+        f = stream.Feature.XXH3 | stream.Feature.ZSTD | stream.Feature.HUGE
         if self.link.local:
             f |= stream.Feature.FLIP | stream.Feature.LEND | stream.Feature.AHEAD
             if features.has("process_vm_readv"):
@@ -425,9 +428,21 @@ class Destination(Side[DestinationPhase]):
         self._setup = setup
         mode = stream.Mode(setup.mode)
         total = sum(r.size for r in setup.regions)
-        why = room.shortfall(0 if mode is stream.Mode.FLIP else total, 2 * len(setup.regions))
+        kinds = [(stream.PageKind(r.pages), r.size) for r in setup.regions]
+        if stream.Feature.HUGE not in shared and any(k for k, _ in kinds):
+            raise RemoteProtocolError(
+                "SETUP announces huge pages, but the HUGE feature is not shared", frame="SETUP"
+            )
+        copies = mode is not stream.Mode.FLIP
+        # Memory on hugetlb pages comes from the pools, not from what MemAvailable counts.
+        pooled = (stream.PageKind.HUGETLB, stream.PageKind.HUGETLB_1G)
+        ordinary = sum(size for kind, size in kinds if kind not in pooled)
+        why = room.shortfall(ordinary if copies else 0, 2 * len(setup.regions))
         if why is not None:
             raise self._refuse(f"no room for a guest of {total} bytes here: {why}")
+        why = room.huge_pages_shortfall(kinds) if copies else None
+        if why is not None:
+            raise self._refuse(f"cannot make the guest's memory on its pages here: {why}")
         pulls = mode is not stream.Mode.FLIP and stream.Feature.PULL in shared
         if pulls and setup.src_pid != link.peer_pid():
             raise RemoteProtocolError(
@@ -443,9 +458,14 @@ class Destination(Side[DestinationPhase]):
             self._take_lend(link.expect((stream.Lend,), "setup", self.timeout))
             if stream.Feature.AHEAD in shared:
                 self._restore_ahead(link.expect((stream.Preview,), "setup", self.timeout))
-        if mode is not stream.Mode.FLIP:
+        if copies:
             for info in setup.regions:
-                region = Region.movable(info.size, info.name)
+                # The pages the source's region sits on (4 KiB unless HUGE is shared): a
+                # hugetlb region reserves all its pages from the pool here, so that no later
+                # touch can fail (memory.py); FeatureUnavailable if the pool emptied since
+                # the check above.
+                huge = stream.PageKind(info.pages).huge
+                region = Region.movable(info.size, info.name, huge=huge)
                 self._regions.append(region)
                 self._digests.append(
                     PageDigests(region.address, region.size // PAGE_SIZE, region.view())
@@ -462,7 +482,13 @@ class Destination(Side[DestinationPhase]):
                 mode=_MODE_NAMES[mode],
                 transport="unix" if link.local else "tcp",
                 regions=[
-                    {"name": r.name, "size": r.size, "movable": r.movable} for r in setup.regions
+                    {
+                        "name": r.name,
+                        "size": r.size,
+                        "movable": r.movable,
+                        "pages": stream.PageKind(r.pages).describe(),
+                    }
+                    for r in setup.regions
                 ],
                 total_bytes=total,
                 features=[f.name for f in stream.Feature if f in shared and f.name],
@@ -547,7 +573,18 @@ class Destination(Side[DestinationPhase]):
         self._hasher.submit(digests, event.runs)
 
     def _zero(self, event: stream.ZeroPages) -> None:
-        _, digests = self._punch(event.region, event.runs)
+        region, digests = self._region(event.region)
+        self._check_runs(region, event.runs)
+        if region.huge == "thp":
+            # Punching part of a transparent huge page splits it into 4 KiB pages: only the
+            # whole ones go, the rest is written over with zeros.
+            whole, parts = cut_runs(event.runs, region.page_size // PAGE_SIZE)
+            self._punch(region, whole)
+            view = digests.view
+            for first, count in parts.tolist():
+                view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = _ZEROS[: count * PAGE_SIZE]
+        else:
+            self._punch(region, event.runs)  # hugetlb: the kernel zeroes what cuts a page
         self._hasher.submit(digests, event.runs, zero=True)
 
     def _discard(self, event: stream.DiscardPages) -> None:
@@ -556,19 +593,23 @@ class Destination(Side[DestinationPhase]):
 
         The hasher must be done with them first: reading a hole of a memfd allocates a zero
         page there, which would then count as present, so that the pager never fetched the
-        page and the guest read zeros (the final digest check caught it)."""
+        page and the guest read zeros (the final digest check caught it). A hugetlb page is
+        missing only as a whole: the stale pages' huge pages are dropped whole (the paused
+        source gives them again, the same bytes)."""
         self._hasher.drain()
-        self._punch(event.region, event.runs)
+        region, _ = self._region(event.region)
+        self._check_runs(region, event.runs)
+        unit = fault_unit(region.page_size, region.huge) // PAGE_SIZE
+        self._punch(region, widen_runs(event.runs, unit, region.size // PAGE_SIZE))
 
-    def _punch(self, index: int, runs: Runs) -> tuple[Region, PageDigests]:
-        """Free the pages of ``runs`` in region ``index``: they read as zeros again."""
-        region, digests = self._region(index)
-        self._check_runs(region, runs)
+    @staticmethod
+    def _punch(region: Region, runs: Runs) -> None:
+        """Free the pages of ``runs`` in ``region``: they read as zeros again (a hugetlb
+        region's freed pages are reserved again at once: see Memfd.punch)."""
         (extent,) = region.extents()
         assert extent.memfd is not None
         for first, count in runs.tolist():
-            mm.punch_hole(extent.memfd.fd, extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
-        return region, digests
+            extent.memfd.punch(extent.fd_offset + first * PAGE_SIZE, count * PAGE_SIZE)
 
     def _take_lend(self, event: stream.Lend) -> None:
         """LEND: map the source's memfds now, while the guest still runs there, fill our
@@ -941,7 +982,10 @@ class Destination(Side[DestinationPhase]):
         self._uffd = fd
         if not way.kernel_faults:
             log.info("postcopy: userfaultfd for user-mode faults only (%s=0)", uffd.SYSCTL)
-        uffd.api(fd, UffdFeature.MISSING_SHMEM)
+        wanted = UffdFeature.MISSING_SHMEM
+        if any(r.huge == "hugetlb" for r in regions):
+            wanted |= UffdFeature.MISSING_HUGETLBFS  # installed in whole huge pages
+        uffd.api(fd, wanted)
         self._kept_digests = digests
         self._initial = []
         self._ledger_fd = mm.memfd_create("pageflip:postcopy-ledger")
@@ -950,7 +994,16 @@ class Destination(Side[DestinationPhase]):
             uffd.register(fd, region.address, region.size, UffdRegister.MISSING)
             (extent,) = region.extents()
             assert extent.memfd is not None
-            self._initial.append(present_pages(extent.memfd.fd, region.size // PAGE_SIZE))
+            unit = fault_unit(region.page_size, region.huge)
+            self._initial.append(
+                held_pages(
+                    extent.memfd.fd,
+                    region.size // PAGE_SIZE,
+                    extent.fd_offset,
+                    unit=unit,
+                    address=region.address,
+                )
+            )
         self._send_start(regions, go=go)
 
     def _send_start(self, regions: list[Region], *, go: bool = True) -> None:
@@ -968,11 +1021,19 @@ class Destination(Side[DestinationPhase]):
                     "size": region.size,
                     "src_address": info.src_address,
                     "fd_offset": extent.fd_offset,
+                    "fault_unit": fault_unit(region.page_size, region.huge),
                 }
             )
         send_note(
             self._pager,
-            {"start": {"src_pid": self._setup.src_pid, "regions": layout, "go": go}},
+            {
+                "start": {
+                    "src_pid": self._setup.src_pid,
+                    "guest_pid": os.getpid(),
+                    "regions": layout,
+                    "go": go,
+                }
+            },
             [self._uffd, self._ledger_fd, *memfds],
         )
         message = self._pager_message(self.timeout)
@@ -1178,6 +1239,27 @@ class Destination(Side[DestinationPhase]):
             raise self._lost(guest, f"after postcopy the pages of {', '.join(bad)} differ")
         if theirs is None:
             log.warning("postcopy complete; the final check could not run (no digests)")
+        self._collapse_thp(guest, report)
+
+    @staticmethod
+    def _collapse_thp(guest: Guest, report: dict[str, Any]) -> None:
+        """After postcopy, put regions on transparent huge pages back on them.
+
+        UFFDIO_COPY into shmem makes 4 KiB pages, whatever its length (kernel.md, "Huge
+        pages"): the pager left such a region on small pages. With every page in and the
+        uffd closed, MADV_COLLAPSE makes 2 MiB pages of them again, copying each one
+        (about 1.8 ms per 2 MiB here), while the guest runs. A kernel that cannot leaves
+        the region on 4 KiB pages, which works the same, and says so in the log."""
+        thp = [r for r in guest.regions if r.huge == "thp"]
+        if not thp:
+            return
+        started = time.monotonic()
+        for region in thp:
+            try:
+                mm.madvise(region.address, region.size, Madv.COLLAPSE)
+            except OSError as err:
+                log.warning("region %r stays on 4 KiB pages after postcopy: %s", region.name, err)
+        report["thp_collapse_seconds"] = time.monotonic() - started
 
     def _merged_digests(self, guest: Guest) -> list[int]:
         """Region digests: ours for the pages that came in rounds, the pagers' (from the

@@ -95,7 +95,10 @@ class SwitchoverEvent(MigrationEvent):
     round: int
     remaining_pages: int
     expected_downtime: float
-    reason: str  # why now: converged, forced after max rounds, flip, postcopy
+    reason: str  # why now: converged, forced, flip, postcopy
+    #: A precopy that stopped without converging: why, and what comes of it (postcopy, or a
+    #: forced pause, said to be over the downtime limit if it is); "" otherwise.
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .._sys import fds as _fds
-from .._sys import io, mm, uffd
-from .._sys.flags import Map, Prot, UffdCopyMode
+from .._sys import io, mm, pagemap, uffd
+from .._sys.flags import Map, PageCategory, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
 from .._wire import Note, WireCodec
 from ..channel import Endpoint, read_from
@@ -109,6 +109,9 @@ class PagerRegion:
     digests: npt.NDArray[np.uint64]
     installed: npt.NDArray[np.uint8]
     cursor: int = 0  # next page the background fill looks at
+    #: Pages in each unit it faults and is installed in (see fault_unit): claims, copies
+    #: and wake-ups go by whole, aligned units.
+    unit: int = 1
 
     @property
     def end(self) -> int:
@@ -145,6 +148,52 @@ class Ledger:
         one is still held)."""
         del self._digests, self._installed
         self._map.close()
+
+
+def fault_unit(page_size: int, huge: str | None) -> int:
+    """The bytes a region's missing pages fault and are installed in: a hugetlb region's
+    huge page (UFFDIO_COPY takes only whole, aligned ones there), else 4 KiB, also for
+    transparent huge pages (on shmem UFFDIO_COPY installs 4 KiB pages, whatever its length:
+    kernel.md, "Huge pages")."""
+    return page_size if huge == "hugetlb" else PAGE_SIZE
+
+
+def held_pages(
+    memfd: int,
+    npages: int,
+    offset: int = 0,
+    *,
+    unit: int = PAGE_SIZE,
+    pid: int | str = "self",
+    address: int = 0,
+) -> npt.NDArray[np.bool_]:
+    """Which pages a region's memfd holds already (they are never installed again).
+
+    A shmem memfd tells (:func:`present_pages`). A hugetlb memfd calls its whole size data,
+    so for a region faulted in ``unit`` bytes larger than a page, the page tables of the
+    one process that maps it (``pid``, the region at ``address``) tell instead: a hugetlb
+    page is in them from its first touch until it is punched out (:func:`mapped_pages`).
+    """
+    if unit == PAGE_SIZE:
+        return present_pages(memfd, npages, offset)
+    return mapped_pages(pid, address, npages)
+
+
+def mapped_pages(pid: int | str, address: int, npages: int) -> npt.NDArray[np.bool_]:
+    """Which of the ``npages`` pages at ``address`` in process ``pid`` its page tables map
+    (PAGEMAP_SCAN; a page the kernel is migrating counts too: it shows as swapped)."""
+    held = PageCategory.PRESENT | PageCategory.SWAPPED
+    fd = pagemap.open_pagemap(pid)
+    try:
+        found = pagemap.scan(
+            fd, address, address + npages * PAGE_SIZE, category_anyof_mask=held, return_mask=held
+        )
+    finally:
+        os.close(fd)
+    mapped = np.zeros(npages, np.bool_)
+    for start, end in zip(found["start"].tolist(), found["end"].tolist(), strict=True):
+        mapped[(start - address) // PAGE_SIZE : (end - address) // PAGE_SIZE] = True
+    return mapped
 
 
 def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:
@@ -271,10 +320,17 @@ class Pager:
             self._stop.set()
 
     def _region_of(self, address: int) -> tuple[int, int] | None:
+        """(region, first page of the unit) that ``address`` falls in."""
         for index, region in enumerate(self.regions):
             if region.guest_address <= address < region.end:
-                return index, (address - region.guest_address) // PAGE_SIZE
+                page = (address - region.guest_address) // PAGE_SIZE
+                return index, page - page % region.unit
         return None
+
+    def _pages(self, index: int, wanted: int) -> int:
+        """``wanted`` pages rounded up to whole units of region ``index``."""
+        unit = self.regions[index].unit
+        return -(-wanted // unit) * unit
 
     def _claim(self, index: int, start: int, limit: int) -> tuple[int, int] | None:
         """Claim the first run of unclaimed pages at or after ``start``, at most ``limit``."""
@@ -330,6 +386,7 @@ class Pager:
         """Read ``count`` claimed pages from the source and UFFDIO_COPY them in (or, with
         the source gone, LOST_PAGE in their place)."""
         region = self.regions[index]
+        assert first % region.unit == 0 and count % region.unit == 0, (first, count, region.unit)
         nbytes = count * PAGE_SIZE
         if self._read(buffer, region, first, nbytes):
             # Recorded before the page goes in: see Ledger.
@@ -350,13 +407,17 @@ class Pager:
                     self.uffd, dst + done, buffer.address + done, nbytes - done, UffdCopyMode.NONE
                 )
             except FileExistsError:
-                done += PAGE_SIZE  # present already (it should not be): skip that page
+                # Present already (it should not be): skip that page, or its huge page.
+                done += region.unit * PAGE_SIZE
             except BlockingIOError:
                 continue  # EAGAIN: the range is changing (e.g. being unmapped); try again
         region.filled[first : first + count] = True
 
+    def _largest_unit(self) -> int:
+        return max((r.unit for r in self.regions), default=1)
+
     def _serve_faults(self) -> None:
-        buffer = _Buffer(FAULT_AHEAD + 1)
+        buffer = _Buffer(max(FAULT_AHEAD + 1, self._largest_unit()))
         poller = select.poll()
         poller.register(self.uffd, select.POLLIN)
         try:
@@ -369,13 +430,17 @@ class Pager:
                     if found is None:
                         continue
                     index, page = found
-                    run = self._claim_at(index, page, FAULT_AHEAD + 1)
+                    run = self._claim_at(index, page, self._pages(index, FAULT_AHEAD + 1))
                     if run is None:
                         # Another thread has it: its UFFDIO_COPY wakes the faulting thread;
                         # if it is in already, wake it ourselves.
                         region = self.regions[index]
                         if region.filled[page]:
-                            uffd.wake(self.uffd, region.guest_address + page * PAGE_SIZE, PAGE_SIZE)
+                            uffd.wake(
+                                self.uffd,
+                                region.guest_address + page * PAGE_SIZE,
+                                region.unit * PAGE_SIZE,
+                            )
                         continue
                     with self._lock:
                         # The sweep goes on from here, at once: a guest that touched this
@@ -391,15 +456,16 @@ class Pager:
             buffer.close()
 
     def _sweep(self) -> None:
-        buffer = _Buffer(STEP_PAGES)
+        buffer = _Buffer(max(STEP_PAGES, self._largest_unit()))
         try:
             for index, region in enumerate(self.regions):
+                step = self._pages(index, STEP_PAGES)
                 while not self._stop.is_set():
                     with self._lock:
                         cursor = region.cursor
-                    run = self._claim(index, cursor, STEP_PAGES)
+                    run = self._claim(index, cursor, step)
                     if run is None and cursor:
-                        run = self._claim(index, 0, STEP_PAGES)  # anything left behind
+                        run = self._claim(index, 0, step)  # anything left behind
                     if run is None:
                         break
                     with self._lock:
@@ -437,15 +503,26 @@ def _regions(start: dict[str, Any], memfds: list[int], ledger: Ledger) -> list[P
     regions = []
     for index, (info, memfd) in enumerate(zip(start["regions"], memfds, strict=True)):
         npages = int(info["size"]) // PAGE_SIZE
+        unit = int(info.get("fault_unit", PAGE_SIZE))
+        address = int(info["guest_address"])
         digests, installed = ledger.region(index)
+        filled = held_pages(
+            memfd,
+            npages,
+            int(info.get("fd_offset", 0)),
+            unit=unit,
+            pid=int(start.get("guest_pid", 0)) or "self",
+            address=address,
+        )
         regions.append(
             PagerRegion(
-                guest_address=int(info["guest_address"]),
+                guest_address=address,
                 src_address=int(info["src_address"]),
                 npages=npages,
-                filled=present_pages(memfd, npages, int(info.get("fd_offset", 0))),
+                filled=filled,
                 digests=digests,
                 installed=installed,
+                unit=unit // PAGE_SIZE,
             )
         )
     return regions
@@ -529,6 +606,8 @@ class _Keeper:
         self.start_fds: list[int] = []
         self.go = False
         self.reported = False  # the worker said "complete" or "lost": nothing to serve
+        #: The destination heard "started" for its "start" (from whichever worker).
+        self.acknowledged = False
         self.restarts = 0
         self.worker = self._new_worker()
 
@@ -607,6 +686,7 @@ class _Keeper:
             self._replace(f"failed: {note.message['error']}", kill=True)
             return
         self.reported = self.reported or "complete" in note.message or "lost" in note.message
+        self.acknowledged = self.acknowledged or "started" in note.message
         send_note(self.link, note.message)
 
     def _replace(self, why: str, *, kill: bool) -> None:
@@ -624,6 +704,11 @@ class _Keeper:
             _fds.close_all(fds)
             if "started" not in message:
                 raise RuntimeError(f"a new pager worker said {message} instead of started")
+            if not self.acknowledged:
+                # The old worker died between "start" and its answer: the destination
+                # still waits for one.
+                send_note(self.link, message)
+                self.acknowledged = True
         send_note(self.link, {"restarted": f"its worker {why}; a new one took over"})
 
 

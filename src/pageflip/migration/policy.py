@@ -7,9 +7,16 @@ now, and decides (:class:`Decision`):
 - ``POSTCOPY`` once a postcopy migration has had the rounds it asked for;
 - ``CONVERGED`` once the expected pause is at most :data:`SWITCHOVER_HEADROOM` of the
   downtime limit;
-- after ``max_rounds`` without converging, ``POSTCOPY`` if the options allow it and the
-  destination can page on demand, else ``FORCED`` (switch over whatever the pause);
+- when precopy cannot converge, ``POSTCOPY`` if the options allow it and the destination
+  can page on demand, else ``FORCED`` (switch over whatever the pause). It cannot after
+  ``max_rounds``, and it is seen not to, sooner, when :data:`STALLED_ROUNDS` rounds in a row
+  shrink what is left too little to reach the target within ``max_rounds`` (each round
+  leaves a share of what it sent to send again; a guest on hugetlb pages that writes all
+  over its memory leaves all of it: its writes are tracked in whole huge pages);
 - otherwise ``ANOTHER_ROUND``.
+
+:attr:`Convergence.why` then says, in one line, why precopy stopped without converging and
+what comes of it: postcopy, or a forced pause, and whether that is over the downtime limit.
 
 Nothing here measures time or touches a socket: the source measures, and the tests feed
 rounds recorded from real migrations (tests/test_policy.py).
@@ -22,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 from .._sys.mm import PAGE_SIZE
+from ..units import format_duration
 
 #: The last round runs while the guest is paused and costs more than its bytes at the last
 #: round's bandwidth: a final scan for written pages, the destination hashing the last
@@ -35,6 +43,9 @@ SWITCHOVER_FIXED = 0.03
 #: ``pageflip bench migrate``). One more round costs a fraction of a second and shrinks what
 #: is left by the ratio of dirty rate to bandwidth.
 SWITCHOVER_HEADROOM = 0.6
+#: Rounds in a row that must foresee no convergence before precopy stops early: one round
+#: may be a burst of writes.
+STALLED_ROUNDS = 2
 
 
 def expected_downtime(remaining_bytes: int, bandwidth: float, scan_seconds: float) -> float:
@@ -97,6 +108,10 @@ class Convergence:
     bandwidth: float = field(default=0.0, init=False)
     #: Seconds a switchover now would pause the guest (infinite before the first round).
     expected: float = field(default=math.inf, init=False)
+    #: Why precopy stopped without converging, and what comes of it (None until it does).
+    why: str | None = field(default=None, init=False)
+    #: Rounds in a row that foresaw no convergence.
+    _stalled: int = field(default=0, init=False, repr=False)
 
     @property
     def target(self) -> float:
@@ -124,8 +139,60 @@ class Convergence:
         if self.expected <= self.target:
             return Decision.CONVERGED
         if self.rounds >= self.max_rounds:
-            return self._postcopy() if self.on_no_convergence == "postcopy" else Decision.FORCED
+            rounds = f"{self.rounds} round{'' if self.rounds == 1 else 's'}"
+            return self._no_convergence(f"precopy did not converge in {rounds}")
+        stall = self._stall(figures)
+        self._stalled = self._stalled + 1 if stall else 0
+        if stall and self._stalled >= STALLED_ROUNDS:
+            return self._no_convergence(f"precopy cannot converge: {stall}")
         return Decision.ANOTHER_ROUND
+
+    def _stall(self, figures: RoundFigures) -> str | None:
+        """Why this round foresees that precopy cannot reach its target within max_rounds,
+        if it does: each further round would leave the same share of what it sends to be
+        sent again, shrinking the bytes of the expected pause by that share."""
+        if not math.isfinite(self.expected):
+            return None  # no bandwidth measured yet: nothing to judge by
+        fixed = SWITCHOVER_FIXED + figures.scan_seconds
+        room, left = self.target - fixed, self.expected - fixed
+        if room <= 0:
+            return (
+                f"the pause's fixed part ({format_duration(fixed)}, the last scan's included) "
+                f"is over the {format_duration(self.target)} target"
+            )
+        share = figures.dirty_pages / figures.pages if figures.pages else math.inf
+        written = (
+            f"round {self.rounds} sent {figures.pages} pages and {figures.dirty_pages} were "
+            "written meanwhile"
+        )
+        if share >= 1:
+            return f"{written}: each round leaves as much to send as it sent"
+        rounds = math.log(room / left) / math.log(share)
+        if self.rounds + rounds <= self.max_rounds:
+            return None
+        return (
+            f"{written} ({share:.0%}): {math.ceil(rounds)} more rounds to reach the "
+            f"{format_duration(self.target)} target, over the {self.max_rounds} allowed"
+        )
+
+    def _no_convergence(self, why: str) -> Decision:
+        """No convergence: postcopy where allowed and possible, else a forced switchover."""
+        decision = self._postcopy() if self.on_no_convergence == "postcopy" else Decision.FORCED
+        limit = format_duration(self.downtime_limit)
+        if decision is Decision.POSTCOPY:
+            then = "switching to postcopy"
+        elif self.expected > self.downtime_limit:
+            then = (
+                f"switching over anyway, with an expected pause of "
+                f"{format_duration(self.expected)}, OVER the {limit} downtime limit"
+            )
+        else:
+            then = (
+                f"switching over anyway, with an expected pause of "
+                f"{format_duration(self.expected)} (the downtime limit is {limit})"
+            )
+        self.why = f"{why}; {then}"
+        return decision
 
     def _postcopy(self) -> Decision:
         return Decision.POSTCOPY if self.postcopy_possible else Decision.FORCED

@@ -1,17 +1,23 @@
-"""How much a destination can take in: memory and file descriptors.
+"""How much a destination can take in: memory, file descriptors and huge pages.
 
 A destination checks what a SETUP announces against these before it allocates anything, so
 that a source (or anything that speaks the protocol) cannot make it grow past what the host
 holds: the memory the kernel says is available (MemAvailable), or less where the process
 sits in a cgroup with a memory limit (cgroup v2 ``memory.max`` minus ``memory.current``).
+Memory on hugetlb pages comes from the hugetlb pools instead, which must hold all of it
+(:func:`huge_pages_shortfall`); memory on transparent huge pages needs the shmem THP
+settings that allow them.
 """
 
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .._sys import huge as _huge
 from .._sys.procfs import open_fds, proc, procfs_path
+from ..stream import PageKind
 
 #: Memory a destination keeps back beyond the guest's own (its Python, digests, buffers).
 MEMORY_MARGIN = 64 << 20
@@ -108,8 +114,47 @@ def shortfall(memory: int, fds: int) -> str | None:
     return None
 
 
+def huge_pages_shortfall(regions: Iterable[tuple[PageKind, int]]) -> str | None:
+    """Why this host cannot make regions of these kinds and sizes now (None: it can): the
+    hugetlb pool of each page size must have free pages for all of them together (each
+    region reserves its pages when it is made), and THP needs the shmem settings that
+    allow it. The reason names the setting that would do, with its value."""
+    hugetlb: dict[int, int] = {}
+    thp = False
+    for kind, size in regions:
+        if kind in (PageKind.HUGETLB, PageKind.HUGETLB_1G):
+            hugetlb[kind.page_size] = hugetlb.get(kind.page_size, 0) + size
+        thp = thp or kind is PageKind.THP
+    for page_size, size in sorted(hugetlb.items()):
+        pool = _huge.pool(page_size)
+        need = size // page_size
+        if need > pool.available:
+            name = _huge.size_name(page_size)
+            if not pool.exists:
+                return f"its {_gib(size)} of {name} hugetlb pages: {pool.describe()}"
+            return (
+                f"its {_gib(size)} of {name} hugetlb pages need {need} pages and the "
+                f"{pool.describe()}; to reserve enough: "
+                f"{pool.setting(pool.total + need - pool.available)}"
+            )
+    settings = _huge.thp_shmem()
+    if thp and not settings.available:
+        return (
+            f"its memory is on transparent huge pages and shmem THP is {settings.describe()} "
+            f"here; to allow them: {settings.setting()}"
+        )
+    return None
+
+
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
-__all__ = ["FD_MARGIN", "MEMORY_MARGIN", "Room", "room", "shortfall"]
+__all__ = [
+    "FD_MARGIN",
+    "MEMORY_MARGIN",
+    "Room",
+    "huge_pages_shortfall",
+    "room",
+    "shortfall",
+]

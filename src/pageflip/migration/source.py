@@ -121,9 +121,13 @@ class MigrationOptions:
     downtime_limit: float = 0.3
     #: Cap on the page rate, bytes per second (None: as fast as it goes).
     max_bandwidth: float | None = None
-    #: After this many precopy rounds without converging: see ``on_no_convergence``.
+    #: After this many precopy rounds without converging: see ``on_no_convergence``. It
+    #: decides sooner once two rounds in a row show that precopy cannot converge within
+    #: them (see :mod:`.policy`).
     max_rounds: int = 30
-    #: "force" (switch over anyway, whatever the downtime) or "postcopy".
+    #: When precopy cannot converge: "force" (switch over anyway, whatever the downtime;
+    #: the switchover event's ``why`` and the report say so, and whether the expected pause
+    #: is over ``downtime_limit``) or "postcopy".
     on_no_convergence: str = "force"
     #: Precopy rounds before postcopy takes over (postcopy mode; 0: switch over at once,
     #: which keeps the downtime smallest: nothing sent twice, nothing to drop).
@@ -328,7 +332,7 @@ class Source(Side[SourcePhase]):
             self._peer = ProcessWatch.of(self._link.peer_pid())
 
     def _our_features(self) -> stream.Feature:
-        f = stream.Feature.XXH3
+        f = stream.Feature.XXH3 | stream.Feature.HUGE
         if self.options.compress is not None:
             f |= stream.Feature.ZSTD
         if self.address.local:
@@ -401,12 +405,23 @@ class Source(Side[SourcePhase]):
             wire = stream.Mode.PRECOPY_POSTCOPY
         else:
             wire = stream.Mode[mode.upper()]
+        # With HUGE the destination makes each region on the pages ours sits on; a peer
+        # without it makes 4 KiB pages, and is told nothing else.
+        kinds = [
+            stream.PageKind.of(r.huge, r.page_size)
+            if stream.Feature.HUGE in self._features
+            else stream.PageKind.SMALL
+            for r in regions
+        ]
         link.send(
             stream.Setup(
                 mode=wire,
                 chunk_pages=1,
                 src_pid=os.getpid(),
-                regions=[stream.RegionInfo(r.name, r.size, r.address, r.movable) for r in regions],
+                regions=[
+                    stream.RegionInfo(r.name, r.size, r.address, r.movable, kind)
+                    for r, kind in zip(regions, kinds, strict=True)
+                ],
             ),
             "setup",
         )
@@ -432,7 +447,10 @@ class Source(Side[SourcePhase]):
                 self._t(),
                 mode=mode,
                 transport=str(self.address),
-                regions=[{"name": r.name, "size": r.size, "movable": r.movable} for r in regions],
+                regions=[
+                    {"name": r.name, "size": r.size, "movable": r.movable, "pages": k.describe()}
+                    for r, k in zip(regions, kinds, strict=True)
+                ],
                 total_bytes=sum(r.size for r in regions),
                 features=[f.name for f in stream.Feature if f in self._features and f.name],
                 downtime_limit=self.options.downtime_limit,
@@ -610,7 +628,11 @@ class Source(Side[SourcePhase]):
                 )
             )
             self._check_cancel()
-        self._precopy_switchover(decision, policy.expected, todo, digests, pull, total_pages)
+        if policy.why is not None:
+            # Said before the pause, in the log and the events, and kept in the report.
+            log.warning("%s", policy.why)
+            self._details["no_convergence"] = policy.why
+        self._precopy_switchover(decision, policy, todo, digests, pull, total_pages)
 
     def _precopy_round(
         self, todo: list[Runs], digests: list[PageDigests], pull: bool, total_pages: int
@@ -636,7 +658,7 @@ class Source(Side[SourcePhase]):
     def _precopy_switchover(
         self,
         decision: Decision,
-        expected: float,
+        policy: Convergence,
         todo: list[Runs],
         digests: list[PageDigests],
         pull: bool,
@@ -654,8 +676,9 @@ class Source(Side[SourcePhase]):
                 self._t(),
                 round=self._rounds + 1,
                 remaining_pages=sum(runs_pages(r) for r in todo),
-                expected_downtime=expected,
+                expected_downtime=policy.expected,
                 reason=decision.value,
+                why=policy.why or "",
             )
         )
         self._gc.pause()  # until the guest runs again (here or there)

@@ -29,7 +29,7 @@ checks that each frame is well formed)::
       HELLO(role=SOURCE, features, session) ---->
                                             <---- HELLO(role=DESTINATION, ...)
                                             <---- WELCOME(shared features) or REJECT(reason)
-      SETUP(mode, chunk_pages, regions)     ---->
+      SETUP(mode, chunk_pages, regions)     ---->   (with HUGE, each region's kind of pages)
                                             <---- ACCEPTED (room checked, regions ready)
                                                   or REJECT(reason)
     mode PRECOPY (round 1 sends everything, later rounds what the guest dirtied):
@@ -115,6 +115,7 @@ from .wire import (
     Feature,
     Mode,
     PageFlags,
+    PageKind,
     Role,
     Runs,
     bad_run,
@@ -139,6 +140,7 @@ __all__ = [
     "Role",
     "Encoding",
     "PageFlags",
+    "PageKind",
     "FrameType",
     "Runs",
     # constants
@@ -162,7 +164,11 @@ __all__ = [
 ]
 
 _SESSION_SIZE = 16
+#: A region's flags byte in SETUP: bit 0 movable, bits 1-2 its PageKind, the rest zero.
 _MOVABLE = 1
+_KIND_SHIFT = 1
+_KIND_MASK = 3 << _KIND_SHIFT
+_REGION_FLAGS = _MOVABLE | _KIND_MASK
 
 # Fixed parts of payloads.
 _HELLO_FIXED = struct.Struct("<HIIB16sB")
@@ -317,12 +323,15 @@ class Reject(Event):
 
 @dataclass(slots=True)
 class RegionInfo:
-    """One region of a SETUP: where it is in the source and whether it can move."""
+    """One region of a SETUP: where it is in the source, whether it can move, and what
+    pages it sits on (always SMALL unless both sides share the HUGE feature); its size is a
+    whole number of that kind's pages."""
 
     name: str
     size: int
     src_address: int
     movable: bool
+    pages: PageKind = PageKind.SMALL
 
 
 @frame(
@@ -333,7 +342,8 @@ class RegionInfo:
 )
 @dataclass(slots=True)
 class Setup(Event):
-    """SETUP: the source describes the migration: mode, digest chunk, its pid, its regions.
+    """SETUP: the source describes the migration: mode, digest chunk, its pid, its regions
+    (name, size, address, movable, and with the HUGE feature the kind of pages each sits on).
 
     A :class:`Decoder` or :class:`Encoder` that sees a SETUP learns the region sizes and
     checks every later frame's region index and page runs against them.
@@ -360,7 +370,15 @@ class Setup(Event):
             problem = region_problem(size, address, w.page_size)
             if problem:
                 raise w.fail(f"region {i} ({info.name!r}): {problem}")
-            w.uint(U8, _MOVABLE if info.movable else 0, f"region {i} flags")
+            try:
+                kind = PageKind(info.pages)
+            except ValueError:
+                raise w.fail(f"region {i}: pages {info.pages!r} is not a PageKind") from None
+            problem = _kind_problem(size, kind)
+            if problem:
+                raise w.fail(f"region {i} ({info.name!r}): {problem}")
+            flags = (_MOVABLE if info.movable else 0) | kind << _KIND_SHIFT
+            w.uint(U8, flags, f"region {i} flags")
             w.text(U8, info.name, MAX_NAME, f"region {i} name")
         w.regions = tuple(operator.index(info.size) for info in self.regions)
 
@@ -391,10 +409,20 @@ def _read_region(r: Reader, i: int) -> RegionInfo:
     problem = region_problem(size, address, r.page_size)
     if problem:
         raise Invalid(f"region {i}: {problem}", at + 8)
-    if flags & ~_MOVABLE:
+    if flags & ~_REGION_FLAGS:
         raise Invalid(f"region {i}: unknown flags {flags:#x}", at + 16)
+    kind = PageKind((flags & _KIND_MASK) >> _KIND_SHIFT)
+    problem = _kind_problem(size, kind)
+    if problem:
+        raise Invalid(f"region {i}: {problem}", at)
     name = r.text(U8, MAX_NAME, f"region {i} name")
-    return RegionInfo(name, size, address, bool(flags & _MOVABLE))
+    return RegionInfo(name, size, address, bool(flags & _MOVABLE), kind)
+
+
+def _kind_problem(size: int, kind: PageKind) -> str | None:
+    if size % kind.page_size:
+        return f"size {size} is not a whole number of {kind.describe()} pages"
+    return None
 
 
 @frame(5, "ACCEPTED", 0)

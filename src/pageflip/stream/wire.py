@@ -10,7 +10,7 @@ import enum
 import math
 import struct
 from collections.abc import Sequence
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +80,10 @@ class Feature(enum.IntFlag):
     #: guest ahead, threads started and parked, and in the pause the source checks itself
     #: that its regions are still the lent memfds instead of sending them again in FLIP.
     AHEAD = 64
+    #: SETUP says what pages each region sits on (:class:`PageKind`: 4 KiB, hugetlb 2 MiB or
+    #: 1 GiB, transparent huge pages), and a destination that copies makes its regions of
+    #: the same kind. Without it every region is announced, and made, on 4 KiB pages.
+    HUGE = 128
 
 
 KNOWN_FEATURES: Final = int(
@@ -90,6 +94,7 @@ KNOWN_FEATURES: Final = int(
     | Feature.XXH3
     | Feature.LEND
     | Feature.AHEAD
+    | Feature.HUGE
 )
 
 
@@ -130,6 +135,65 @@ class PageFlags(enum.IntFlag):
 
 
 KNOWN_PAGE_FLAGS: Final = int(PageFlags.URGENT)
+
+
+class PageKind(enum.IntEnum):
+    """What pages a region sits on, as a SETUP announces it (with the HUGE feature): two
+    bits of the region's flags byte, above MOVABLE. The names are those of
+    ``Region.movable(huge=...)``."""
+
+    #: 4 KiB pages (every region, without the HUGE feature).
+    SMALL = 0
+    #: A hugetlb memfd of 2 MiB pages (``huge="hugetlb"``).
+    HUGETLB = 1
+    #: A hugetlb memfd of 1 GiB pages (``huge="hugetlb-1g"``).
+    HUGETLB_1G = 2
+    #: A memfd with transparent huge pages (``huge="thp"``).
+    THP = 3
+
+    @property
+    def page_size(self) -> int:
+        """The unit a region of this kind is made in: its size is a whole number of them."""
+        return _KIND_PAGE_SIZES[self]
+
+    @property
+    def huge(self) -> Literal[False, "hugetlb", "hugetlb-1g", "thp"]:
+        """What ``Region.movable(huge=...)`` takes to make a region of this kind."""
+        return _KIND_HUGE[self]
+
+    @classmethod
+    def of(cls, huge: str | None, page_size: int) -> PageKind:
+        """The kind of a region whose ``huge`` and ``page_size`` are these (``Region.huge``,
+        ``Region.page_size``)."""
+        if huge == "thp":
+            return cls.THP
+        if huge == "hugetlb":
+            return cls.HUGETLB_1G if page_size == 1 << 30 else cls.HUGETLB
+        return cls.SMALL
+
+    def describe(self) -> str:
+        """``4 KiB``, ``2 MiB hugetlb``, ``1 GiB hugetlb``, ``2 MiB THP``."""
+        return _KIND_TEXT[self]
+
+
+_KIND_PAGE_SIZES: Final = {
+    PageKind.SMALL: 1 << 12,
+    PageKind.HUGETLB: 2 << 20,
+    PageKind.HUGETLB_1G: 1 << 30,
+    PageKind.THP: 2 << 20,
+}
+_KIND_HUGE: Final[dict[PageKind, Literal[False, "hugetlb", "hugetlb-1g", "thp"]]] = {
+    PageKind.SMALL: False,
+    PageKind.HUGETLB: "hugetlb",
+    PageKind.HUGETLB_1G: "hugetlb-1g",
+    PageKind.THP: "thp",
+}
+_KIND_TEXT: Final = {
+    PageKind.SMALL: "4 KiB",
+    PageKind.HUGETLB: "2 MiB hugetlb",
+    PageKind.HUGETLB_1G: "1 GiB hugetlb",
+    PageKind.THP: "2 MiB THP",
+}
 
 #: Page runs: shape (k, 2), dtype uint64, columns (first_page, count).
 Runs: TypeAlias = npt.NDArray[np.uint64]

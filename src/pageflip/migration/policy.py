@@ -10,9 +10,10 @@ now, and decides (:class:`Decision`):
 - when precopy cannot converge, ``POSTCOPY`` if the options allow it and the destination
   can page on demand, else ``FORCED`` (switch over whatever the pause). It cannot after
   ``max_rounds``, and it is seen not to, sooner, when :data:`STALLED_ROUNDS` rounds in a row
-  shrink what is left too little to reach the target within ``max_rounds`` (each round
-  leaves a share of what it sent to send again; a guest on hugetlb pages that writes all
-  over its memory leaves all of it: its writes are tracked in whole huge pages);
+  leave at least :data:`STALL_SHARE` of what they sent to send again and too much to reach
+  the target within ``max_rounds`` (a guest on hugetlb pages that writes all over its
+  memory leaves all of it: its writes are tracked in whole huge pages). Rounds that still
+  shrink what is left go on to ``max_rounds``: each makes a forced pause shorter;
 - otherwise ``ANOTHER_ROUND``.
 
 :attr:`Convergence.why` then says, in one line, why precopy stopped without converging and
@@ -46,6 +47,10 @@ SWITCHOVER_HEADROOM = 0.6
 #: Rounds in a row that must foresee no convergence before precopy stops early: one round
 #: may be a burst of writes.
 STALLED_ROUNDS = 2
+#: The share of a round's pages written again meanwhile at and above which more rounds are
+#: not worth their time: below it each round still shrinks the pause a forced switchover
+#: would take, so precopy goes on to max_rounds even when it cannot reach its target.
+STALL_SHARE = 0.9
 
 
 def expected_downtime(remaining_bytes: int, bandwidth: float, scan_seconds: float) -> float:
@@ -167,6 +172,8 @@ class Convergence:
         )
         if share >= 1:
             return f"{written}: each round leaves as much to send as it sent"
+        if share < STALL_SHARE:
+            return None  # another round still shrinks the pause a forced switchover takes
         rounds = math.log(room / left) / math.log(share)
         if self.rounds + rounds <= self.max_rounds:
             return None

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from pageflip import stream
@@ -211,3 +213,36 @@ def test_bytes_split_anywhere_still_make_the_same_frames(wire: tuple[Endpoint, E
     assert b.recv("t", timeout=5) == Note({"k": list(range(100))})
     assert b.recv("t", timeout=5) == Hello(page_size=4096)
     assert not b.pending
+
+
+def test_a_migration_link_asks_the_socket_for_what_its_frame_lacks() -> None:
+    """Small frames (the pause's SWITCHOVER, PREPARED, COMMIT) are read with a small
+    buffer; a frame of page data with one as large as what it still lacks (up to 4 MiB)."""
+    a, b = UnixConnection.pair()
+    sender, receiver = open_link(a), open_link(b)
+    asked: list[int] = []
+    recv = receiver.conn.recv
+
+    def recording(size: int = 65536) -> tuple[bytes, list[int]]:
+        asked.append(size)
+        return recv(size)
+
+    receiver.conn.recv = recording  # type: ignore[method-assign]
+    try:
+        sender.send(stream.Prepared(), "t")
+        assert isinstance(receiver.recv("t", timeout=5), stream.Prepared)
+        big = 3 << 20
+        regions = [stream.RegionInfo("ram", 4 << 20, 0, False)]
+        sender.send(stream.Setup(stream.Mode.PRECOPY, 1, os.getpid(), regions), "t")
+        assert isinstance(receiver.recv("t", timeout=5), stream.Setup)
+        runs = np.array([(0, big // 4096)], dtype=np.uint64)
+        pages = stream.Pages(0, 1, runs, bytes(big))
+        sending = threading.Thread(target=sender.send, args=(pages, "t"))
+        sending.start()
+        assert isinstance(receiver.recv("t", timeout=10), stream.Pages)
+        sending.join()
+    finally:
+        sender.close()
+        receiver.close()
+    assert asked[0] == 64 << 10
+    assert max(asked) > 64 << 10 and max(asked) <= 4 << 20

@@ -909,6 +909,25 @@ def test_stray_fds_that_no_frame_announced_are_refused() -> None:
         os.fstat(r)
 
 
+def test_a_decoder_says_how_much_its_frame_in_progress_lacks() -> None:
+    """What a reader should ask of the socket: the rest of the header, then of the payload
+    (a migration endpoint reads no more than that, or its small size)."""
+    state = bytes(range(200)) * 3
+    data = encode(Switchover(1.5, [7, 8], state), page_size=PS)[0]
+    payload = len(data) - HEADER.size
+    dec = Decoder(PS)
+    assert dec.wanted == HEADER.size
+    dec.feed(data[:5])
+    assert dec.wanted == HEADER.size - 5
+    dec.feed(data[5 : HEADER.size + 10])
+    assert dec.wanted == payload - 10
+    dec.feed(data[HEADER.size + 10 :] + data[:3])  # the whole frame, and the next one's start
+    assert dec.wanted == 0
+    assert isinstance(dec.next_event(), Switchover)
+    assert dec.wanted == HEADER.size - 3
+    dec.close()
+
+
 def test_decoder_is_a_context_manager() -> None:
     r, w = os.pipe()
     os.close(w)

@@ -225,8 +225,12 @@ class Endpoint:
                 self.interrupt()
 
     def _read(self, phase: str) -> None:
+        # A codec that knows how much its frame in progress lacks gets no more than that
+        # (or READ_SIZE, the least): a large receive buffer costs a large allocation.
+        wanted = getattr(self.codec, "wanted", None)
+        size = self.read_size if wanted is None else min(self.read_size, max(READ_SIZE, wanted))
         try:
-            data, fds = self.conn.recv(self.read_size)
+            data, fds = self.conn.recv(size)
         except ConnectionResetError as err:
             raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
         if not data:

@@ -79,6 +79,16 @@ class Decoder:
         return len(self._buf) - self._pos
 
     @property
+    def wanted(self) -> int:
+        """Bytes the frame in progress still lacks: what is left of its header, then of its
+        payload; 0 when a whole frame is buffered."""
+        avail = len(self._buf) - self._pos
+        if avail < HEADER.size:
+            return HEADER.size - avail
+        length = int(HEADER.unpack_from(self._buf, self._pos)[4])
+        return max(0, HEADER.size + length - avail)
+
+    @property
     def offset(self) -> int:
         """Stream offset of the next frame: every byte before it became an event."""
         return self._base + self._pos

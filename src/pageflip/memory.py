@@ -291,7 +291,7 @@ def _hugetlb_unavailable(page_size: int, size: int, err: OSError) -> FeatureUnav
             f"{size} bytes of {_huge.size_name(page_size)} hugetlb pages need {need} "
             f"page{'' if need == 1 else 's'}; "
             f"the {pool.describe()} ({os.strerror(err.errno or 0)}); to reserve enough: "
-            f"{pool.setting(pool.total + need - pool.available)}"
+            f"{pool.setting_for(need)}"
         )
     return FeatureUnavailable(why, feature=feature, reason=why)
 

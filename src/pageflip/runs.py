@@ -113,12 +113,10 @@ def widen_runs(runs: Runs, unit: int, npages: int) -> Runs:
         return runs
     starts = runs[:, 0].astype(np.int64) // unit * unit
     ends = np.minimum(-(-(runs[:, 0] + runs[:, 1]).astype(np.int64) // unit) * unit, npages)
-    # Ascending, non-overlapping runs keep their ends in order when widened: a new run
-    # begins where a start lies past the end before it.
-    open_gap = starts[1:] > ends[:-1]
-    firsts = np.flatnonzero(np.concatenate(([True], open_gap)))
-    lasts = np.concatenate((firsts[1:] - 1, [len(starts) - 1]))
-    return np.stack([starts[firsts], ends[lasts] - starts[firsts]], axis=1).astype(np.uint64)
+    # Ascending, non-overlapping runs keep their ends in order when widened: closing the
+    # gaps of at most 0 pages merges those that now touch or overlap.
+    widened = np.stack([starts, ends - starts], axis=1).astype(np.uint64)
+    return coarsen(widened, 0)
 
 
 def cut_runs(runs: Runs, unit: int) -> tuple[Runs, Runs]:

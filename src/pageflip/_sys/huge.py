@@ -92,6 +92,11 @@ class Pool:
         """Pages a new mapping can still reserve."""
         return max(0, self.free - self.reserved)
 
+    def setting_for(self, need: int) -> str:
+        """The command that makes the pool large enough for ``need`` pages more than it
+        can give now."""
+        return self.setting(self.total + need - self.available)
+
     def setting(self, pages: int) -> str:
         """The command that makes the pool ``pages`` pages large."""
         if self.page_size == default_hugetlb_size():

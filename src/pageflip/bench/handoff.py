@@ -779,7 +779,7 @@ def _check_huge_pool(sizes: list[int]) -> None:
         f"the huge page rows hold a region of {format_size(max(sizes))} twice over (the "
         f"sender fills the next one while the receiver may still hold the last): {need} "
         f"pages of 2 MiB, and the {pool.describe()}; to reserve enough: "
-        f"{pool.setting(pool.total + need - pool.available)}"
+        f"{pool.setting_for(need)}"
     )
     raise FeatureUnavailable(why, feature="hugetlb_2m", reason=why)
 

@@ -804,8 +804,15 @@ def status(control: str, as_json: bool) -> None:
 _SIZES = frozenset({"size", "memory"})
 _RATES = frozenset({"dirty_rate", "write_rate"})
 _SECONDS = frozenset(
-    {"interval", "window", "switchover_gap", "max_gap_after_resume", "observed_pause"}
-    | {"max_gap_running", "seconds"}
+    {
+        "interval",
+        "window",
+        "switchover_gap",
+        "max_gap_after_resume",
+        "observed_pause",
+        "max_gap_running",
+        "seconds",
+    }
 )
 _MOMENTS = frozenset({"started", "booted"})
 

@@ -135,7 +135,7 @@ def huge_pages_shortfall(regions: Iterable[tuple[PageKind, int]]) -> str | None:
             return (
                 f"its {_gib(size)} of {name} hugetlb pages need {need} pages and the "
                 f"{pool.describe()}; to reserve enough: "
-                f"{pool.setting(pool.total + need - pool.available)}"
+                f"{pool.setting_for(need)}"
             )
     settings = _huge.thp_shmem()
     if thp and not settings.available:

@@ -344,13 +344,13 @@ def _migrate(
     before = before or [t for t, _ in src.log.heartbeats() if t < first_line.t]
     record["host_gap_s"] = first_line.t - before[-1] if before else None
     stopped = _fill_from_events(record, src, dst)
-    if flavour.has_pause and stopped is not None:
-        window = now() - stopped[0] + GAPS_MARGIN
-        asked = dst.send(gaps_request(window))
-        _, gaps_line, gaps = dst.log.wait_for(Gaps, _STEP, start=asked)
-        record["details"]["gaps"] = {"line": gaps_line.text, "at": gaps_line.t}
-        record["guest_switchover_s"] = gaps.spanning(gaps_line.t, *stopped)
     if flavour.has_pause:
+        if stopped is not None:
+            window = now() - stopped[0] + GAPS_MARGIN
+            asked = dst.send(gaps_request(window))
+            _, gaps_line, gaps = dst.log.wait_for(Gaps, _STEP, start=asked)
+            record["details"]["gaps"] = {"line": gaps_line.text, "at": gaps_line.t}
+            record["guest_switchover_s"] = gaps.spanning(gaps_line.t, *stopped)
         _, _, pause = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
         record["guest_pause_s"] = pause.seconds
         record["details"]["pause"] = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,10 @@ class Host:
     ``faults`` injects failures (tests/cli_inject.py). Its stderr goes to the file
     ``stderr_to``, else to a pipe read once it has exited. ``as_json=False`` runs it without
     ``--json`` (its events go to stderr as text). ``new_session`` starts it in a session of
-    its own. ``strict`` checks every line as it is taken in: one JSON object, without NaN or
-    Infinity (otherwise a line that is not JSON is passed over).
+    its own. ``wrapper`` starts it under another command that execs it (``setpriv ...``),
+    so that its PID is still the process's. ``strict`` checks every line as it is taken in:
+    one JSON object, without NaN or Infinity (otherwise a line that is not JSON is passed
+    over).
     """
 
     def __init__(
@@ -57,12 +60,18 @@ class Host:
         as_json: bool = True,
         new_session: bool = False,
         strict: bool = False,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         env = dict(os.environ)
         env["PAGEFLIP_TEST_TAG"] = TAG
         if faults:
             env["PAGEFLIP_TEST_FAULTS"] = faults
-        command = [*(INJECT if faults else PAGEFLIP), *args, *(["--json"] if as_json else [])]
+        command = [
+            *wrapper,
+            *(INJECT if faults else PAGEFLIP),
+            *args,
+            *(["--json"] if as_json else []),
+        ]
         stderr_file = open(stderr_to, "w") if stderr_to is not None else None  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
@@ -185,13 +194,29 @@ class Host:
                 stream.close()
 
 
-def run(*args: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """A one-shot pageflip command; its exit status is not checked."""
+#: Runs a command without the right to real-time scheduling: no CAP_SYS_NICE (even as root)
+#: and an RLIMIT_RTPRIO of 0. Both tools exec the command, so its PID stays the same.
+NO_REALTIME = (
+    "prlimit", "--rtprio=0:0", "setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice",
+)  # fmt: skip
+#: Why :data:`NO_REALTIME` cannot run here (None: it can).
+NO_REALTIME_MISSING = (
+    None
+    if shutil.which("prlimit") and shutil.which("setpriv")
+    else "needs prlimit and setpriv (util-linux)"
+)
+
+
+def run(
+    *args: str, faults: str = "", timeout: float = 300, wrapper: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A one-shot pageflip command (under ``wrapper``, a command that runs another); its exit
+    status is not checked."""
     env = dict(os.environ)
     if faults:
         env["PAGEFLIP_TEST_FAULTS"] = faults
     return subprocess.run(
-        [*(INJECT if faults else PAGEFLIP), *args],
+        [*wrapper, *(INJECT if faults else PAGEFLIP), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_procs import Host, hosts, one_line, run
+from cli_procs import NO_REALTIME, NO_REALTIME_MISSING, Host, hosts, one_line, run
 from pageflip.bench.vm import guest as bench_guest
 from pageflip.errors import BadImage, GuestStopped
 from pageflip.memory import Region
@@ -342,19 +342,19 @@ class VmPair:
         self.a, self.b, self.listen = (str(tmp / n) for n in ("vm.sock", "b.sock", "in.sock"))
         self.started = started
 
-    def vm(self) -> Host:
+    def vm(self, *more: str) -> Host:
         host = Host(
             "vm", "run", "--memory", "64M", "--kernel", self.kernel, "--append", APPEND,
-            "--control", self.a,
+            "--control", self.a, *more,
         )  # fmt: skip
         self.started.append(host)
         host.wait_for("ready")
         return host
 
-    def incoming(self, faults: str = "") -> Host:
+    def incoming(self, faults: str = "", wrapper: tuple[str, ...] = ()) -> Host:
         host = Host(
             "incoming", "--listen", self.listen, "--control", self.b, faults=faults,
-            stderr_to=self.tmp / f"incoming-{len(self.started)}.err",
+            stderr_to=self.tmp / f"incoming-{len(self.started)}.err", wrapper=wrapper,
         )  # fmt: skip
         self.started.append(host)
         return host
@@ -459,6 +459,102 @@ def test_live_update_replaces_the_vmm_process(pair: VmPair) -> None:
         _end(new_pid)
         source.finish()
     assert not Path(pair.a).exists()
+
+
+# -- a real-time vCPU ----------------------------------------------------------------------
+
+
+def _policy(vcpu: dict[str, object]) -> tuple[int, int]:
+    """The scheduling policy and priority of the vCPU thread that ``status`` names, as the
+    kernel has them (not as the VMM says)."""
+    tid = vcpu["thread"]
+    assert isinstance(tid, int)
+    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+
+
+def test_a_realtime_vcpu_runs_sched_fifo_and_keeps_it_through_a_restore(kernel: str) -> None:
+    guest = VirtualMachine.create(64 << 20, kernel, APPEND, realtime=1)
+    again: VirtualMachine | None = None
+    try:
+        status = guest.status()
+        assert status["vcpu"]["scheduling"] == "SCHED_FIFO 1"  # type: ignore[index]
+        assert _policy(status["vcpu"]) == (os.SCHED_FIFO, 1)  # type: ignore[arg-type]
+        _wait_beats(guest, 2)
+        guest.pause()
+        state = guest.save_state()
+        regions = guest.release_regions()
+        guest.close()
+        again = VirtualMachine.restore(regions, state)
+        again.resume()
+        assert _policy(again.status()["vcpu"]) == (os.SCHED_FIFO, 1)  # type: ignore[arg-type]
+        _wait_beats(again, 2)
+        assert again.verify().ok
+    finally:
+        guest.close()
+        if again is not None:
+            again.close()
+
+
+def test_a_vcpu_is_normal_unless_asked_and_a_bad_priority_is_refused(vm: VirtualMachine) -> None:
+    from pageflip.errors import BadArgument
+
+    assert _policy(vm.status()["vcpu"]) == (os.SCHED_OTHER, 0)  # type: ignore[arg-type]
+    with pytest.raises(BadArgument, match="1-99"):
+        vm.machine.set_realtime(100)
+    assert _policy(vm.status()["vcpu"]) == (os.SCHED_OTHER, 0)  # type: ignore[arg-type]
+
+
+def test_a_realtime_vm_flips_into_a_new_vmm_whose_vcpu_is_realtime_too(pair: VmPair) -> None:
+    source = pair.vm("--realtime")
+    dest = pair.incoming()
+    dest.wait_for("listening")
+    before = _json(run("status", "--control", pair.a, "--json").stdout)["status"]
+    assert _policy(before["vcpu"]) == (os.SCHED_FIFO, 1)
+    out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", "flip", "--json")
+    assert out.returncode == 0, out.stderr
+    dest.wait_for("running")
+    assert source.finish() == 0
+    after = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
+    assert after["vcpu"]["scheduling"] == "SCHED_FIFO 1"
+    assert _policy(after["vcpu"]) == (os.SCHED_FIFO, 1)
+    pair.verify(pair.b)
+    assert run("stop", "--control", pair.b).returncode == 0
+    assert dest.finish() == 0
+
+
+@pytest.mark.skipif(NO_REALTIME_MISSING is not None, reason=str(NO_REALTIME_MISSING))
+def test_a_realtime_vm_without_the_right_is_one_line_and_leaves_nothing(
+    tmp_path: Path, kernel: str
+) -> None:
+    control = tmp_path / "vm.sock"
+    out = run(
+        "vm", "run", "--memory", "64M", "--kernel", kernel, "--realtime",
+        "--control", str(control), wrapper=NO_REALTIME,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout
+    line = one_line(out.stderr)
+    assert "SCHED_FIFO" in line and "ulimit -r" in line, line
+    assert not control.exists()
+
+
+@pytest.mark.skipif(NO_REALTIME_MISSING is not None, reason=str(NO_REALTIME_MISSING))
+def test_a_destination_that_cannot_run_the_vcpu_realtime_leaves_the_vm_on_the_source(
+    pair: VmPair,
+) -> None:
+    pair.vm("--realtime")
+    dest = pair.incoming(wrapper=NO_REALTIME)
+    dest.wait_for("listening")
+    out = run(
+        "migrate", "--control", pair.a, "--to", pair.listen, "--mode", "flip", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    line = one_line(out.stderr)
+    assert "SCHED_FIFO" in line, line
+    assert line.endswith("the guest runs on the source"), line
+    status = _json(run("status", "--control", pair.a, "--json").stdout)["status"]
+    assert status["state"] == "running" and status["paused"] is False
+    assert _policy(status["vcpu"]) == (os.SCHED_FIFO, 1)
+    pair.verify(pair.a)
 
 
 def _end(pid: int) -> None:

@@ -154,9 +154,12 @@ class VirtualMachine(Guest):
         *,
         paused: bool = False,
         on_console: Callable[[str], None] | None = None,
+        realtime: int = 0,
     ) -> VirtualMachine:
         """Boot ``kernel`` (default: the guest shipped with pageflip, built on first use)
-        with ``memory`` bytes of RAM and the command line ``append``."""
+        with ``memory`` bytes of RAM and the command line ``append``. ``realtime``: the
+        vCPU thread's SCHED_FIFO priority (0: the normal class; see
+        :meth:`.Machine.set_realtime`), kept across migrations and live updates."""
         size = parse_size(memory) if isinstance(memory, str) else int(memory)
         slots = layout(size)
         if kernel is None:
@@ -172,8 +175,15 @@ class VirtualMachine(Guest):
             for slot in slots:
                 regions.append(Region.movable(slot.size, f"vm-ram{slot.index}"))
             machine = Machine(regions)
+            machine.set_realtime(realtime)
             machine.boot(image, append)
-            meta = {"kernel": str(kernel), "append": append, "migrations": 0, "booted": time.time()}
+            meta = {
+                "kernel": str(kernel),
+                "append": append,
+                "migrations": 0,
+                "booted": time.time(),
+                "realtime": realtime,
+            }
             vm = cls(machine, regions, meta)
         except BaseException:
             if machine is not None:
@@ -183,7 +193,11 @@ class VirtualMachine(Guest):
             raise
         if on_console is not None:
             vm.add_console_listener(on_console)
-        machine.start(paused=True)
+        try:
+            machine.start(paused=True)
+        except BaseException:
+            vm.close()
+            raise
         if not paused:
             vm.resume()
         return vm
@@ -234,6 +248,16 @@ class VirtualMachine(Guest):
             if not machine.regions:
                 machine.attach(regions)
             meta = machine.load(state)
+            # The source's scheduling goes on here (a thread already started, the spare's,
+            # changes at once): a host that cannot give it fails here, before PREPARED.
+            realtime = meta.get("realtime", 0)
+            if not isinstance(realtime, int) or isinstance(realtime, bool):
+                raise BadGuestState(
+                    f"the VM state's real-time priority is {realtime!r}, not a number",
+                    kind="vm",
+                    field="realtime",
+                )
+            machine.set_realtime(realtime)
         except SpanError as err:
             machine.close()
             raise BadGuestState(str(err), kind="vm", field="regions") from None
@@ -320,6 +344,7 @@ class VirtualMachine(Guest):
                 "migrations": self._meta.get("migrations", 0),
                 "append": self._meta.get("append"),
                 "vmm": {**code_identity(), "pid": os.getpid(), "started": self._started_at},
+                "vcpu": machine.vcpu_status() if machine is not None else {},
                 "exits": machine.exits if machine is not None else 0,
             }
         if stopped is not None:

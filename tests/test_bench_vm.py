@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from cli_procs import NO_REALTIME, NO_REALTIME_MISSING, one_line, run
 from pageflip.bench import vm as bench_vm
 from pageflip.bench.vm import guest, qmp, runner
 from pageflip.bench.vm.config import GuestImage, VmConfig, VmOptions, VmRunSpec, run_order
@@ -467,6 +468,7 @@ if args[:2] == ["vm", "run"]:
     control = opt("--control")
     assert opt("--memory") == "264M", args
     assert opt("--append") == "console=ttyS0 mb=8 rate=8 hb=20 seed=1 tick_us=1000", args
+    assert ("--realtime" in args) == bool(os.environ.get("FAKE_REALTIME")), args
     out({"console": "PFGUEST start mb=8 rate=8"})
     out({"console": "READY mb=8 pages=2048 fill_ms=1"})
     beats(0, flag(control, "migrated"))
@@ -522,6 +524,66 @@ def test_the_pageflip_side_drives_the_pageflip_commands(tmp_path: Path) -> None:
     assert record["host_gap_s"] is not None and record["host_gap_s"] < 1.0
     assert record["write_rate"] == 8 * MiB
     assert record["memory"] is not None and record["peak_memory"]
+
+
+def test_realtime_runs_pageflips_vm_with_it_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "fake_pageflip.py"
+    fake.write_text(_FAKE_PAGEFLIP)
+    monkeypatch.setenv("FAKE_REALTIME", "1")  # the fake checks that vm run gets --realtime
+    options = VmOptions(
+        guest_settle=0.2, pageflip=(sys.executable, str(fake)), timeout=20.0, realtime=True
+    )
+    config = _config(
+        tmp_path, sizes=(8 * MiB,), rates=(8 * MiB,), modes=("flip",), systems=("pageflip",),
+        options=options,
+    )  # fmt: skip
+    result = bench_vm.run(config)
+    assert [r["status"] for r in result["runs"]] == ["completed"], result["runs"][0]["error"]
+    assert result["config"]["options"]["realtime"] is True
+    assert "SCHED_FIFO" in result["notes"]["realtime"]
+
+
+@pytest.mark.skipif(NO_REALTIME_MISSING is not None, reason=str(NO_REALTIME_MISSING))
+def test_realtime_without_the_right_is_one_line_before_any_run(tmp_path: Path) -> None:
+    out = run(
+        "bench", "vm", "--systems", "pageflip", "--sizes", "8M", "--rates", "0", "--modes",
+        "flip", "--realtime", "--out", str(tmp_path / "out"), "--no-progress",
+        wrapper=NO_REALTIME,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout
+    assert "ulimit -r" in one_line(out.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_qemus_vcpu_threads_are_made_realtime_by_their_ids() -> None:
+    """What query-cpus-fast names is made SCHED_FIFO 1: here two real threads of this
+    process stand for QEMU's vCPUs."""
+    from pageflip.bench.vm.qemu import _Qemu
+
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        qemu = _Qemu.__new__(_Qemu)
+        ids = [t.native_id for t in threads]
+        qemu.run = lambda command, **_: (
+            [  # type: ignore[method-assign]
+                {"cpu-index": i, "thread-id": tid} for i, tid in enumerate(ids)
+            ]
+            if command == "query-cpus-fast"
+            else pytest.fail(command)
+        )
+        assert qemu.realtime_vcpus() == ids
+        for tid in ids:
+            assert os.sched_getscheduler(tid) == os.SCHED_FIFO  # type: ignore[arg-type]
+            assert os.sched_getparam(tid).sched_priority == 1  # type: ignore[arg-type]
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
 
 
 def test_switchover_to_running_uses_both_sides_monotonic_stamps() -> None:

@@ -576,6 +576,13 @@ def _default_guest_elf() -> str:
     show_default=True,
     help="Directory for vm.json, vm.md and (--plot) vm.png.",
 )
+@click.option(
+    "--realtime",
+    is_flag=True,
+    help="Both systems' vCPU threads SCHED_FIFO (priority 1), on source and destination: the "
+    "host's other work then no longer shows in the guest's own gaps. Needs root, "
+    "CAP_SYS_NICE or ulimit -r 1.",
+)
 @click.option("--plot", "with_plot", is_flag=True, help="Also draw vm.png (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the tables as Markdown.")
@@ -594,6 +601,7 @@ def bench_vm(
     guest_flavour: str,
     timeout: float,
     out_dir: Path,
+    realtime: bool,
     with_plot: bool,
     as_json: bool,
     markdown: bool,
@@ -623,7 +631,12 @@ def bench_vm(
         guest_path,
         guest_flavour,
         timeout,
+        realtime,
     )
+    if realtime:
+        from ..vm.machine import check_realtime
+
+        check_realtime()  # before a long run, not in each of its runs
     if with_plot:
         bench_vm_module.check_plot()  # before a long run, not after it
     console = _stderr_console()
@@ -666,6 +679,7 @@ def _vm_config(
     guest_path: str | None,
     guest_flavour: str,
     timeout: float,
+    realtime: bool = False,
 ) -> VmConfig:
     """The VM comparison's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
@@ -685,7 +699,7 @@ def _vm_config(
             systems=tuple(_split(systems)),
             repeat=repeat,
             settle=settle,
-            options=VmOptions(guest_settle=guest_settle, timeout=timeout),
+            options=VmOptions(guest_settle=guest_settle, timeout=timeout, realtime=realtime),
         )
     except BadArgument as err:
         raise click.BadParameter(str(err)) from None

@@ -87,6 +87,9 @@ class VmOptions:
     shm_dir: str = "/dev/shm"
     #: Where each run's sockets go (None: a fresh directory under the system's temp dir).
     work_dir: str | None = None
+    #: Both systems' vCPU threads SCHED_FIFO (priority 1): QEMU's, found by query-cpus-fast,
+    #: and pageflip's (``vm run --realtime``), on the source and on the destination.
+    realtime: bool = False
     #: How to start the ``pageflip`` command for the pageflip side.
     pageflip: tuple[str, ...] = field(default=(sys.executable, "-m", "pageflip"))
 

@@ -220,6 +220,7 @@ def _migrate(
             "--control",
             src_sock,
             "--json",
+            *(["--realtime"] if o.realtime else []),
         ],
         workdir / "src.stderr",
     )

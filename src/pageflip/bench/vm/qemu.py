@@ -243,6 +243,16 @@ class _Qemu:
         except BenchmarkError as err:
             raise BenchmarkError(self.exit_text() or str(err)) from None
 
+    def realtime_vcpus(self) -> list[int]:
+        """Make every vCPU thread of this QEMU SCHED_FIFO (priority 1, as pageflip's
+        ``vm run --realtime``); returns their thread ids."""
+        from ...vm.machine import REALTIME_PRIORITY, schedule_thread
+
+        threads = [int(cpu["thread-id"]) for cpu in self.run("query-cpus-fast")]
+        for tid in threads:
+            schedule_thread(tid, REALTIME_PRIORITY)
+        return threads
+
     def send(self, data: bytes) -> int:
         """Send ``data`` to the guest; returns the console's line count before it."""
         assert self.console is not None
@@ -306,12 +316,16 @@ def _migrate(
     src = qemus["src"] = _Qemu("src", qemu_command(spec, "src", files), files)
     booted = now()
     src.start(o.boot_timeout)
+    if o.realtime:
+        src.realtime_vcpus()
     _, ready_line, ready = src.log.wait_for(Ready, o.boot_timeout, alive=src.alive)
     record["boot_s"] = ready_line.t - booted
     record["details"]["fill_ms"] = ready.fill_ms
 
     dst = qemus["dst"] = _Qemu("dst", qemu_command(spec, "dst", files), files)
     dst.start(_STEP)
+    if o.realtime:
+        dst.realtime_vcpus()
     for q in (dst, src):
         caps, params = migration_setup(spec.system_mode, q.role)
         q.run("migrate-set-capabilities", capabilities=caps)

@@ -159,6 +159,12 @@ def results(
 
 def _notes(config: VmConfig) -> dict[str, str]:
     notes = dict(NOTES)
+    if config.options.realtime:
+        notes["realtime"] = (
+            "both systems' vCPU threads ran SCHED_FIFO, priority 1, on the source and the "
+            "destination (QEMU's found by query-cpus-fast; pageflip: vm run --realtime, which "
+            "the destination takes over with the state)"
+        )
     if config.options.postcopy_after_first_pass:
         notes["qemu"] = notes["qemu"].replace(
             "right after migrate", "once the first pass over RAM was done"
@@ -187,5 +193,6 @@ def _config(config: VmConfig) -> VmConfigRecord:
             "cpu": o.cpu,
             "machine": o.machine,
             "postcopy_after_first_pass": o.postcopy_after_first_pass,
+            "realtime": o.realtime,
         },
     }

@@ -8,6 +8,7 @@ exact setting that would enable them; those tests run on a fake sysfs.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -249,7 +250,7 @@ def test_thp_region_maps_its_pages_whole(thp_shmem: None) -> None:
 
 def test_probe_names_the_setting_for_each_missing_huge_option(no_huge_pages: Path) -> None:
     report = pf.probe()
-    for name in ("hugetlb_2m", "hugetlb_1g", "shmem_thp"):
+    for name in ("hugetlb_2m", "hugetlb_1g", "shmem_thp", "uffd_hugetlb"):
         assert not report[name].available and name in sysprobe.SETTINGS
     assert report["hugetlb_2m"].detail == (
         "the 2 MiB pool: 0 of 0 pages free; to reserve some: `sysctl -w vm.nr_hugepages=64`"
@@ -267,6 +268,50 @@ def test_probe_reports_the_pool_and_uses_a_page(hugetlb_pool: huge.Pool) -> None
         features._cache.clear()
     assert feature.available
     assert re.fullmatch(r"2 MiB hugetlb memfds; 2 MiB pool: \d+ of \d+ pages free", feature.detail)
+
+
+def test_probe_installs_a_whole_2mib_page_by_userfaultfd(hugetlb_pool: huge.Pool) -> None:
+    """Postcopy's path on hugetlb, for real: MISSING mode on a hugetlb memfd, one UFFDIO_COPY
+    of a whole 2 MiB page, PAGEMAP_SCAN seeing it in; its page goes back to the pool."""
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert feature.available, feature
+    assert re.fullmatch(
+        r"MISSING faults and UFFDIO_COPY of whole 2 MiB pages; PAGEMAP_SCAN \(Linux 6\.7\+\) "
+        r"tells the pages that are in; 2 MiB pool: \d+ of \d+ pages free",
+        feature.detail,
+    )
+    assert huge.pool(HUGE).available == hugetlb_pool.available
+
+
+def test_probe_of_userfaultfd_on_hugetlb_without_a_free_page_names_the_sysctl(
+    no_huge_pages: Path,
+) -> None:
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert not feature.available and "uffd_hugetlb" in sysprobe.SETTINGS
+    assert feature.detail == (
+        "the 2 MiB pool: 0 of 0 pages free; to reserve some: `sysctl -w vm.nr_hugepages=64`"
+    )
+
+
+def test_a_failed_probe_of_userfaultfd_on_hugetlb_gives_everything_back(
+    hugetlb_pool: huge.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UFFDIO_COPY refused (the errno a kernel without hugetlb support gives): the check
+    says so and closes its uffd and memfd and unmaps its page and scratch (the leak check
+    of every test), and the page goes back to the pool."""
+
+    def refused(fd: int, dst: int, src: int, length: int, mode: object = None) -> int:
+        raise OSError(errno.EINVAL, f"UFFDIO_COPY(dst={dst:#x}, len={length}): Invalid argument")
+
+    monkeypatch.setattr(sysprobe._uffd, "copy", refused)
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert not feature.available
+    assert re.fullmatch(
+        r"kernel too old or feature off: UFFDIO_COPY\(dst=0x[0-9a-f]+, len=2097152\): "
+        r"Invalid argument",
+        feature.detail,
+    ), feature.detail
+    assert huge.pool(HUGE).available == hugetlb_pool.available
 
 
 def test_probe_sees_shmem_thp_once_allowed(thp_shmem: None) -> None:

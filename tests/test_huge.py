@@ -303,7 +303,7 @@ def test_a_failed_probe_of_userfaultfd_on_hugetlb_gives_everything_back(
     def refused(fd: int, dst: int, src: int, length: int, mode: object = None) -> int:
         raise OSError(errno.EINVAL, f"UFFDIO_COPY(dst={dst:#x}, len={length}): Invalid argument")
 
-    monkeypatch.setattr(sysprobe._uffd, "copy", refused)
+    monkeypatch.setattr("pageflip._sys.uffd.copy", refused)
     feature = sysprobe.run_check("uffd_hugetlb")
     assert not feature.available
     assert re.fullmatch(

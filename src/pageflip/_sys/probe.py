@@ -423,9 +423,8 @@ def _check_uffd_hugetlb() -> str:
                 src.poke(0, 31)
                 src.poke(size - 1, 32)
                 _copy_whole_huge_page(addr, src.addr, size)
-            if ctypes.c_ubyte.from_address(addr).value != 31:
-                raise OSError(errno.EIO, "UFFDIO_COPY of a 2 MiB page gave wrong contents")
-            if ctypes.c_ubyte.from_address(addr + size - 1).value != 32:
+            ends = (ctypes.c_ubyte.from_address(a).value for a in (addr, addr + size - 1))
+            if tuple(ends) != (31, 32):
                 raise OSError(errno.EIO, "UFFDIO_COPY of a 2 MiB page gave wrong contents")
             pm = _pagemap.open_pagemap()
             try:

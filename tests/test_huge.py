@@ -8,6 +8,7 @@ exact setting that would enable them; those tests run on a fake sysfs.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -21,12 +22,16 @@ import numpy as np
 import pytest
 
 import pageflip as pf
-from cli_procs import hosts, pagers
+from cli_procs import hosts, one_line, pagers
+from cli_procs import run as pageflip_cli
 from helpers import join, run_thread
-from pageflip import features
+from pageflip import features, stream
 from pageflip._sys import huge
 from pageflip._sys import probe as sysprobe
 from pageflip.dirty import DirtyTracker
+from pageflip.migration.destination import Destination
+from pageflip.migration.pager import postcopy_problem
+from pageflip.transport import UnixConnection
 from test_after_commit import Pair, _after_stop
 from test_migration import Run, _source_kept_it
 
@@ -37,7 +42,9 @@ HUGE = 2 * MIB
 #: Pages of 2 MiB a test pool holds: 128 MiB.
 POOL_PAGES = 64
 
+GIB = 1 << 30
 NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+NR_GIB_PAGES = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
 THP_2M = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
 
 
@@ -64,6 +71,27 @@ def hugetlb_pool() -> Iterator[huge.Pool]:
         yield pool
     finally:
         with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
+
+
+@pytest.fixture
+def gib_pool() -> Iterator[huge.Pool]:
+    """One 1 GiB hugetlb page more in its pool than before; the old size is written back
+    afterwards, whatever happened."""
+    _need_root()
+    if not os.path.exists(NR_GIB_PAGES):
+        pytest.skip("no 1 GiB hugetlb pool on this kernel")
+    with open(NR_GIB_PAGES) as f:
+        old = int(f.read())
+    try:
+        with open(NR_GIB_PAGES, "w") as f:
+            f.write(str(old + 1))
+        pool = huge.pool(GIB)
+        if pool.available < 1:
+            pytest.skip("the kernel found no free 1 GiB page (no contiguous GiB left)")
+        yield pool
+    finally:
+        with open(NR_GIB_PAGES, "w") as f:
             f.write(str(old))
 
 
@@ -222,7 +250,7 @@ def test_thp_region_maps_its_pages_whole(thp_shmem: None) -> None:
 
 def test_probe_names_the_setting_for_each_missing_huge_option(no_huge_pages: Path) -> None:
     report = pf.probe()
-    for name in ("hugetlb_2m", "hugetlb_1g", "shmem_thp"):
+    for name in ("hugetlb_2m", "hugetlb_1g", "shmem_thp", "uffd_hugetlb"):
         assert not report[name].available and name in sysprobe.SETTINGS
     assert report["hugetlb_2m"].detail == (
         "the 2 MiB pool: 0 of 0 pages free; to reserve some: `sysctl -w vm.nr_hugepages=64`"
@@ -240,6 +268,50 @@ def test_probe_reports_the_pool_and_uses_a_page(hugetlb_pool: huge.Pool) -> None
         features._cache.clear()
     assert feature.available
     assert re.fullmatch(r"2 MiB hugetlb memfds; 2 MiB pool: \d+ of \d+ pages free", feature.detail)
+
+
+def test_probe_installs_a_whole_2mib_page_by_userfaultfd(hugetlb_pool: huge.Pool) -> None:
+    """Postcopy's path on hugetlb, for real: MISSING mode on a hugetlb memfd, one UFFDIO_COPY
+    of a whole 2 MiB page, PAGEMAP_SCAN seeing it in; its page goes back to the pool."""
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert feature.available, feature
+    assert re.fullmatch(
+        r"MISSING faults and UFFDIO_COPY of whole 2 MiB pages; PAGEMAP_SCAN \(Linux 6\.7\+\) "
+        r"tells the pages that are in; 2 MiB pool: \d+ of \d+ pages free",
+        feature.detail,
+    )
+    assert huge.pool(HUGE).available == hugetlb_pool.available
+
+
+def test_probe_of_userfaultfd_on_hugetlb_without_a_free_page_names_the_sysctl(
+    no_huge_pages: Path,
+) -> None:
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert not feature.available and "uffd_hugetlb" in sysprobe.SETTINGS
+    assert feature.detail == (
+        "the 2 MiB pool: 0 of 0 pages free; to reserve some: `sysctl -w vm.nr_hugepages=64`"
+    )
+
+
+def test_a_failed_probe_of_userfaultfd_on_hugetlb_gives_everything_back(
+    hugetlb_pool: huge.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UFFDIO_COPY refused (the errno a kernel without hugetlb support gives): the check
+    says so and closes its uffd and memfd and unmaps its page and scratch (the leak check
+    of every test), and the page goes back to the pool."""
+
+    def refused(fd: int, dst: int, src: int, length: int, mode: object = None) -> int:
+        raise OSError(errno.EINVAL, f"UFFDIO_COPY(dst={dst:#x}, len={length}): Invalid argument")
+
+    monkeypatch.setattr("pageflip._sys.uffd.copy", refused)
+    feature = sysprobe.run_check("uffd_hugetlb")
+    assert not feature.available
+    assert re.fullmatch(
+        r"kernel too old or feature off: UFFDIO_COPY\(dst=0x[0-9a-f]+, len=2097152\): "
+        r"Invalid argument",
+        feature.detail,
+    ), feature.detail
+    assert huge.pool(HUGE).available == hugetlb_pool.available
 
 
 def test_probe_sees_shmem_thp_once_allowed(thp_shmem: None) -> None:
@@ -874,3 +946,123 @@ def test_a_new_pager_worker_takes_over_whole_huge_pages(
     assert hosted.verify(hosted.b)["ok"]
     assert "its worker was killed by signal 9; a new one took over" in _after_stop(hosted, incoming)
     assert pagers() == []
+
+
+# -- postcopy stops at 2 MiB pages ----------------------------------------------------------
+
+#: What a source or destination says of a postcopy of the workload on 1 GiB pages.
+NO_GIB_POSTCOPY = (
+    "postcopy cannot take region 'ram' on 1 GiB hugetlb pages: it faults in whole pages, "
+    "and each fault would stall the guest while a whole 1 GiB is copied; migrate it by flip "
+    "or by precopy (with on-no-convergence force)"
+)
+
+
+def _regions(kind: stream.PageKind) -> list[stream.RegionInfo]:
+    """The workload's regions as a SETUP announces them, its memory on ``kind`` pages."""
+    return [
+        stream.RegionInfo("ram", kind.page_size, 0x7F00_0000_0000, True, kind),
+        stream.RegionInfo("journal", 4 * pf.PAGE_SIZE, 0x7F10_0000_0000, True),
+        stream.RegionInfo("heartbeat", pf.PAGE_SIZE, 0x7F20_0000_0000, True),
+    ]
+
+
+@pytest.mark.parametrize("kind", list(stream.PageKind), ids=lambda k: k.name)
+@pytest.mark.parametrize("mode", list(stream.Mode), ids=lambda m: m.name)
+def test_only_modes_that_may_go_postcopy_refuse_1gib_pages(
+    mode: stream.Mode, kind: stream.PageKind
+) -> None:
+    """The rule both sides apply: a mode that may end in postcopy (pure, or precopy rounds
+    first) refuses a region on 1 GiB pages, naming it and what works instead; anything else
+    (flip and precopy of any page size, postcopy of pages up to 2 MiB) goes."""
+    why = postcopy_problem(mode, _regions(kind))
+    gib_postcopy = kind is stream.PageKind.HUGETLB_1G and mode in (
+        stream.Mode.POSTCOPY,
+        stream.Mode.PRECOPY_POSTCOPY,
+    )
+    assert why == (NO_GIB_POSTCOPY if gib_postcopy else None)
+
+
+@pytest.mark.parametrize(
+    "mode", [stream.Mode.POSTCOPY, stream.Mode.PRECOPY_POSTCOPY], ids=lambda m: m.name
+)
+def test_a_destination_refuses_a_postcopy_setup_on_1gib_pages(
+    mode: stream.Mode, tmp_path: Path
+) -> None:
+    """A peer that announces a postcopy of a region on 1 GiB pages gets REJECT (then the
+    ABORT that ends every failed attempt) at SETUP, before the destination made any memory
+    or started a pager (no 1 GiB pool needed: it never gets that far)."""
+    listen = str(tmp_path / "in.sock")
+    dest = Destination(listen, timeout=10)
+    thread, out = run_thread(dest.run)
+    conn = UnixConnection.connect(listen, timeout=10)
+    encoder, decoder = stream.Encoder(), stream.Decoder()
+    try:
+        offered = (
+            stream.Feature.XXH3
+            | stream.Feature.HUGE
+            | stream.Feature.PULL
+            | stream.Feature.POSTCOPY
+        )
+        hello = stream.Hello(stream.Role.SOURCE, pf.PAGE_SIZE, offered, os.urandom(16))
+        hello.guest_kind = "workload"
+        conn.send(encoder.encode(hello)[0])
+        setup = stream.Setup(mode, 1, os.getpid(), _regions(stream.PageKind.HUGETLB_1G))
+        conn.send(encoder.encode(setup)[0])
+        answers: list[Any] = []
+        while not any(isinstance(a, stream.Reject) for a in answers):
+            data, fds = conn.recv()
+            assert data, f"the destination closed after {answers}"
+            decoder.feed(data, fds)
+            while (event := decoder.next_event()) is not None:
+                answers.append(event)
+        assert [type(a).__name__ for a in answers[:2]] == ["Welcome", "Reject"]
+        assert answers[1].reason == NO_GIB_POSTCOPY
+        with pytest.raises(pf.MigrationError) as info:
+            join(thread, out)
+        assert (info.value.phase, info.value.guest) == ("setup", "source")
+        assert str(info.value) == f"refused the migration: {NO_GIB_POSTCOPY}"
+        assert pagers() == []
+    finally:
+        conn.close()
+        decoder.close()
+        dest.close()
+
+
+def test_postcopy_of_a_guest_on_1gib_pages_is_refused_and_flip_moves_it(
+    gib_pool: huge.Pool, hosted: Pair
+) -> None:
+    """A workload on one 1 GiB page (the pool has no second one: nothing could be copied):
+    postcopy, postcopy after a round and precopy that would fall back to postcopy are each
+    refused by the source before its SETUP, in one line; the guest runs on at the source,
+    checked, and the destination waits for the next attempt. A flip then moves the very
+    page."""
+    hosted.workload("--huge", "hugetlb-1g", size="1G", rate="4M")
+    incoming = hosted.incoming()
+    attempts = [
+        ("postcopy",),
+        ("postcopy", "--postcopy-after-rounds", "1"),
+        ("precopy", "--on-no-convergence", "postcopy"),
+    ]
+    for mode, *extra in attempts:
+        out = pageflip_cli(
+            "migrate", "--control", hosted.a, "--to", hosted.listen, "--mode", mode, *extra
+        )
+        assert out.returncode == 1, out.stderr
+        line = one_line(out.stderr)
+        assert line == (
+            f"MigrationError: failed in phase setup: {NO_GIB_POSTCOPY}; the guest runs on the "
+            "source"
+        )
+        assert hosted.verify(hosted.a)["ok"]
+        failed = incoming.wait_for("attempt-failed")
+        assert failed["phase"] == "setup" and NO_GIB_POSTCOPY in failed["error"], failed
+    assert huge.pool(GIB).total == gib_pool.total  # nothing more was asked of the pool
+    migrate = hosted.migrate("flip")
+    done = migrate.wait_for("done")
+    assert (done["mode"], done["digest"]) == ("flip", "identity"), done
+    assert migrate.finish() == 0
+    incoming.wait_for("running")
+    assert hosted.verify(hosted.b)["ok"]
+    assert pageflip_cli("stop", "--control", hosted.b).returncode == 0
+    assert incoming.finish() == 0

@@ -22,7 +22,7 @@ ALL = {
     "process_vm_readv", "process_vm_writev", "userfaultfd", "uffd_kernel_faults", "uffd_ops",
     "uffd_wp_async",
     "uffd_missing_shmem", "uffd_move", "pagemap_scan", "pidfd_open", "pidfd_getfd",
-    "pagemap_pfn", "thp", "hugetlb_2m", "hugetlb_1g", "shmem_thp",
+    "pagemap_pfn", "thp", "hugetlb_2m", "hugetlb_1g", "shmem_thp", "uffd_hugetlb",
 }  # fmt: skip
 
 

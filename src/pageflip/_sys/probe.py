@@ -369,20 +369,27 @@ def _check_thp() -> str:
     return f"anonymous THP: {mode}"
 
 
+def _free_pool(page_size: int) -> _huge.Pool:
+    """The hugetlb pool of ``page_size`` pages, where it has a page free; else
+    FeatureUnavailable naming the setting that reserves some (128 MiB more, or a page)."""
+    pool = _huge.pool(page_size)
+    if not pool.exists:
+        raise FeatureUnavailable(pool.describe(), reason=f"not present: {pool.describe()}")
+    if pool.available == 0:
+        more = max(1, (128 << 20) // page_size)
+        why = f"the {pool.describe()}; to reserve some: {pool.setting(pool.total + more)}"
+        raise FeatureUnavailable(why, reason=why)
+    return pool
+
+
 def _check_hugetlb(page_size: int) -> Callable[[], str]:
     """A hugetlb memfd of ``page_size`` pages, one page mapped (which reserves it from the
     pool) and, for 2 MiB, touched, where the pool has a free page; else the setting that
     reserves one. (Touching a 1 GiB page would zero a GiB: about 0.1 s.)"""
 
     def check() -> str:
-        pool = _huge.pool(page_size)
+        pool = _free_pool(page_size)
         name = _huge.size_name(page_size)
-        if not pool.exists:
-            raise FeatureUnavailable(pool.describe(), reason=f"not present: {pool.describe()}")
-        if pool.available == 0:
-            more = max(1, (128 << 20) // page_size)
-            why = f"the {pool.describe()}; to reserve some: {pool.setting(pool.total + more)}"
-            raise FeatureUnavailable(why, reason=why)
         fd = _mm.memfd_create("pageflip-probe", _huge.memfd_flags(page_size))
         try:
             _mm.ftruncate(fd, page_size)
@@ -397,6 +404,62 @@ def _check_hugetlb(page_size: int) -> Callable[[], str]:
         return f"{name} hugetlb memfds; {pool.describe()}"
 
     return check
+
+
+def _check_uffd_hugetlb() -> str:
+    """Postcopy's path on a 2 MiB hugetlb memfd: a uffd in MISSING mode (the feature
+    MISSING_HUGETLBFS) on one mapped page, one UFFDIO_COPY of the whole page, its bytes
+    read back; then PAGEMAP_SCAN (Linux 6.7+) must call that page present, since SEEK_DATA
+    calls all of a hugetlb memfd data and the pager tells the pages that are in by the
+    page tables. Needs one free page in the 2 MiB pool (else: the setting)."""
+    size = _huge.HUGE_2M
+    pool = _free_pool(size)
+    fd = _mm.memfd_create("pageflip-probe", _huge.memfd_flags(size))
+    try:
+        _mm.ftruncate(fd, size)
+        addr = _mm.map_aligned(size, size, Prot.READ | Prot.WRITE, Map.SHARED, fd)
+        try:
+            with _Scratch(size // PAGE) as src:
+                src.poke(0, 31)
+                src.poke(size - 1, 32)
+                _copy_whole_huge_page(addr, src.addr, size)
+            ends = (ctypes.c_ubyte.from_address(a).value for a in (addr, addr + size - 1))
+            if tuple(ends) != (31, 32):
+                raise OSError(errno.EIO, "UFFDIO_COPY of a 2 MiB page gave wrong contents")
+            pm = _pagemap.open_pagemap()
+            try:
+                found = _pagemap.scan(
+                    pm,
+                    addr,
+                    addr + size,
+                    category_anyof_mask=PageCategory.PRESENT,
+                    return_mask=PageCategory.PRESENT,
+                )
+            finally:
+                os.close(pm)
+            if [(int(r["start"]), int(r["end"])) for r in found] != [(addr, addr + size)]:
+                raise OSError(errno.EIO, f"PAGEMAP_SCAN did not see the copied page: {found!r}")
+        finally:
+            _mm.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return (
+        "MISSING faults and UFFDIO_COPY of whole 2 MiB pages; PAGEMAP_SCAN (Linux 6.7+) "
+        f"tells the pages that are in; {pool.describe()}"
+    )
+
+
+def _copy_whole_huge_page(addr: int, src: int, size: int) -> None:
+    """Register the hugetlb page at ``addr`` for missing faults and fill it from ``src``
+    with one UFFDIO_COPY."""
+    fd = _new_uffd()
+    try:
+        _uffd.api(fd, UffdFeature.MISSING_HUGETLBFS)
+        _uffd.register(fd, addr, size, UffdRegister.MISSING)
+        _uffd.copy(fd, addr, src, size)
+        _uffd.unregister(fd, addr, size)
+    finally:
+        os.close(fd)
 
 
 def _check_shmem_thp() -> str:
@@ -457,11 +520,15 @@ CHECKS: dict[str, tuple[Callable[[], str], str]] = {
     "hugetlb_2m": (_check_hugetlb(_huge.HUGE_2M), "movable regions on 2 MiB hugetlb pages"),
     "hugetlb_1g": (_check_hugetlb(_huge.HUGE_1G), "movable regions on 1 GiB hugetlb pages"),
     "shmem_thp": (_check_shmem_thp, "movable regions on transparent huge pages"),
+    "uffd_hugetlb": (
+        _check_uffd_hugetlb,
+        "postcopy on 2 MiB hugetlb pages: install whole pages, tell which are in",
+    ),
 }
 
 #: Features that depend on how the machine is set up (a pool reserved, a sysfs setting),
 #: not on the kernel alone: missing ones name the setting that enables them.
-SETTINGS = frozenset({"hugetlb_2m", "hugetlb_1g", "shmem_thp"})
+SETTINGS = frozenset({"hugetlb_2m", "hugetlb_1g", "shmem_thp", "uffd_hugetlb"})
 
 
 def run_check(name: str) -> Feature:

@@ -538,7 +538,9 @@ def _event_text(event: dict[str, Any]) -> str:
     type=click.Choice(["auto", "flip", "precopy", "postcopy"]),
     default="auto",
     show_default=True,
-    help="auto: flip when local and movable, else precopy.",
+    help="auto: flip when local and movable, else precopy. Flip and precopy move any "
+    "pages; postcopy refuses memory on 1 GiB hugetlb pages in setup (it faults in whole "
+    "pages: each fault would stall the guest while a GiB is copied).",
 )
 @click.option(
     "--downtime-limit",
@@ -564,7 +566,8 @@ def _event_text(event: dict[str, Any]) -> str:
     default="force",
     show_default=True,
     help="When precopy cannot converge: switch over anyway (the display says so, and "
-    "whether the expected pause is over --downtime-limit), or go postcopy.",
+    "whether the expected pause is over --downtime-limit), or go postcopy (not with memory "
+    "on 1 GiB hugetlb pages).",
 )
 @click.option(
     "--postcopy-after-rounds",

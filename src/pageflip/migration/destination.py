@@ -72,7 +72,15 @@ from .events import (
     ResumedEvent,
     SetupEvent,
 )
-from .pager import Ledger, fault_unit, held_pages, open_pager_link, recv_note, send_note
+from .pager import (
+    Ledger,
+    fault_unit,
+    held_pages,
+    open_pager_link,
+    postcopy_problem,
+    recv_note,
+    send_note,
+)
 from .phases import DESTINATION_TRANSITIONS, DestinationPhase
 
 log = logging.getLogger("pageflip.migration")
@@ -433,6 +441,9 @@ class Destination(Side[DestinationPhase]):
             raise RemoteProtocolError(
                 "SETUP announces huge pages, but the HUGE feature is not shared", frame="SETUP"
             )
+        why = postcopy_problem(mode, setup.regions)
+        if why is not None:
+            raise self._refuse(why)
         copies = mode is not stream.Mode.FLIP
         # Memory on hugetlb pages comes from the pools, not from what MemAvailable counts.
         pooled = (stream.PageKind.HUGETLB, stream.PageKind.HUGETLB_1G)

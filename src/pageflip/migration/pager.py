@@ -41,13 +41,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from .. import stream
 from .._sys import fds as _fds
+from .._sys import huge as _huge
 from .._sys import io, mm, pagemap, uffd
 from .._sys.flags import Map, PageCategory, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
@@ -156,6 +159,33 @@ def fault_unit(page_size: int, huge: str | None) -> int:
     transparent huge pages (on shmem UFFDIO_COPY installs 4 KiB pages, whatever its length:
     kernel.md, "Huge pages")."""
     return page_size if huge == "hugetlb" else PAGE_SIZE
+
+
+#: The largest fault unit postcopy takes (a 2 MiB hugetlb page): a guest thread that touches
+#: a missing page waits for its whole unit to be copied, and each pager thread holds a
+#: scratch buffer of one unit. A 1 GiB page would make each fault a gigabyte's copy.
+MAX_FAULT_UNIT = 2 << 20
+#: The modes that may end in postcopy (a pager fills the guest's missing pages).
+POSTCOPY_MODES = frozenset({stream.Mode.POSTCOPY, stream.Mode.PRECOPY_POSTCOPY})
+
+
+def postcopy_problem(mode: stream.Mode, regions: Iterable[stream.RegionInfo]) -> str | None:
+    """Why a migration in ``mode`` of these regions (as a SETUP announces them) cannot go
+    postcopy (None: it can, or it never goes postcopy): a region whose pages are larger
+    than :data:`MAX_FAULT_UNIT`, since postcopy faults in whole hugetlb pages. Flip and
+    precopy move any page size."""
+    if mode not in POSTCOPY_MODES:
+        return None
+    for info in regions:
+        kind = stream.PageKind(info.pages)
+        if kind.page_size > MAX_FAULT_UNIT:
+            return (
+                f"postcopy cannot take region {info.name!r} on {kind.describe()} pages: it "
+                f"faults in whole pages, and each fault would stall the guest while a whole "
+                f"{_huge.size_name(kind.page_size)} is copied; migrate it by flip or by "
+                f"precopy (with on-no-convergence force)"
+            )
+    return None
 
 
 def held_pages(

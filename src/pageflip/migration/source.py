@@ -81,6 +81,7 @@ from .events import (
     SetupEvent,
     SwitchoverEvent,
 )
+from .pager import postcopy_problem
 from .phases import COMMITTED_PHASES, SOURCE_TRANSITIONS, SourcePhase
 from .policy import Convergence, Decision, RoundFigures
 
@@ -413,17 +414,17 @@ class Source(Side[SourcePhase]):
             else stream.PageKind.SMALL
             for r in regions
         ]
+        infos = [
+            stream.RegionInfo(r.name, r.size, r.address, r.movable, kind)
+            for r, kind in zip(regions, kinds, strict=True)
+        ]
+        # Refused here rather than by the destination's REJECT: the same rule, one step
+        # sooner (its reason is the one line the user reads).
+        why = postcopy_problem(wire, infos)
+        if why is not None:
+            raise MigrationError(why, phase="setup", guest="source")
         link.send(
-            stream.Setup(
-                mode=wire,
-                chunk_pages=1,
-                src_pid=os.getpid(),
-                regions=[
-                    stream.RegionInfo(r.name, r.size, r.address, r.movable, kind)
-                    for r, kind in zip(regions, kinds, strict=True)
-                ],
-            ),
-            "setup",
+            stream.Setup(mode=wire, chunk_pages=1, src_pid=os.getpid(), regions=infos), "setup"
         )
         if mode == "flip" and stream.Feature.LEND in self._features:
             # Lent now, while the guest runs: the destination maps the memfds and gets them

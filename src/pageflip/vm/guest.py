@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from ..errors import BadGuestState, SpanError, StateError, VmError
+from ..errors import BadGuestState, PageflipError, SpanError, StateError, VmError
 from ..guests.base import Guest, VerifyReport, register
 from ..identity import code_identity
 from ..memory import Region
@@ -37,6 +38,8 @@ from .elf import read_pvh
 from .machine import Machine, layout
 
 __all__ = ["VirtualMachine"]
+
+log = logging.getLogger("pageflip.vm")
 
 #: Console lines kept for status() and for whoever attaches late.
 CONSOLE_LINES = 200
@@ -201,6 +204,22 @@ class VirtualMachine(Guest):
         if not paused:
             vm.resume()
         return vm
+
+    @classmethod
+    def warm_up(cls) -> None:
+        """Rehearse a save and a load of the VM's state on a throwaway machine (see
+        :meth:`.Machine.rehearse`): both sides of a migration do this before the pause, so
+        that the save and the load inside it run warm. Where no VM can be built here (no
+        KVM), there is nothing to warm: the migration will say so itself if it matters."""
+        try:
+            machine = Machine()
+        except (OSError, PageflipError) as err:
+            log.debug("no VM warm-up: %s", err)
+            return
+        try:
+            machine.rehearse()
+        finally:
+            machine.close()
 
     @classmethod
     def migration_coming(cls) -> None:

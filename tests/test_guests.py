@@ -23,6 +23,7 @@ import pytest
 import zstandard
 
 from pageflip import PAGE_SIZE, ClosedError, PageflipError, Region, StateError
+from pageflip._sys import procfs
 from pageflip.guests import (
     MAX_STATE_BYTES,
     BadGuestState,
@@ -33,7 +34,6 @@ from pageflip.guests import (
     guest_class,
     register,
 )
-from pageflip.guests import workload as workload_module
 from pageflip.guests.workload import HB_MAGIC, HB_STAMP, HEARTBEAT_WINDOW, WORDS, Pattern
 from pageflip.memory import Memfd
 
@@ -672,7 +672,7 @@ def test_stamps_from_another_boot_give_no_figure(guests: Guests, word: int, what
 def test_an_unknown_boot_id_gives_no_figure(
     guests: Guests, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(workload_module, "_clock_identity", lambda: (0, 0, 0))
+    monkeypatch.setattr(procfs, "clock_identity", lambda: (0, 0, 0))
     guest = guests.create(dirty_rate=0)
     wait_until(lambda: beat_words(guest.regions[2])[HB_STAMP] > 0, "a first beat")
     guest.pause()

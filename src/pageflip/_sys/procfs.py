@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import uuid
 
 _PROCFS = "/proc"
 
@@ -45,3 +47,24 @@ def mappings(pid: int | str = "self") -> list[tuple[int, int, str, str]]:
             path = parts[5].rstrip("\n") if len(parts) > 5 else ""
             out.append((int(lo, 16), int(hi, 16), parts[1], path))
     return out
+
+
+@functools.cache
+def clock_identity() -> tuple[int, int, int]:
+    """Which ``CLOCK_MONOTONIC`` this process reads: the boot id (two words) and the inode of
+    its time namespace. Zeros for what cannot be read; a zero boot id never compares."""
+    text = sysctl("kernel.random.boot_id")
+    try:
+        boot = uuid.UUID(text).bytes if text else bytes(16)
+    except ValueError:
+        boot = bytes(16)
+    try:
+        link = os.readlink(proc("self", "ns", "time"))  # "time:[4026531834]"
+        namespace = int(link[link.index("[") + 1 : link.index("]")])
+    except (OSError, ValueError):
+        namespace = 0
+    return (
+        int.from_bytes(boot[:8], "little"),
+        int.from_bytes(boot[8:], "little"),
+        namespace,
+    )

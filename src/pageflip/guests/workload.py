@@ -71,15 +71,12 @@ Memory ordering: the seqlock relies on loads and stores becoming visible in prog
 from __future__ import annotations
 
 import _thread
-import functools
 import json
 import logging
 import math
-import os
 import threading
 import time
 import traceback
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -343,27 +340,6 @@ def _state_numbers(data: dict[str, Any]) -> dict[str, Any]:
 
 def _journal_bytes(npages: int) -> int:
     return math.ceil(npages * 4 / PAGE_SIZE) * PAGE_SIZE
-
-
-@functools.cache
-def _clock_identity() -> tuple[int, int, int]:
-    """Which ``CLOCK_MONOTONIC`` this process reads: the boot id (two words) and the inode of
-    its time namespace. Zeros for what cannot be read; a zero boot id never compares."""
-    text = procfs.sysctl("kernel.random.boot_id")
-    try:
-        boot = uuid.UUID(text).bytes if text else bytes(16)
-    except ValueError:
-        boot = bytes(16)
-    try:
-        link = os.readlink(procfs.proc("self", "ns", "time"))  # "time:[4026531834]"
-        namespace = int(link[link.index("[") + 1 : link.index("]")])
-    except (OSError, ValueError):
-        namespace = 0
-    return (
-        int.from_bytes(boot[:8], "little"),
-        int.from_bytes(boot[8:], "little"),
-        namespace,
-    )
 
 
 @dataclass(slots=True)
@@ -1011,7 +987,7 @@ class Workload(Guest):
             unknown, self._arrival_problem = self._arrival_problem, None
         word0, clock, previous = int(page[0]), tuple(page[HB_CLOCK].tolist()), int(page[HB_STAMP])
         first = time.monotonic_ns()
-        ours = _clock_identity()
+        ours = procfs.clock_identity()
         page[HB_CLOCK] = ours
         page[0] = HB_MAGIC
         page[HB_STAMP] = first

@@ -24,6 +24,13 @@ Restore order, and why:
    FPU/XSAVE state and MSRs are checked against.
 5. **general registers**, **FPU**, **XSAVE**, **XCRs**, **debug registers**.
 6. **local APIC**: after the APIC base (step 4); this re-arms the APIC timer the guest sleeps on.
+   KVM re-arms it with the count that was left when the state was read, as if the timer had
+   stood still meanwhile while the guest's TSC ran on: every tick would come late by the
+   whole pause, so a guest sleeping on a 1 ms tick saw the pause plus a full tick. Where
+   both sides read one ``CLOCK_MONOTONIC`` (the same boot and time namespace: a flip, a live
+   update, a migration on one host), the count is first advanced by the time since it was
+   read (:func:`lapic_caught_up`): a tick that fell in the pause is pending at the resume,
+   as on a CPU that stalled, and the ticks after it keep their phase.
 7. **MSRs**: after CPUID and the local APIC (IA32_TSC_DEADLINE needs the APIC in place).
 8. **multiprocessing state** (running or halted): after the registers, because setting it
    may reset pending work that the registers describe.
@@ -42,13 +49,27 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .._sys import kvm
+from .._sys.procfs import clock_identity
 from ..errors import BadGuestState
 
-__all__ = ["decode", "encode", "restore_machine", "save_machine"]
+__all__ = ["decode", "encode", "lapic_caught_up", "restore_machine", "save_machine"]
+
+#: Offsets of local APIC registers in the ``KVM_GET_LAPIC`` page.
+APIC_IRR = 0x200
+APIC_LVTT = 0x320
+APIC_TMICT = 0x380
+APIC_TMCCT = 0x390
+APIC_TDCR = 0x3E0
+#: KVM's APIC bus cycle in ns (``KVM_CAP_X86_APIC_BUS_CYCLES_NS``, left at its default): the
+#: timer counts once per cycle times its divider.
+APIC_BUS_NS = 1
+_LVT_MASKED = 1 << 16
+_U32 = struct.Struct("<I")
 
 MAGIC = b"PFVM"
 VERSION = 1
@@ -143,10 +164,14 @@ def save_machine(
     (OSXSAVE, the APIC's) follow from the special registers and the local APIC, restored
     after it."""
     blobs: dict[str, bytes] = {}
+    lapic_read = 0
     for name, cls, get, _ in _VCPU_PIECES:
         obj = cls()
         kvm.ioctl(vcpu_fd, get, obj)
         blobs[name] = kvm.struct_bytes(obj)
+        if get == kvm.GET_LAPIC:
+            lapic_read = time.monotonic_ns()
+    meta = {**meta, "lapic_read": {"at_ns": lapic_read, "clock": list(clock_identity())}}
     blobs["cpuid"] = cpuid
     blobs["msrs"] = _save_msrs(vcpu_fd, msr_list)
     chips = []
@@ -183,10 +208,18 @@ def restore_machine(
     missing = [name for name in (*RESTORE_ORDER, "meta") if name not in blobs]
     if missing:
         raise _bad(f"lacks {', '.join(missing)}")
+    try:
+        meta = json.loads(blobs["meta"])
+    except ValueError as err:
+        raise _bad(f"has a meta record that is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise _bad("has a meta record that is not an object")
+    read_at = _lapic_read_at(meta.get("lapic_read"))
     steps: dict[str, Callable[[bytes], None]] = {
         "irqchip": lambda b: _restore_irqchip(vm_fd, b),
         "clock": lambda b: _restore_clock(vm_fd, b),
         "cpuid": lambda b: None if b == cpuid else _restore_cpuid(vcpu_fd, b),
+        "lapic": lambda b: _restore_lapic(vcpu_fd, b, read_at),
         "msrs": lambda b: _restore_msrs(vcpu_fd, b),
     }
     for name in RESTORE_ORDER:
@@ -197,13 +230,66 @@ def restore_machine(
             continue
         cls, _, put = _PIECE[name]
         kvm.ioctl(vcpu_fd, put, _into(cls, blob, name))
-    try:
-        meta = json.loads(blobs["meta"])
-    except ValueError as err:
-        raise _bad(f"has a meta record that is not JSON: {err}") from None
-    if not isinstance(meta, dict):
-        raise _bad("has a meta record that is not an object")
     return meta
+
+
+def _lapic_read_at(record: object) -> int | None:
+    """When the saved local APIC was read, on this process's CLOCK_MONOTONIC (ns); None
+    when the state does not say, or was read on another clock (another host, boot or time
+    namespace): then nobody can tell how long its timer stood still."""
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise _bad("has a lapic_read record that is not an object")
+    at, clock = record.get("at_ns"), record.get("clock")
+    if not isinstance(at, int) or not isinstance(clock, list):
+        raise _bad("has a lapic_read record without at_ns and clock")
+    ours = clock_identity()
+    if at <= 0 or ours[:2] == (0, 0) or tuple(clock) != ours:
+        return None
+    return at
+
+
+def _restore_lapic(vcpu_fd: int, blob: bytes, read_at: int | None) -> None:
+    if read_at is not None:
+        blob = lapic_caught_up(blob, time.monotonic_ns() - read_at)
+    kvm.ioctl(vcpu_fd, kvm.SET_LAPIC, _into(kvm.LapicState, blob, "lapic"))
+
+
+def lapic_caught_up(regs: bytes, elapsed_ns: int) -> bytes:
+    """A local APIC register page (``KVM_GET_LAPIC``) as it would stand had its timer run on
+    for ``elapsed_ns`` more: the current count lower by that many bus cycles (over the
+    divider); a count that ran out marks the timer's interrupt pending (in the IRR, unless
+    the timer is masked), and a periodic timer starts its next period where the lost ones
+    would have left it. A timer that is stopped, or in TSC-deadline mode (its deadline is
+    an MSR on the TSC, which ran on), is left as it is."""
+    lvtt, tmict, tmcct, tdcr = (
+        _U32.unpack_from(regs, offset)[0]
+        for offset in (APIC_LVTT, APIC_TMICT, APIC_TMCCT, APIC_TDCR)
+    )
+    mode = (lvtt >> 17) & 3  # 0 one-shot, 1 periodic, 2 TSC deadline
+    # A one-shot count of 0 is a timer that is stopped (fired, or never set); a periodic
+    # one reads 0 only when its period ended and KVM has not yet re-armed it: the tick is
+    # due (KVM's own restore would wait a whole period for it).
+    if mode > 1 or tmict == 0 or (tmcct == 0 and mode == 0) or elapsed_ns < 0:
+        return regs
+    code = (tdcr & 3) | ((tdcr & 8) >> 1)
+    divide = 1 if code == 7 else 2 << code
+    counts = elapsed_ns // (APIC_BUS_NS * divide)
+    if counts < tmcct:  # (a count of 0 never is)
+        return _with_u32(regs, APIC_TMCCT, tmcct - counts)
+    # A periodic timer goes on in phase; a one-shot one that fired is stopped (count 0).
+    left = tmict - (counts - tmcct) % tmict if mode == 1 else 0
+    out = _with_u32(regs, APIC_TMCCT, left)
+    if lvtt & _LVT_MASKED:
+        return out
+    vector = lvtt & 0xFF
+    irr = APIC_IRR + 0x10 * (vector // 32)
+    return _with_u32(out, irr, _U32.unpack_from(out, irr)[0] | (1 << (vector % 32)))
+
+
+def _with_u32(regs: bytes, offset: int, value: int) -> bytes:
+    return regs[:offset] + _U32.pack(value) + regs[offset + 4 :]
 
 
 def _restore_irqchip(vm_fd: int, blob: bytes) -> None:

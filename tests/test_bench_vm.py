@@ -542,6 +542,7 @@ def test_realtime_runs_pageflips_vm_with_it_and_says_so(
     result = bench_vm.run(config)
     assert [r["status"] for r in result["runs"]] == ["completed"], result["runs"][0]["error"]
     assert result["config"]["options"]["realtime"] is True
+    assert result["config"]["options"]["tick_us"] == 1000
     assert "SCHED_FIFO" in result["notes"]["realtime"]
 
 
@@ -894,6 +895,7 @@ def test_cli_without_qemu_says_make_qemu(tmp_path: Path, monkeypatch: pytest.Mon
         ("--sizes", "8Q", "--sizes"),
         ("--rates", "fast", "--rates"),
         ("--systems", "xen", "unknown systems"),
+        ("--tick-us", "50", "--tick-us"),
     ],
 )
 def test_cli_refuses_bad_options_before_running(

@@ -577,6 +577,15 @@ def _default_guest_elf() -> str:
     help="Directory for vm.json, vm.md and (--plot) vm.png.",
 )
 @click.option(
+    "--tick-us",
+    type=click.IntRange(100, 10000),
+    default=1000,
+    show_default=True,
+    help="The guest's loop tick (LAPIC timer period, us): a pause of D shows as a gap "
+    "between D and D plus one tick, so this is the resolution of the pause the guest "
+    "observes; each tick costs the host CPU (about 75 us on a PVM host).",
+)
+@click.option(
     "--realtime",
     is_flag=True,
     help="Both systems' vCPU threads SCHED_FIFO (priority 1), on source and destination: the "
@@ -601,6 +610,7 @@ def bench_vm(
     guest_flavour: str,
     timeout: float,
     out_dir: Path,
+    tick_us: int,
     realtime: bool,
     with_plot: bool,
     as_json: bool,
@@ -632,6 +642,7 @@ def bench_vm(
         guest_flavour,
         timeout,
         realtime,
+        tick_us,
     )
     if realtime:
         from ..vm.machine import check_realtime
@@ -680,6 +691,7 @@ def _vm_config(
     guest_flavour: str,
     timeout: float,
     realtime: bool = False,
+    tick_us: int = 1000,
 ) -> VmConfig:
     """The VM comparison's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
@@ -699,7 +711,9 @@ def _vm_config(
             systems=tuple(_split(systems)),
             repeat=repeat,
             settle=settle,
-            options=VmOptions(guest_settle=guest_settle, timeout=timeout, realtime=realtime),
+            options=VmOptions(
+                guest_settle=guest_settle, timeout=timeout, realtime=realtime, tick_us=tick_us
+            ),
         )
     except BadArgument as err:
         raise click.BadParameter(str(err)) from None

@@ -19,10 +19,9 @@ the order in which it is put back.
 
 Real-time vCPU (:meth:`Machine.set_realtime`): the guest sleeps on its timer between ticks,
 and each wake-up waits for the host's scheduler. With the vCPU thread in the normal class,
-any other busy thread on the host (a migration's own work, a process starting) delays it by
-a scheduler slice: the shipped guest saw loop gaps of 2-4 ms on an otherwise idle 2-core
-host, 5-11 ms beside two busy processes. As ``SCHED_FIFO`` it runs as soon as it wakes
-(no gap over 1.5 ms in 5 s idle, one of 2 ms beside two busy processes; docs/vm.md).
+any other busy thread on the host (a migration's own work, a process starting) can delay it
+by a scheduler slice; as ``SCHED_FIFO`` it runs as soon as it wakes
+(``benchmarks/vcpu_gaps.py``; docs/benchmarks.md, "Real-time vCPUs").
 """
 
 from __future__ import annotations
@@ -698,9 +697,10 @@ class Machine:
 
     def rehearse(self) -> None:
         """Save this machine's state and load it back (the vCPU parked or not started): a
-        process's first save and first load run colder than later ones (0.48-0.78 ms and
-        0.55-0.86 ms inside a flip's pause here, 0.30-0.34 ms and 0.38-0.45 ms once a
-        rehearsal had run the same code)."""
+        process's first save and first load run colder than later ones. Inside a VM flip's
+        pause the save took 0.59 ms and the load 0.59 ms (medians of 12) before a
+        rehearsal ran first, 0.41 and 0.47 ms after (docs/benchmarks.md, "Real-time
+        vCPUs")."""
         self.load(self.save({}))
 
     def load(self, saved: bytes) -> dict[str, Any]:

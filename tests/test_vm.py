@@ -155,7 +155,9 @@ def test_boot_heartbeat_pause_resume(vm: VirtualMachine) -> None:
     time.sleep(0.3)
     assert _beats(vm) == paused_at, "the guest beat while paused"
     assert vm.status()["state"] == "paused"
-    vm.resume()
+    asked = time.monotonic()
+    resumed = vm.resume()  # the moment the vCPU thread left its park, on the same clock
+    assert asked <= resumed <= time.monotonic()
     _wait_beats(vm, 2)
     pause = vm.observed_pause(timeout=10)
     assert pause is not None and pause >= 0.25, pause  # the guest saw the 0.3 s it stood still

@@ -282,6 +282,8 @@ class Machine:
         self._lock = threading.Condition()
         self._pause_wanted = True
         self._parked = False
+        #: When the vCPU thread last left its park (CLOCK_MONOTONIC; 0.0: not since resume()).
+        self._left_park = 0.0
         self._stopping = False
         self._stopped: GuestStopped | None = None
         self.exits = 0
@@ -561,6 +563,7 @@ class Machine:
             self._lock.notify_all()
             self._lock.wait_for(self._may_run)
             self._parked = False
+            self._left_park = time.monotonic()
             self._lock.notify_all()  # resume() waits for this
             return not self._stopping
 
@@ -662,7 +665,9 @@ class Machine:
                         signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
     def resume(self) -> float:
-        """Let the vCPU run again; returns ``time.monotonic()`` when it was released."""
+        """Let the vCPU run again; returns ``time.monotonic()`` when the vCPU thread left
+        its park for ``KVM_RUN`` (not when this thread heard it had: by then the guest may
+        have run for a while, its exits holding the interpreter's lock)."""
         self._check_open()
         if not self.regions:
             raise StateError("the machine has no RAM yet", phase="spare", needed="attached")
@@ -671,12 +676,14 @@ class Machine:
         with self._lock:
             self.run_page.immediate_exit = 0
             self._pause_wanted = False
+            self._left_park = 0.0
             self._lock.notify_all()
             # The vCPU thread goes first: it needs the GIL to leave its park, and this
             # thread would otherwise keep it (a migration goes on to its next frame) for
             # up to a switch interval. Waiting here hands it over; the ioctl it enters
             # next releases it at once.
-            self._lock.wait_for(self._unparked, RESUME_HANDOFF)
+            if self._lock.wait_for(self._unparked, RESUME_HANDOFF) and self._left_park:
+                return self._left_park
             return time.monotonic()
 
     def _unparked(self) -> bool:

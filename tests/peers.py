@@ -202,3 +202,16 @@ if __name__ == "__main__":
         else script_receive(sys.argv[2])
     )
     print(json.dumps(result), flush=True)
+
+
+def answers_until(conn: Any, decoder: Any, kind: type) -> list[Any]:
+    """The frames a raw migration link (``conn``, read through ``decoder``) brings until one
+    of ``kind`` has come, in order."""
+    answers: list[Any] = []
+    while not any(isinstance(a, kind) for a in answers):
+        data, fds = conn.recv()
+        assert data, f"the destination closed after {answers}"
+        decoder.feed(data, fds)
+        while (event := decoder.next_event()) is not None:
+            answers.append(event)
+    return answers

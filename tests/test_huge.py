@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import pageflip as pf
+import peers
 from cli_procs import hosts, one_line, pagers
 from cli_procs import run as pageflip_cli
 from helpers import join, run_thread
@@ -1009,13 +1010,7 @@ def test_a_destination_refuses_a_postcopy_setup_on_1gib_pages(
         conn.send(encoder.encode(hello)[0])
         setup = stream.Setup(mode, 1, os.getpid(), _regions(stream.PageKind.HUGETLB_1G))
         conn.send(encoder.encode(setup)[0])
-        answers: list[Any] = []
-        while not any(isinstance(a, stream.Reject) for a in answers):
-            data, fds = conn.recv()
-            assert data, f"the destination closed after {answers}"
-            decoder.feed(data, fds)
-            while (event := decoder.next_event()) is not None:
-                answers.append(event)
+        answers = peers.answers_until(conn, decoder, stream.Reject)
         assert [type(a).__name__ for a in answers[:2]] == ["Welcome", "Reject"]
         assert answers[1].reason == NO_GIB_POSTCOPY
         with pytest.raises(pf.MigrationError) as info:

@@ -354,13 +354,7 @@ def test_a_flip_destination_refuses_them_too(name: str, make: Maker, tmp_path: P
         setup = stream.Setup(stream.Mode.FLIP, 1, os.getpid(), [region])
         conn.send(encoder.encode(setup)[0])
         conn.send(_flip_frame(case), [case.fd])
-        answers: list[Any] = []
-        while not any(isinstance(a, stream.Abort) for a in answers):
-            data, fds = conn.recv()
-            assert data, f"the destination closed after {answers}"
-            decoder.feed(data, fds)
-            while (event := decoder.next_event()) is not None:
-                answers.append(event)
+        answers = peers.answers_until(conn, decoder, stream.Abort)
         abort = next(a for a in answers if isinstance(a, stream.Abort))
         with pytest.raises(pf.MigrationError) as info:
             join(thread, out)

@@ -127,9 +127,8 @@ class Guest(abc.ABC):
     @classmethod
     def warm_up(cls) -> None:
         """Do the one-time work this kind of guest needs in a new process (lazy imports,
-        tables built on first use, a first run of what the pause runs) now: a destination
-        calls it when it is made, a source when its migration begins, so that none of it
-        lands in the guest's pause. The default does nothing."""
+        tables built on first use) now: a destination calls it when a migration begins, so
+        that none of it lands in the guest's pause. The default does nothing."""
         return
 
     @classmethod

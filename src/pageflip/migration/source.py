@@ -271,8 +271,6 @@ class Source(Side[SourcePhase]):
         with responsive():
             try:
                 self._phases.advance(SourcePhase.SETUP)
-                # What the save inside the pause runs, once now (see Guest.warm_up).
-                self.guest.warm_up()
                 self._connect()
                 mode = self._negotiate()
                 if mode == "flip":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import os
 import re
 import threading
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from ..errors import BadGuestState, PageflipError, SpanError, StateError, VmError
+from ..errors import BadGuestState, SpanError, StateError, VmError
 from ..guests.base import Guest, VerifyReport, register
 from ..identity import code_identity
 from ..memory import Region
@@ -38,8 +37,6 @@ from .elf import read_pvh
 from .machine import Machine, layout
 
 __all__ = ["VirtualMachine"]
-
-log = logging.getLogger("pageflip.vm")
 
 #: Console lines kept for status() and for whoever attaches late.
 CONSOLE_LINES = 200
@@ -59,10 +56,12 @@ _spare_lock = threading.Lock()
 
 
 def _parked_machine() -> Machine:
-    """A machine without memory whose vCPU thread is started and parked."""
+    """A machine without memory whose vCPU thread is started and parked, its state's load
+    (and save) rehearsed once (see Machine.rehearse)."""
     machine = Machine()
     try:
         machine.start(paused=True)
+        machine.rehearse()
     except BaseException:
         machine.close()
         raise
@@ -198,28 +197,16 @@ class VirtualMachine(Guest):
             vm.add_console_listener(on_console)
         try:
             machine.start(paused=True)
+            # Parked before its first run: the save a migration will make inside its pause
+            # runs warm (see Machine.rehearse). No throwaway machine for this: closing a VM
+            # takes 12-16 ms here, and a signal that came meanwhile hung the close.
+            machine.rehearse()
         except BaseException:
             vm.close()
             raise
         if not paused:
             vm.resume()
         return vm
-
-    @classmethod
-    def warm_up(cls) -> None:
-        """Rehearse a save and a load of the VM's state on a throwaway machine (see
-        :meth:`.Machine.rehearse`): both sides of a migration do this before the pause, so
-        that the save and the load inside it run warm. Where no VM can be built here (no
-        KVM), there is nothing to warm: the migration will say so itself if it matters."""
-        try:
-            machine = Machine()
-        except (OSError, PageflipError) as err:
-            log.debug("no VM warm-up: %s", err)
-            return
-        try:
-            machine.rehearse()
-        finally:
-            machine.close()
 
     @classmethod
     def migration_coming(cls) -> None:

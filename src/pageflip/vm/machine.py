@@ -704,10 +704,10 @@ class Machine:
 
     def rehearse(self) -> None:
         """Save this machine's state and load it back (the vCPU parked or not started): a
-        process's first save and first load run colder than later ones. Inside a VM flip's
-        pause the save took 0.59 ms and the load 0.59 ms (medians of 12) before a
-        rehearsal ran first, 0.41 and 0.47 ms after (docs/benchmarks.md, "Real-time
-        vCPUs")."""
+        process's first save and first load run colder than later ones, so a booted VM does
+        this before its first run and a spare machine once it is built. Inside a VM flip's
+        pause the save took 0.59 ms and the load 0.59 ms (medians of 12) before, 0.41 and
+        0.47 ms with a rehearsal first (docs/benchmarks.md, "Real-time vCPUs")."""
         self.load(self.save({}))
 
     def load(self, saved: bytes) -> dict[str, Any]:

@@ -6,11 +6,21 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the processes the tests start, whatever started pytest: a shell that
+    runs a command in the background (``make test &``) starts it with SIGINT ignored, every
+    process it starts inherits that, and a test that interrupts a pageflip command with
+    SIGINT would wait for it forever. A handled signal is reset to its default at exec."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _open_fds() -> set[int]:

@@ -199,7 +199,7 @@ class VirtualMachine(Guest):
             machine.start(paused=True)
             # Parked before its first run: the save a migration will make inside its pause
             # runs warm (see Machine.rehearse). No throwaway machine for this: closing a VM
-            # takes 12-16 ms here, and a signal that came meanwhile hung the close.
+            # takes 12-16 ms here.
             machine.rehearse()
         except BaseException:
             vm.close()

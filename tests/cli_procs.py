@@ -207,6 +207,21 @@ NO_REALTIME_MISSING = (
 )
 
 
+def _realtime_refused() -> str | None:
+    from pageflip.errors import FeatureUnavailable
+    from pageflip.vm.machine import check_realtime
+
+    try:
+        check_realtime()
+    except FeatureUnavailable as err:
+        return str(err)
+    return None
+
+
+#: Why this process may not schedule threads SCHED_FIFO (None: it may; root may).
+REALTIME_REFUSED = _realtime_refused()
+
+
 def run(
     *args: str, faults: str = "", timeout: float = 300, wrapper: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:

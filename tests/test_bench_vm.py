@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from cli_procs import NO_REALTIME, NO_REALTIME_MISSING, one_line, run
+from cli_procs import NO_REALTIME, NO_REALTIME_MISSING, REALTIME_REFUSED, one_line, run
 from pageflip.bench import vm as bench_vm
 from pageflip.bench.vm import guest, qmp, runner
 from pageflip.bench.vm.config import GuestImage, VmConfig, VmOptions, VmRunSpec, run_order
@@ -558,6 +558,7 @@ def test_realtime_without_the_right_is_one_line_before_any_run(tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(REALTIME_REFUSED is not None, reason=str(REALTIME_REFUSED))
 def test_qemus_vcpu_threads_are_made_realtime_by_their_ids() -> None:
     """What query-cpus-fast names is made SCHED_FIFO 1: here two real threads of this
     process stand for QEMU's vCPUs."""

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_procs import NO_REALTIME, NO_REALTIME_MISSING, Host, hosts, one_line, run
+from cli_procs import (
+    NO_REALTIME,
+    NO_REALTIME_MISSING,
+    REALTIME_REFUSED,
+    Host,
+    hosts,
+    one_line,
+    run,
+)
 from pageflip.bench.vm import guest as bench_guest
 from pageflip.errors import BadImage, GuestStopped
 from pageflip.memory import Region
@@ -536,6 +544,7 @@ def _policy(vcpu: dict[str, object]) -> tuple[int, int]:
     return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
 
 
+@pytest.mark.skipif(REALTIME_REFUSED is not None, reason=str(REALTIME_REFUSED))
 def test_a_realtime_vcpu_runs_sched_fifo_and_keeps_it_through_a_restore(kernel: str) -> None:
     guest = VirtualMachine.create(64 << 20, kernel, APPEND, realtime=1)
     again: VirtualMachine | None = None
@@ -568,6 +577,7 @@ def test_a_vcpu_is_normal_unless_asked_and_a_bad_priority_is_refused(vm: Virtual
     assert _policy(vm.status()["vcpu"]) == (os.SCHED_OTHER, 0)  # type: ignore[arg-type]
 
 
+@pytest.mark.skipif(REALTIME_REFUSED is not None, reason=str(REALTIME_REFUSED))
 def test_a_realtime_vm_flips_into_a_new_vmm_whose_vcpu_is_realtime_too(pair: VmPair) -> None:
     source = pair.vm("--realtime")
     dest = pair.incoming()
@@ -602,6 +612,7 @@ def test_a_realtime_vm_without_the_right_is_one_line_and_leaves_nothing(
 
 
 @pytest.mark.skipif(NO_REALTIME_MISSING is not None, reason=str(NO_REALTIME_MISSING))
+@pytest.mark.skipif(REALTIME_REFUSED is not None, reason=str(REALTIME_REFUSED))
 def test_a_destination_that_cannot_run_the_vcpu_realtime_leaves_the_vm_on_the_source(
     pair: VmPair,
 ) -> None:

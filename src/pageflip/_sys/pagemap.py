@@ -96,6 +96,23 @@ def scan(
     return np.concatenate(out)
 
 
+def mapped_pages(pid: int | str, address: int, npages: int) -> npt.NDArray[np.bool_]:
+    """Which of the ``npages`` pages at ``address`` in process ``pid`` its page tables map
+    (PAGEMAP_SCAN; a page the kernel is migrating counts too: it shows as swapped)."""
+    held = PageCategory.PRESENT | PageCategory.SWAPPED
+    fd = open_pagemap(pid)
+    try:
+        found = scan(
+            fd, address, address + npages * PAGE_SIZE, category_anyof_mask=held, return_mask=held
+        )
+    finally:
+        os.close(fd)
+    mapped = np.zeros(npages, np.bool_)
+    for start, end in zip(found["start"].tolist(), found["end"].tolist(), strict=True):
+        mapped[(start - address) // PAGE_SIZE : (end - address) // PAGE_SIZE] = True
+    return mapped
+
+
 def entries(address: int, npages: int, pid: int | str = "self") -> npt.NDArray[np.uint64]:
     """Raw 64-bit pagemap entries of ``npages`` pages from ``address``."""
     fd = open_pagemap(pid)

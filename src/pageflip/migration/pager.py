@@ -52,7 +52,7 @@ from .. import stream
 from .._sys import fds as _fds
 from .._sys import huge as _huge
 from .._sys import io, mm, pagemap, uffd
-from .._sys.flags import Map, PageCategory, Prot, UffdCopyMode
+from .._sys.flags import Map, Prot, UffdCopyMode
 from .._sys.mm import PAGE_SIZE
 from .._wire import Note, WireCodec
 from ..channel import Endpoint, read_from
@@ -202,28 +202,12 @@ def held_pages(
     A shmem memfd tells (:func:`present_pages`). A hugetlb memfd calls its whole size data,
     so for a region faulted in ``unit`` bytes larger than a page, the page tables of the
     one process that maps it (``pid``, the region at ``address``) tell instead: a hugetlb
-    page is in them from its first touch until it is punched out (:func:`mapped_pages`).
+    page is in them from its first touch until it is punched out
+    (:func:`pagemap.mapped_pages`).
     """
     if unit == PAGE_SIZE:
         return present_pages(memfd, npages, offset)
-    return mapped_pages(pid, address, npages)
-
-
-def mapped_pages(pid: int | str, address: int, npages: int) -> npt.NDArray[np.bool_]:
-    """Which of the ``npages`` pages at ``address`` in process ``pid`` its page tables map
-    (PAGEMAP_SCAN; a page the kernel is migrating counts too: it shows as swapped)."""
-    held = PageCategory.PRESENT | PageCategory.SWAPPED
-    fd = pagemap.open_pagemap(pid)
-    try:
-        found = pagemap.scan(
-            fd, address, address + npages * PAGE_SIZE, category_anyof_mask=held, return_mask=held
-        )
-    finally:
-        os.close(fd)
-    mapped = np.zeros(npages, np.bool_)
-    for start, end in zip(found["start"].tolist(), found["end"].tolist(), strict=True):
-        mapped[(start - address) // PAGE_SIZE : (end - address) // PAGE_SIZE] = True
-    return mapped
+    return pagemap.mapped_pages(pid, address, npages)
 
 
 def present_pages(memfd: int, npages: int, offset: int = 0) -> npt.NDArray[np.bool_]:

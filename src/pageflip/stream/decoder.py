@@ -82,7 +82,7 @@ class Decoder:
     def wanted(self) -> int:
         """Bytes the frame in progress still lacks: what is left of its header, then of its
         payload; 0 when a whole frame is buffered."""
-        avail = len(self._buf) - self._pos
+        avail = self.buffered
         if avail < HEADER.size:
             return HEADER.size - avail
         length = int(HEADER.unpack_from(self._buf, self._pos)[4])

@@ -1,13 +1,15 @@
 """Huge movable regions: hugetlb and shmem THP, what the probe says, and what happens without.
 
 Tests that need huge pages reserve them here and give the machine's settings back, also on
-failure: a hugetlb pool of 64 pages of 2 MiB (root), or the per-size shmem THP control set to
-``advise`` (root). Where no huge pages can be had, the errors and the probe must name the
+failure: a hugetlb pool of 64 pages of 2 MiB (root), one or two pages more in the 1 GiB pool
+(root; two only for a precopy's copy beside the guest), or the per-size shmem THP control set
+to ``advise`` (root). Where no huge pages can be had, the errors and the probe must name the
 exact setting that would enable them; those tests run on a fake sysfs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -75,10 +77,10 @@ def hugetlb_pool() -> Iterator[huge.Pool]:
             f.write(str(old))
 
 
-@pytest.fixture
-def gib_pool() -> Iterator[huge.Pool]:
-    """One 1 GiB hugetlb page more in its pool than before; the old size is written back
-    afterwards, whatever happened."""
+@contextlib.contextmanager
+def _more_gib_pages(pages: int) -> Iterator[huge.Pool]:
+    """``pages`` 1 GiB hugetlb pages more in their pool than before; the old size is written
+    back afterwards, whatever happened (a skip included: the kernel found fewer)."""
     _need_root()
     if not os.path.exists(NR_GIB_PAGES):
         pytest.skip("no 1 GiB hugetlb pool on this kernel")
@@ -86,14 +88,32 @@ def gib_pool() -> Iterator[huge.Pool]:
         old = int(f.read())
     try:
         with open(NR_GIB_PAGES, "w") as f:
-            f.write(str(old + 1))
+            f.write(str(old + pages))
         pool = huge.pool(GIB)
-        if pool.available < 1:
-            pytest.skip("the kernel found no free 1 GiB page (no contiguous GiB left)")
+        if pool.available < pages:
+            pytest.skip(
+                f"the kernel found {pool.available} free 1 GiB pages of the {pages} asked "
+                "(no contiguous GiB left)"
+            )
         yield pool
     finally:
         with open(NR_GIB_PAGES, "w") as f:
             f.write(str(old))
+
+
+@pytest.fixture
+def gib_pool() -> Iterator[huge.Pool]:
+    """One 1 GiB hugetlb page more in its pool than before (see _more_gib_pages)."""
+    with _more_gib_pages(1) as pool:
+        yield pool
+
+
+@pytest.fixture
+def gib_pool_2() -> Iterator[huge.Pool]:
+    """Two 1 GiB hugetlb pages more in their pool than before: a guest on one and a copy of
+    it beside (see _more_gib_pages). 2 GiB of the machine's memory for the test's length."""
+    with _more_gib_pages(2) as pool:
+        yield pool
 
 
 @pytest.fixture

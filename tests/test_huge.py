@@ -25,7 +25,7 @@ import pytest
 
 import pageflip as pf
 import peers
-from cli_procs import hosts, one_line, pagers
+from cli_procs import hosts, json_lines, one_line, pagers
 from cli_procs import run as pageflip_cli
 from helpers import join, run_thread
 from pageflip import features, stream
@@ -1143,3 +1143,38 @@ def test_precopy_of_a_guest_on_a_1gib_page_lands_on_one(
     assert pageflip_cli("stop", "--control", hosted.b).returncode == 0
     assert incoming.finish() == 0
     assert huge.pool(GIB) == gib_pool_2  # every page back, nothing left reserved
+
+
+def test_precopy_to_a_destination_without_a_free_1gib_page_fails_in_setup_naming_its_pool(
+    gib_pool: huge.Pool, hosted: Pair
+) -> None:
+    """The pool's one 1 GiB page holds the guest: the destination, which would need a
+    second, refuses the precopy in setup, before any page or the commit point, in one line
+    that names the 1 GiB pool's own setting (not vm.nr_hugepages, the 2 MiB pool's) with
+    the size that would do; the guest runs on at the source, checked, and the pool is as
+    the guest left it."""
+    hosted.workload("--huge", "hugetlb-1g", size="1G", rate="4M")
+    held = huge.pool(GIB)
+    assert (held.total, held.available) == (gib_pool.total, gib_pool.available - 1)
+    incoming = hosted.incoming()
+    out = pageflip_cli(
+        "migrate", "--control", hosted.a, "--to", hosted.listen, "--mode", "precopy", "--json"
+    )
+    assert out.returncode == 1, out.stderr
+    why = (
+        "cannot make the guest's memory on its pages here: its 1.00 GiB of 1 GiB hugetlb "
+        f"pages need 1 pages and the 1 GiB pool: {held.available} of {held.total} pages free; "
+        f"to reserve enough: `echo {held.total + 1 - held.available} > {NR_GIB_PAGES}`"
+    )
+    assert one_line(out.stderr) == (
+        f"MigrationError: failed in phase setup: the destination refused: {why}; the guest "
+        "runs on the source"
+    )
+    events = [e["event"] for e in json_lines(out.stdout)]
+    assert events == ["failed"]  # no setup agreed, no round, no commit
+    failed = incoming.wait_for("attempt-failed")
+    assert failed["phase"] == "setup" and why in failed["error"], failed
+    assert hosted.verify(hosted.a)["ok"]
+    assert huge.pool(GIB) == held
+    assert pageflip_cli("stop", "--control", hosted.b).returncode == 0
+    assert incoming.finish() == 0

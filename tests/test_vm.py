@@ -27,7 +27,7 @@ from cli_procs import (
     run,
 )
 from pageflip.bench.vm import guest as bench_guest
-from pageflip.errors import BadImage, GuestStopped
+from pageflip.errors import BadGuestState, BadImage, GuestStopped, StateError
 from pageflip.memory import Region
 from pageflip.vm import Machine, VirtualMachine, kvm_available, layout, read_pvh
 
@@ -216,6 +216,79 @@ def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:
         assert last["n"] > beats  # type: ignore[index]  # the same counter, going on
         report = again.verify()
         assert report.ok, report.problems
+    finally:
+        again.close()
+
+
+def test_a_vm_restored_ahead_from_its_preview_takes_the_state_saved_in_the_pause(
+    vm: VirtualMachine,
+) -> None:
+    """A flip's destination builds the VM from a preview taken while the guest runs
+    (restore_ahead), and in the pause loads only the state saved there (finish_restore):
+    the guest goes on from that state, its memory intact."""
+    _wait_beats(vm, 2)
+    preview = vm.state_preview()  # the guest runs
+    assert vm.status()["state"] == "running"
+    vm.pause()
+    beats = _beats(vm)
+    state = vm.save_state()
+    regions = vm.release_regions()
+    vm.close()
+    again = VirtualMachine.restore_ahead(regions, preview)
+    try:
+        assert again.status()["state"] == "paused" and again.status()["migrations"] == 1
+        again.finish_restore(state)
+        assert again.status()["migrations"] == 1
+        again.resume()
+        _wait_beats(again, 2)
+        assert again.status()["heartbeat"]["n"] > beats  # type: ignore[index]
+        report = again.verify()
+        assert report.ok, report.problems
+        with pytest.raises(StateError, match="restored ahead and never resumed"):
+            again.finish_restore(state)
+    finally:
+        again.close()
+
+
+def test_a_vm_restored_ahead_refuses_the_state_of_another_vm_and_loads_nothing(
+    vm: VirtualMachine,
+) -> None:
+    """finish_restore() checks the state against the preview (the boot moment, the
+    migration count) before it loads anything; a preview that is not one, or is of
+    another size, is refused by restore_ahead() and the regions stay the caller's."""
+    from pageflip.vm import state as vm_state
+
+    preview = vm.state_preview()
+    vm.pause()
+    state = vm.save_state()
+    blobs = vm_state.decode(state)
+    meta = json.loads(blobs["meta"])
+    other = vm_state.encode({**blobs, "meta": json.dumps({**meta, "booted": 1.0}).encode()})
+    regions = vm.release_regions()
+    vm.close()
+    try:
+        resized = json.loads(vm_state.decode(preview)["meta"])
+        resized["memory"] += 1 << 20
+        for bad, says in (
+            (state, "must be a preview record"),
+            (vm_state.encode({"meta": json.dumps(resized).encode()}), "bytes of RAM"),
+            (b"nope", "PFVM"),
+        ):
+            with pytest.raises(BadGuestState, match=says):
+                VirtualMachine.restore_ahead(regions, bad)
+            assert all(not r.closed for r in regions)
+    except BaseException:
+        for region in regions:
+            region.close()
+        raise
+    again = VirtualMachine.restore_ahead(regions, preview)
+    try:
+        with pytest.raises(BadGuestState, match="another VM"):
+            again.finish_restore(other)
+        again.finish_restore(state)  # nothing was loaded: the right state still goes in
+        again.resume()
+        _wait_beats(again, 2)
+        assert again.verify().ok
     finally:
         again.close()
 

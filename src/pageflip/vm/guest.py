@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ from ..units import parse_size
 from .dirtylog import KvmDirtyLog
 from .elf import read_pvh
 from .machine import Machine, layout
+from .state import decode, encode, record
 
 __all__ = ["VirtualMachine"]
 
@@ -141,6 +143,8 @@ class VirtualMachine(Guest):
         self._paused_at: float | None = time.monotonic()
         self._closed = False
         self._released = False
+        #: Restored ahead of a flip's pause (restore_ahead), its state not yet loaded.
+        self._ahead = False
         self._started_at = time.time()
         #: When the end of the latest answer to :meth:`ask` arrived (CLOCK_MONOTONIC).
         self.answered_at: float | None = None
@@ -240,6 +244,20 @@ class VirtualMachine(Guest):
 
     @classmethod
     def restore(cls, regions: list[Region], state: bytes) -> Self:
+        machine = cls._machine_for(regions)
+        try:
+            meta = machine.load(state)
+            cls._schedule_as(machine, meta)
+        except BaseException:
+            machine.close()
+            raise
+        return cls._restored(machine, regions, meta)
+
+    @staticmethod
+    def _machine_for(regions: list[Region]) -> Machine:
+        """The spare machine (:meth:`migration_coming`), with ``regions`` as its memory
+        slots; a new machine if there is none, or one prepared for other memory (an attempt
+        that failed). Closed again by the caller if what follows fails."""
         with _spare_lock:
             spare = _spare.pop() if _spare else None
         if (
@@ -247,38 +265,124 @@ class VirtualMachine(Guest):
             and spare.regions
             and [r.address for r in spare.regions] != [r.address for r in regions]
         ):
-            spare.close()  # prepared for other memory (an attempt that failed)
+            spare.close()
             spare = None
         machine = spare if spare is not None else Machine()
         try:
             if not machine.regions:
                 machine.attach(regions)
-            meta = machine.load(state)
-            # The source's scheduling goes on here (a thread already started, the spare's,
-            # changes at once): a host that cannot give it fails here, before PREPARED.
-            realtime = meta.get("realtime", 0)
-            if not isinstance(realtime, int) or isinstance(realtime, bool):
-                raise BadGuestState(
-                    f"the VM state's real-time priority is {realtime!r}, not a number",
-                    kind="vm",
-                    field="realtime",
-                )
-            machine.set_realtime(realtime)
         except SpanError as err:
             machine.close()
             raise BadGuestState(str(err), kind="vm", field="regions") from None
         except BaseException:
             machine.close()
             raise
+        return machine
+
+    @staticmethod
+    def _schedule_as(machine: Machine, meta: dict[str, Any]) -> None:
+        """The source's scheduling goes on here (a thread already started, the spare's,
+        changes at once): a host that cannot give it fails here, before PREPARED."""
+        realtime = meta.get("realtime", 0)
+        if not isinstance(realtime, int) or isinstance(realtime, bool):
+            raise BadGuestState(
+                f"the VM state's real-time priority is {realtime!r}, not a number",
+                kind="vm",
+                field="realtime",
+            )
+        if realtime != machine.realtime:
+            machine.set_realtime(realtime)
+
+    @classmethod
+    def _restored(cls, machine: Machine, regions: list[Region], meta: dict[str, Any]) -> Self:
+        """The VM around a machine that holds the state whose record is ``meta``."""
+        meta = dict(meta)
         console = meta.pop("console", {})
         meta["migrations"] = int(meta.get("migrations", 0)) + 1
         vm = cls(machine, list(regions), meta)
         if isinstance(console, dict):
-            vm._console.partial = bytearray(str(console.get("partial", "")).encode())
-            vm._console.heartbeats = int(console.get("heartbeats", 0))
-            ready = console.get("ready")
-            vm._console.ready = ready if isinstance(ready, dict) else None
+            vm._take_console(console)
         return vm
+
+    def _take_console(self, console: dict[str, Any]) -> None:
+        """What the source's console reader had of the guest's output."""
+        self._console.partial = bytearray(str(console.get("partial", "")).encode())
+        self._console.heartbeats = int(console.get("heartbeats", 0))
+        ready = console.get("ready")
+        self._console.ready = ready if isinstance(ready, dict) else None
+
+    # -- restored ahead of a flip's pause -------------------------------------------------
+
+    def state_preview(self) -> bytes:
+        """The VM's record without its vCPU (which cannot be read while it runs): a flip's
+        destination builds the VM around its spare machine from it ahead of the pause
+        (:meth:`restore_ahead`), and in the pause loads only the state saved there
+        (:meth:`finish_restore`)."""
+        self._live("preview the state")
+        meta = {**self._meta, "memory": sum(r.size for r in self._regions), "preview": True}
+        return encode({"meta": json.dumps(meta, separators=(",", ":")).encode()})
+
+    @classmethod
+    def restore_ahead(cls, regions: list[Region], preview: bytes) -> Self:
+        """A :meth:`state_preview` ahead of the pause: the spare machine (its slots on the
+        lent memory, its vCPU thread parked) gets the source's scheduling (a host that
+        cannot give it fails the migration here, in its setup) and becomes the VM, paused
+        and never run. Its load is rehearsed once more on the way, so that the load inside
+        the pause, a moment later, runs warm."""
+        meta = record(decode(preview))
+        if meta.get("preview") is not True:
+            raise BadGuestState("a VM preview must be a preview record", kind="vm", field="state")
+        memory = sum(r.size for r in regions)
+        if meta.get("memory") != memory:
+            raise BadGuestState(
+                f"the preview is of a VM with {meta.get('memory')} bytes of RAM, the regions "
+                f"hold {memory}",
+                kind="vm",
+                field="memory",
+            )
+        machine = cls._machine_for(regions)
+        try:
+            cls._schedule_as(machine, meta)
+            if not machine.started:  # no spare: a new machine
+                machine.start(paused=True)
+            machine.rehearse()
+        except BaseException:
+            machine.close()
+            raise
+        del meta["preview"]
+        vm = cls._restored(machine, regions, meta)
+        vm._ahead = True
+        return vm
+
+    def finish_restore(self, state: bytes) -> None:
+        """Restored ahead and never run: load the state saved in the pause. It must be of
+        the VM the preview described (booted at the same moment, as many migrations):
+        else :class:`BadGuestState`, before anything is loaded."""
+        machine = self._live("finish a restore")
+        if not self._ahead or machine.exits:
+            raise StateError(
+                "finish_restore() is for a VM restored ahead and never resumed",
+                phase="resumed",
+                needed="restored",
+            )
+        blobs = decode(state)
+        meta = record(blobs)
+        mine = (self._meta.get("booted"), self._meta.get("migrations"))
+        theirs = (meta.get("booted"), int(meta.get("migrations", 0)) + 1)
+        if mine != theirs:
+            raise BadGuestState(
+                f"the state is of another VM (booted, migrations: {theirs}) than the preview "
+                f"it was restored from ({mine})",
+                kind="vm",
+                field="state",
+            )
+        machine.load(blobs, meta)
+        self._schedule_as(machine, meta)
+        self._ahead = False
+        console = meta.pop("console", {})
+        self._meta = {**meta, "migrations": theirs[1]}
+        if isinstance(console, dict):
+            self._take_console(console)
 
     def prepare_resume(self) -> None:
         machine = self._live("prepare a resume")

@@ -710,12 +710,16 @@ class Machine:
         0.47 ms with a rehearsal first (docs/benchmarks.md, "Real-time vCPUs")."""
         self.load(self.save({}))
 
-    def load(self, saved: bytes) -> dict[str, Any]:
-        """Put a saved state back (before :meth:`start`); returns its ``meta`` record."""
+    def load(
+        self, saved: bytes | dict[str, bytes], meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Put a saved state back (the vCPU thread parked or not started); returns its
+        ``meta`` record. ``saved`` may come decoded (:func:`.state.decode`), and ``meta``
+        read from it already (:func:`.state.record`)."""
         if self._thread is not None and not self._parked:
             raise StateError("load a state with the vCPU thread parked", phase="running")
-        blobs = state.decode(saved)
-        meta = state.restore_machine(self._vm, self._vcpu, blobs, self.cpuid_entries)
+        blobs = state.decode(saved) if isinstance(saved, bytes) else saved
+        meta = state.restore_machine(self._vm, self._vcpu, blobs, self.cpuid_entries, meta)
         self.cpuid_entries = blobs["cpuid"]
         if meta.get("memory") != self.memory:
             raise BadGuestState(

@@ -57,7 +57,7 @@ from .._sys import kvm
 from .._sys.procfs import clock_identity
 from ..errors import BadGuestState
 
-__all__ = ["decode", "encode", "lapic_caught_up", "restore_machine", "save_machine"]
+__all__ = ["decode", "encode", "lapic_caught_up", "record", "restore_machine", "save_machine"]
 
 #: Offsets of local APIC registers in the ``KVM_GET_LAPIC`` page.
 APIC_IRR = 0x200
@@ -197,23 +197,37 @@ def _save_msrs(vcpu_fd: int, msr_list: list[int]) -> bytes:
     return kvm.entries_bytes(buf, got)
 
 
-def restore_machine(
-    vm_fd: int, vcpu_fd: int, blobs: dict[str, bytes], cpuid: bytes = b""
-) -> dict[str, Any]:
-    """Put a saved state back into a freshly built VM, in :data:`RESTORE_ORDER`; returns
-    the ``meta`` record. :class:`BadGuestState` for a state that is damaged or incomplete.
-
-    ``cpuid`` is the CPUID the new VM has already (set when it was built): a saved CPUID
-    equal to it byte for byte is not set again (a spare machine on the same host)."""
-    missing = [name for name in (*RESTORE_ORDER, "meta") if name not in blobs]
-    if missing:
-        raise _bad(f"lacks {', '.join(missing)}")
+def record(blobs: dict[str, bytes]) -> dict[str, Any]:
+    """The ``meta`` record of a decoded state (:class:`BadGuestState` if it has none)."""
+    if "meta" not in blobs:
+        raise _bad("lacks meta")
     try:
         meta = json.loads(blobs["meta"])
     except ValueError as err:
         raise _bad(f"has a meta record that is not JSON: {err}") from None
     if not isinstance(meta, dict):
         raise _bad("has a meta record that is not an object")
+    return meta
+
+
+def restore_machine(
+    vm_fd: int,
+    vcpu_fd: int,
+    blobs: dict[str, bytes],
+    cpuid: bytes = b"",
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Put a saved state back into a freshly built VM, in :data:`RESTORE_ORDER`; returns
+    the ``meta`` record (``meta``: the caller read it already, see :func:`record`).
+    :class:`BadGuestState` for a state that is damaged or incomplete.
+
+    ``cpuid`` is the CPUID the new VM has already (set when it was built): a saved CPUID
+    equal to it byte for byte is not set again (a spare machine on the same host)."""
+    missing = [name for name in (*RESTORE_ORDER, "meta") if name not in blobs]
+    if missing:
+        raise _bad(f"lacks {', '.join(missing)}")
+    if meta is None:
+        meta = record(blobs)
     read_at = _lapic_read_at(meta.get("lapic_read"))
     steps: dict[str, Callable[[bytes], None]] = {
         "irqchip": lambda b: _restore_irqchip(vm_fd, b),

@@ -1163,7 +1163,7 @@ def test_precopy_to_a_destination_without_a_free_1gib_page_fails_in_setup_naming
     assert out.returncode == 1, out.stderr
     why = (
         "cannot make the guest's memory on its pages here: its 1.00 GiB of 1 GiB hugetlb "
-        f"pages need 1 pages and the 1 GiB pool: {held.available} of {held.total} pages free; "
+        f"pages need 1 page and the 1 GiB pool: {held.available} of {held.total} pages free; "
         f"to reserve enough: `echo {held.total + 1 - held.available} > {NR_GIB_PAGES}`"
     )
     assert one_line(out.stderr) == (

@@ -133,7 +133,8 @@ def huge_pages_shortfall(regions: Iterable[tuple[PageKind, int]]) -> str | None:
             if not pool.exists:
                 return f"its {_gib(size)} of {name} hugetlb pages: {pool.describe()}"
             return (
-                f"its {_gib(size)} of {name} hugetlb pages need {need} pages and the "
+                f"its {_gib(size)} of {name} hugetlb pages need {need} "
+                f"page{'' if need == 1 else 's'} and the "
                 f"{pool.describe()}; to reserve enough: "
                 f"{pool.setting_for(need)}"
             )

@@ -336,6 +336,7 @@ class Machine:
         #: The CPUID set in the vCPU (its entries as bytes): saved with the state as it is.
         self.cpuid_entries = kvm.entries_bytes(cpuid, cpuid.head.nent)
         self.msrs = msr_indices(self._system)
+        self._buffers = state.Buffers(self.msrs)
 
     def _enable_manual_dirty_log(self) -> bool:
         """Manual dirty-log protection with every bit set at first: turning logging on
@@ -700,7 +701,7 @@ class Machine:
         if not self._parked and self._thread is not None:
             raise StateError("save the VM's state with the vCPU paused", phase="running")
         meta = {**meta, "memory": self.memory, "devices": self.devices.save()}
-        return state.save_machine(self._vm, self._vcpu, self.msrs, meta, self.cpuid_entries)
+        return state.save_machine(self._vm, self._vcpu, self._buffers, meta, self.cpuid_entries)
 
     def rehearse(self) -> None:
         """Save this machine's state and load it back (the vCPU parked or not started): a
@@ -719,7 +720,9 @@ class Machine:
         if self._thread is not None and not self._parked:
             raise StateError("load a state with the vCPU thread parked", phase="running")
         blobs = state.decode(saved) if isinstance(saved, bytes) else saved
-        meta = state.restore_machine(self._vm, self._vcpu, blobs, self.cpuid_entries, meta)
+        meta = state.restore_machine(
+            self._vm, self._vcpu, blobs, self._buffers, self.cpuid_entries, meta
+        )
         self.cpuid_entries = blobs["cpuid"]
         if meta.get("memory") != self.memory:
             raise BadGuestState(

@@ -126,6 +126,12 @@ def source(
             return sent
 
         Link.send = dying  # type: ignore[method-assign]
+    if fault == "warm-up-fails":
+
+        def failing() -> None:
+            raise OSError(5, "the warm-up broke")
+
+        guest.about_to_pause = failing  # type: ignore[method-assign]
     if fault == "swap-memfd-after-lend":
         lending = Link.send
 

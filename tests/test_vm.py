@@ -293,6 +293,33 @@ def test_a_vm_restored_ahead_refuses_the_state_of_another_vm_and_loads_nothing(
         again.close()
 
 
+def test_a_warm_save_while_the_guest_runs_leaves_it_running_and_the_save_whole(
+    vm: VirtualMachine,
+) -> None:
+    """Machine.warm_save() (before a migration's pause) runs the save's code but for the
+    vCPU's ioctls, while the guest runs: the guest goes on, and the save and restore
+    after it are whole."""
+    _wait_beats(vm, 2)
+    for _ in range(3):
+        vm.about_to_pause()
+    _wait_beats(vm, 2)
+    vm.pause()
+    vm.about_to_pause()  # paused: nothing to warm, nothing happens
+    state = vm.save_state()
+    regions = vm.release_regions()
+    vm.close()
+    again = VirtualMachine.restore(regions, state)
+    try:
+        again.resume()
+        _wait_beats(again, 2)
+        assert again.verify().ok
+        again.machine.close()
+        with pytest.raises(StateError, match="closed"):
+            again.machine.warm_save()
+    finally:
+        again.close()
+
+
 def test_a_rehearsed_save_and_load_leave_the_guest_as_it_was(vm: VirtualMachine) -> None:
     """Machine.rehearse() (the warm-up before a pause) loads back exactly what it saved: the
     state read after it is the one read before it (but for what moves with time: the

@@ -179,6 +179,11 @@ class Guest(abc.ABC):
             field="state",
         )
 
+    def about_to_pause(self) -> None:
+        """A migration pauses the guest next (the guest still runs): warm whatever the
+        pause will run, so that it runs fast. The default does nothing."""
+        return
+
     def prepare_resume(self) -> None:
         """Do now whatever :meth:`resume` needs that can fail (start threads, say), so that
         resume() itself cannot fail: a destination calls it before it answers PREPARED.

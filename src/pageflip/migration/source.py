@@ -509,6 +509,10 @@ class Source(Side[SourcePhase]):
     def _pause_guest(self) -> float:
         """Stop the guest's writers: the pause begins (``_paused_at``, as the guest says,
         which is returned)."""
+        try:
+            self.guest.about_to_pause()
+        except Exception:  # a warm-up only: the pause itself says what is wrong
+            log.debug("the guest's warm-up before the pause failed", exc_info=True)
         self._step("pause asked")
         paused_at = self._paused_at = self.guest.pause()
         self._step("paused", paused_at)

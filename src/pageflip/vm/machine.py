@@ -700,8 +700,18 @@ class Machine:
         """The VM's state (see :mod:`.state`), the vCPU parked; ``meta`` travels with it."""
         if not self._parked and self._thread is not None:
             raise StateError("save the VM's state with the vCPU paused", phase="running")
-        meta = {**meta, "memory": self.memory, "devices": self.devices.save()}
-        return state.save_machine(self._vm, self._vcpu, self._buffers, meta, self.cpuid_entries)
+        return state.save_machine(
+            self._vm, self._vcpu, self._buffers, self._meta_now(meta), self.cpuid_entries
+        )
+
+    def _meta_now(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {**meta, "memory": self.memory, "devices": self.devices.save()}
+
+    def warm_save(self) -> None:
+        """Run the code of :meth:`save` but for the vCPU's own ioctls, while the guest runs
+        (see :func:`.state.warm_save`): a migration does this right before its pause."""
+        self._check_open()
+        state.warm_save(self._vm, self._buffers, self._meta_now({}), self.cpuid_entries)
 
     def rehearse(self) -> None:
         """Save this machine's state and load it back (the vCPU parked or not started): a

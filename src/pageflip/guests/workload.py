@@ -1374,6 +1374,11 @@ class Workload(Guest):
             raise ClosedError("cannot preview the state: the workload is closed", what="workload")
         return self._saved(0.0).to_bytes()
 
+    def about_to_pause(self) -> None:
+        """Run the save's code once while the workload runs (see Guest.about_to_pause)."""
+        if not self._closed:
+            self._saved(0.0).to_bytes()
+
     def _saved(self, paused_monotonic: float) -> SavedState:
         with self._problems_lock:
             messages = self._other_problems + [

@@ -200,13 +200,20 @@ def test_the_guest_tells_the_gap_of_a_pause_apart_from_other_gaps(vm: VirtualMac
     assert all(length < 80_000 for length, _ in later.gaps), line
 
 
-def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:
-    _wait_beats(vm, 2)
+def _handed_over(vm: VirtualMachine) -> tuple[int, bytes, list[Region]]:
+    """Pause ``vm``, save its state and close it, keeping its RAM: the heartbeats it had
+    printed, the state, the regions (what a migration hands to the next VMM)."""
     vm.pause()
     beats = _beats(vm)
     state = vm.save_state()
     regions = vm.release_regions()
     vm.close()
+    return beats, state, regions
+
+
+def test_save_and_restore_in_the_same_process(vm: VirtualMachine) -> None:
+    _wait_beats(vm, 2)
+    beats, state, regions = _handed_over(vm)
     again = VirtualMachine.restore(regions, state)
     try:
         assert again.status()["migrations"] == 1
@@ -229,11 +236,7 @@ def test_a_vm_restored_ahead_from_its_preview_takes_the_state_saved_in_the_pause
     _wait_beats(vm, 2)
     preview = vm.state_preview()  # the guest runs
     assert vm.status()["state"] == "running"
-    vm.pause()
-    beats = _beats(vm)
-    state = vm.save_state()
-    regions = vm.release_regions()
-    vm.close()
+    beats, state, regions = _handed_over(vm)
     again = VirtualMachine.restore_ahead(regions, preview)
     try:
         assert again.status()["state"] == "paused" and again.status()["migrations"] == 1

@@ -1377,7 +1377,7 @@ class Workload(Guest):
     def about_to_pause(self) -> None:
         """Run the save's code once while the workload runs (see Guest.about_to_pause)."""
         if not self._closed:
-            self._saved(0.0).to_bytes()
+            self.state_preview()
 
     def _saved(self, paused_monotonic: float) -> SavedState:
         with self._problems_lock:

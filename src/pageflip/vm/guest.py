@@ -296,20 +296,22 @@ class VirtualMachine(Guest):
     @classmethod
     def _restored(cls, machine: Machine, regions: list[Region], meta: dict[str, Any]) -> Self:
         """The VM around a machine that holds the state whose record is ``meta``."""
+        vm = cls(machine, list(regions), {})
+        vm._take_record(meta)
+        return vm
+
+    def _take_record(self, meta: dict[str, Any]) -> None:
+        """The source's record, one migration more, and what its console reader had of the
+        guest's output."""
         meta = dict(meta)
         console = meta.pop("console", {})
         meta["migrations"] = int(meta.get("migrations", 0)) + 1
-        vm = cls(machine, list(regions), meta)
+        self._meta = meta
         if isinstance(console, dict):
-            vm._take_console(console)
-        return vm
-
-    def _take_console(self, console: dict[str, Any]) -> None:
-        """What the source's console reader had of the guest's output."""
-        self._console.partial = bytearray(str(console.get("partial", "")).encode())
-        self._console.heartbeats = int(console.get("heartbeats", 0))
-        ready = console.get("ready")
-        self._console.ready = ready if isinstance(ready, dict) else None
+            self._console.partial = bytearray(str(console.get("partial", "")).encode())
+            self._console.heartbeats = int(console.get("heartbeats", 0))
+            ready = console.get("ready")
+            self._console.ready = ready if isinstance(ready, dict) else None
 
     # -- restored ahead of a flip's pause -------------------------------------------------
 
@@ -379,10 +381,7 @@ class VirtualMachine(Guest):
         machine.load(blobs, meta)
         self._schedule_as(machine, meta)
         self._ahead = False
-        console = meta.pop("console", {})
-        self._meta = {**meta, "migrations": theirs[1]}
-        if isinstance(console, dict):
-            self._take_console(console)
+        self._take_record(meta)
 
     def prepare_resume(self) -> None:
         machine = self._live("prepare a resume")

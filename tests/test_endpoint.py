@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -246,3 +247,69 @@ def test_a_migration_link_asks_the_socket_for_what_its_frame_lacks() -> None:
         receiver.close()
     assert asked[0] == 64 << 10
     assert max(asked) > 64 << 10 and max(asked) <= 4 << 20
+
+
+def _later(seconds: float, *actions: object) -> threading.Thread:
+    def run() -> None:
+        time.sleep(seconds)
+        for action in actions:
+            action()  # type: ignore[operator]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_spinning_receive_takes_frames_in_pieces_with_their_fds(
+    wire: tuple[Endpoint, Endpoint],
+) -> None:
+    """Inside a guest's pause a receive polls without waiting (``spin``): what it reads
+    that way is the same as what a waiting receive reads."""
+    a, b = wire
+    r, w = os.pipe()
+    data, _ = WireCodec().encode(Note({"k": list(range(50))}))
+    pieces = [data[i : i + 9] for i in range(0, len(data), 9)]
+    try:
+        thread = _later(
+            0.05,
+            lambda: a.send(Note({"first": 1}, [r]), "t"),
+            *[lambda p=p: (a.conn.send(p), time.sleep(0.001)) for p in pieces],
+        )
+        note = b.recv("t", timeout=5, spin=5.0)
+        assert note.message == {"first": 1} and len(note.fds) == 1
+        os.write(w, b"y")
+        assert os.read(note.fds[0], 1) == b"y"  # the very pipe
+        os.close(note.fds[0])
+        assert b.recv("t", timeout=5, spin=5.0) == Note({"k": list(range(50))})
+        thread.join()
+        assert b.bytes_received == a.bytes_sent + len(data) and not b.pending
+        # A spin that ends before the frame comes falls back to waiting for it.
+        thread = _later(0.2, lambda: a.send(Hello(page_size=4096), "t"))
+        assert b.recv("t", timeout=5, spin=0.01) == Hello(page_size=4096)
+        thread.join()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_spinning_receive_sees_the_end_and_a_refusal() -> None:
+    a, b = UnixConnection.pair()
+    end = open_link(b)
+    try:
+        thread = _later(0.05, lambda: a.send(stream.Commit().FRAME.signal or b""), a.close)
+        assert end.recv("prepared", timeout=5, spin=5.0) == stream.Commit()
+        with pytest.raises(PeerClosed, match=r"closed the connection \(prepared\)"):
+            end.recv("prepared", timeout=5, spin=5.0)
+        thread.join()
+    finally:
+        end.close()
+    x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    end = Endpoint(UnixConnection(y), WireCodec())
+    try:
+        thread = _later(0.05, lambda: tell_refused(x, "busy with another migration"))
+        with pytest.raises(PeerRejected, match="busy with another migration"):
+            end.recv("setup", timeout=5, spin=5.0)
+        thread.join()
+    finally:
+        x.close()
+        end.close()

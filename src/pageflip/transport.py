@@ -154,6 +154,23 @@ class UnixConnection(_Connected):
         nbytes, anc, flags, _ = self.sock.recvmsg(
             size, _FD_SPACE + _CRED_SPACE, socket.MSG_CMSG_CLOEXEC
         )
+        return nbytes, self._ancillary(anc, flags)
+
+    def recv_ready(self, view: memoryview) -> tuple[int, list[int]] | None:
+        """What has arrived, into ``view`` without waiting: (bytes, fds), (0, []) at EOF,
+        None when nothing has. No buffer is made per call: this is what a wait inside a
+        guest's pause polls with (see :meth:`.channel.Endpoint.recv`)."""
+        try:
+            nbytes, anc, flags, _ = self.sock.recvmsg_into(
+                [view], _FD_SPACE + _CRED_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return None
+        return nbytes, self._ancillary(anc, flags)
+
+    def _ancillary(self, anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+        """The fds of a message's ancillary data (the sender's pid kept in
+        :attr:`last_pid`); all closed, and EMSGSIZE raised, if the kernel truncated them."""
         fds: list[int] = []
         for level, kind, payload in anc:
             if level != socket.SOL_SOCKET:
@@ -166,7 +183,7 @@ class UnixConnection(_Connected):
         if flags & socket.MSG_CTRUNC:
             close_all(fds)
             raise OSError(errno.EMSGSIZE, "recvmsg: file descriptors were truncated")
-        return nbytes, fds
+        return fds
 
 
 class _Listening:

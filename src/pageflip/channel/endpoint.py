@@ -38,6 +38,8 @@ READ_SIZE = 64 << 10
 POLL_SLICE = 0.05
 #: How many of the peer's first bytes are kept (to say what answered, when it is not us).
 HEAD_SIZE = 64
+#: Bytes taken per poll while spinning (a flip's SWITCHOVER, its largest frame, is ~12 KiB).
+SPIN_READ = 64 << 10
 
 
 class Codec(Protocol):
@@ -47,8 +49,9 @@ class Codec(Protocol):
         """The bytes of ``frame`` and the fds to attach to its first byte."""
         ...
 
-    def feed(self, data: bytes, fds: list[int]) -> None:
-        """Bytes (and fds) as they arrived; the codec owns the fds from here."""
+    def feed(self, data: bytes | memoryview, fds: list[int]) -> None:
+        """Bytes (and fds) as they arrived; the codec owns the fds from here. A view is
+        good only during the call (its buffer is read into again)."""
         ...
 
     def next_frame(self) -> Any | None:
@@ -101,6 +104,7 @@ class Endpoint:
         self.bytes_received = 0
         #: The first bytes the peer sent (to say what answered, when it is not pageflip).
         self.head = b""
+        self._spin_buffer: memoryview | None = None
 
     @property
     def local(self) -> bool:
@@ -150,20 +154,47 @@ class Endpoint:
         """
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        spin_until = now + spin if spin else 0.0
-        while True:
+        frame = self.codec.next_frame()
+        if frame is None and spin:
+            frame = self._spin(phase, now + spin)
+        while frame is None:
+            self._wait(phase, deadline, timeout)
+            self._read(phase)
             frame = self.codec.next_frame()
-            if frame is not None:
-                return frame
-            if spin_until:
+        return frame
+
+    def _spin(self, phase: str, until: float) -> Any | None:
+        """Poll for the next frame until ``until`` (monotonic); None if none came whole.
+
+        Inside a guest's pause each hop of the conversation costs what it takes to see the
+        peer's bytes and decode them, cold: the poll reads without waiting, into a buffer
+        made once (a Unix connection's :meth:`recv_ready`), rather than asking the socket
+        whether it is readable and then reading into a new 64 KiB buffer."""
+        ready = getattr(self.conn, "recv_ready", None)
+        if ready is None:
+            while time.monotonic() < until and not self.conn.wait_readable(0):
+                os.sched_yield()
+            return None
+        if self._spin_buffer is None:
+            self._spin_buffer = memoryview(bytearray(SPIN_READ))
+        view = self._spin_buffer
+        while True:
+            try:
+                got = ready(view)
+            except ConnectionResetError as err:
+                raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
+            if got is not None:
+                self._took(view[: got[0]], got[1], phase)
+                frame = self.codec.next_frame()
+                if frame is not None:
+                    return frame
+            elif time.monotonic() >= until:
+                return None
+            else:
                 # Yielding on each turn: the peer's thread, woken by what it just sent us,
                 # is often put on this very CPU (the scheduler's wake-affine choice) and
                 # would wait behind the spin for the rest of its time slice, 3-4 ms.
-                while time.monotonic() < spin_until and not self.conn.wait_readable(0):
-                    os.sched_yield()
-                spin_until = 0.0
-            self._wait(phase, deadline, timeout)
-            self._read(phase)
+                os.sched_yield()
 
     def poll(self, phase: str, wait: float = 0.0) -> Any | None:
         """A frame if one is ready within ``wait`` seconds (now, by default), else None."""
@@ -233,14 +264,18 @@ class Endpoint:
             data, fds = self.conn.recv(size)
         except ConnectionResetError as err:
             raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
-        if not data:
+        self._took(data, fds, phase)
+
+    def _took(self, data: bytes | memoryview, fds: list[int], phase: str) -> None:
+        """Bytes (and fds) the socket gave: to the codec, or the error they mean."""
+        if not len(data):
             close_all(fds)
             raise PeerClosed(f"the peer closed the connection ({phase})", phase=phase)
-        if not self.bytes_received and (why := refusal(data)) is not None:
+        if not self.bytes_received and (why := refusal(bytes(data))) is not None:
             close_all(fds)
             raise PeerRejected(why, phase=phase)
         if len(self.head) < HEAD_SIZE:
-            self.head += data[: HEAD_SIZE - len(self.head)]
+            self.head += bytes(data[: HEAD_SIZE - len(self.head)])
         self.bytes_received += len(data)
         self.codec.feed(data, fds)
 

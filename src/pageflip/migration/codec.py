@@ -35,7 +35,7 @@ class StreamCodec:
     def encode(self, frame: Any) -> tuple[bytes, list[int]]:
         return self.encoder.encode(frame)
 
-    def feed(self, data: bytes, fds: list[int]) -> None:
+    def feed(self, data: bytes | memoryview, fds: list[int]) -> None:
         self.decoder.feed(data, fds)
 
     def next_frame(self) -> Any | None:

@@ -13,7 +13,7 @@ from .._sys.fds import MAX_FDS, close_all
 from .._sys.mm import PAGE_SIZE
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .fields import Invalid, Reader
-from .table import FRAMES, Event, Frame
+from .table import FRAMES, SIGNALS, Event, Frame
 from .wire import (
     HEADER,
     LENGTH_AT,
@@ -148,6 +148,12 @@ class Decoder:
                 "but no frame starting there announced them",
                 stray.first,
             )
+        if avail >= HEADER.size:
+            # A frame of nothing but its header is known whole by its bytes (table.SIGNALS).
+            signal = SIGNALS.get(bytes(buf[start : start + HEADER.size]))
+            if signal is not None and FRAMES.get(signal.code) is signal:
+                self._consume(start + HEADER.size, False)
+                return signal.event()
         self._check_header_start(start, avail, at)
         if avail < HEADER.size:
             return None

@@ -68,6 +68,9 @@ class Encoder:
         kind = frame_of(event)
         if kind is None:
             raise LocalProtocolError(f"cannot encode {event!r}: not a stream event")
+        signal = kind.signal
+        if signal is not None:
+            return signal, []
         w = Writer(kind.name, self._page_size, self._regions, self._cctx)
         event.write(w)
         if len(w.fds) > MAX_FDS:

@@ -16,7 +16,7 @@ from typing import ClassVar, Final, Self, TypeVar, cast
 
 from ..errors import LocalProtocolError
 from .fields import Reader, Writer
-from .wire import MAX_PAYLOAD
+from .wire import HEADER, MAGIC, MAX_PAYLOAD, VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,9 @@ class Frame:
     most: int
     #: Whether fds travel with the frame (SCM_RIGHTS).
     takes_fds: bool = False
+    #: A frame of nothing but its header (PREPARED, COMMIT) has one encoding: these bytes
+    #: (None for any other frame).
+    signal: bytes | None = None
 
 
 class Event:
@@ -61,6 +64,9 @@ class Event:
 
 #: Every frame type, by type byte: the table itself.
 FRAMES: Final[dict[int, Frame]] = {}
+#: The frames without a payload, by their bytes (see :attr:`Frame.signal`): inside a
+#: guest's pause the encoder and decoder take these whole, cold code being slow there.
+SIGNALS: Final[dict[bytes, Frame]] = {}
 
 _T = TypeVar("_T", bound=type[Event])
 
@@ -80,9 +86,12 @@ def frame(
             raise LocalProtocolError(f"two frames are named {name}")
         if not 0 <= least <= top <= MAX_PAYLOAD:
             raise LocalProtocolError(f"{name}: payload bounds {least}..{top} are out of order")
-        spec = Frame(code, name, cls, least, top, takes_fds)
+        signal = None if top or takes_fds else HEADER.pack(MAGIC, VERSION, code, 0, 0)
+        spec = Frame(code, name, cls, least, top, takes_fds, signal)
         cls.FRAME = spec
         FRAMES[code] = spec
+        if spec.signal is not None:
+            SIGNALS[spec.signal] = spec
         return cls
 
     return declare

@@ -347,6 +347,72 @@ def test_a_rehearsed_save_and_load_leave_the_guest_as_it_was(vm: VirtualMachine)
     assert vm.verify().ok
 
 
+def test_a_save_in_a_pause_reads_what_kvm_stored_and_the_fpu_travels_in_the_xsave_area(
+    vm: VirtualMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a pause the registers, special registers and events come from kvm_run, where
+    KVM stored them as the vCPU parked: the very bytes their ioctls give. After a load
+    they are read by the ioctls again. The x87/SSE registers are not saved on their own:
+    a VM restored from the state reads back the same ones (KVM_GET_FPU) all the same."""
+    import ctypes
+
+    from pageflip._sys import kvm
+    from pageflip.vm import state as vm_state
+
+    machine = vm.machine
+    if not machine.sync_regs:
+        pytest.skip("KVM here lacks KVM_CAP_SYNC_REGS for regs, sregs and events")
+    asked: list[int] = []
+    ioctl = kvm.ioctl
+
+    def counting(fd: int, request: int, arg: object = None) -> int:
+        asked.append(request)
+        return ioctl(fd, request, arg)
+
+    monkeypatch.setattr(vm_state.kvm, "ioctl", counting)
+    synced = (kvm.GET_REGS, kvm.GET_SREGS, kvm.GET_VCPU_EVENTS)
+    _wait_beats(vm, 2)
+    vm.pause()
+    fpu = kvm.Fpu()  # SSE registers of our own (the shipped guest leaves them alone)
+    ioctl(machine._vcpu, kvm.GET_FPU, fpu)
+    fpu.xmm[:] = [(7 * i + 1) & 0xFF for i in range(len(fpu.xmm))]
+    ioctl(machine._vcpu, kvm.SET_FPU, fpu)
+    ioctl(machine._vcpu, kvm.GET_FPU, fpu)  # as KVM reports them (it leaves mxcsr 0)
+    saved = vm_state.decode(vm.save_state())
+    assert not set(asked) & {*synced, kvm.GET_FPU}
+    for name, cls, request in (
+        ("regs", kvm.Regs, kvm.GET_REGS),
+        ("sregs", kvm.Sregs, kvm.GET_SREGS),
+        ("events", kvm.VcpuEvents, kvm.GET_VCPU_EVENTS),
+    ):
+        obj = cls()
+        ioctl(machine._vcpu, request, obj)
+        assert saved[name] == ctypes.string_at(ctypes.addressof(obj), ctypes.sizeof(obj)), name
+    assert "fpu" not in saved
+    machine.rehearse()  # a load: kvm_run no longer holds the vCPU's registers
+    asked.clear()
+    again = vm_state.decode(vm.save_state())
+    assert set(synced) <= set(asked)
+    assert {k: again[k] for k in ("regs", "sregs", "events")} == {
+        k: saved[k] for k in ("regs", "sregs", "events")
+    }
+    _, state, regions = _handed_over(vm)
+    restored = VirtualMachine.restore(regions, state)
+    try:
+        theirs = kvm.Fpu()
+        ioctl(restored.machine._vcpu, kvm.GET_FPU, theirs)
+        assert bytes(theirs.xmm) == bytes(fpu.xmm) != bytes(len(fpu.xmm))
+        assert kvm.struct_bytes(theirs) == kvm.struct_bytes(fpu)
+        xsave = kvm.Xsave()
+        ioctl(restored.machine._vcpu, kvm.GET_XSAVE, xsave)
+        assert kvm.struct_bytes(xsave)[:512] == saved["xsave"][:512]  # the legacy region
+        restored.resume()
+        _wait_beats(restored, 2)
+        assert restored.verify().ok
+    finally:
+        restored.close()
+
+
 def test_a_tick_that_fell_in_the_pause_is_pending_once_the_state_is_back(
     vm: VirtualMachine,
 ) -> None:

@@ -67,6 +67,7 @@ class Cap(enum.IntEnum):
     XSAVE = 55
     XCRS = 56
     GET_TSC_KHZ = 61
+    SYNC_REGS = 74
     IMMEDIATE_EXIT = 136
     MANUAL_DIRTY_LOG_PROTECT2 = 168
 
@@ -314,8 +315,20 @@ class RunExit(ctypes.Union):
     ]
 
 
+class SyncRegs(ctypes.Structure):
+    """``struct kvm_sync_regs`` (x86): what KVM copies into ``kvm_run`` at every return from
+    ``KVM_RUN`` for the classes set in ``kvm_valid_regs``: the very structures
+    ``KVM_GET_REGS``, ``KVM_GET_SREGS`` and ``KVM_GET_VCPU_EVENTS`` fill."""
+
+    _fields_ = [("regs", Regs), ("sregs", Sregs), ("events", VcpuEvents)]
+
+
+#: ``KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS``.
+SYNC_ALL = 0x7
+
+
 class Run(ctypes.Structure):
-    """The head of ``struct kvm_run`` (the shared page the vCPU fd maps)."""
+    """``struct kvm_run`` up to its sync registers (the shared page the vCPU fd maps)."""
 
     _fields_ = [
         ("request_interrupt_window", u8),
@@ -328,6 +341,9 @@ class Run(ctypes.Structure):
         ("cr8", u64),
         ("apic_base", u64),
         ("exit", RunExit),
+        ("kvm_valid_regs", u64),
+        ("kvm_dirty_regs", u64),
+        ("s", SyncRegs),
     ]
 
 

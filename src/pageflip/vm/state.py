@@ -5,9 +5,14 @@ Saved, with the vCPU parked (out of ``KVM_RUN``, pending port I/O completed):
 
 * VM: the in-kernel irqchip (PIC master, PIC slave, I/O APIC) and the KVM clock;
 * vCPU: CPUID, general registers, special registers (segments, control registers, EFER,
-  APIC base), FPU and XSAVE area, XCRs, debug registers, every MSR KVM lists
+  APIC base), the XSAVE area, XCRs, debug registers, every MSR KVM lists
   (``KVM_GET_MSR_INDEX_LIST``), the local APIC's registers, the multiprocessing state and
-  the pending events (exceptions, interrupts, NMI, SMI);
+  the pending events (exceptions, interrupts, NMI, SMI). The x87 and SSE registers are in
+  the XSAVE area's legacy region, so ``KVM_GET_FPU`` is not read as well (and ``KVM_SET_FPU``
+  before ``KVM_SET_XSAVE`` would be overwritten by it): a state saved by an earlier version
+  carries an ``fpu`` piece, which is ignored. Where KVM offers ``KVM_CAP_SYNC_REGS``, the
+  registers, special registers and events come from ``kvm_run``, where KVM stored them as
+  the vCPU left ``KVM_RUN`` to park: the same structures, without three ioctls in the pause;
 * the devices the VMM emulates (:mod:`.devices`) and the VMM's own record (``meta``: RAM
   size, the guest kind's bookkeeping), as JSON.
 
@@ -21,8 +26,8 @@ Restore order, and why:
    already: an identical one is not set again.)
 4. **special registers**: they set the APIC base (enabled, x2APIC mode), which decides how
    the local APIC state and the TSC-deadline MSR are taken; and EFER/CR0/CR4, which the
-   FPU/XSAVE state and MSRs are checked against.
-5. **general registers**, **FPU**, **XSAVE**, **XCRs**, **debug registers**.
+   XSAVE state and MSRs are checked against.
+5. **general registers**, **XSAVE**, **XCRs**, **debug registers**.
 6. **local APIC**: after the APIC base (step 4); this re-arms the APIC timer the guest sleeps on.
    KVM re-arms it with the count that was left when the state was read, as if the timer had
    stood still meanwhile while the guest's TSC ran on: every tick would come late by the
@@ -119,7 +124,6 @@ def decode(state: bytes) -> dict[str, bytes]:
 _VCPU_PIECES: tuple[tuple[str, type[Any], int, int], ...] = (
     ("regs", kvm.Regs, kvm.GET_REGS, kvm.SET_REGS),
     ("sregs", kvm.Sregs, kvm.GET_SREGS, kvm.SET_SREGS),
-    ("fpu", kvm.Fpu, kvm.GET_FPU, kvm.SET_FPU),
     ("xsave", kvm.Xsave, kvm.GET_XSAVE, kvm.SET_XSAVE),
     ("xcrs", kvm.Xcrs, kvm.GET_XCRS, kvm.SET_XCRS),
     ("debugregs", kvm.Debugregs, kvm.GET_DEBUGREGS, kvm.SET_DEBUGREGS),
@@ -128,6 +132,9 @@ _VCPU_PIECES: tuple[tuple[str, type[Any], int, int], ...] = (
     ("events", kvm.VcpuEvents, kvm.GET_VCPU_EVENTS, kvm.SET_VCPU_EVENTS),
 )
 
+#: The pieces KVM also stores in ``kvm_run`` (``KVM_CAP_SYNC_REGS``).
+_SYNCED = frozenset({"regs", "sregs", "events"})
+
 #: The restore order (see the module docstring for the reasons).
 RESTORE_ORDER = (
     "irqchip",
@@ -135,7 +142,6 @@ RESTORE_ORDER = (
     "cpuid",
     "sregs",
     "regs",
-    "fpu",
     "xsave",
     "xcrs",
     "debugregs",
@@ -177,7 +183,12 @@ class Buffers:
 
 
 def save_machine(
-    vm_fd: int, vcpu_fd: int | None, buffers: Buffers, meta: dict[str, Any], cpuid: bytes
+    vm_fd: int,
+    vcpu_fd: int | None,
+    buffers: Buffers,
+    meta: dict[str, Any],
+    cpuid: bytes,
+    synced: kvm.SyncRegs | None = None,
 ) -> bytes:
     """The VM's and vCPU's state (the vCPU must be parked), with ``meta`` as JSON.
 
@@ -186,10 +197,15 @@ def save_machine(
     (``KVM_GET_CPUID2`` costs more than any other piece). The bits KVM keeps current itself
     (OSXSAVE, the APIC's) follow from the special registers and the local APIC, restored
     after it. ``vcpu_fd`` None: the vCPU runs and is not read, its pieces are what the
-    structures hold (:func:`warm_save`)."""
+    structures hold (:func:`warm_save`). ``synced``: the registers, special registers and
+    events as KVM stored them in ``kvm_run`` when the vCPU parked (the very structures
+    their ioctls fill), taken from there."""
     blobs: dict[str, bytes] = {}
     lapic_read = 0
     for name, get, _, obj, address, size in buffers.vcpu:
+        if synced is not None and name in _SYNCED:
+            blobs[name] = ctypes.string_at(ctypes.addressof(getattr(synced, name)), size)
+            continue
         if vcpu_fd is not None:
             kvm.ioctl(vcpu_fd, get, obj)
         blobs[name] = ctypes.string_at(address, size)

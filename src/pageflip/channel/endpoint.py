@@ -178,19 +178,11 @@ class Endpoint:
         if self._spin_buffer is None:
             self._spin_buffer = memoryview(bytearray(SPIN_READ))
         view = self._spin_buffer
-        # Readiness first: a read takes the socket's locks, and one polled in a loop slows
-        # the peer's send into it (the pause's SWITCHOVER came 0.1-0.3 ms later so).
-        poller = select.poll()
-        poller.register(self.conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         while True:
-            got = None
-            if poller.poll(0):
-                try:
-                    got = ready(view)
-                except ConnectionResetError as err:
-                    raise PeerClosed(
-                        f"the peer reset the connection ({phase})", phase=phase
-                    ) from err
+            try:
+                got = ready(view)
+            except ConnectionResetError as err:
+                raise PeerClosed(f"the peer reset the connection ({phase})", phase=phase) from err
             if got is not None:
                 self._took(view[: got[0]], got[1], phase)
                 frame = self.codec.next_frame()

@@ -173,6 +173,18 @@ def test_events_carry_the_timing(matrix: dict[str, Any]) -> None:
             assert run["write_rate"] == 0
 
 
+def test_every_run_says_how_much_cpu_time_the_hypervisor_took(matrix: dict[str, Any]) -> None:
+    """The steal time of each migration (``/proc/stat``): where the host takes milliseconds
+    from the machine, the pauses measured are the host's."""
+    from pageflip.bench.common import steal_seconds
+
+    counted = steal_seconds() is not None
+    for run in matrix["runs"]:
+        assert "steal_seconds" in run
+        if counted:
+            assert run["steal_seconds"] is not None and run["steal_seconds"] >= 0
+
+
 def test_the_pause_the_guest_saw_stands_beside_the_downtime(matrix: dict[str, Any]) -> None:
     """Each run keeps the guest's own figure (source's done event, destination's resumed
     event: the same GUEST_PAUSE), and the cells, the Markdown and the JSON show it."""

@@ -802,6 +802,27 @@ def test_result_is_strict_json_and_the_markdown_shows_both_systems(tmp_path: Pat
     assert "| target | measured | met |" in text
     rows = bench_vm.comparison_rows(result)
     assert len(rows) == 6 and all(len(r) == len(bench_vm.COLUMNS) for r in rows)
+    assert "stolen" not in text  # no run counted it
+
+
+def test_the_markdown_says_how_much_cpu_time_the_hypervisor_took(tmp_path: Path) -> None:
+    """A pause measured while the host steals milliseconds measures the host: each run
+    records the steal time of its migration, and the report gives its range per system."""
+    runs = _made_up(tmp_path, _FAST)
+    for i, record in enumerate(runs):
+        record["steal_s"] = (0.002 if record["system"] == "qemu" else 0.0005) * (i + 1)
+    last = {
+        s: max(r["steal_s"] or 0 for r in runs if r["system"] == s) for s in ("qemu", "pageflip")
+    }
+    text = bench_vm.markdown_table(_result(tmp_path, runs))
+    line = next(ln for ln in text.splitlines() if ln.startswith("- stolen: "))
+    from pageflip.units import format_duration
+
+    first = {s: min(r["steal_s"] or 1 for r in runs if r["system"] == s) for s in last}
+    assert "(/proc/stat, steal): qemu " in line
+    for system in ("qemu", "pageflip"):
+        span = f"{system} {format_duration(first[system])} to {format_duration(last[system])}"
+        assert span in line, (span, line)
 
 
 @pytest.fixture(scope="module")
@@ -909,3 +930,21 @@ def test_cli_refuses_bad_options_before_running(
     )
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_steal_time_is_read_from_proc_stat(tmp_path: Path) -> None:
+    from pageflip._sys import procfs
+    from pageflip.bench.common import steal_seconds, stolen_since
+
+    tick = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  10 0 5 900 1 0 2 {3 * tick} 0 0\ncpu0 5 0 2 450 0 0 1 {tick} 0 0\n")
+    real = procfs.procfs_path()
+    procfs.set_procfs_path(str(tmp_path))
+    try:
+        assert steal_seconds() == 3.0
+        assert stolen_since(2.5) == 0.5 and stolen_since(None) is None
+        stat.write_text("cpu  10 0 5 900\n")  # a kernel that does not count it
+        assert steal_seconds() is None and stolen_since(1.0) is None
+    finally:
+        procfs.set_procfs_path(real)

@@ -45,6 +45,25 @@ def _read(path: str) -> str | None:
         return None
 
 
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor has taken from this machine since boot, all CPUs together
+    (the steal column of ``/proc/stat``); None where the kernel does not count it. A run
+    records how much fell into its migration: on a host that steals milliseconds at a time
+    a pause measures the host, not the code."""
+    text = _read(os.path.join(procfs_path(), "stat")) or ""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 8:
+            return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def stolen_since(start: float | None) -> float | None:
+    """Seconds stolen since :func:`steal_seconds` gave ``start`` (None if either is)."""
+    end = steal_seconds()
+    return None if start is None or end is None else max(0.0, end - start)
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {

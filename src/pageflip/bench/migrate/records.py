@@ -143,6 +143,9 @@ class RunRecord(TypedDict):
     events: list[Event]
     destination_events: list[Event]
     prewarm_seconds: float | None
+    #: CPU time the hypervisor took from this machine during the migration (see
+    #: :func:`pageflip.bench.common.steal_seconds`); set once the run is over.
+    steal_seconds: NotRequired[float | None]
     #: Both sides' pause steps, merged in time order (on one host: one clock).
     pause_steps: list[PauseStep]
     #: Set by the matrix once the run is over.

@@ -16,6 +16,7 @@ from ..._sys import mm
 from ..._sys.flags import Madv
 from ...memory import PAGE_SIZE, Region
 from ...units import format_rate, format_size
+from ..common import steal_seconds, stolen_since
 from .config import MigrateBenchmarkError, MigrateConfig, ProgressCallback, RunSpec, run_order
 from .processes import Child, Filled, Listening, Migrated, Verified, destination_main, source_main
 from .records import Event, MemoryRecord, MigrateResult, PauseStep, PostcopyRecord, RunRecord
@@ -93,12 +94,15 @@ def _one_run(ctx: SpawnContext, spec: RunSpec, config: MigrateConfig) -> RunReco
         sampler = Sampler(pids, config.sample_interval, walk=False)
         baseline = sampler.baseline()
         sampler.start()
+        steal = steal_seconds()
         migrated = _migrate(src, dst, config.timeout, what)
+        stolen = stolen_since(steal)
         sampler.stop()
         verified = dst.expect(Verified, config.timeout, what)
         dst.join(config.timeout, what)
         memory = sampler.result(baseline, filled.guest_bytes)
         record = run_record(spec, filled, migrated, verified, memory, prewarmed)
+        record["steal_seconds"] = stolen
         if not record["verified"]:
             problems = "; ".join(verified.verify["problems"][:5])
             raise MigrateBenchmarkError(f"{what}: the guest failed its check: {problems}")

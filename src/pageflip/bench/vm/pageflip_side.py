@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from ...errors import BenchmarkError, PageflipError
 from ...units import format_size
-from ..common import now
+from ..common import now, steal_seconds, stolen_since
 from ..migrate.running import pause_steps
 from ..migrate.sampling import Sampler
 from .config import VmRunSpec
@@ -242,6 +242,7 @@ def _migrate(
     record["write_rate"] = sum(rates) / len(rates) * (1 << 20) if rates else None
 
     _ask_pause(src_sock)  # from now on the guest's largest loop gap counts (QEMU's way)
+    steal = steal_seconds()
     sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval, walk=False)
     samplers.append(sampler)
     baseline = sampler.baseline()
@@ -270,6 +271,7 @@ def _migrate(
     # The pause the guest saw from the P above to this one, as for QEMU (the done event's
     # guest_pause covers only the two heartbeats after the resume).
     record["guest_pause_s"] = _ask_pause(dst_sock)
+    record["steal_s"] = stolen_since(steal)
     if record["guest_pause_s"] is None:  # a guest without P: the engine's own figure
         record["guest_pause_s"] = done.get("guest_pause")
     record["switchover_to_running_s"] = _switchover_to_running(events, dst.events)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BenchmarkError, PageflipError
-from ..common import now
+from ..common import now, steal_seconds, stolen_since
 from ..migrate.sampling import Sampler
 from .config import VmOptions, VmRunSpec
 from .console import ConsoleLog, SerialConsole, connect_unix
@@ -345,6 +345,7 @@ def _migrate(
     baseline = sampler.baseline()
     sampler.start()
     src_mark = len(src.log)
+    steal = steal_seconds()
     final = _run_migration(spec, src, files.migration_uri, record)
     sampler.stop()
     add_memory(record, sampler.result(baseline, spec.guest_ram))
@@ -373,6 +374,7 @@ def _migrate(
             "tick_us": pause.tick_us,
             "iters": pause.iters,
         }
+    record["steal_s"] = stolen_since(steal)
     _, _, check = dst.log.wait_for(Verify, o.verify_timeout, start=dst.send(verify_request()))
     record["verify_bad"], record["verify_pages"] = check.bad, check.pages
     record["details"]["verify_ms"] = check.ms

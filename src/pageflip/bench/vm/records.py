@@ -76,6 +76,9 @@ class VmRunRecord(TypedDict):
     #: On the host: the last heartbeat line from the source until the first from the
     #: destination (includes up to one heartbeat period).
     host_gap_s: float | None
+    #: CPU time the hypervisor took from this machine from just before the migration to
+    #: the guest's report of its pause (``/proc/stat``'s steal; None where not counted).
+    steal_s: float | None
     #: The source stopping the guest until the destination runs it (QEMU: the STOP and
     #: RESUME events' timestamps; pageflip: its switchover and resumed events).
     switchover_to_running_s: float | None
@@ -192,6 +195,7 @@ def blank_record(spec: VmRunSpec) -> VmRunRecord:
         "guest_pause_s": None,
         "guest_switchover_s": None,
         "host_gap_s": None,
+        "steal_s": None,
         "switchover_to_running_s": None,
         "setup_s": None,
         "bytes_moved": None,

@@ -115,6 +115,23 @@ def target_rows(result: VmResult) -> list[tuple[str, str, bool | None]]:
     return [(t["text"], t["measured"], t["passed"]) for t in result["targets"]]
 
 
+def _stolen(result: VmResult) -> str:
+    """CPU time the hypervisor took during the runs' migrations, per system ("" if the
+    kernel does not count it): where it is milliseconds, so is the noise in the pauses."""
+    parts = []
+    for system in ("qemu", "pageflip"):
+        values = [r["steal_s"] for r in result["runs"] if r["system"] == system]
+        counted = [v for v in values if v is not None]
+        if counted:
+            parts.append(f"{system} {_ms(min(counted))} to {_ms(max(counted))}")
+    if not parts:
+        return ""
+    return (
+        "CPU time the hypervisor took from this machine during each run's migration "
+        "(/proc/stat, steal): " + ", ".join(parts)
+    )
+
+
 def _errors(result: VmResult) -> list[str]:
     return [
         f"- run {r['index'] + 1} ({r['system']} {r['system_mode']}, {r['size_label']} at "
@@ -147,6 +164,9 @@ def markdown_table(result: VmResult) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(result)]
     notes = result["notes"]
     lines += ["", *(f"- {k.replace('_', ' ')}: {v}" for k, v in notes.items())]
+    stolen = _stolen(result)
+    if stolen:
+        lines.append(f"- stolen: {stolen}")
     errors = _errors(result)
     if errors:
         lines += ["", "Failed runs:", "", *errors]

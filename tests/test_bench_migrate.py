@@ -177,12 +177,22 @@ def test_every_run_says_how_much_cpu_time_the_hypervisor_took(matrix: dict[str, 
     """The steal time of each migration (``/proc/stat``): where the host takes milliseconds
     from the machine, the pauses measured are the host's."""
     from pageflip.bench.common import steal_seconds
+    from pageflip.units import format_duration
 
     counted = steal_seconds() is not None
     for run in matrix["runs"]:
         assert "steal_seconds" in run
         if counted:
             assert run["steal_seconds"] is not None and run["steal_seconds"] >= 0
+    text = bench_migrate.markdown_table(matrix)
+    stolen = [ln for ln in text.splitlines() if ln.startswith("Stolen: ")]
+    if counted:
+        values = [run["steal_seconds"] for run in matrix["runs"]]
+        least, most = format_duration(min(values)), format_duration(max(values))
+        span = (least if least == most else f"{least} to {most}") + "."
+        assert len(stolen) == 1 and stolen[0].endswith(f"(/proc/stat, steal): {span}")
+    else:
+        assert not stolen
 
 
 def test_the_pause_the_guest_saw_stands_beside_the_downtime(matrix: dict[str, Any]) -> None:

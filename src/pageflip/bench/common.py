@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from .._sys.procfs import procfs_path
 from ..errors import BenchmarkError
+from ..units import format_duration
 
 __all__ = ["BenchmarkError", "TargetRecord", "finite", "machine", "markdown_targets", "now"]
 
@@ -62,6 +63,22 @@ def stolen_since(start: float | None) -> float | None:
     """Seconds stolen since :func:`steal_seconds` gave ``start`` (None if either is)."""
     end = steal_seconds()
     return None if start is None or end is None else max(0.0, end - start)
+
+
+#: What the steal range of a set of runs measures, for the reports.
+STOLEN = (
+    "CPU time the hypervisor took from this machine during each run's migration (/proc/stat, steal)"
+)
+
+
+def stolen_range(values: Iterable[float | None]) -> str:
+    """The least and most seconds stolen over runs, or the one figure all had ("" when
+    none counted them)."""
+    counted = [v for v in values if v is not None]
+    if not counted:
+        return ""
+    least, most = format_duration(min(counted)), format_duration(max(counted))
+    return least if least == most else f"{least} to {most}"
 
 
 def machine() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from ...errors import FeatureUnavailable
 from ...units import format_duration as _ms
 from ...units import format_rate, format_size, human_size
-from ..common import markdown_targets
+from ..common import STOLEN, markdown_targets, stolen_range
 from ..references import Reference
 from .config import MODES, GiB
 from .records import CellRecord, MigrateResult
@@ -129,6 +129,7 @@ def markdown_table(result: MigrateResult) -> str:
         f'Peak memory: {notes["peak"]}; "added" is the peak minus the same measure just '
         "before the migration; the RSS sum counts pages mapped by both processes twice.",
         f"Times: {notes['clock']}.",
+        *([f"Stolen: {STOLEN}: {stolen}."] if (stolen := _stolen(result)) else []),
         "",
         *markdown_targets(target_rows(result)),
     ]
@@ -137,6 +138,10 @@ def markdown_table(result: MigrateResult) -> str:
         lines += ["", budget.rstrip("\n")]
     lines += ["", f"QEMU context: {notes['qemu']}"]
     return "\n".join(lines) + "\n"
+
+
+def _stolen(result: MigrateResult) -> str:
+    return stolen_range(r.get("steal_seconds") for r in result["runs"])
 
 
 def budget_markdown(result: MigrateResult, mode: str) -> str:

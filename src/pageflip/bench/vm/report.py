@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ...units import format_duration as _ms
 from ...units import human_size
-from ..common import markdown_targets
+from ..common import STOLEN, markdown_targets, stolen_range
 from ..migrate.report import check_plot
 from .records import METRICS, CellRecord, ComparisonRecord, VmResult
 from .stats import figure
@@ -116,20 +116,14 @@ def target_rows(result: VmResult) -> list[tuple[str, str, bool | None]]:
 
 
 def _stolen(result: VmResult) -> str:
-    """CPU time the hypervisor took during the runs' migrations, per system ("" if the
-    kernel does not count it): where it is milliseconds, so is the noise in the pauses."""
+    """The steal range per system ("" if the kernel does not count it): where it is
+    milliseconds, so is the noise in the pauses."""
     parts = []
     for system in ("qemu", "pageflip"):
-        values = [r["steal_s"] for r in result["runs"] if r["system"] == system]
-        counted = [v for v in values if v is not None]
-        if counted:
-            parts.append(f"{system} {_ms(min(counted))} to {_ms(max(counted))}")
-    if not parts:
-        return ""
-    return (
-        "CPU time the hypervisor took from this machine during each run's migration "
-        "(/proc/stat, steal): " + ", ".join(parts)
-    )
+        span = stolen_range(r["steal_s"] for r in result["runs"] if r["system"] == system)
+        if span:
+            parts.append(f"{system} {span}")
+    return f"{STOLEN}: " + ", ".join(parts) if parts else ""
 
 
 def _errors(result: VmResult) -> list[str]:

@@ -107,6 +107,7 @@ def markdown_table(result: MigrateResult) -> str:
     """The results and the targets as Markdown (what docs/benchmarks.md shows)."""
     machine = result["machine"]
     cfg = result["config"]
+    stolen = stolen_range(r.get("steal_seconds") for r in result["runs"])
     lines = [
         f"**Migration matrix**, {len(result['runs'])} run(s), median of {cfg['repeat']} per "
         f"row, {result['date']}, Linux {machine['kernel']}, {machine.get('cpus')} x "
@@ -129,7 +130,7 @@ def markdown_table(result: MigrateResult) -> str:
         f'Peak memory: {notes["peak"]}; "added" is the peak minus the same measure just '
         "before the migration; the RSS sum counts pages mapped by both processes twice.",
         f"Times: {notes['clock']}.",
-        *([f"Stolen: {STOLEN}: {stolen}."] if (stolen := _stolen(result)) else []),
+        *([f"Stolen: {STOLEN}: {stolen}."] if stolen else []),
         "",
         *markdown_targets(target_rows(result)),
     ]
@@ -138,10 +139,6 @@ def markdown_table(result: MigrateResult) -> str:
         lines += ["", budget.rstrip("\n")]
     lines += ["", f"QEMU context: {notes['qemu']}"]
     return "\n".join(lines) + "\n"
-
-
-def _stolen(result: MigrateResult) -> str:
-    return stolen_range(r.get("steal_seconds") for r in result["runs"])
 
 
 def budget_markdown(result: MigrateResult, mode: str) -> str:

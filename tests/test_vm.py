@@ -30,8 +30,9 @@ from pageflip.bench.vm import guest as bench_guest
 from pageflip.errors import BadGuestState, BadImage, GuestStopped, StateError
 from pageflip.memory import Region
 from pageflip.vm import Machine, VirtualMachine, kvm_available, layout, read_pvh
+from test_huge import hugetlb_pool
 
-_ = hosts  # the fixture
+_ = hosts, hugetlb_pool  # the fixtures
 
 _why = kvm_available()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no usable KVM: {_why}")
@@ -633,6 +634,49 @@ def test_migrate_between_vmm_processes(pair: VmPair, mode: str) -> None:
     assert seen is not None and 0 < seen < 60, seen
     assert run("stop", "--control", pair.b).returncode == 0
     assert dest.finish() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_vm_on_huge_pages_migrates_on_huge_pages_and_its_guest_verifies(
+    pair: VmPair, mode: str, hugetlb_pool: object
+) -> None:
+    """RAM on 2 MiB hugetlb pages: a flip moves those very pages, precopy and postcopy make
+    the same kind on the destination (the pool holds the guest twice), and the guest's own
+    check passes there."""
+    source = pair.vm("--huge", "hugetlb")
+    ram = _json(run("status", "--control", pair.a, "--json").stdout)["status"]["ram"]
+    assert [(r["page_size"], r["huge"]) for r in ram] == [(2 << 20, "hugetlb")]
+    assert sum(r["size"] for r in ram) == 64 << 20
+    dest = pair.incoming()
+    dest.wait_for("listening")
+    out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--json")
+    assert out.returncode == 0, out.stderr
+    done = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "done"][-1]
+    if mode == "flip":
+        assert done["pages_copied"] == 0 and done["pages_moved"] == (64 << 20) >> 12
+    else:
+        assert done["digest"] == "verified"
+    dest.wait_for("running")
+    assert source.finish() == 0
+    status = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
+    assert status["migrations"] == 1
+    assert [(r["page_size"], r["huge"]) for r in status["ram"]] == [(2 << 20, "hugetlb")]
+    pair.verify(pair.b)
+    assert run("stop", "--control", pair.b).returncode == 0
+    assert dest.finish() == 0
+
+
+def test_vm_ram_that_is_not_whole_huge_pages_is_one_line(
+    pair: VmPair, hugetlb_pool: object
+) -> None:
+    out = run(
+        "vm", "run", "--memory", "65M", "--kernel", pair.kernel, "--huge", "hugetlb",
+        "--control", pair.a,
+    )  # fmt: skip
+    assert out.returncode == 1
+    line = one_line(out.stderr)
+    assert "guest RAM of 65.0 MiB is not whole 2.0 MiB pages" in line, line
+    assert not Path(pair.a).exists()
 
 
 def _json(line: str) -> dict:  # type: ignore[type-arg]

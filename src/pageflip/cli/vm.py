@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from ..errors import LocalProtocolError, SpanError
+from ..memory import HUGE_NAMES, HugePages
 from ..units import format_size, human_size
 from ._base import DURATION, SIZE, emit, main
 from .guests import control_option, echo_json, exit_with_outcome, follow, json_option, serve_host
@@ -63,6 +64,15 @@ def console_printer(as_json: bool) -> Any:
     "not delay the guest's wake-ups by milliseconds; kept across migrations and upgrades. "
     "Needs root, CAP_SYS_NICE or ulimit -r 1.",
 )
+@click.option(
+    "--huge",
+    type=click.Choice(HUGE_NAMES),
+    default=None,
+    help="Put the guest's RAM on huge pages (hugetlb needs a pool: sysctl -w "
+    "vm.nr_hugepages=N; auto falls back to 4 KiB pages). KVM then maps it a huge page at a "
+    "time, so a VMM that takes the guest over (migrate, vm upgrade) runs it at full speed "
+    "at once. The RAM below and above 3 GiB must each be whole pages.",
+)
 @control_option
 @json_option
 def vm_run(
@@ -70,6 +80,7 @@ def vm_run(
     kernel: str | None,
     append: str | None,
     realtime: bool,
+    huge: str | None,
     control: str,
     as_json: bool,
 ) -> None:
@@ -108,6 +119,7 @@ def vm_run(
             on_console=console_printer(as_json),
             paused=True,
             realtime=REALTIME_PRIORITY if realtime else 0,
+            huge=cast("HugePages", huge) if huge else False,
         )
         host.attach(guest)
         guest.resume()

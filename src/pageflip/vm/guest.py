@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Self
 from ..errors import BadGuestState, SpanError, StateError, VmError
 from ..guests.base import Guest, VerifyReport, register
 from ..identity import code_identity
-from ..memory import Region
-from ..units import parse_size
+from ..memory import HugePages, Region
+from ..units import human_size, parse_size
 from .dirtylog import KvmDirtyLog
 from .elf import read_pvh
 from .machine import Machine, layout
@@ -161,11 +161,18 @@ class VirtualMachine(Guest):
         paused: bool = False,
         on_console: Callable[[str], None] | None = None,
         realtime: int = 0,
+        huge: HugePages = False,
     ) -> VirtualMachine:
         """Boot ``kernel`` (default: the guest shipped with pageflip, built on first use)
         with ``memory`` bytes of RAM and the command line ``append``. ``realtime``: the
         vCPU thread's SCHED_FIFO priority (0: the normal class; see
-        :meth:`.Machine.set_realtime`), kept across migrations and live updates."""
+        :meth:`.Machine.set_realtime`), kept across migrations and live updates.
+
+        ``huge`` puts the RAM on huge pages (see :data:`~pageflip.memory.HugePages`); each
+        memory slot must then be whole huge pages. KVM then maps the guest's memory in
+        pieces of a huge page: a VMM that takes the guest over (a flip, a live update)
+        builds its mappings again a huge page at a time instead of 4 KiB at a time, and
+        the guest runs at full speed at once (docs/benchmarks.md)."""
         size = parse_size(memory) if isinstance(memory, str) else int(memory)
         slots = layout(size)
         if kernel is None:
@@ -179,7 +186,17 @@ class VirtualMachine(Guest):
         machine: Machine | None = None
         try:
             for slot in slots:
-                regions.append(Region.movable(slot.size, f"vm-ram{slot.index}"))
+                region = Region.movable(slot.size, f"vm-ram{slot.index}", huge=huge)
+                regions.append(region)
+                if region.size != slot.size:
+                    part = "below the 3 GiB hole" if slot.index == 0 else "above the hole"
+                    raise SpanError(
+                        f"guest RAM of {human_size(size)} is not whole "
+                        f"{human_size(region.page_size)} pages: its part {part} is "
+                        f"{human_size(slot.size)}; choose a size whose parts below and above "
+                        "3 GiB are whole pages",
+                        length=size,
+                    )
             machine = Machine(regions)
             machine.set_realtime(realtime)
             machine.boot(image, append)
@@ -462,6 +479,10 @@ class VirtualMachine(Guest):
                 "vmm": {**code_identity(), "pid": os.getpid(), "started": self._started_at},
                 "vcpu": machine.vcpu_status() if machine is not None else {},
                 "exits": machine.exits if machine is not None else 0,
+                "ram": [
+                    {"size": r.size, "page_size": r.page_size, "huge": r.huge}
+                    for r in self._regions
+                ],
             }
         if stopped is not None:
             answer["stopped"] = str(stopped)

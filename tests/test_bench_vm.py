@@ -335,6 +335,67 @@ def test_qemu_shared_mode_maps_one_file_on_both_sides(tmp_path: Path) -> None:
     assert not files.dir.exists()
 
 
+def test_qemu_on_huge_pages_maps_hugetlbfs_or_a_hugetlb_memfd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pageflip.bench.vm import qemu
+
+    mount = tmp_path / "hugepages"
+    mount.mkdir()
+    monkeypatch.setattr(qemu, "hugetlbfs_dir", lambda: str(mount))
+    spec = _spec(tmp_path, "flip", huge="hugetlb", work_dir=str(tmp_path))
+    files = RunFiles(spec)
+    try:
+        assert files.shm is not None and files.shm.parent == mount
+        backend = f"memory-backend-file,id=mem,size=320M,mem-path={files.shm},share=on"
+        assert backend in qemu_command(spec, "src", files)
+        assert backend in qemu_command(spec, "dst", files)
+    finally:
+        files.remove()
+    spec = _spec(tmp_path, "precopy", huge="hugetlb", work_dir=str(tmp_path))
+    files = RunFiles(spec)
+    try:
+        assert files.shm is None
+        cmd = qemu_command(spec, "dst", files)
+        assert "memory-backend-memfd,id=mem,size=320M,hugetlb=on,hugetlbsize=2M" in cmd
+        assert "pc,accel=kvm,memory-backend=mem" in cmd
+    finally:
+        files.remove()
+
+
+def test_hugetlbfs_mount_of_2mib_pages_is_found_or_named(tmp_path: Path) -> None:
+    from pageflip.bench.vm.qemu import hugetlbfs_dir
+
+    gib, two = tmp_path / "gib", tmp_path / "two"
+    gib.mkdir()
+    two.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "proc /proc proc rw,nosuid 0 0\n"
+        f"none {gib} hugetlbfs rw,relatime,pagesize=1024M 0 0\n"
+        f"none {two} hugetlbfs rw,relatime,pagesize=2M 0 0\n"
+    )
+    assert hugetlbfs_dir(str(mounts)) == str(two)
+    mounts.write_text(f"none {gib} hugetlbfs rw,relatime,pagesize=1024M 0 0\n")
+    with pytest.raises(BenchmarkError, match="mount -t hugetlbfs -o pagesize=2M none"):
+        hugetlbfs_dir(str(mounts))
+
+
+def test_cli_with_huge_pages_and_too_small_a_pool_names_the_sysctl(tmp_path: Path) -> None:
+    kernel = tmp_path / "guest.elf"
+    kernel.write_bytes(b"\x7fELF")
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench", "vm", "--guest", str(kernel), "--sizes", "64G", "--rates", "0",
+            "--modes", "flip", "--systems", "pageflip", "--huge", "hugetlb", "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "--huge hugetlb needs 32896 free 2 MiB pages" in result.output
+    assert "sysctl -w vm.nr_hugepages=" in result.output
+
+
 def test_qemu_modes_set_their_capabilities() -> None:
     assert migration_setup("shared", "src") == (
         [{"capability": "x-ignore-shared", "state": True}],

@@ -592,6 +592,15 @@ def _default_guest_elf() -> str:
     "host's other work then no longer shows in the guest's own gaps. Needs root, "
     "CAP_SYS_NICE or ulimit -r 1.",
 )
+@click.option(
+    "--huge",
+    type=click.Choice(["hugetlb"]),
+    default=None,
+    help="Both systems' guest RAM on 2 MiB hugetlb pages: pageflip's vm run --huge hugetlb, "
+    "QEMU's shared mode on a file in a hugetlbfs mount (mount -t hugetlbfs -o pagesize=2M "
+    "none /dev/hugepages), its other modes on a hugetlb memfd. The pool must hold the "
+    "largest VM twice for precopy and postcopy, once for flip (sysctl -w vm.nr_hugepages=N).",
+)
 @click.option("--plot", "with_plot", is_flag=True, help="Also draw vm.png (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the tables as Markdown.")
@@ -612,6 +621,7 @@ def bench_vm(
     out_dir: Path,
     tick_us: int,
     realtime: bool,
+    huge: str | None,
     with_plot: bool,
     as_json: bool,
     markdown: bool,
@@ -643,7 +653,10 @@ def bench_vm(
         timeout,
         realtime,
         tick_us,
+        huge,
     )
+    if huge:
+        _check_vm_huge(config)  # before a long run, not in each of its runs
     if realtime:
         from ..vm.machine import check_realtime
 
@@ -692,6 +705,7 @@ def _vm_config(
     timeout: float,
     realtime: bool = False,
     tick_us: int = 1000,
+    huge: str | None = None,
 ) -> VmConfig:
     """The VM comparison's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
@@ -712,11 +726,38 @@ def _vm_config(
             repeat=repeat,
             settle=settle,
             options=VmOptions(
-                guest_settle=guest_settle, timeout=timeout, realtime=realtime, tick_us=tick_us
+                guest_settle=guest_settle,
+                timeout=timeout,
+                realtime=realtime,
+                tick_us=tick_us,
+                huge=huge,
             ),
         )
     except BadArgument as err:
         raise click.BadParameter(str(err)) from None
+
+
+def _check_vm_huge(config: VmConfig) -> None:
+    """Huge pages for the VM comparison: a hugetlbfs mount for QEMU's shared mode, and a
+    2 MiB pool that holds the largest VM as often as its modes need it (one line each)."""
+    from .._sys import huge as hugepages
+    from ..bench.vm import run_order
+    from ..bench.vm.qemu import hugetlbfs_dir
+    from ..errors import BenchmarkError
+
+    specs = run_order(config)
+    try:
+        if any(s.system == "qemu" and s.system_mode == "shared" for s in specs):
+            hugetlbfs_dir()
+    except BenchmarkError as err:
+        raise click.ClickException(str(err)) from None
+    need = max((s.guest_ram * (1 if s.mode == "flip" else 2)) // hugepages.HUGE_2M for s in specs)
+    pool = hugepages.pool(hugepages.HUGE_2M)
+    if pool.available < need:
+        raise click.ClickException(
+            f"--huge hugetlb needs {need} free 2 MiB pages; the {pool.describe()}; to "
+            f"reserve enough: {pool.setting_for(need)}"
+        )
 
 
 def _print_vm(result: VmResult) -> None:

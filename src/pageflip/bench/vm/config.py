@@ -90,6 +90,10 @@ class VmOptions:
     #: Both systems' vCPU threads SCHED_FIFO (priority 1): QEMU's, found by query-cpus-fast,
     #: and pageflip's (``vm run --realtime``), on the source and on the destination.
     realtime: bool = False
+    #: Both systems' guest RAM on 2 MiB hugetlb pages ("hugetlb"), or 4 KiB pages (None):
+    #: pageflip's ``vm run --huge hugetlb``; QEMU's shared mode a file on a hugetlbfs mount
+    #: of 2 MiB pages, its other modes a hugetlb memfd backend.
+    huge: str | None = None
     #: How to start the ``pageflip`` command for the pageflip side.
     pageflip: tuple[str, ...] = field(default=(sys.executable, "-m", "pageflip"))
 

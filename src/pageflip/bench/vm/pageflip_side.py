@@ -221,6 +221,7 @@ def _migrate(
             src_sock,
             "--json",
             *(["--realtime"] if o.realtime else []),
+            *(["--huge", o.huge] if o.huge else []),
         ],
         workdir / "src.stderr",
     )

@@ -165,6 +165,13 @@ def _notes(config: VmConfig) -> dict[str, str]:
             "destination (QEMU's found by query-cpus-fast; pageflip: vm run --realtime, which "
             "the destination takes over with the state)"
         )
+    if config.options.huge:
+        notes["huge_pages"] = (
+            "both systems' guest RAM on 2 MiB hugetlb pages (pageflip: vm run --huge hugetlb; "
+            "QEMU: shared mode's file on a hugetlbfs mount of 2 MiB pages, precopy and "
+            "postcopy a memory-backend-memfd with hugetlb=on)"
+        )
+        notes["qemu"] = notes["qemu"].replace("file on /dev/shm", "file on hugetlbfs")
     if config.options.postcopy_after_first_pass:
         notes["qemu"] = notes["qemu"].replace(
             "right after migrate", "once the first pass over RAM was done"
@@ -194,5 +201,6 @@ def _config(config: VmConfig) -> VmConfigRecord:
             "machine": o.machine,
             "postcopy_after_first_pass": o.postcopy_after_first_pass,
             "realtime": o.realtime,
+            "huge": o.huge,
         },
     }

@@ -601,6 +601,22 @@ class VmPair:
         self.started.append(host)
         return host
 
+    def migrate(self, source: Host, mode: str) -> tuple[Host, dict]:  # type: ignore[type-arg]
+        """Migrate the VM from ``source`` into a new ``incoming`` by ``mode``, checking
+        what moved or was verified; the destination and its status once it runs."""
+        dest = self.incoming()
+        dest.wait_for("listening")
+        out = run("migrate", "--control", self.a, "--to", self.listen, "--mode", mode, "--json")
+        assert out.returncode == 0, out.stderr
+        done = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "done"][-1]
+        if mode == "flip":
+            assert done["pages_copied"] == 0 and done["pages_moved"] == (64 << 20) >> 12
+        else:
+            assert done["digest"] == "verified"
+        dest.wait_for("running")
+        assert source.finish() == 0
+        return dest, _json(run("status", "--control", self.b, "--json").stdout)["status"]
+
     def verify(self, control: str) -> None:
         out = run("verify", "--control", control)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -614,18 +630,7 @@ def pair(tmp_path: Path, hosts: list[Host], kernel: str) -> Iterator[VmPair]:
 @pytest.mark.parametrize("mode", MODES)
 def test_migrate_between_vmm_processes(pair: VmPair, mode: str) -> None:
     source = pair.vm()
-    dest = pair.incoming()
-    dest.wait_for("listening")
-    out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--json")
-    assert out.returncode == 0, out.stderr
-    done = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "done"][-1]
-    if mode == "flip":
-        assert done["pages_copied"] == 0 and done["pages_moved"] == (64 << 20) >> 12
-    else:
-        assert done["digest"] == "verified"
-    dest.wait_for("running")
-    assert source.finish() == 0
-    status = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
+    dest, status = pair.migrate(source, mode)
     assert status["kind"] == "vm" and status["migrations"] == 1
     pair.verify(pair.b)
     # The guest's clock stayed sane: the longest gap it saw around the move is a real
@@ -647,18 +652,7 @@ def test_a_vm_on_huge_pages_migrates_on_huge_pages_and_its_guest_verifies(
     ram = _json(run("status", "--control", pair.a, "--json").stdout)["status"]["ram"]
     assert [(r["page_size"], r["huge"]) for r in ram] == [(2 << 20, "hugetlb")]
     assert sum(r["size"] for r in ram) == 64 << 20
-    dest = pair.incoming()
-    dest.wait_for("listening")
-    out = run("migrate", "--control", pair.a, "--to", pair.listen, "--mode", mode, "--json")
-    assert out.returncode == 0, out.stderr
-    done = [e for e in map(_json, out.stdout.splitlines()) if e.get("event") == "done"][-1]
-    if mode == "flip":
-        assert done["pages_copied"] == 0 and done["pages_moved"] == (64 << 20) >> 12
-    else:
-        assert done["digest"] == "verified"
-    dest.wait_for("running")
-    assert source.finish() == 0
-    status = _json(run("status", "--control", pair.b, "--json").stdout)["status"]
+    dest, status = pair.migrate(source, mode)
     assert status["migrations"] == 1
     assert [(r["page_size"], r["huge"]) for r in status["ram"]] == [(2 << 20, "hugetlb")]
     pair.verify(pair.b)

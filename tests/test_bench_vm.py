@@ -392,7 +392,10 @@ def test_cli_with_huge_pages_and_too_small_a_pool_names_the_sysctl(tmp_path: Pat
         ],
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "--huge hugetlb needs 32896 free 2 MiB pages" in result.output
+    assert (
+        "--huge hugetlb cannot run here: its 64.25 GiB of 2 MiB hugetlb pages need 32896 pages"
+        in result.output
+    )
     assert "sysctl -w vm.nr_hugepages=" in result.output
 
 

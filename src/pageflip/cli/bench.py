@@ -740,10 +740,11 @@ def _vm_config(
 def _check_vm_huge(config: VmConfig) -> None:
     """Huge pages for the VM comparison: a hugetlbfs mount for QEMU's shared mode, and a
     2 MiB pool that holds the largest VM as often as its modes need it (one line each)."""
-    from .._sys import huge as hugepages
     from ..bench.vm import run_order
     from ..bench.vm.qemu import hugetlbfs_dir
     from ..errors import BenchmarkError
+    from ..migration import room
+    from ..stream import PageKind
 
     specs = run_order(config)
     try:
@@ -751,13 +752,10 @@ def _check_vm_huge(config: VmConfig) -> None:
             hugetlbfs_dir()
     except BenchmarkError as err:
         raise click.ClickException(str(err)) from None
-    need = max((s.guest_ram * (1 if s.mode == "flip" else 2)) // hugepages.HUGE_2M for s in specs)
-    pool = hugepages.pool(hugepages.HUGE_2M)
-    if pool.available < need:
-        raise click.ClickException(
-            f"--huge hugetlb needs {need} free 2 MiB pages; the {pool.describe()}; to "
-            f"reserve enough: {pool.setting_for(need)}"
-        )
+    most = max(s.guest_ram * (1 if s.mode == "flip" else 2) for s in specs)
+    why = room.huge_pages_shortfall([(PageKind.HUGETLB, most)])
+    if why is not None:
+        raise click.ClickException(f"--huge hugetlb cannot run here: {why}")
 
 
 def _print_vm(result: VmResult) -> None:

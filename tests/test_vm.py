@@ -175,6 +175,28 @@ def test_boot_heartbeat_pause_resume(vm: VirtualMachine) -> None:
     assert report.pages_checked == 32 << 8
 
 
+def test_paced_heartbeats_arrive_whole_in_order_and_before_an_answer(kernel: str) -> None:
+    """Heartbeats go out one FIFO burst per loop iteration; with a heartbeat every tick
+    (10 ms) and a line longer than a burst, the queue falls behind and is flushed: every
+    line still arrives whole and in order, and an answer never cuts into a queued line."""
+    guest = VirtualMachine.create(64 << 20, kernel, "mb=32 rate=8 hb=10 tick_us=10000")
+    try:
+        _wait_beats(guest, 40)  # the queue fills up after some 30 ticks and is flushed
+        _, answer = guest.ask("P", "PAUSE")
+        assert bench_guest.parse_line(answer) is not None, answer
+        _wait_beats(guest, 2)
+        lines = guest.console_lines()
+        beats = [bench_guest.parse_line(line) for line in lines if line.startswith("HB")]
+        assert all(isinstance(b, bench_guest.Heartbeat) for b in beats), lines
+        numbers = [b.n for b in beats if isinstance(b, bench_guest.Heartbeat)]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+        assert all(line.startswith(("HB ", "PAUSE ", "READY ", "PFGUEST ")) for line in lines), (
+            lines
+        )
+    finally:
+        guest.close()
+
+
 def test_the_guest_tells_the_gap_of_a_pause_apart_from_other_gaps(vm: VirtualMachine) -> None:
     """G: the guest's long loop gaps with the guest time each ended; placed on the host's
     clock by the answer's arrival, the one that overlaps the pause is as long as it."""

@@ -218,6 +218,67 @@ def test_the_pause_the_guest_saw_stands_beside_the_downtime(matrix: dict[str, An
     assert "guest saw: the pause the guest measured itself" in matrix["notes"]["clock"]
 
 
+def test_every_run_has_the_guests_figure_for_a_pause_in_place_beside_it(
+    matrix: dict[str, Any],
+) -> None:
+    """The control: right before each migration the source pauses and resumes the guest where
+    it runs, and its heartbeat's figures for that are kept beside what it saw of the
+    migration, whose two parts (the destination's heartbeat) are kept too."""
+    for run in matrix["runs"]:
+        in_place = run["in_place"]
+        assert set(in_place) == {"observed_pause", "switchover_gap", "max_gap_after_resume"}
+        # A real pause and resume: the heartbeat saw a gap across it, and a window after.
+        assert in_place["switchover_gap"] is not None and in_place["switchover_gap"] > 0
+        assert in_place["max_gap_after_resume"] is not None
+        assert in_place["observed_pause"] == max(
+            in_place["switchover_gap"], in_place["max_gap_after_resume"]
+        )
+        assert run["guest_pause_in_place"] == in_place["observed_pause"]
+        if run["guest_pause"] is not None:  # what the destination's heartbeat says of it
+            assert run["guest_switchover_gap"] is not None
+            parts = [run["guest_switchover_gap"], run["guest_gap_after"] or 0.0]
+            assert run["guest_pause"] == pytest.approx(max(parts), abs=1e-6)  # events: in us
+            assert run["guest_switchover_gap"] >= run["downtime"]
+    for cell in matrix["cells"]:
+        runs = [r for r in matrix["runs"] if r["index"] in cell["runs"]]
+        assert cell["guest_pause_in_place"] == runs[0]["guest_pause_in_place"]  # one repeat
+        assert cell["guest_pause_p90"] == cell["guest_pause_max"]
+    columns = list(bench_migrate.COLUMNS)
+    assert columns.index("guest saw, paused in place") == columns.index("guest saw") + 1
+    text = bench_migrate.markdown_table(matrix)
+    assert "| | guest saw, paused in place (no migration) |" in text
+    assert "| | guest: gap across the switchover |" in text
+    assert "guest saw, paused in place: the control" in matrix["notes"]["clock"]
+    targets = {t["id"]: t for t in matrix["targets"]}
+    assert "paused in place" in targets["flip_guest_pause"]["measured"]
+
+
+def test_the_guest_pause_targets_judge_medians_and_the_90th_percentile() -> None:
+    """Median < 1 ms and p90 < 2 ms in every flip cell; flip's median not above postcopy's
+    at the same size and rate."""
+    from pageflip.bench.migrate.targets import judge
+
+    def cell(mode: str, median: float, p90: float) -> dict[str, Any]:
+        return {
+            "size": MiB, "size_label": "1M", "rate": 0, "rate_label": "idle", "mode": mode,
+            "guest_pause": median, "guest_pause_p90": p90, "guest_pause_in_place": 0.0007,
+            "downtime": 0.0004, "total_seconds": 0.01, "guest_bytes": MiB, "ratio": 1.0,
+            "peak": MiB, "switchover_to_running": 0.001,
+        }  # fmt: skip
+
+    def verdicts(*cells: dict[str, Any]) -> dict[str, bool | None]:
+        return {t["id"]: t["passed"] for t in judge(list(cells), [], 0.3)}  # type: ignore[arg-type]
+
+    ok = verdicts(cell("flip", 0.0009, 0.0019), cell("postcopy", 0.002, 0.003))
+    assert ok["flip_guest_pause"] is True and ok["flip_guest_vs_postcopy"] is True
+    assert verdicts(cell("flip", 0.001, 0.0015))["flip_guest_pause"] is False
+    assert verdicts(cell("flip", 0.0009, 0.002))["flip_guest_pause"] is False
+    worse = verdicts(cell("flip", 0.0009, 0.0019), cell("postcopy", 0.0008, 0.001))
+    assert worse["flip_guest_vs_postcopy"] is False
+    alone = verdicts(cell("flip", 0.0009, 0.0019))
+    assert alone["flip_guest_vs_postcopy"] is None
+
+
 def test_every_run_has_its_pause_budget(matrix: dict[str, Any]) -> None:
     """Both sides' pause steps, merged in time order, in each run; per cell the median of
     each step and the guest's figure beyond the engine's pause; a flip table in Markdown."""
@@ -278,6 +339,7 @@ def test_targets_are_judged_from_the_measurements(matrix: dict[str, Any]) -> Non
         "flip_downtime_scaling",
         "flip_total",
         "flip_peak",
+        "flip_guest_vs_postcopy",
         "precopy_downtime_limit",
         "postcopy_running",
     ):

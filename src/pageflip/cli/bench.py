@@ -354,8 +354,10 @@ def bench_migrate(
     SIZE bytes whose threads rewrite pages at RATE, waits --warmup seconds, and migrates it
     by flip, precopy or postcopy; the destination checks that no write was lost (a run
     that fails the check is an error). Recorded per run: total time, downtime and beside
-    it the pause the guest itself saw, bytes on the wire, pages moved/copied, rounds,
-    postcopy fault times, and the peak memory (Pss) of source and destination together.
+    it the pause the guest itself saw, and what it sees of a pause in place with no
+    migration (the control, right before each migration), bytes on the wire, pages
+    moved/copied, rounds, postcopy fault times, and the peak memory (Pss) of source and
+    destination together.
     Runs are interleaved; the targets table is computed from the measured numbers.
     """
     from ..bench import migrate as bench_migrate_module
@@ -454,6 +456,7 @@ _SHOWN = (
     "total",
     "downtime",
     "guest saw",
+    "guest saw, paused in place",
     "on the wire",
     "peak memory (x guest)",
     "rounds",

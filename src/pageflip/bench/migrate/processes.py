@@ -4,8 +4,9 @@
     listens with :class:`~pageflip.migration.destination.Destination`, receives the guest,
     lets it run for a moment and checks it (:meth:`~pageflip.guests.Workload.verify`).
 ``source``
-    creates a :class:`~pageflip.guests.Workload` (the fill is not timed), waits for go, reads
-    the write rate the workload measured over the last second and migrates it with
+    creates a :class:`~pageflip.guests.Workload` (the fill is not timed), waits for go,
+    pauses and resumes it in place once (the control: :func:`pause_in_place`), reads the
+    write rate the workload measured over the last second and migrates it with
     :class:`~pageflip.migration.source.Source`.
 
 Each says what happened with one of the messages below, through a pipe to the benchmark.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ... import _children
 from ..._children import stop_on_signals
@@ -32,7 +33,10 @@ from ..common import now
 from .config import MigrateBenchmarkError
 from .records import Event
 
-__all__ = ["Child", "Failed", "Filled", "Listening", "Migrated", "Verified"]
+if TYPE_CHECKING:
+    from ...guests import Workload
+
+__all__ = ["Child", "Failed", "Filled", "Listening", "Migrated", "Verified", "pause_in_place"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Migrated:
     events: list[Event]
     write_rate: float
     writes_before: int
+    #: The guest's figures for a pause in place right before (see :func:`pause_in_place`).
+    in_place: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ def source_main(
         command = conn.recv()
         if command[0] != "go":
             return
+        in_place = pause_in_place(guest)
         events: list[Event] = []
         migration = Source(guest, to, MigrationOptions(**options), on_event=_event_recorder(events))
         write_rate = guest.write_rate()
@@ -138,7 +145,7 @@ def source_main(
         except PageflipError as err:
             conn.send(_failed(err, events))
             return
-        conn.send(Migrated(done.as_dict(), events, write_rate, total_writes))
+        conn.send(Migrated(done.as_dict(), events, write_rate, total_writes, in_place))
     except EOFError:
         return  # the benchmark is gone
     except Exception:
@@ -148,6 +155,29 @@ def source_main(
         if guest is not None:
             guest.close()
         conn.close()
+
+
+#: How long :func:`pause_in_place` waits for the guest's figure to settle (seconds): its
+#: heartbeat's window after a resume, and room for a slow wake-up.
+IN_PLACE_WAIT = 1.0
+
+
+def pause_in_place(guest: Workload) -> dict[str, float | None]:
+    """The control beside each migration: pause the guest and resume it where it runs, with
+    nothing in between, and return what its heartbeat says of that pause (``observed_pause``,
+    ``switchover_gap``, ``max_gap_after_resume``: seconds, None where it cannot tell). What
+    it reports of a migration's pause can be no better on this machine at this moment: the
+    difference is what the migration costs the guest."""
+    guest.pause()
+    guest.resume()
+    guest.observed_pause(IN_PLACE_WAIT)
+    heartbeat = guest.status()["heartbeat"]
+    assert isinstance(heartbeat, dict)
+    return {key: heartbeat.get(key) for key in IN_PLACE_KEYS}
+
+
+#: The heartbeat's figures :func:`pause_in_place` keeps.
+IN_PLACE_KEYS = ("observed_pause", "switchover_gap", "max_gap_after_resume")
 
 
 def destination_main(conn: Connection, listen: str, timeout: float, verify_delay: float) -> None:

@@ -122,6 +122,14 @@ class RunRecord(TypedDict):
     downtime: float
     guest_pause: float | None
     guest_pause_destination: float | None
+    #: The two parts of the guest's figure (its destination's heartbeat): the gap across the
+    #: switchover, and the longest gap in the window after the resume.
+    guest_switchover_gap: float | None
+    guest_gap_after: float | None
+    #: The control: the guest's figure for a pause in place, with nothing in between, right
+    #: before the migration (``observed_pause`` of ``in_place``); ``in_place`` all of it.
+    guest_pause_in_place: float | None
+    in_place: dict[str, float | None]
     expected_downtime: float | None
     switchover_reason: str | None
     switchover_to_running: float | None
@@ -168,7 +176,11 @@ class CellRecord(TypedDict):
     downtime: float | None
     downtime_max: float
     guest_pause: float | None
+    guest_pause_p90: float | None
     guest_pause_max: float | None
+    guest_switchover_gap: float | None
+    guest_gap_after: float | None
+    guest_pause_in_place: float | None
     expected_downtime: float | None
     switchover_to_running: float | None
     bytes_on_wire: float | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -41,6 +41,7 @@ COLUMNS = (
     "total",
     "downtime",
     "guest saw",
+    "guest saw, paused in place",
     "expected",
     "switchover to running",
     "on the wire",
@@ -78,6 +79,7 @@ def _row(c: CellRecord) -> list[str]:
         _ms(c["total_seconds"]),
         _ms(c["downtime"]),
         _ms(c.get("guest_pause")),
+        _ms(c.get("guest_pause_in_place")),
         _ms(c["expected_downtime"]) if c["mode"] == "precopy" else "-",
         _ms(c["switchover_to_running"]),
         human_size(c["bytes_on_wire"] or 0),
@@ -167,11 +169,26 @@ def budget_markdown(result: MigrateResult, mode: str) -> str:
         values = [cell.get(key) for cell in by_cell]
         shown = ["-" if v is None else f"{v:.3f}" for v in values]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(shown) + " |")
-    downtime = ["-" if c["downtime"] is None else f"{c['downtime'] * 1000:.3f}" for c in cells]
-    seen = ["-" if c["guest_pause"] is None else f"{c['guest_pause'] * 1000:.3f}" for c in cells]
-    lines.append("| | **downtime (engine)** | " + " | ".join(downtime) + " |")
-    lines.append("| | **guest saw** | " + " | ".join(seen) + " |")
+    figures = [
+        ("**downtime (engine)**", "downtime"),
+        ("**guest saw**", "guest_pause"),
+        ("guest: gap across the switchover", "guest_switchover_gap"),
+        ("guest: longest gap in the window after", "guest_gap_after"),
+        ("guest: 90th percentile of what it saw", "guest_pause_p90"),
+        ("guest saw, paused in place (no migration)", "guest_pause_in_place"),
+    ]
+    records: list[Mapping[str, object]] = list(cells)
+    for title, field in figures:
+        lines.append(
+            f"| | {title} | " + " | ".join(_ms_figure(r.get(field)) for r in records) + " |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _ms_figure(seconds: object) -> str:
+    """Seconds as milliseconds with three decimals, as the budget shows them; "-" if absent
+    (results of earlier versions, or a guest that could not tell)."""
+    return f"{seconds * 1000:.3f}" if isinstance(seconds, (int, float)) else "-"
 
 
 # -- the plot -----------------------------------------------------------------------------------

@@ -20,7 +20,11 @@ CLOCK = (
     "guest saw: the pause the guest measured itself, the longest gap in its own heartbeat "
     "around the migration (the DoneEvent's guest_pause; the destination's resumed event "
     "gives the same figure, kept as guest_pause_destination; '-' when the guest could not "
-    "tell); total: the source's Source.run() start until done; switchover to running: the "
+    "tell; in the pause budget, its two parts: the gap across the switchover and the "
+    "longest gap in the window after the resume); guest saw, paused in place: the control, "
+    "the same figure for the guest paused and resumed where it runs with nothing in between, "
+    "right before the migration (what the guest sees of itself on this machine at that "
+    "moment); total: the source's Source.run() start until done; switchover to running: the "
     "source's switchover event until the destination's resumed event, both stamped with "
     "CLOCK_MONOTONIC (system-wide)"
 )

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from multiprocessing.context import SpawnContext
+from typing import Any
 
 from ..._sys import mm
 from ..._sys.flags import Madv
@@ -206,6 +207,8 @@ def run_record(
     if switchover is not None and resumed is not None:
         switch_to_running = resumed["mono"] - switchover["mono"]
     bandwidth = last_round["bandwidth"] if last_round else None
+    heartbeat = dst.status.get("heartbeat")
+    seen: dict[str, Any] = heartbeat if isinstance(heartbeat, dict) else {}
     return {
         "index": spec.index,
         "size": spec.size,
@@ -224,6 +227,10 @@ def run_record(
         "downtime": done["downtime"],
         "guest_pause": done.get("guest_pause"),
         "guest_pause_destination": resumed.get("guest_pause") if resumed else None,
+        "guest_switchover_gap": seen.get("switchover_gap"),
+        "guest_gap_after": seen.get("max_gap_after_resume"),
+        "guest_pause_in_place": src.in_place.get("observed_pause"),
+        "in_place": src.in_place,
         "expected_downtime": switchover["expected_downtime"] if switchover else None,
         "switchover_reason": switchover["reason"] if switchover else None,
         "switchover_to_running": switch_to_running,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 
@@ -9,13 +10,20 @@ from ...units import format_rate, format_size
 from .config import MODES
 from .records import BudgetRow, CellRecord, RunRecord
 
-__all__ = ["BEYOND", "cells", "median", "pause_budget"]
+__all__ = ["BEYOND", "cells", "median", "p90", "pause_budget"]
 
 
 def median(values: Iterable[float | None]) -> float | None:
     """The median of the values present (None: none is)."""
     present = [v for v in values if v is not None]
     return float(statistics.median(present)) if present else None
+
+
+def p90(values: Iterable[float | None]) -> float | None:
+    """The 90th percentile of the values present, by nearest rank (of three: the largest;
+    None: none is)."""
+    present = sorted(v for v in values if v is not None)
+    return present[math.ceil(0.9 * len(present)) - 1] if present else None
 
 
 def cells(runs: list[RunRecord]) -> list[CellRecord]:
@@ -43,9 +51,13 @@ def _cell(size: int, rate: int, mode: str, rs: list[RunRecord]) -> CellRecord:
         "downtime": median(r["downtime"] for r in rs),
         "downtime_max": max(r["downtime"] for r in rs),
         "guest_pause": median(r.get("guest_pause") for r in rs),
+        "guest_pause_p90": p90(r.get("guest_pause") for r in rs),
         "guest_pause_max": max(
             (pause for r in rs if (pause := r.get("guest_pause")) is not None), default=None
         ),
+        "guest_switchover_gap": median(r.get("guest_switchover_gap") for r in rs),
+        "guest_gap_after": median(r.get("guest_gap_after") for r in rs),
+        "guest_pause_in_place": median(r.get("guest_pause_in_place") for r in rs),
         "expected_downtime": median(r["expected_downtime"] for r in rs),
         "switchover_to_running": median(r["switchover_to_running"] for r in rs),
         "bytes_on_wire": median(r["bytes_on_wire"] for r in rs),

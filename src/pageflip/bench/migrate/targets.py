@@ -13,6 +13,8 @@ from .records import CellRecord, RunRecord, TargetRecord
 
 __all__ = [
     "FLIP_DOWNTIME_LIMIT",
+    "FLIP_GUEST_MEDIAN",
+    "FLIP_GUEST_P90",
     "FLIP_PEAK_RATIO",
     "FLIP_SCALING_FACTOR",
     "FLIP_TOTAL_LIMIT",
@@ -27,6 +29,9 @@ POSTCOPY_RUNNING_LIMIT = 0.050
 FLIP_DOWNTIME_LIMIT = 0.002
 FLIP_TOTAL_LIMIT = 0.010
 FLIP_PEAK_RATIO = 1.1
+#: What the guest may see of a flip's pause, by its own clock: median and 90th percentile.
+FLIP_GUEST_MEDIAN = 0.001
+FLIP_GUEST_P90 = 0.002
 #: "Does not grow with size": the largest size's downtime within this factor of the smallest's.
 FLIP_SCALING_FACTOR = 2.0
 
@@ -154,11 +159,67 @@ def _flip_peak(m: _Matrix) -> TargetRecord:
     )
 
 
+def _flip_guest_pause(m: _Matrix) -> TargetRecord:
+    """flip: the pause the guest saw, median and 90th percentile, in every cell; the guest's
+    figure for a pause in place (the control) stands beside each."""
+    flips = [c for c in m.of("flip") if c["guest_pause"] is not None]
+    worst = max(flips, key=lambda c: c["guest_pause"] or 0.0, default=None)
+    passed = all(
+        _lt(c["guest_pause"], FLIP_GUEST_MEDIAN) and _lt(c["guest_pause_p90"], FLIP_GUEST_P90)
+        for c in flips
+    )
+    return _target(
+        "flip_guest_pause",
+        f"flip: the pause the guest saw: median < {_ms(FLIP_GUEST_MEDIAN)} and 90th percentile "
+        f"< {_ms(FLIP_GUEST_P90)} in every cell",
+        None if worst is None else passed,
+        "no flip run where the guest could tell"
+        if worst is None
+        else "; ".join(
+            f"{c['size_label']} at {c['rate_label']}: {_ms(c['guest_pause'])} / "
+            f"{_ms(c['guest_pause_p90'])} (paused in place: {_ms(c['guest_pause_in_place'])})"
+            for c in flips
+        ),
+        None if worst is None else worst["guest_pause"],
+    )
+
+
+def _flip_guest_vs_postcopy(m: _Matrix) -> TargetRecord:
+    """flip: what the guest saw not above what it saw of postcopy's switchover (medians),
+    at each size and rate that ran both."""
+    posts = {(c["size"], c["rate"]): c for c in m.of("postcopy")}
+    pairs = [
+        (c, post)
+        for c in m.of("flip")
+        if (post := posts.get((c["size"], c["rate"]))) is not None
+        and c["guest_pause"] is not None
+        and post["guest_pause"] is not None
+    ]
+    return _target(
+        "flip_guest_vs_postcopy",
+        "flip: the pause the guest saw <= what it saw of postcopy's switchover (medians, same "
+        "size and rate, same run)",
+        all(_le(f["guest_pause"], p["guest_pause"] or 0.0) for f, p in pairs) if pairs else None,
+        "no size and rate ran both"
+        if not pairs
+        else "; ".join(
+            f"{f['size_label']} at {f['rate_label']}: {_ms(f['guest_pause'])} vs "
+            f"{_ms(p['guest_pause'])}"
+            for f, p in pairs
+        ),
+        max((f["guest_pause"] or 0.0) / (p["guest_pause"] or 1.0) for f, p in pairs)
+        if pairs
+        else None,
+    )
+
+
 _FLIP_TARGETS: tuple[Callable[[_Matrix], TargetRecord], ...] = (
     _flip_downtime,
     _flip_downtime_scaling,
     _flip_total,
     _flip_peak,
+    _flip_guest_pause,
+    _flip_guest_vs_postcopy,
 )
 
 

@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from pageflip import PAGE_SIZE, ClosedError, PageflipError, Region, StateError
-from pageflip._sys import procfs
+from pageflip._sys import pagemap, procfs
 from pageflip.guests import (
     MAX_STATE_BYTES,
     BadGuestState,
@@ -818,6 +818,35 @@ def test_a_workload_restored_ahead_takes_the_final_state_in_the_pause(guests: Gu
     assert_all_good(ahead.verify())
     with pytest.raises(StateError, match="never resumed"):
         ahead.finish_restore(state)
+
+
+def test_a_workload_restored_ahead_has_its_first_touch_table_mapped_before_the_resume(
+    guests: Guests,
+) -> None:
+    """The table of pre-pause versions (8 bytes per page) is written whole by restore_ahead,
+    so every page of it is mapped before the pause: the writers' first rewrites after the
+    resume do not fault it in (with transparent huge pages, a zeroed 2 MiB page at a time)
+    while they hold the GIL."""
+
+    def mapped(table: np.ndarray[Any, Any] | None) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        assert table is not None and table.size == source.npages
+        first = table.ctypes.data // PAGE_SIZE * PAGE_SIZE
+        pages = (table.ctypes.data + table.nbytes - first + PAGE_SIZE - 1) // PAGE_SIZE
+        found = pagemap.mapped_pages("self", first, pages)
+        assert not table.any()  # read after the scan: a read maps the zero page
+        return found
+
+    source = guests.create(64 << 20, paused=True)
+    # Restored in the pause (precopy, postcopy): nothing of it is mapped yet.
+    assert not mapped(guests.restore(mapped_again(guests, source), source.save_state())._pre).any()
+    ahead = Workload.restore_ahead(mapped_again(guests, source), source.state_preview())
+    guests.guests.append(ahead)
+    assert mapped(ahead._pre).all()
+    ahead.finish_restore(source.save_state())
+    source.close()
+    ahead.resume()
+    run_writes(ahead, 64)
+    assert_all_good(ahead.verify(), source.npages)
 
 
 def test_by_default_a_guest_cannot_be_restored_ahead() -> None:

@@ -74,6 +74,7 @@ import _thread
 import json
 import logging
 import math
+import mmap
 import threading
 import time
 import traceback
@@ -338,6 +339,13 @@ def _state_numbers(data: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _zeroed_table(n: int) -> Pages:
+    """``n`` int64 zeros in a private anonymous mapping of their own: its pages are mapped
+    on first write, whatever the allocator would have reused (np.zeros may or may not)."""
+    memory = mmap.mmap(-1, n * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(memory, dtype=np.int64, count=n)  # keeps the mapping alive
+
+
 def _journal_bytes(npages: int) -> int:
     return math.ceil(npages * 4 / PAGE_SIZE) * PAGE_SIZE
 
@@ -472,9 +480,10 @@ class Workload(Guest):
         self._migrations = migrations
         self._created_wall = time.time() if created_wall is None else created_wall
         #: After a restore: each page's pre-pause version + 1 once a worker has rewritten it,
-        #: 0 before (private memory, not part of any region). np.zeros maps zero pages
-        #: lazily, so a restore costs no time per page here: it sits inside the downtime.
-        self._pre: Pages | None = np.zeros(npages, dtype=np.int64) if restored else None
+        #: 0 before (private memory, not part of any region). Its pages are mapped on
+        #: first write, so a restore inside the pause costs no time per page here; a
+        #: restore ahead of the pause maps them all then (restore_ahead).
+        self._pre: Pages | None = _zeroed_table(npages) if restored else None
         self._restored_writes = total_writes
 
         self._rate_lock = threading.Lock()
@@ -1403,10 +1412,20 @@ class Workload(Guest):
 
     @classmethod
     def restore_ahead(cls, regions: list[Region], preview: bytes) -> Self:
-        """As :meth:`Guest.restore_ahead`, and the page pattern is made now: its first
-        use by a worker after the resume would hold the GIL for milliseconds (2.5 ms)."""
+        """As :meth:`Guest.restore_ahead`, and what the workers' first writes after the
+        resume would otherwise pay for while holding the GIL is paid now:
+
+        * the page pattern (made on first use: 2.5 ms);
+        * the memory of the first-touch table (8 bytes per page, its own mapping: mapped
+          on first write, and with transparent huge pages each first write to a 2 MiB
+          stretch of it faults in a zeroed huge page: 6-9 ms of one writer's CPU at a time,
+          in the 100 ms after the resume of a 4 GiB workload; the heartbeat waited behind
+          it for the GIL).
+        """
         guest = super().restore_ahead(regions, preview)
         guest._pattern  # noqa: B018  # made on first use
+        if guest._pre is not None:
+            guest._pre.fill(0)  # every page of it written, so mapped now
         return guest
 
     def finish_restore(self, state: bytes) -> None:

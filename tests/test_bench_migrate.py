@@ -507,3 +507,23 @@ def test_the_sampler_counts_shared_memory_once_without_walking_page_tables() -> 
             assert 40 * mib <= later["shared"] < 56 * mib, later
         result = sampler.result(base, 32 * mib)
         assert result["method"] == "counters" and result["pss_samples"] == 2
+
+
+def test_a_prewarm_that_cannot_touch_its_memory_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed touch (no memory, or its mapping gone under a signal) is one error from the
+    caller, not a traceback from each of the touching threads."""
+    from pageflip._sys import mm
+
+    def refuse(*args: object) -> None:
+        raise OSError(12, "madvise(...): Cannot allocate memory")
+
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(mm, "madvise", refuse)
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    with pytest.raises(bench_migrate.MigrateBenchmarkError) as err:
+        migrate_running._prewarm(4 << 20)
+    text = str(err.value)
+    assert "could not touch 4.0 MiB of memory before the run (--no-prewarm skips it)" in text
+    assert "\n" not in text and seen == []

@@ -16,7 +16,7 @@ from typing import Any
 from ..._sys import mm
 from ..._sys.flags import Madv
 from ...memory import PAGE_SIZE, Region
-from ...units import format_rate, format_size
+from ...units import format_rate, format_size, human_size
 from ..common import steal_seconds, stolen_since
 from .config import MigrateBenchmarkError, MigrateConfig, ProgressCallback, RunSpec, run_order
 from .processes import Child, Filled, Listening, Migrated, Verified, destination_main, source_main
@@ -141,21 +141,32 @@ def _prewarm(nbytes: int) -> float:
     """
     started = time.monotonic()
     scratch = Region.anonymous(nbytes, name="prewarm")
+    errors: list[OSError] = []
+
+    def touch(address: int, length: int) -> None:
+        try:
+            mm.madvise(address, length, Madv.POPULATE_WRITE)
+        except OSError as err:  # said once, by the caller: never a thread's traceback
+            errors.append(err)
+
     try:
         step = -(-scratch.size // 4 // PAGE_SIZE) * PAGE_SIZE
         spans = [
             (scratch.address + off, min(step, scratch.size - off))
             for off in range(0, scratch.size, step)
         ]
-        threads = [
-            threading.Thread(target=mm.madvise, args=(a, n, Madv.POPULATE_WRITE)) for a, n in spans
-        ]
+        threads = [threading.Thread(target=touch, args=span) for span in spans]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
     finally:
         scratch.close()
+    if errors:
+        raise MigrateBenchmarkError(
+            f"could not touch {human_size(nbytes)} of memory before the run (--no-prewarm "
+            f"skips it): {errors[0]}"
+        )
     return time.monotonic() - started
 
 

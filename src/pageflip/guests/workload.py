@@ -347,18 +347,16 @@ def _zeroed_table(n: int) -> Pages:
     return np.frombuffer(memory, dtype=np.int64, count=n)  # keeps the mapping alive
 
 
-def _map_table(table: Pages, *, fill: bool) -> None:
+def _map_table(table: Pages) -> None:
     """Map every page of a :func:`_zeroed_table` now: MADV_POPULATE_WRITE, which writes
-    nothing and does not hold the GIL while the kernel works. Where the kernel lacks it
-    (before 5.14), write the zeros again if ``fill``, else leave the pages to their first
-    writes."""
+    nothing and does not hold the GIL while the kernel works; where the kernel lacks it
+    (before 5.14), the zeros are written again."""
     length = -(-table.nbytes // PAGE_SIZE) * PAGE_SIZE
     try:
         mm.madvise(table.ctypes.data, length, Madv.POPULATE_WRITE)
     except OSError as err:
         logger.debug("MADV_POPULATE_WRITE on the first-touch table: %s", err)
-        if fill:
-            table.fill(0)
+        table.fill(0)
 
 
 def _journal_bytes(npages: int) -> int:
@@ -496,13 +494,9 @@ class Workload(Guest):
         self._created_wall = time.time() if created_wall is None else created_wall
         #: After a restore: each page's pre-pause version + 1 once a worker has rewritten it,
         #: 0 before (private memory, not part of any region). A restore ahead of the pause
-        #: maps its pages then; after a restore inside the pause, where mapping 8 bytes per
-        #: page would lengthen the pause, a thread maps them at the resume, without the GIL
-        #: (the writers' first writes would map them holding it: see restore_ahead).
+        #: maps its pages then (see restore_ahead); after a restore inside the pause, where
+        #: mapping them would lengthen the pause, the writers' first writes map them.
         self._pre: Pages | None = _zeroed_table(npages) if restored else None
-        #: Whether the first resume maps the table from a thread of its own (restore_ahead
-        #: maps it before the pause instead).
-        self._map_pre_at_resume = restored
         self._restored_writes = total_writes
 
         self._rate_lock = threading.Lock()
@@ -837,12 +831,6 @@ class Workload(Guest):
                 self._start_workers()
             self._beat_park.notify_all()
             self._cond.notify_all()
-            if self._map_pre_at_resume and self._pre is not None:
-                self._map_pre_at_resume = False
-                try:
-                    _thread.start_new_thread(_map_table, (self._pre,), {"fill": False})
-                except RuntimeError as err:  # a pids limit: the first writes map them
-                    logger.debug("no thread to map the first-touch table: %s", err)
             logger.debug("workload resumed")
             return self._resumed_at
 
@@ -1450,8 +1438,7 @@ class Workload(Guest):
         guest = super().restore_ahead(regions, preview)
         guest._pattern  # noqa: B018  # made on first use
         if guest._pre is not None:
-            _map_table(guest._pre, fill=True)
-            guest._map_pre_at_resume = False
+            _map_table(guest._pre)
         return guest
 
     def finish_restore(self, state: bytes) -> None:

@@ -342,7 +342,8 @@ def _state_numbers(data: dict[str, Any]) -> dict[str, Any]:
 
 def _zeroed_table(n: int) -> Pages:
     """``n`` int64 zeros in a private anonymous mapping of their own: its pages are mapped
-    on first write, whatever the allocator would have reused (np.zeros may or may not)."""
+    on first write, whatever the allocator would have reused (np.zeros may or may not), and
+    they are 4 KiB pages (numpy advises huge pages for its large arrays)."""
     memory = mmap.mmap(-1, n * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(memory, dtype=np.int64, count=n)  # keeps the mapping alive
 
@@ -1429,11 +1430,12 @@ class Workload(Guest):
         resume would otherwise pay for while holding the GIL is paid now:
 
         * the page pattern (made on first use: 2.5 ms);
-        * the memory of the first-touch table (8 bytes per page, its own mapping: mapped
-          on first write, and with transparent huge pages each first write to a 2 MiB
-          stretch of it faults in a zeroed huge page: 6-9 ms of one writer's CPU at a time,
-          in the 100 ms after the resume of a 4 GiB workload; the heartbeat waited behind
-          it for the GIL).
+        * the memory of the first-touch table (8 bytes per page, mapped on first write).
+          It was a numpy array, whose memory numpy advises for huge pages: each first write
+          into a 2 MiB stretch of it faulted in a zeroed huge page, 6-9 ms of one writer's
+          CPU at a time in the 100 ms after the resume of a 4 GiB workload, and the
+          heartbeat waited behind it for the GIL. Now it is a mapping of its own, of 4 KiB
+          pages, mapped here.
         """
         guest = super().restore_ahead(regions, preview)
         guest._pattern  # noqa: B018  # made on first use

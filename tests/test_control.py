@@ -223,3 +223,49 @@ def test_a_state_error_answer_without_a_type_is_a_state_error(tmp_path: Path) ->
     finally:
         server.stop()
         unlink_if(path, inode)
+
+
+#: A host process whose guest lets go of the GIL while it is freed, as a workload's close
+#: and its memory's release do: the host's main thread, which ends the process once the
+#: guest is gone, then runs before the request's thread.
+_SLOW_TO_FREE_HOST = """
+import sys, time
+from pageflip.migration.host import GuestHost
+
+class SlowToFree:
+    kind = "slow"
+    def close(self): pass
+    def status(self): return {}
+    def __del__(self): time.sleep(0.3)
+
+host = GuestHost(SlowToFree(), sys.argv[1])
+print("ready", flush=True)
+while not host.wait(0.2):
+    pass
+host.close()
+"""
+
+
+def test_quit_is_answered_before_the_host_may_end(tmp_path: Path) -> None:
+    """`pageflip stop` got "closed the connection without an answer" now and then from a
+    host whose guest let go of the GIL after the host had been told it was gone: the answer
+    goes out before that now."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "host.sock")
+    host = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TO_FREE_HOST, path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert host.stdout is not None and host.stdout.readline() == "ready\n"
+        with ControlClient(path, timeout=10) as client:
+            assert client.request("quit") == {"ok": True}
+        assert host.wait(timeout=30) == 0
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        if host.stdout is not None:
+            host.stdout.close()
+    assert not os.path.exists(path)

@@ -157,6 +157,8 @@ class GuestHost:
             self._migrate(request, send, conn)
         elif cmd == "upgrade":
             self._upgrade(request, send, conn)
+        elif cmd == "quit":
+            self._quit(send)
         else:
             send({"ok": True, **self._simple(cmd, request)})
         return not self._finished.is_set()
@@ -203,16 +205,23 @@ class GuestHost:
                 )
             source.cancel()
             return {}
-        if cmd == "quit":
-            self.outcome = "quit"
-            guest, self.guest = self.guest, None
+        raise LocalProtocolError(f"unknown command {cmd!r}")
+
+    def _quit(self, send: Send) -> None:
+        """Stop the guest, answer, then let the host end. The answer goes first: the host's
+        main thread exits once the guest is gone, and this thread dies with the process (a
+        guest's close, or freeing it, may let go of the GIL before an answer sent after)."""
+        self.outcome = "quit"
+        guest, self.guest = self.guest, None
+        try:
             if guest is not None:
                 guest.close()
+            del guest
+            send({"ok": True})
+        finally:
             self._finished.set()
             with self._arrived:
                 self._arrived.notify_all()
-            return {}
-        raise LocalProtocolError(f"unknown command {cmd!r}")
 
     def _console(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send ``send`` to the guest's console and wait for the line that starts with

@@ -352,9 +352,8 @@ def _map_table(table: Pages) -> None:
     """Map every page of a :func:`_zeroed_table` now: MADV_POPULATE_WRITE, which writes
     nothing and does not hold the GIL while the kernel works; where the kernel lacks it
     (before 5.14), the zeros are written again."""
-    length = -(-table.nbytes // PAGE_SIZE) * PAGE_SIZE
     try:
-        mm.madvise(table.ctypes.data, length, Madv.POPULATE_WRITE)
+        mm.madvise(table.ctypes.data, mm.page_round_up(table.nbytes), Madv.POPULATE_WRITE)
     except OSError as err:
         logger.debug("MADV_POPULATE_WRITE on the first-touch table: %s", err)
         table.fill(0)

@@ -1012,3 +1012,38 @@ def test_steal_time_is_read_from_proc_stat(tmp_path: Path) -> None:
         assert steal_seconds() is None and stolen_since(1.0) is None
     finally:
         procfs.set_procfs_path(real)
+
+
+def test_huge_pages_for_one_system_leave_the_other_on_4k_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--huge-systems pageflip: pageflip's VMM on huge pages, QEMU's shared mode on its
+    /dev/shm file, and the notes say which ran on what; an unknown or empty choice is
+    refused."""
+    from pageflip.bench.vm import qemu
+    from pageflip.bench.vm.runner import _notes
+
+    monkeypatch.setattr(qemu, "hugetlbfs_dir", lambda: pytest.fail("QEMU is on 4 KiB pages"))
+    spec = _spec(
+        tmp_path, "flip", huge="hugetlb", huge_systems=("pageflip",), shm_dir=str(tmp_path)
+    )
+    assert spec.options.huge_for("pageflip") == "hugetlb"
+    assert spec.options.huge_for("qemu") is None
+    files = RunFiles(spec)
+    try:
+        assert files.shm is not None and files.shm.parent == tmp_path
+        assert "hugetlb=on" not in " ".join(qemu_command(spec, "src", files))
+    finally:
+        files.remove()
+    config = VmConfig(
+        guest=spec.guest,
+        options=VmOptions(huge="hugetlb", huge_systems=("pageflip",)),
+    )
+    notes = _notes(config)
+    assert notes["huge_pages"].startswith("pageflip's only guest RAM on 2 MiB hugetlb pages")
+    assert "qemu's on 4 KiB pages" in notes["huge_pages"]
+    assert "file on /dev/shm" in notes["qemu"]
+    with pytest.raises(BadArgument, match="unknown huge-page systems"):
+        VmConfig(guest=spec.guest, options=VmOptions(huge="hugetlb", huge_systems=("xen",)))
+    with pytest.raises(BadArgument, match="name the systems"):
+        VmConfig(guest=spec.guest, options=VmOptions(huge="hugetlb", huge_systems=()))

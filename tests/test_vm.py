@@ -26,6 +26,7 @@ from cli_procs import (
     one_line,
     run,
 )
+from pageflip._sys import kvm
 from pageflip.bench.vm import guest as bench_guest
 from pageflip.errors import BadGuestState, BadImage, GuestStopped, StateError
 from pageflip.memory import Region
@@ -344,6 +345,38 @@ def test_a_warm_save_while_the_guest_runs_leaves_it_running_and_the_save_whole(
             again.machine.warm_save()
     finally:
         again.close()
+
+
+def test_a_migrations_pause_waits_for_the_guest_to_halt(kernel: str) -> None:
+    """about_to_pause() (right before a migration's pause) waits for the guest's next halt:
+    a pause then finds the vCPU halted (KVM's MP state, read with the vCPU parked), and
+    status counts the waits and the halts found. A paused VM has nothing to wait for."""
+    guest = VirtualMachine.create(64 << 20, kernel, APPEND + " tick_us=1000")
+    try:
+        _wait_beats(guest, 2)
+        machine = guest.machine
+        assert machine._halts is not None, "Linux 6.18 has the vCPU's binary statistics"
+        for _ in range(5):
+            caught = machine.halts_caught
+            guest.about_to_pause()
+            found = machine.halts_caught > caught
+            guest.pause()
+            if found:
+                mp = kvm.MpStateStruct()
+                kvm.ioctl(machine._vcpu, kvm.GET_MP_STATE, mp)
+                assert mp.mp_state == kvm.MpState.HALTED
+            guest.resume()
+            time.sleep(0.02)
+        vcpu = guest.status()["vcpu"]
+        assert isinstance(vcpu, dict)
+        assert vcpu["halt_waits"] == 5 and 1 <= vcpu["halts_caught"] <= 5, vcpu
+        guest.pause()
+        assert machine.await_halt() is False and machine.halt_waits == 5
+        guest.resume()
+        _wait_beats(guest, 1)
+        assert guest.verify().ok
+    finally:
+        guest.close()
 
 
 def test_a_rehearsed_save_and_load_leave_the_guest_as_it_was(vm: VirtualMachine) -> None:

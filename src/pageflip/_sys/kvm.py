@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import os
 from ctypes import c_int, c_ulong, c_void_p
 from typing import Any, TypeVar
 
@@ -278,6 +279,31 @@ class EnableCap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class StatsHeader(ctypes.Structure):
+    """``kvm_stats_header``: the start of a binary statistics fd (``KVM_GET_STATS_FD``)."""
+
+    _fields_ = [
+        ("flags", u32),
+        ("name_size", u32),
+        ("num_desc", u32),
+        ("id_offset", u32),
+        ("desc_offset", u32),
+        ("data_offset", u32),
+    ]
+
+
+class StatsDesc(ctypes.Structure):
+    """``kvm_stats_desc`` without its name (``name_size`` bytes, NUL-padded, follow it)."""
+
+    _fields_ = [
+        ("flags", u32),
+        ("exponent", ctypes.c_int16),
+        ("size", u16),
+        ("offset", u32),
+        ("bucket_size", u32),
+    ]
+
+
 class RunIo(ctypes.Structure):
     _fields_ = [
         ("direction", u8),
@@ -389,6 +415,7 @@ SET_XSAVE = _iow(0xA5, ctypes.sizeof(Xsave))
 GET_XCRS = _ior(0xA6, ctypes.sizeof(Xcrs))
 SET_XCRS = _iow(0xA7, ctypes.sizeof(Xcrs))
 CLEAR_DIRTY_LOG = _iowr(0xC0, ctypes.sizeof(ClearDirtyLog))
+GET_STATS_FD = _io(0xCE)
 
 _SIZES = {
     "UserspaceMemoryRegion": (UserspaceMemoryRegion, 32),
@@ -404,6 +431,8 @@ _SIZES = {
     "DirtyLog": (DirtyLog, 16),
     "ClearDirtyLog": (ClearDirtyLog, 24),
     "EnableCap": (EnableCap, 104),
+    "StatsHeader": (StatsHeader, 24),
+    "StatsDesc": (StatsDesc, 16),
     "Run.exit": (RunExit, 256),
 }
 for _name, (_struct, _size) in _SIZES.items():
@@ -416,7 +445,7 @@ _REQUESTS = (  # noqa: SIM905
     "GET_IRQCHIP SET_IRQCHIP SET_CLOCK GET_CLOCK RUN GET_REGS SET_REGS GET_SREGS SET_SREGS "
     "GET_MSRS SET_MSRS GET_FPU SET_FPU GET_LAPIC SET_LAPIC SET_CPUID2 GET_CPUID2 GET_MP_STATE "
     "SET_MP_STATE GET_VCPU_EVENTS SET_VCPU_EVENTS GET_DEBUGREGS SET_DEBUGREGS ENABLE_CAP "
-    "GET_TSC_KHZ GET_XSAVE SET_XSAVE GET_XCRS SET_XCRS CLEAR_DIRTY_LOG"
+    "GET_TSC_KHZ GET_XSAVE SET_XSAVE GET_XCRS SET_XCRS CLEAR_DIRTY_LOG GET_STATS_FD"
 ).split()
 #: ioctl number -> its name, for error messages.
 _NAMES = {globals()[name]: f"KVM_{name}" for name in _REQUESTS}
@@ -522,3 +551,22 @@ def run_bytes(address: int, size: int) -> memoryview:
     must be dropped before the mapping is unmapped.
     """
     return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+def stats_offsets(fd: int) -> dict[str, int]:
+    """Each statistic of a binary statistics fd (``KVM_GET_STATS_FD``) by name: the byte
+    offset in the fd of its first 64-bit value (``Documentation/virt/kvm/api.rst``, "The
+    binary statistics"). Reading one is a ``pread`` of 8 bytes there: no ioctl, no lock of
+    the vCPU, so it works while another thread is inside ``KVM_RUN``."""
+    head_size = ctypes.sizeof(StatsHeader)
+    head = struct_from_bytes(StatsHeader, os.pread(fd, head_size, 0))
+    step = ctypes.sizeof(StatsDesc) + head.name_size
+    table = os.pread(fd, step * head.num_desc, head.desc_offset)
+    if len(table) < step * head.num_desc:
+        raise ValueError(f"a KVM statistics fd with {head.num_desc} descriptors ends early")
+    offsets = {}
+    for at in range(0, len(table), step):
+        desc = StatsDesc.from_buffer_copy(table, at)
+        raw = table[at + ctypes.sizeof(StatsDesc) : at + step]
+        offsets[raw.split(b"\0", 1)[0].decode()] = head.data_offset + desc.offset
+    return offsets

@@ -604,6 +604,14 @@ def _default_guest_elf() -> str:
     "none /dev/hugepages), its other modes on a hugetlb memfd. The pool must hold the "
     "largest VM twice for precopy and postcopy, once for flip (sysctl -w vm.nr_hugepages=N).",
 )
+@click.option(
+    "--huge-systems",
+    default="qemu,pageflip",
+    show_default=True,
+    metavar="SYSTEM[,SYSTEM]",
+    help="Which systems --huge puts on huge pages; the other keeps 4 KiB pages (QEMU's "
+    "shared mode then maps its file on /dev/shm).",
+)
 @click.option("--plot", "with_plot", is_flag=True, help="Also draw vm.png (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the tables as Markdown.")
@@ -625,6 +633,7 @@ def bench_vm(
     tick_us: int,
     realtime: bool,
     huge: str | None,
+    huge_systems: str,
     with_plot: bool,
     as_json: bool,
     markdown: bool,
@@ -657,6 +666,7 @@ def bench_vm(
         realtime,
         tick_us,
         huge,
+        huge_systems,
     )
     if huge:
         _check_vm_huge(config)  # before a long run, not in each of its runs
@@ -709,6 +719,7 @@ def _vm_config(
     realtime: bool = False,
     tick_us: int = 1000,
     huge: str | None = None,
+    huge_systems: str = "qemu,pageflip",
 ) -> VmConfig:
     """The VM comparison's configuration from its options (a bad one: click.BadParameter)."""
     from ..bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
@@ -734,6 +745,7 @@ def _vm_config(
                 realtime=realtime,
                 tick_us=tick_us,
                 huge=huge,
+                huge_systems=tuple(_split(huge_systems)),
             ),
         )
     except BadArgument as err:
@@ -751,12 +763,22 @@ def _check_vm_huge(config: VmConfig) -> None:
 
     specs = run_order(config)
     try:
-        if any(s.system == "qemu" and s.system_mode == "shared" for s in specs):
+        if any(
+            s.system == "qemu" and s.system_mode == "shared" and s.options.huge_for("qemu")
+            for s in specs
+        ):
             hugetlbfs_dir()
     except BenchmarkError as err:
         raise click.ClickException(str(err)) from None
-    most = max(s.guest_ram * (1 if s.mode == "flip" else 2) for s in specs)
-    why = room.huge_pages_shortfall([(PageKind.HUGETLB, most)])
+    most = max(
+        (
+            s.guest_ram * (1 if s.mode == "flip" else 2)
+            for s in specs
+            if s.options.huge_for(s.system)
+        ),
+        default=0,
+    )
+    why = room.huge_pages_shortfall([(PageKind.HUGETLB, most)]) if most else None
     if why is not None:
         raise click.ClickException(f"--huge hugetlb cannot run here: {why}")
 

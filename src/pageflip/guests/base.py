@@ -181,7 +181,9 @@ class Guest(abc.ABC):
 
     def about_to_pause(self) -> None:
         """A migration pauses the guest next (the guest still runs): warm whatever the
-        pause will run, so that it runs fast. The default does nothing."""
+        pause will run, so that it runs fast, and wait, a few milliseconds at most, for a
+        moment when a pause costs the guest least (a VM: its next halt). The default does
+        nothing."""
         return
 
     def prepare_resume(self) -> None:

@@ -423,10 +423,13 @@ class VirtualMachine(Guest):
 
     def about_to_pause(self) -> None:
         """The save inside the pause runs cold after a quiet spell: run its code now, all
-        but the vCPU's ioctls (:meth:`.Machine.warm_save`)."""
+        but the vCPU's ioctls (:meth:`.Machine.warm_save`); then wait, a moment at most,
+        for the guest to halt, the moment a pause costs it least
+        (:meth:`.Machine.await_halt`)."""
         machine = self._live("warm the save")
         if machine.started and not machine.paused:
             machine.warm_save()
+            machine.await_halt()
 
     def pause(self) -> float:
         machine = self._live("pause")

@@ -22,6 +22,10 @@ and each wake-up waits for the host's scheduler. With the vCPU thread in the nor
 any other busy thread on the host (a migration's own work, a process starting) can delay it
 by a scheduler slice; as ``SCHED_FIFO`` it runs as soon as it wakes
 (``benchmarks/vcpu_gaps.py``; docs/benchmarks.md, "Real-time vCPUs").
+
+A pause at a halt (:meth:`Machine.await_halt`): a migration's pause waits, a moment at most,
+for the guest to halt between its timer ticks, which it learns from the vCPU's KVM
+statistics, and pauses it then: the guest had nothing to run until its next interrupt.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import contextlib
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -93,12 +98,57 @@ REALTIME_PRIORITY = 1
 #: takes tens of microseconds.
 RESUME_HANDOFF = 0.05
 
+#: Longest a migration's pause waits for the guest to halt (seconds; see
+#: :meth:`Machine.await_halt`): a guest on a 1 ms tick halts within it once per tick.
+HALT_WAIT = 0.002
+
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGRTMIN + 4
 
 
 def _ignore_kick(signum: int, frame: object) -> None:
     return
+
+
+class _HaltWatch:
+    """Whether a vCPU is halted now, and how often it has halted, from its KVM statistics
+    (``blocking``, ``halt_exits``): read by ``pread`` while the vCPU thread is inside
+    ``KVM_RUN``, which no vCPU ioctl can do."""
+
+    def __init__(self, fd: int, blocking: int, halts: int) -> None:
+        self.fd = fd
+        self._start = min(blocking, halts)
+        self._span = max(blocking, halts) + 8 - self._start
+        self._blocking = blocking - self._start
+        self._halts = halts - self._start
+
+    @classmethod
+    def open(cls, vcpu: int) -> _HaltWatch | None:
+        """The watch of vCPU fd ``vcpu``; None on a kernel without these statistics."""
+        try:
+            fd = kvm.ioctl(vcpu, kvm.GET_STATS_FD)
+        except OSError:
+            return None  # before Linux 5.14: no binary statistics
+        try:
+            os.set_inheritable(fd, False)
+            offsets = kvm.stats_offsets(fd)
+            return cls(fd, offsets["blocking"], offsets["halt_exits"])
+        except (OSError, ValueError, KeyError):  # "blocking" came in Linux 5.16
+            os.close(fd)
+            return None
+
+    def read(self) -> tuple[bool, int]:
+        """(halted now, halts so far)."""
+        data = os.pread(self.fd, self._span, self._start)
+        return (
+            struct.unpack_from("=Q", data, self._blocking)[0] != 0,
+            struct.unpack_from("=Q", data, self._halts)[0],
+        )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def install_kick_handler() -> None:
@@ -294,6 +344,10 @@ class Machine:
         self.manual_dirty_log = False
         #: The vCPU thread's SCHED_FIFO priority; 0: the normal class (see set_realtime).
         self.realtime = 0
+        self._halts: _HaltWatch | None = None
+        #: :meth:`await_halt` calls that waited, and those that found the guest halting.
+        self.halt_waits = 0
+        self.halts_caught = 0
         try:
             self._build()
             if regions is not None:
@@ -335,6 +389,7 @@ class Machine:
         self._run_addr = mm.mmap(None, self._run_size, PROT_RW, Map.SHARED, self._vcpu)
         self.run_page = kvm.Run.from_address(self._run_addr)
         self._run_bytes = kvm.run_bytes(self._run_addr, self._run_size)
+        self._halts = _HaltWatch.open(self._vcpu)
         # KVM copies the registers, special registers and pending events into kvm_run at
         # every return from KVM_RUN: a save inside a pause reads them there rather than by
         # three ioctls (~15 us each here, more cold).
@@ -535,6 +590,8 @@ class Machine:
         return {
             "thread": thread.native_id if thread is not None else None,
             "scheduling": f"SCHED_FIFO {self.realtime}" if self.realtime else "normal",
+            "halt_waits": self.halt_waits,
+            "halts_caught": self.halts_caught,
         }
 
     @property
@@ -650,6 +707,30 @@ class Machine:
             self._stopped = err
             self._parked = True
             self._lock.notify_all()
+
+    def await_halt(self, limit: float = HALT_WAIT) -> bool:
+        """Wait up to ``limit`` seconds for the running guest to halt (``hlt``: done with
+        its work until its next interrupt); True when it did, False at once where there is
+        nothing to wait for (not running, or a kernel without the statistics).
+
+        A migration calls this right before its pause (:meth:`.VirtualMachine.about_to_pause`).
+        A guest paused as it halts had nothing to run until its next interrupt: it loses
+        only what the pause runs past that, where a pause at any other moment also holds
+        up the rest of its work (docs/benchmarks.md, "A pause at a halt"). The wait spins
+        on reads of the vCPU's statistics (about 1 us each; each lets go of the GIL): a
+        sleep would wake late on a host that gives its idle CPUs back (docs/kernel.md)."""
+        watch = self._halts
+        if watch is None or self._thread is None or self._pause_wanted or self._stopped:
+            return False
+        self.halt_waits += 1
+        deadline = time.monotonic() + limit
+        _, before = watch.read()
+        while time.monotonic() < deadline:
+            halted, halts = watch.read()
+            if halted and halts != before:
+                self.halts_caught += 1
+                return True
+        return False
 
     def pause(self) -> float:
         """Park the vCPU (it leaves KVM_RUN within a fraction of a millisecond); returns
@@ -814,6 +895,8 @@ class Machine:
             del self.run_page
             self._run_bytes = memoryview(b"")
             mm.munmap(addr, self._run_size)
+        if self._halts is not None:
+            self._halts.close()
         for name in ("_vcpu", "_vm", "_system"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -90,10 +90,18 @@ class VmOptions:
     #: Both systems' vCPU threads SCHED_FIFO (priority 1): QEMU's, found by query-cpus-fast,
     #: and pageflip's (``vm run --realtime``), on the source and on the destination.
     realtime: bool = False
-    #: Both systems' guest RAM on 2 MiB hugetlb pages ("hugetlb"), or 4 KiB pages (None):
-    #: pageflip's ``vm run --huge hugetlb``; QEMU's shared mode a file on a hugetlbfs mount
-    #: of 2 MiB pages, its other modes a hugetlb memfd backend.
+    #: The guest RAM of the systems in ``huge_systems`` on 2 MiB hugetlb pages ("hugetlb"),
+    #: or 4 KiB pages (None): pageflip's ``vm run --huge hugetlb``; QEMU's shared mode a
+    #: file on a hugetlbfs mount of 2 MiB pages, its other modes a hugetlb memfd backend.
     huge: str | None = None
+    #: Which systems ``huge`` applies to; the others keep 4 KiB pages (QEMU's shared mode
+    #: its file on ``shm_dir``).
+    huge_systems: tuple[str, ...] = SYSTEMS
+
+    def huge_for(self, system: str) -> str | None:
+        """The huge pages ``system``'s guest RAM is on (None: 4 KiB pages)."""
+        return self.huge if system in self.huge_systems else None
+
     #: How to start the ``pageflip`` command for the pageflip side.
     pageflip: tuple[str, ...] = field(default=(sys.executable, "-m", "pageflip"))
 
@@ -126,6 +134,14 @@ class VmConfig:
                 )
             if len(set(given)) != len(given):
                 raise BadArgument(f"each of the {name} once, please", argument=name)
+        unknown = [x for x in self.options.huge_systems if x not in SYSTEMS]
+        if self.options.huge and not self.options.huge_systems:
+            raise BadArgument("name the systems to put on huge pages", argument="huge_systems")
+        if unknown:
+            raise BadArgument(
+                f"unknown huge-page systems {unknown}; choose from {list(SYSTEMS)}",
+                argument="huge_systems",
+            )
         if any(s <= 0 or s % MiB for s in self.sizes):
             raise BadArgument("guest sizes are whole MiB", argument="sizes")
         if any(r < 0 or r % MiB for r in self.rates):

@@ -221,7 +221,7 @@ def _migrate(
             src_sock,
             "--json",
             *(["--realtime"] if o.realtime else []),
-            *(["--huge", o.huge] if o.huge else []),
+            *(["--huge", huge] if (huge := o.huge_for("pageflip")) else []),
         ],
         workdir / "src.stderr",
     )

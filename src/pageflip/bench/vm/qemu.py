@@ -102,7 +102,7 @@ class RunFiles:
         self.shm: Path | None = None
         if spec.system_mode == "shared":
             name = f"pageflip-bench-vm-{os.getpid()}-{spec.index}-{os.urandom(4).hex()}"
-            self.shm = Path(hugetlbfs_dir() if o.huge else o.shm_dir) / name
+            self.shm = Path(hugetlbfs_dir() if o.huge_for("qemu") else o.shm_dir) / name
 
     def qmp(self, role: str) -> str:
         return str(self.dir / f"{role}.qmp")
@@ -151,7 +151,7 @@ def qemu_command(spec: VmRunSpec, role: str, files: RunFiles) -> list[str]:
             f"memory-backend-file,id=mem,size={mem}M,mem-path={files.shm},share=on",
         ]
         machine += ",memory-backend=mem"
-    elif o.huge:
+    elif o.huge_for("qemu"):
         cmd += [
             "-object",
             f"memory-backend-memfd,id=mem,size={mem}M,hugetlb=on,hugetlbsize=2M",

@@ -165,12 +165,22 @@ def _notes(config: VmConfig) -> dict[str, str]:
             "destination (QEMU's found by query-cpus-fast; pageflip: vm run --realtime, which "
             "the destination takes over with the state)"
         )
-    if config.options.huge:
+    o = config.options
+    on_huge = [s for s in config.systems if o.huge_for(s)]
+    if on_huge:
+        how = {
+            "pageflip": "pageflip: vm run --huge hugetlb",
+            "qemu": "QEMU: shared mode's file on a hugetlbfs mount of 2 MiB pages, precopy "
+            "and postcopy a memory-backend-memfd with hugetlb=on",
+        }
+        whose = "both systems'" if len(on_huge) == 2 else f"{on_huge[0]}'s only"
         notes["huge_pages"] = (
-            "both systems' guest RAM on 2 MiB hugetlb pages (pageflip: vm run --huge hugetlb; "
-            "QEMU: shared mode's file on a hugetlbfs mount of 2 MiB pages, precopy and "
-            "postcopy a memory-backend-memfd with hugetlb=on)"
+            f"{whose} guest RAM on 2 MiB hugetlb pages ({'; '.join(how[s] for s in on_huge)})"
         )
+        others = [s for s in config.systems if s not in on_huge]
+        if others:
+            notes["huge_pages"] += f"; {others[0]}'s on 4 KiB pages"
+    if o.huge_for("qemu"):
         notes["qemu"] = notes["qemu"].replace("file on /dev/shm", "file on hugetlbfs")
     if config.options.postcopy_after_first_pass:
         notes["qemu"] = notes["qemu"].replace(
@@ -202,5 +212,6 @@ def _config(config: VmConfig) -> VmConfigRecord:
             "postcopy_after_first_pass": o.postcopy_after_first_pass,
             "realtime": o.realtime,
             "huge": o.huge,
+            "huge_systems": [s for s in config.systems if o.huge_for(s)],
         },
     }

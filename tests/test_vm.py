@@ -904,3 +904,35 @@ def _end(pid: int) -> None:
             return
         time.sleep(0.05)
     os.kill(pid, 9)
+
+
+def test_bench_vm_runs_a_real_flip_and_measures_the_guest_beside_its_control(
+    kernel: str, tmp_path: Path
+) -> None:
+    """`pageflip bench vm`'s pageflip side on a real guest: the pageflip commands driven as
+    a user would, the guest's own figures (its pause, its gap at the switchover
+    when one overlaps it) and the control, its largest gap over as long a window with no
+    migration, all measured; the guest checks every page on the destination."""
+    from pageflip.bench import vm as bench_vm
+    from pageflip.bench.vm import FLAVOURS, GuestImage, VmConfig, VmOptions
+
+    config = VmConfig(
+        guest=GuestImage(kernel, FLAVOURS["pfguest"]),
+        sizes=(32 << 20,),
+        rates=(8 << 20,),
+        modes=("flip",),
+        systems=("pageflip",),
+        settle=0.0,
+        options=VmOptions(guest_settle=0.5, work_dir=str(tmp_path)),
+    )
+    result = bench_vm.run(config)
+    (run,) = result["runs"]
+    assert run["status"] == "completed" and run["error"] is None, run["error"]
+    assert run["verify_bad"] == 0 and run["verify_pages"] == 32 << 8
+    assert run["guest_pause_s"] is not None and run["guest_pause_s"] > 0
+    assert run["guest_quiet_s"] is not None and run["guest_quiet_s"] > 0
+    assert run["downtime_s"] is not None and run["total_s"] is not None
+    assert [s["step"] for s in run["details"]["pause_steps"]][:2] == ["pause asked", "paused"]
+    assert "guest_quiet" in result["notes"]
+    assert "control" in bench_vm.markdown_table(result)
+    assert os.listdir(tmp_path) == []

@@ -243,6 +243,7 @@ def _migrate(
     record["write_rate"] = sum(rates) / len(rates) * (1 << 20) if rates else None
 
     _ask_pause(src_sock)  # from now on the guest's largest loop gap counts (QEMU's way)
+    window_start = now()
     steal = steal_seconds()
     sampler = Sampler({"source": src.pid, "destination": dst.pid}, o.sample_interval, walk=False)
     samplers.append(sampler)
@@ -272,6 +273,7 @@ def _migrate(
     # The pause the guest saw from the P above to this one, as for QEMU (the done event's
     # guest_pause covers only the two heartbeats after the resume).
     record["guest_pause_s"] = _ask_pause(dst_sock)
+    window = now() - window_start
     record["steal_s"] = stolen_since(steal)
     if record["guest_pause_s"] is None:  # a guest without P: the engine's own figure
         record["guest_pause_s"] = done.get("guest_pause")
@@ -303,6 +305,7 @@ def _migrate(
     record["verify_pages"] = report.get("pages", report.get("pages_checked"))
     if record["guest_pause_s"] is None:
         record["guest_pause_s"] = report.get("observed_pause")
+    record["guest_quiet_s"] = _quiet(dst_sock, window)
     _command(base, ["stop", "--control", dst_sock], _STEP, "stop")
     if record["verify_bad"]:
         problems = "; ".join(str(p) for p in (report.get("problems") or [])[:3])
@@ -325,6 +328,15 @@ def _ask_pause(control: str) -> float | None:
         return None
     max_us = answer.get("fields", {}).get("max_us")
     return None if max_us is None else float(max_us) / 1e6
+
+
+def _quiet(control: str, window: float) -> float | None:
+    """The control (see :data:`~.records.VmRunRecord`'s ``guest_quiet_s``): the guest's
+    largest loop gap over ``window`` seconds with no migration; None if it cannot tell."""
+    if _ask_pause(control) is None:
+        return None
+    time.sleep(window)
+    return _ask_pause(control)
 
 
 def _ask_switchover_gap(

@@ -359,8 +359,10 @@ def _migrate(
 
     time.sleep(max(0.0, o.guest_settle - (now() - ready_line.t)))
     record["write_rate"] = _write_rate(src.log, now() - 1.0)
+    window_start = counted = None
     if flavour.has_pause:  # the guest's pause counter starts over here
         src.log.wait_for(Pause, _STEP, start=src.send(pause_request()), alive=src.alive)
+        window_start = now()
     else:
         record["notes"].append(f"{flavour.name}: the guest cannot report its pause")
 
@@ -392,6 +394,7 @@ def _migrate(
             record["guest_switchover_s"] = gaps.spanning(gaps_line.t, *stopped)
         _, _, pause = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
         record["guest_pause_s"] = pause.seconds
+        counted = now() - window_start if window_start is not None else None
         record["details"]["pause"] = {
             "max_us": pause.max_us,
             "at_n": pause.at_n,
@@ -402,6 +405,11 @@ def _migrate(
     _, _, check = dst.log.wait_for(Verify, o.verify_timeout, start=dst.send(verify_request()))
     record["verify_bad"], record["verify_pages"] = check.bad, check.pages
     record["details"]["verify_ms"] = check.ms
+    if flavour.has_pause and counted is not None:  # the control (records.VmRunRecord)
+        dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
+        time.sleep(counted)
+        _, _, quiet = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
+        record["guest_quiet_s"] = quiet.seconds
     if spec.system_mode == "postcopy":
         incoming = dst.run("query-migrate")
         record["details"]["postcopy_blocktime_ms"] = incoming.get("postcopy-blocktime")

@@ -39,6 +39,7 @@ METRICS: tuple[str, ...] = (
     "downtime_s",
     "guest_pause_s",
     "guest_switchover_s",
+    "guest_quiet_s",
     "host_gap_s",
     "switchover_to_running_s",
     "bytes_moved",
@@ -73,6 +74,10 @@ class VmRunRecord(TypedDict):
     #: system stopped and restarted it (None: no gap longer than 1.5 ticks did, or the guest
     #: cannot tell). Stalls at other moments of the migration count only in guest_pause_s.
     guest_switchover_s: float | None
+    #: The control: the guest's largest loop gap on the destination, once the run is over
+    #: (after its check), over a window as long as the one guest_pause_s counted, with no
+    #: migration: what this host makes the guest see by itself at that moment.
+    guest_quiet_s: float | None
     #: On the host: the last heartbeat line from the source until the first from the
     #: destination (includes up to one heartbeat period).
     host_gap_s: float | None
@@ -124,6 +129,7 @@ class CellRecord(TypedDict):
     guest_pause_s: float | None
     guest_pause_max_s: float | None
     guest_switchover_s: float | None
+    guest_quiet_s: float | None
     host_gap_s: float | None
     switchover_to_running_s: float | None
     bytes_moved: float | None
@@ -194,6 +200,7 @@ def blank_record(spec: VmRunSpec) -> VmRunRecord:
         "downtime_s": None,
         "guest_pause_s": None,
         "guest_switchover_s": None,
+        "guest_quiet_s": None,
         "host_gap_s": None,
         "steal_s": None,
         "switchover_to_running_s": None,

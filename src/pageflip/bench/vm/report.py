@@ -35,6 +35,7 @@ METRIC_TITLES: dict[str, str] = {
     "downtime_s": "downtime (as reported)",
     "guest_pause_s": "pause the guest saw",
     "guest_switchover_s": "guest's gap at the switchover",
+    "guest_quiet_s": "guest saw with no migration (control)",
     "host_gap_s": "heartbeat gap (host)",
     "switchover_to_running_s": "switchover to running",
     "bytes_moved": "bytes moved",

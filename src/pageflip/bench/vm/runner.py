@@ -32,14 +32,18 @@ NOTES = {
     "downtime": "as each system reports it: QEMU's downtime from query-migrate, pageflip's "
     "done event",
     "guest_pause": "the guest's own figure: the largest gap between two iterations of its main "
-    "loop, counted from a P request on the source right before the migration to a P request "
-    "on the destination once it completed (pageflip: the done event's guest_pause); '-' when "
-    "the guest cannot tell",
+    "loop, counted from a P request on the source right before the migration was asked "
+    "(QEMU: QMP's migrate; pageflip: the pageflip migrate command) to a P request on the "
+    "destination once it completed; '-' when the guest cannot tell",
     "guest_switchover": "the guest's own figure for the pause itself: of its latest loop gaps "
     "longer than 1.5 ticks (a G request on the destination right after the migration), the "
     "longest that overlaps the moments the system stopped the guest and ran it again (QEMU: "
     "its STOP and RESUME events; pageflip: its switchover and resumed events), the guest's "
     "times placed on the host's clock by the arrival of the G answer; '-' when none does",
+    "guest_quiet": "the control: once the run is over (after the guest's check), on the "
+    "destination, the guest's largest loop gap over a window as long as the one the pause "
+    "the guest saw was counted in, with no migration: what this host makes the guest see by "
+    "itself then",
     "host_gap": "on the host: the last heartbeat line read from the source's console until "
     "the first from the destination's (includes up to one heartbeat period)",
     "switchover_to_running": "QEMU: the source's STOP event until the destination's RESUME "

@@ -64,6 +64,7 @@ def _cell(rs: list[VmRunRecord]) -> CellRecord:
         "guest_pause_s": median(pauses),
         "guest_pause_max_s": max(pauses, default=None),
         "guest_switchover_s": median(r["guest_switchover_s"] for r in ok),
+        "guest_quiet_s": median(r["guest_quiet_s"] for r in ok),
         "host_gap_s": median(r["host_gap_s"] for r in ok),
         "switchover_to_running_s": median(r["switchover_to_running_s"] for r in ok),
         "bytes_moved": median(r["bytes_moved"] for r in ok),

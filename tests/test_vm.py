@@ -198,6 +198,28 @@ def test_paced_heartbeats_arrive_whole_in_order_and_before_an_answer(kernel: str
         guest.close()
 
 
+def test_the_console_goes_through_kvms_coalesced_ring_whole_and_in_order(
+    vm: VirtualMachine,
+) -> None:
+    """COM1 output is queued in KVM's coalesced ring (Linux 6.18 offers it): far fewer
+    exits than bytes written, over enough heartbeats for the ring to wrap many times, and
+    every line arrives whole, the heartbeats numbered in order, an answer after them."""
+    machine = vm.machine
+    assert machine._ring is not None
+    _wait_beats(vm, 1)
+    exits, sent = machine.exits, machine.devices.serial.bytes_out
+    _wait_beats(vm, 40)
+    fields, line = vm.ask("P", "PAUSE")
+    written = machine.devices.serial.bytes_out - sent
+    assert written > 40 * 30 > 3 * kvm.COALESCED_MAX
+    assert machine.exits - exits < written / 4, (machine.exits - exits, written)
+    assert line.startswith("PAUSE max_us=") and "max_us" in fields
+    beats = [bench_guest.parse_line(text) for text in vm.console_lines() if "HB n=" in text]
+    numbers = [b.n for b in beats if isinstance(b, bench_guest.Heartbeat)]
+    assert len(numbers) == len(beats) >= 40, vm.console_lines()[-5:]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
 def test_the_guest_tells_the_gap_of_a_pause_apart_from_other_gaps(vm: VirtualMachine) -> None:
     """G: the guest's long loop gaps with the guest time each ended; placed on the host's
     clock by the answer's arrival, the one that overlaps the pause is as long as it."""

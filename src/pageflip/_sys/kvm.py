@@ -60,6 +60,7 @@ class Cap(enum.IntEnum):
 
     IRQCHIP = 0
     USER_MEMORY = 3
+    COALESCED_MMIO = 15
     SET_TSS_ADDR = 4
     EXT_CPUID = 7
     ADJUST_CLOCK = 39
@@ -70,6 +71,7 @@ class Cap(enum.IntEnum):
     GET_TSC_KHZ = 61
     SYNC_REGS = 74
     IMMEDIATE_EXIT = 136
+    COALESCED_PIO = 162
     MANUAL_DIRTY_LOG_PROTECT2 = 168
 
 
@@ -279,6 +281,22 @@ class EnableCap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class CoalescedMmioZone(ctypes.Structure):
+    """``kvm_coalesced_mmio_zone``: guest writes to ``addr`` .. ``addr + size`` (ports, with
+    ``pio`` 1) are queued in the ring instead of exiting to the VMM."""
+
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+#: ``kvm_coalesced_mmio_ring``: ``first`` and ``last`` (u32 each), then the entries, each a
+#: ``kvm_coalesced_mmio`` (``phys_addr`` u64, ``len`` u32, ``pio`` u32, ``data`` 8 bytes).
+COALESCED_RING_HEAD = 8
+COALESCED_ENTRY = 24
+#: Entries in the ring page (``KVM_COALESCED_MMIO_MAX``): the kernel's ring is full at one
+#: fewer, and a write then exits to the VMM as usual.
+COALESCED_MAX = (4096 - COALESCED_RING_HEAD) // COALESCED_ENTRY
+
+
 class StatsHeader(ctypes.Structure):
     """``kvm_stats_header``: the start of a binary statistics fd (``KVM_GET_STATS_FD``)."""
 
@@ -415,6 +433,7 @@ SET_XSAVE = _iow(0xA5, ctypes.sizeof(Xsave))
 GET_XCRS = _ior(0xA6, ctypes.sizeof(Xcrs))
 SET_XCRS = _iow(0xA7, ctypes.sizeof(Xcrs))
 CLEAR_DIRTY_LOG = _iowr(0xC0, ctypes.sizeof(ClearDirtyLog))
+REGISTER_COALESCED_MMIO = _iow(0x67, ctypes.sizeof(CoalescedMmioZone))
 GET_STATS_FD = _io(0xCE)
 
 _SIZES = {
@@ -431,6 +450,7 @@ _SIZES = {
     "DirtyLog": (DirtyLog, 16),
     "ClearDirtyLog": (ClearDirtyLog, 24),
     "EnableCap": (EnableCap, 104),
+    "CoalescedMmioZone": (CoalescedMmioZone, 16),
     "StatsHeader": (StatsHeader, 24),
     "StatsDesc": (StatsDesc, 16),
     "Run.exit": (RunExit, 256),
@@ -445,7 +465,8 @@ _REQUESTS = (  # noqa: SIM905
     "GET_IRQCHIP SET_IRQCHIP SET_CLOCK GET_CLOCK RUN GET_REGS SET_REGS GET_SREGS SET_SREGS "
     "GET_MSRS SET_MSRS GET_FPU SET_FPU GET_LAPIC SET_LAPIC SET_CPUID2 GET_CPUID2 GET_MP_STATE "
     "SET_MP_STATE GET_VCPU_EVENTS SET_VCPU_EVENTS GET_DEBUGREGS SET_DEBUGREGS ENABLE_CAP "
-    "GET_TSC_KHZ GET_XSAVE SET_XSAVE GET_XCRS SET_XCRS CLEAR_DIRTY_LOG GET_STATS_FD"
+    "GET_TSC_KHZ GET_XSAVE SET_XSAVE GET_XCRS SET_XCRS CLEAR_DIRTY_LOG GET_STATS_FD "
+    "REGISTER_COALESCED_MMIO"
 ).split()
 #: ioctl number -> its name, for error messages.
 _NAMES = {globals()[name]: f"KVM_{name}" for name in _REQUESTS}

@@ -306,6 +306,7 @@ def _migrate(
     if record["guest_pause_s"] is None:
         record["guest_pause_s"] = report.get("observed_pause")
     record["guest_quiet_s"] = _quiet(dst_sock, window)
+    record["details"]["window_s"] = window
     _command(base, ["stop", "--control", dst_sock], _STEP, "stop")
     if record["verify_bad"]:
         problems = "; ".join(str(p) for p in (report.get("problems") or [])[:3])

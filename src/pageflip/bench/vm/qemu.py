@@ -410,6 +410,7 @@ def _migrate(
         time.sleep(counted)
         _, _, quiet = dst.log.wait_for(Pause, _STEP, start=dst.send(pause_request()))
         record["guest_quiet_s"] = quiet.seconds
+        record["details"]["window_s"] = counted
     if spec.system_mode == "postcopy":
         incoming = dst.run("query-migrate")
         record["details"]["postcopy_blocktime_ms"] = incoming.get("postcopy-blocktime")

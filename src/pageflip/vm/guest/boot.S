@@ -98,7 +98,8 @@ isr_timer:                              /* LAPIC timer tick: EOI and return */
  *   rax=0 sleep until the next interrupt (sti; hlt; cli)
  *   1 outb(rdi=port, rsi=value)   2 inb(rdi) -> rax   3 inl(rdi) -> rax
  *   4 write(rdi=buf, rsi=len) to COM1: wait for LSR.THRE, then up to serial_burst bytes
- *     with one rep outsb (a string I/O exit of count up to 16)
+ *     with one rep outsb (a string I/O exit of count up to 16, or one exit per byte where
+ *     the host emulates it so), and so on; then one more LSR read
  *   5 stop for good: cli; hlt (mask the LAPIC timer first, with call 7)
  *   6 LAPIC read(rdi=register offset) -> rax   7 LAPIC write(rdi=offset, rsi=value)
  * Clobbers rcx, rdx, rdi, rsi.
@@ -128,10 +129,10 @@ exc6:
         jmp 19f
 14:     xchgq %rdi, %rsi                /* rsi = buffer (for outsb), rdi = bytes left */
         cld
-21:     testq %rdi, %rdi
-        jz 19f
-        movw $0x3fd, %dx
-        inb %dx, %al
+21:     movw $0x3fd, %dx                /* LSR: before each burst, and once after the last, */
+        inb %dx, %al                    /* as a driver that waits for the line to be sent: */
+        testq %rdi, %rdi                /* a VMM that queues the port's writes (KVM's */
+        jz 19f                          /* coalesced ring) hands them out at that exit */
         testb $0x20, %al
         jz 21b
         movl serial_burst, %ecx         /* rcx = min(burst, bytes left) */

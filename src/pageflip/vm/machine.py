@@ -102,7 +102,8 @@ RESUME_HANDOFF = 0.05
 #: :meth:`Machine.await_halt`): a guest on a 1 ms tick halts within it once per tick.
 HALT_WAIT = 0.002
 
-#: ``first`` and ``last`` of KVM's coalesced ring, and an entry's ``len``.
+#: ``first`` and ``last`` at the start of KVM's coalesced ring; one u32 (an entry's ``len``,
+#: ``first`` written back).
 _RING_ENDS = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 

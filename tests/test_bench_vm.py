@@ -1040,8 +1040,8 @@ def test_huge_pages_for_one_system_leave_the_other_on_4k_pages(
         options=VmOptions(huge="hugetlb", huge_systems=("pageflip",)),
     )
     notes = _notes(config)
-    assert notes["huge_pages"].startswith("pageflip's only guest RAM on 2 MiB hugetlb pages")
-    assert "qemu's on 4 KiB pages" in notes["huge_pages"]
+    assert notes["huge_pages"].startswith("only pageflip's guest RAM on 2 MiB hugetlb pages")
+    assert "QEMU's on 4 KiB pages" in notes["huge_pages"]
     assert "file on /dev/shm" in notes["qemu"]
     with pytest.raises(BadArgument, match="unknown huge-page systems"):
         VmConfig(guest=spec.guest, options=VmOptions(huge="hugetlb", huge_systems=("xen",)))

@@ -599,7 +599,8 @@ def _default_guest_elf() -> str:
     "--huge",
     type=click.Choice(["hugetlb"]),
     default=None,
-    help="Both systems' guest RAM on 2 MiB hugetlb pages: pageflip's vm run --huge hugetlb, "
+    help="The guest RAM of the --huge-systems (both by default) on 2 MiB hugetlb pages: "
+    "pageflip's vm run --huge hugetlb, "
     "QEMU's shared mode on a file in a hugetlbfs mount (mount -t hugetlbfs -o pagesize=2M "
     "none /dev/hugepages), its other modes on a hugetlb memfd. The pool must hold the "
     "largest VM twice for precopy and postcopy, once for flip (sysctl -w vm.nr_hugepages=N).",

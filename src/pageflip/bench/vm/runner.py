@@ -177,13 +177,14 @@ def _notes(config: VmConfig) -> dict[str, str]:
             "qemu": "QEMU: shared mode's file on a hugetlbfs mount of 2 MiB pages, precopy "
             "and postcopy a memory-backend-memfd with hugetlb=on",
         }
-        whose = "both systems'" if len(on_huge) == 2 else f"{on_huge[0]}'s only"
+        name = {"pageflip": "pageflip", "qemu": "QEMU"}
+        whose = "both systems'" if len(on_huge) == 2 else f"only {name[on_huge[0]]}'s"
         notes["huge_pages"] = (
             f"{whose} guest RAM on 2 MiB hugetlb pages ({'; '.join(how[s] for s in on_huge)})"
         )
         others = [s for s in config.systems if s not in on_huge]
         if others:
-            notes["huge_pages"] += f"; {others[0]}'s on 4 KiB pages"
+            notes["huge_pages"] += f"; {name[others[0]]}'s on 4 KiB pages"
     if o.huge_for("qemu"):
         notes["qemu"] = notes["qemu"].replace("file on /dev/shm", "file on hugetlbfs")
     if config.options.postcopy_after_first_pass:

@@ -536,3 +536,27 @@ def test_transfer_is_plain_data() -> None:
         "release": 0.0,
         "release_cpu": 0.0,
     }
+
+
+def test_a_refusal_left_before_our_first_frame_is_told_as_such(tmp_path: Path) -> None:
+    """A listener that refuses us and closes before our hello went out: the hello's send
+    fails (the peer is gone) with the refusal unread; PeerRejected still says why, not a
+    bare PeerClosed (a rejected peer under load used to see that)."""
+    from pageflip.transport import tell_refused
+
+    path = str(tmp_path / "refuser.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        server.listen(1)
+        channel = pf.Channel.connect(path, timeout=10)
+        try:
+            conn, _ = server.accept()
+            tell_refused(conn, "uid 65534 is not allowed here")
+            conn.close()  # gone before the client said anything
+            with pytest.raises(pf.PeerRejected, match="uid 65534 is not allowed here"):
+                channel._say_hello()
+        finally:
+            channel.close()
+    finally:
+        server.close()

@@ -136,11 +136,33 @@ class Endpoint:
     # -- sending --------------------------------------------------------------------------
 
     def send(self, frame: Any, phase: str) -> int:
-        """Send ``frame`` whole; returns its size in bytes."""
+        """Send ``frame`` whole; returns its size in bytes. A listener that refused us
+        before we had sent anything may have closed before our first frame went out: its
+        refusal then waits unread and the send fails, and PeerRejected says why."""
         data, fds = self.codec.encode(frame)
-        self.conn.send(data, fds, phase)
+        try:
+            self.conn.send(data, fds, phase)
+        except PeerClosed:
+            why = self._refused_unread()
+            if why is not None:
+                raise PeerRejected(why, phase=phase) from None
+            raise
         self.bytes_sent += len(data)
         return len(data)
+
+    def _refused_unread(self) -> str | None:
+        """The refusal a listener left before it closed, if nothing was read yet and it is
+        there to read (see :func:`~pageflip.transport.tell_refused`)."""
+        ready = getattr(self.conn, "recv_ready", None)
+        if self.bytes_received or ready is None:
+            return None
+        buf = bytearray(1024)
+        with contextlib.suppress(OSError):
+            got = ready(memoryview(buf))
+            if got is not None:
+                close_all(got[1])
+                return refusal(bytes(buf[: got[0]]))
+        return None
 
     # -- receiving ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import ctypes
 import enum
 import errno
 import os
+import struct
 from ctypes import c_int, c_ulong, c_void_p
 from typing import Any, TypeVar
 
@@ -60,9 +61,9 @@ class Cap(enum.IntEnum):
 
     IRQCHIP = 0
     USER_MEMORY = 3
-    COALESCED_MMIO = 15
     SET_TSS_ADDR = 4
     EXT_CPUID = 7
+    COALESCED_MMIO = 15
     ADJUST_CLOCK = 39
     VCPU_EVENTS = 41
     DEBUGREGS = 50
@@ -288,13 +289,13 @@ class CoalescedMmioZone(ctypes.Structure):
     _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
 
 
-#: ``kvm_coalesced_mmio_ring``: ``first`` and ``last`` (u32 each), then the entries, each a
-#: ``kvm_coalesced_mmio`` (``phys_addr`` u64, ``len`` u32, ``pio`` u32, ``data`` 8 bytes).
-COALESCED_RING_HEAD = 8
-COALESCED_ENTRY = 24
+#: ``kvm_coalesced_mmio_ring``'s head: ``first`` and ``last``; its entries follow.
+COALESCED_RING = struct.Struct("<II")
+#: ``kvm_coalesced_mmio``: ``phys_addr``, ``len``, ``pio``, ``data`` (8 bytes).
+COALESCED_ENTRY = struct.Struct("<QII8s")
 #: Entries in the ring page (``KVM_COALESCED_MMIO_MAX``): the kernel's ring is full at one
 #: fewer, and a write then exits to the VMM as usual.
-COALESCED_MAX = (4096 - COALESCED_RING_HEAD) // COALESCED_ENTRY
+COALESCED_MAX = (4096 - COALESCED_RING.size) // COALESCED_ENTRY.size
 
 
 class StatsHeader(ctypes.Structure):

@@ -102,11 +102,6 @@ RESUME_HANDOFF = 0.05
 #: :meth:`Machine.await_halt`): a guest on a 1 ms tick halts within it once per tick.
 HALT_WAIT = 0.002
 
-#: ``first`` and ``last`` at the start of KVM's coalesced ring; one u32 (an entry's ``len``,
-#: ``first`` written back).
-_RING_ENDS = struct.Struct("<II")
-_U32 = struct.Struct("<I")
-
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGRTMIN + 4
 
@@ -432,16 +427,16 @@ class Machine:
     def _drain(self, ring: memoryview) -> None:
         """Hand the guest's queued COM1 writes to the serial port, oldest first, and free
         their places in the ring."""
-        first, last = _RING_ENDS.unpack_from(ring, 0)
+        first, last = kvm.COALESCED_RING.unpack_from(ring, 0)
         if first == last:
             return
         data = bytearray()
         while first != last:
-            at = kvm.COALESCED_RING_HEAD + first * kvm.COALESCED_ENTRY
-            size = min(_U32.unpack_from(ring, at + 8)[0], 8)
-            data += ring[at + 16 : at + 16 + size]
+            at = kvm.COALESCED_RING.size + first * kvm.COALESCED_ENTRY.size
+            _, size, _, value = kvm.COALESCED_ENTRY.unpack_from(ring, at)
+            data += value[:size]
             first = (first + 1) % kvm.COALESCED_MAX
-        _U32.pack_into(ring, 0, first)
+        struct.pack_into("<I", ring, 0, first)  # first alone: last is the kernel's
         self.devices.port_out(COM1, bytes(data), 1)
 
     def _enable_manual_dirty_log(self) -> bool:

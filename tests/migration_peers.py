@@ -6,7 +6,9 @@ a named point, by really dying (SIGKILL), closing the socket, or corrupting what
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import time
 from multiprocessing.connection import Connection
@@ -15,6 +17,7 @@ from typing import Any
 import pageflip as pf
 from pageflip import stream
 from pageflip._sys import huge, mm
+from pageflip._sys.flags import Madv
 from pageflip.channel import Endpoint as Link
 from pageflip.guests import Workload
 from pageflip.memory import Memfd
@@ -148,6 +151,19 @@ def source(
             return sent
 
         Link.send = swapping  # type: ignore[method-assign]
+    if fault == "preview-after-the-destination-left":
+        # The destination refuses at the LEND and closes before our PREVIEW goes out (a
+        # busy host's order of things, made certain): wait for its hangup, then send.
+        previewing = Link.send
+
+        def late(self: Link, event: Any, phase: str) -> int:
+            if type(event).__name__ == "Preview":
+                poller = select.poll()
+                poller.register(self.fileno(), select.POLLRDHUP)
+                assert poller.poll(30_000), "the destination did not close"
+            return previewing(self, event, phase)
+
+        Link.send = late  # type: ignore[method-assign]
     stolen: list[pf.Region | None] = []
     theft: dict[str, int] = {}
     if fault == "take-the-pool-after-setup":
@@ -242,6 +258,27 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
             return offered(self) & ~stream.Feature.HUGE
 
         dest_module.Destination._our_features = old_features  # type: ignore[method-assign]
+    if fault == "fail-at-the-lend":
+
+        def no_thread(self: Destination, event: Any) -> None:
+            for fd in event.fds:
+                os.close(fd)
+            raise pf.PageflipError("can't start new thread (a pids limit, on purpose)")
+
+        dest_module.Destination._take_lend = no_thread  # type: ignore[method-assign]
+    if fault == "collapse-busy-twice":
+        # The running guest holds a page as MADV_COLLAPSE looks at it (EAGAIN, which a
+        # writer thread makes now and then): twice, then the kernel's own answer.
+        advise = mm.madvise
+        busy = [2]
+
+        def held(addr: int, length: int, advice: Any) -> None:
+            if advice == Madv.COLLAPSE and busy[0]:
+                busy[0] -= 1
+                raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            advise(addr, length, advice)
+
+        mm.madvise = held  # type: ignore[assignment]
     thief: list[pf.Region | None] = []
     if fault == "take-the-pool-after-a-punch":
         # The moment a huge page is punched out (stale pages dropped at a postcopy's

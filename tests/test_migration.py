@@ -348,6 +348,20 @@ def test_a_flip_whose_regions_changed_after_the_lend_stays_on_the_source(run: Ru
     assert dst is not None and not dst["ok"]
 
 
+def test_a_refusal_that_came_before_our_last_setup_frame_is_told(run: Run) -> None:
+    """The destination fails at the LEND and closes before the source's PREVIEW goes out:
+    that send fails on the closed socket with the destination's ABORT unread. The source
+    reads it and says why, not only that the peer closed (a loaded host's race)."""
+    src, dst = run.start(
+        options={"mode": "flip"},
+        source_fault="preview-after-the-destination-left",
+        destination_fault="fail-at-the-lend",
+    )
+    _source_kept_it(src, "setup")
+    assert "can't start new thread (a pids limit, on purpose)" in src["error"], src
+    assert dst is not None and not dst["ok"] and dst["phase"] == "setup", dst
+
+
 def test_a_corrupted_frame_is_refused(run: Run) -> None:
     src, dst = run.start(options={"mode": "precopy"}, source_fault="corrupt-frame-header")
     _source_kept_it(src)

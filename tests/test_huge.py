@@ -727,6 +727,19 @@ def test_copies_land_on_transparent_huge_pages_like_the_sources(
         assert dst["postcopy"]["thp_collapse_seconds"] > 0
 
 
+def test_a_collapse_the_running_guest_holds_up_is_tried_again(thp_shmem: None, run: Run) -> None:
+    """MADV_COLLAPSE fails with EAGAIN while the guest holds one of the pages it looks at
+    (its writers do, now and then): the destination tries again and the guest ends up on
+    2 MiB pages all the same."""
+    options = {**COPIES["postcopy"], "huge": "thp"}
+    src, dst = run.start(size=16 * MIB, options=options, destination_fault="collapse-busy-twice")
+    assert src["ok"] and src["done"]["digest"] == "verified", src
+    assert dst is not None and dst["ok"] and dst["verify"], dst
+    assert dst["postcopy"]["thp_collapse_retries"] == 2
+    ram = _ram(dst)
+    assert ram["pmd_mapped_kb"] == ram["size_kb"]
+
+
 def test_a_destination_without_the_huge_feature_makes_4kib_pages(
     hugetlb_pool: huge.Pool, run: Run
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -101,6 +102,10 @@ _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PAGER_SILENCE = 5.0
 #: Seconds between the postcopy progress frames sent to the source.
 PROGRESS_EVERY = 0.25
+#: Tries of MADV_COLLAPSE per THP region after postcopy (it fails with EAGAIN while the
+#: running guest holds a page), and the seconds between them.
+COLLAPSE_TRIES = 50
+COLLAPSE_PAUSE = 0.01
 #: Zeros to write over the parts of transparent huge pages a ZERO run cuts.
 _ZEROS = memoryview(bytes(2 << 20))
 
@@ -1265,12 +1270,28 @@ class Destination(Side[DestinationPhase]):
         if not thp:
             return
         started = time.monotonic()
+        retries = 0
         for region in thp:
-            try:
-                mm.madvise(region.address, region.size, Madv.COLLAPSE)
-            except OSError as err:
-                log.warning("region %r stays on 4 KiB pages after postcopy: %s", region.name, err)
+            for attempt in range(COLLAPSE_TRIES):
+                try:
+                    mm.madvise(region.address, region.size, Madv.COLLAPSE)
+                    break
+                except OSError as err:
+                    # EAGAIN: a page the running guest held at that moment (a transient
+                    # reference, a page off its LRU list). The kernel says to try again;
+                    # the pages made huge already are skipped at once.
+                    if err.errno == errno.EAGAIN and attempt + 1 < COLLAPSE_TRIES:
+                        retries += 1
+                        time.sleep(COLLAPSE_PAUSE)
+                        continue
+                    log.warning(
+                        "region %r stays partly on 4 KiB pages after postcopy: %s",
+                        region.name,
+                        err,
+                    )
+                    break
         report["thp_collapse_seconds"] = time.monotonic() - started
+        report["thp_collapse_retries"] = retries
 
     def _merged_digests(self, guest: Guest) -> list[int]:
         """Region digests: ours for the pages that came in rounds, the pagers' (from the

@@ -164,6 +164,21 @@ def source(
             return previewing(self, event, phase)
 
         Link.send = late  # type: ignore[method-assign]
+    if fault == "next-send-after-the-destination-left":
+        # After its first PULL_PAGES the source's next frame goes out only once the
+        # destination has hung up: a send that fails, with the destination's word unread.
+        pulling = Link.send
+        pulled = [False]
+
+        def after_hangup(self: Link, event: Any, phase: str) -> int:
+            if pulled[0]:
+                poller = select.poll()
+                poller.register(self.fileno(), select.POLLRDHUP)
+                assert poller.poll(30_000), "the destination did not close"
+            pulled[0] = pulled[0] or type(event).__name__ == "PullPages"
+            return pulling(self, event, phase)
+
+        Link.send = after_hangup  # type: ignore[method-assign]
     stolen: list[pf.Region | None] = []
     theft: dict[str, int] = {}
     if fault == "take-the-pool-after-setup":
@@ -238,12 +253,14 @@ def destination(listen: str, results: Connection, fault: str = "") -> None:
 
         dest_module.Destination._handshake = die_in_handshake  # type: ignore[method-assign]
         del original_handshake
-    if fault in ("kill-mid-round", "close-mid-round"):
+    if fault in ("kill-mid-round", "close-mid-round", "fail-mid-round"):
         original_pull = dest_module.Destination._copy_in
 
         def fail_in_pull(self: Destination, event: Any) -> None:
             if fault == "kill-mid-round":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "fail-mid-round":  # says ABORT, closes, reads nothing more
+                raise pf.PageflipError("the pages could not land (on purpose)")
             self.link.conn.close()
             raise pf.PeerClosed("closed on purpose", phase="receiving")
 

@@ -362,6 +362,21 @@ def test_a_refusal_that_came_before_our_last_setup_frame_is_told(run: Run) -> No
     assert dst is not None and not dst["ok"] and dst["phase"] == "setup", dst
 
 
+@pytest.mark.parametrize("told", ["by-receive", "by-send"])
+def test_a_destination_that_gives_up_mid_round_is_heard(run: Run, told: str) -> None:
+    """The destination fails on a pull mid-round, says ABORT and closes. The source finds
+    out as it reads (the ABORT), or as its next send fails on the closed socket with the
+    ABORT unread (made certain by ``by-send``): either way it names why."""
+    src, dst = run.start(
+        options={"mode": "precopy"},
+        source_fault="next-send-after-the-destination-left" if told == "by-send" else "",
+        destination_fault="fail-mid-round",
+    )
+    _source_kept_it(src, "precopy")
+    assert "the pages could not land (on purpose)" in src["error"], src
+    assert dst is not None and not dst["ok"] and dst["phase"] == "receiving", dst
+
+
 def test_a_corrupted_frame_is_refused(run: Run) -> None:
     src, dst = run.start(options={"mode": "precopy"}, source_fault="corrupt-frame-header")
     _source_kept_it(src)

@@ -20,13 +20,17 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic
 
 from .. import stream
+from .._sys.fds import close_all
 from ..channel import Endpoint, ProcessWatch
-from ..errors import MigrationError, migration_failure
+from ..errors import MigrationError, PageflipError, PeerAborted, PeerClosed, migration_failure
 from .digests import GcPause, PageDigests
 from .events import FailedEvent, MigrationEvent
 from .phases import P, PhaseMachine
 
 log = logging.getLogger("pageflip.migration")
+
+#: Frames read past, at most, looking for the word a peer left before it closed.
+UNREAD_FRAMES = 64
 
 
 class Side(abc.ABC, Generic[P]):
@@ -133,6 +137,7 @@ class Side(abc.ABC, Generic[P]):
         FAILED, report; returns the MigrationError to raise (naming the phase it failed in).
         The guest is the source's, intact."""
         phase = self.phase.value
+        err = self._told_why(err)
         self._undo(err, phase)
         with contextlib.suppress(Exception):
             self._phases.advance(self._failed_phase)
@@ -147,6 +152,37 @@ class Side(abc.ABC, Generic[P]):
             )
         )
         return result
+
+    def _told_why(self, err: BaseException) -> BaseException:
+        """The peer's own word for a failure that shows here as a closed connection.
+
+        A peer that gives up says why (ABORT; a destination refusing in setup, REJECT) and
+        closes, reading nothing more: our next send on the closed socket fails, with its
+        word unread behind frames that were on their way (a busy host's order of things).
+        It is read here, without waiting, so that the user learns why the peer gave up and
+        not only that it closed."""
+        link = self._link
+        if not isinstance(err, PeerClosed) or isinstance(err, PeerAborted):
+            return err
+        if link is None or link.closed:
+            return err
+        with contextlib.suppress(PageflipError, OSError):
+            for _ in range(UNREAD_FRAMES):
+                frame = link.poll(err.phase or self.phase.value)
+                if frame is None:
+                    break
+                aborted = link.codec.aborted(frame)
+                if aborted is not None:
+                    return aborted
+                if isinstance(frame, stream.Reject):
+                    peer = "destination" if self.side == "source" else "source"
+                    return MigrationError(
+                        f"the {peer} refused: {frame.reason}",
+                        phase=self.phase.value,
+                        guest="source",
+                    )
+                close_all(list(getattr(frame, "fds", [])))
+        return err
 
     @abc.abstractmethod
     def _undo(self, err: BaseException, phase: str) -> None:

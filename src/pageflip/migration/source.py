@@ -100,8 +100,6 @@ CONNECT_GRACE = 3.0
 #: Seconds a destination has to answer our HELLO: a pageflip destination answers at once,
 #: so silence means the address is something else (or busy with another migration).
 HANDSHAKE_TIMEOUT = 1.0
-#: How long a setup frame's failed send waits for the refusal that may be on its way.
-REFUSAL_WAIT = 1.0
 #: Seconds the source polls for the destination's PREPARED and RESUMED before sleeping:
 #: the guest is paused meanwhile (see Endpoint.recv).
 SWITCHOVER_SPIN = 0.25
@@ -387,25 +385,6 @@ class Source(Side[SourcePhase]):
         welcome: stream.Welcome = answer
         return welcome
 
-    def _send_setup(self, frame: Any) -> None:
-        """Send one of setup's frames. A destination that refuses SETUP (REJECT) or fails
-        on what came before this frame (ABORT) says so and closes without reading further:
-        a frame we send after that fails on the closed socket, with its answer waiting
-        unread. It is read then, so that the user learns why, not only that the peer
-        closed."""
-        try:
-            self.link.send(frame, "setup")
-        except PeerClosed as closed:
-            try:
-                answer = self.link.expect((stream.Reject,), "setup", REFUSAL_WAIT)
-            except PeerAborted:
-                raise  # its ABORT: why it gave up
-            except (PeerClosed, PeerTimeout, RemoteProtocolError, OSError):
-                raise closed from None
-            raise MigrationError(
-                f"the destination refused: {answer.reason}", phase="setup", guest="source"
-            ) from None
-
     def _negotiate(self) -> str:
         link = self.link
         timeout = self.options.timeout
@@ -444,19 +423,21 @@ class Source(Side[SourcePhase]):
         why = postcopy_problem(wire, infos)
         if why is not None:
             raise MigrationError(why, phase="setup", guest="source")
-        self._send_setup(stream.Setup(mode=wire, chunk_pages=1, src_pid=os.getpid(), regions=infos))
+        link.send(
+            stream.Setup(mode=wire, chunk_pages=1, src_pid=os.getpid(), regions=infos), "setup"
+        )
         if mode == "flip" and stream.Feature.LEND in self._features:
             # Lent now, while the guest runs: the destination maps the memfds and gets them
             # ready before it says ACCEPTED, so that none of it falls in the pause.
             flips, fds = self._flip_regions(regions)
-            self._send_setup(stream.Lend(regions=flips, fds=fds))
+            link.send(stream.Lend(regions=flips, fds=fds), "setup")
             if stream.Feature.AHEAD in self._features:
                 # What the pause would otherwise carry again: the memfds (we check ourselves
                 # that they stand, see _check_lent) and, where the guest has one, a preview
                 # of its state, from which the destination restores it ahead.
                 self._lent = self._lent_memfds(regions)
                 preview = self.guest.state_preview() or b""
-                self._send_setup(stream.Preview(state=preview))
+                link.send(stream.Preview(state=preview), "setup")
         answer = link.expect((stream.Accepted, stream.Reject), "setup", timeout)
         if isinstance(answer, stream.Reject):
             raise MigrationError(

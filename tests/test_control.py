@@ -61,6 +61,9 @@ class Served:
     def close(self) -> None:
         self.release.set()
         self.server.stop()
+        # A handler that was hanging ends its connection on its own thread, once released
+        # and its client gone: waited for, or its socket would count as leaked.
+        assert self.server.join(10), "a connection is still served"
         unlink_if(self.path, self.inode)
 
 
@@ -124,6 +127,20 @@ def test_requests_on_several_connections_are_served_at_once(served: Served) -> N
         hung.connect(served.path)
         hung.sendall(b'{"cmd": "hang"}\n')  # its thread now waits in the handler
         assert other.request("status")["ok"] is True
+
+
+def test_join_waits_for_the_connections_still_served(served: Served) -> None:
+    """After stop, join tells whether the connections served have ended: not while a
+    handler hangs, and once it is released and its client gone, yes."""
+    with socket.socket(socket.AF_UNIX) as hung:
+        hung.connect(served.path)
+        hung.sendall(b'{"cmd": "hang"}\n')
+        with ControlClient(served.path) as other:  # answered: the hung one was taken first
+            assert other.request("status")["ok"] is True
+        served.server.stop()
+        assert not served.server.join(0.2)
+        served.release.set()
+    assert served.server.join(10)
 
 
 def test_a_missing_path_waits_then_names_what_is_missing(tmp_path: Path) -> None:

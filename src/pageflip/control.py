@@ -174,6 +174,9 @@ class ControlServer:
         self._encode = encode or (lambda obj: json.dumps(obj, separators=(",", ":")))
         self._wake_r, self._wake_w = os.pipe()
         self._stopped = False
+        #: The threads serving connections now (one each).
+        self._serving: set[threading.Thread] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -189,11 +192,21 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._serve, args=(conn,), name=f"{self._name}-request", daemon=True
-            ).start()
+            )
+            with self._lock:
+                self._serving.add(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._converse(conn)
+        finally:
+            with self._lock:
+                self._serving.discard(threading.current_thread())
+
+    def _converse(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as stream:
 
             def send(obj: dict[str, Any]) -> None:
@@ -230,6 +243,21 @@ class ControlServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.sock.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait, ``timeout`` seconds at most, until every connection served has ended (each
+        ends when its client hangs up or its handler says so); True if all did. For after
+        :meth:`stop`, by whoever must know that the connections' sockets are closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                serving = [t for t in self._serving if t is not threading.current_thread()]
+            if not serving:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            serving[0].join(left)
 
 
 # -- the client -------------------------------------------------------------------------

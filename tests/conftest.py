@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
     SIGINT would wait for it forever. A handled signal is reset to its default at exec."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+#: Seconds a test's threads get, after it, to finish closing what they held.
+SETTLE = 2.0
 
 
 def _open_fds() -> set[int]:
@@ -57,14 +62,26 @@ def no_leaks() -> Iterator[None]:
     maps_before = _pageflip_mappings()
     threads_before = set(threading.enumerate())
     yield
-    gc.collect()
-    leaked = _fd_targets(_open_fds() - fds_before)
-    # The listdir of /proc/self/fd itself shows up as a short-lived fd.
-    leaked = {fd: target for fd, target in leaked.items() if "/proc/" not in target}
+
+    def fds_left() -> dict[int, str]:
+        gc.collect()
+        leaked = _fd_targets(_open_fds() - fds_before)
+        # The listdir of /proc/self/fd itself shows up as a short-lived fd.
+        return {fd: target for fd, target in leaked.items() if "/proc/" not in target}
+
+    def threads_left() -> list[threading.Thread]:
+        return [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+
+    # A thread the test ended may still be on its way out, closing what it held: on a
+    # loaded machine that can take a moment. What is still there after SETTLE is a leak.
+    deadline = time.monotonic() + SETTLE
+    while (fds_left() or threads_left()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    leaked = fds_left()
     assert not leaked, f"fds leaked: {leaked}"
     maps_after = _pageflip_mappings()
     assert len(maps_after) <= len(maps_before), f"memfd mappings leaked: {maps_after}"
-    extra = [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+    extra = threads_left()
     assert not extra, f"threads left running: {extra}"
     children = multiprocessing.active_children()
     assert not children, f"child processes left running: {children}"

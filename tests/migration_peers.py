@@ -83,6 +83,13 @@ def frames_sample(guest: Any) -> list[int] | None:
     return out
 
 
+def await_hangup(link: Link) -> None:
+    """Until the peer has closed its end of ``link`` (what it sent before may wait unread)."""
+    poller = select.poll()
+    poller.register(link.fileno(), select.POLLRDHUP)
+    assert poller.poll(30_000), "the peer did not close"
+
+
 def source(
     to: str,
     size: int,
@@ -158,9 +165,7 @@ def source(
 
         def late(self: Link, event: Any, phase: str) -> int:
             if type(event).__name__ == "Preview":
-                poller = select.poll()
-                poller.register(self.fileno(), select.POLLRDHUP)
-                assert poller.poll(30_000), "the destination did not close"
+                await_hangup(self)
             return previewing(self, event, phase)
 
         Link.send = late  # type: ignore[method-assign]
@@ -172,9 +177,7 @@ def source(
 
         def after_hangup(self: Link, event: Any, phase: str) -> int:
             if pulled[0]:
-                poller = select.poll()
-                poller.register(self.fileno(), select.POLLRDHUP)
-                assert poller.poll(30_000), "the destination did not close"
+                await_hangup(self)
             pulled[0] = pulled[0] or type(event).__name__ == "PullPages"
             return pulling(self, event, phase)
 
